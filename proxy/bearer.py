@@ -1,0 +1,39 @@
+"""Finding the bearer token in request headers (RFC 6750 `Authorization: Bearer ...`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .reasons import Denied, Reason
+
+AUTHORIZATION = "authorization"
+_SCHEME = "bearer"
+
+
+def extract_bearer(headers: Iterable[tuple[str, str | bytes]], max_bytes: int) -> str:
+    """The single bearer token in `headers`; raises `Denied` when missing or ambiguous.
+
+    Header names compare case-insensitively; the scheme is case-insensitive too. Two or
+    more `authorization` headers are refused rather than guessing which one counts.
+    """
+    values = [v for k, v in headers if k.lower() == AUTHORIZATION]
+    if not values:
+        raise Denied(Reason.TOKEN_MISSING, "no authorization header with a bearer token")
+    if len(values) > 1:
+        raise Denied(
+            Reason.TOKEN_AMBIGUOUS, f"{len(values)} authorization headers; send exactly one"
+        )
+    value = values[0]
+    if isinstance(value, bytes):
+        raise Denied(Reason.TOKEN_MALFORMED, "authorization header must be text")
+    if len(value) > max_bytes + 16:
+        raise Denied(
+            Reason.TOKEN_TOO_LARGE, f"authorization header is {len(value)} bytes; limit {max_bytes}"
+        )
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != _SCHEME:
+        raise Denied(Reason.TOKEN_MALFORMED, "authorization header must use the Bearer scheme")
+    token = token.strip(" ")
+    if not token:
+        raise Denied(Reason.TOKEN_MALFORMED, "authorization header has an empty bearer token")
+    return token

@@ -1,0 +1,36 @@
+"""The outcome of the pipeline: allow with a verified identity, or deny with a reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from .identity import Identity
+from .policy import Rule
+from .reasons import Reason
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    method: str
+    rule: Rule
+    policy_version: str
+    reason: Reason | None = None
+    #: Human-readable; for a deny it says what the method needs.
+    message: str = ""
+    #: Set when a token was verified (never for public or denied calls).
+    identity: Identity | None = None
+
+    @property
+    def level(self) -> str:
+        return self.rule.level
+
+    @property
+    def status(self) -> grpc.StatusCode:
+        return grpc.StatusCode.OK if self.allowed else self.reason.status  # type: ignore[union-attr]
+
+    @property
+    def forward_token(self) -> bool:
+        return self.allowed and self.rule.forward_token

@@ -1,0 +1,110 @@
+"""Verified identity and the `x-auth-*` headers that carry it to the backend.
+
+Backends trust these headers, so the proxy removes every incoming `x-auth-*` key (any
+case, any number of copies) from every call and sets only values it verified itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .policy import IDENTITY_HEADER_PREFIX, Policy, TokenSpec
+from .verify import HEADER_SAFE, VerifiedToken, claim_list, scopes
+
+SUBJECT = "x-auth-subject"
+TOKEN_TYPE = "x-auth-token-type"
+ROLES = "x-auth-roles"
+PERMISSIONS = "x-auth-permissions"
+SCOPES = "x-auth-scopes"
+JTI = "x-auth-jti"
+ISSUER = "x-auth-issuer"
+CLAIMS = "x-auth-claims"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    subject: str
+    token_type: str
+    roles: tuple[str, ...]
+    permissions: tuple[str, ...]
+    scopes: tuple[str, ...]
+    jti: str | None
+    issuer: str | None
+    claims: dict[str, Any]
+    #: The identity headers for the backend, in a stable order.
+    headers: tuple[tuple[str, str], ...]
+
+
+def is_identity_header(key: str) -> bool:
+    return key[:7].lower() == IDENTITY_HEADER_PREFIX
+
+
+def identity_of(verified: VerifiedToken, spec: TokenSpec, policy: Policy) -> Identity:
+    """The identity a verified token carries; computed once per token and cached on it."""
+    base: Identity | None = verified.derived
+    if base is None or base.token_type != spec.type:
+        base = _build(verified, spec)
+        verified.derived = base
+    if not policy.claim_headers:
+        return base
+    extra = tuple(
+        (header, text)
+        for header, claim in policy.claim_headers
+        if (text := _header_text(verified.claims.get(claim))) is not None
+    )
+    if not extra:
+        return base
+    return Identity(**{**_fields(base), "headers": base.headers + extra})
+
+
+def _build(verified: VerifiedToken, spec: TokenSpec) -> Identity:
+    claims = verified.claims
+    roles = claim_list(claims, "roles")
+    permissions = claim_list(claims, "permissions")
+    token_scopes = scopes(claims)
+    jti = claims.get("jti")
+    iss = claims.get("iss") if isinstance(claims.get("iss"), str) else None
+    headers = [(SUBJECT, claims["sub"]), (TOKEN_TYPE, spec.type)]
+    if roles:
+        headers.append((ROLES, ",".join(roles)))
+    if permissions:
+        headers.append((PERMISSIONS, ",".join(permissions)))
+    if token_scopes:
+        headers.append((SCOPES, ",".join(token_scopes)))
+    if jti:
+        headers.append((JTI, jti))
+    if iss and HEADER_SAFE.fullmatch(iss):
+        headers.append((ISSUER, iss))
+    payload = json.dumps(claims, separators=(",", ":"), ensure_ascii=True).encode()
+    headers.append((CLAIMS, base64.urlsafe_b64encode(payload).rstrip(b"=").decode()))
+    return Identity(
+        subject=claims["sub"],
+        token_type=spec.type,
+        roles=roles,
+        permissions=permissions,
+        scopes=token_scopes,
+        jti=jti,
+        issuer=iss,
+        claims=claims,
+        headers=tuple(headers),
+    )
+
+
+def _header_text(value: Any) -> str | None:
+    """A claim value as header text: scalars as-is, lists comma-joined; None if unsafe."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str | int | float):
+        text = str(value)
+    elif isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
+        text = ",".join(str(v) for v in value)
+    else:
+        return None
+    return text if text and HEADER_SAFE.fullmatch(text) else None
+
+
+def _fields(identity: Identity) -> dict[str, Any]:
+    return {f: getattr(identity, f) for f in Identity.__dataclass_fields__}

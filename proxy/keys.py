@@ -1,0 +1,243 @@
+"""Verification keys: where they come from and which algorithms each one allows.
+
+Keys come only from configuration — JWKS files, PEM public keys, HMAC secrets in
+environment variables — never from a token (`jku`, `x5u`, `jwk`, `x5c` are ignored).
+Each key's algorithm allowlist derives from the key itself: an RSA key never verifies HS*,
+an HMAC secret never verifies RS*/ES*, and nothing verifies `none`. A key that declares
+`alg` allows only that algorithm. Keys marked `use: enc`, or whose `key_ops` lack
+`verify`, are not used for verification.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+from .jsonstrict import loads_strict
+
+log = logging.getLogger("authproxy.keys")
+
+RSA_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+EC_ALGS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1": "ES256K"}
+OKP_CURVES = ("Ed25519", "Ed448")
+HMAC_ALGS = {"HS256": 32, "HS384": 48, "HS512": 64}  # alg -> minimum secret bytes (RFC 7518 3.2)
+MIN_RSA_BITS = 2048
+_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth")
+_THUMBPRINT_MEMBERS = {
+    "RSA": ("e", "kty", "n"),
+    "EC": ("crv", "kty", "x", "y"),
+    "OKP": ("crv", "kty", "x"),
+    "oct": ("k", "kty"),
+}
+
+
+class KeyLoadError(Exception):
+    """A key source that cannot be used; the message names the source and the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationKey:
+    kid: str
+    kty: str
+    source: str
+    #: algorithm name -> PyJWK bound to that algorithm (PyJWT verifies with exactly it)
+    algorithms: Mapping[str, jwt.PyJWK]
+
+
+class KeySet:
+    """The configured verification keys, looked up by `kid`."""
+
+    def __init__(self, keys: Iterable[VerificationKey] = ()) -> None:
+        self.by_kid: dict[str, VerificationKey] = {}
+        for key in keys:
+            other = self.by_kid.get(key.kid)
+            if other is not None:
+                raise KeyLoadError(
+                    f"{key.source}: key id {key.kid!r} is already used by {other.source}"
+                )
+            self.by_kid[key.kid] = key
+
+    def __len__(self) -> int:
+        return len(self.by_kid)
+
+    def for_algorithm(self, alg: str) -> list[VerificationKey]:
+        """Keys that accept `alg` (used for tokens without a `kid`)."""
+        return [k for k in self.by_kid.values() if alg in k.algorithms]
+
+    def missing(self, key_ids: Iterable[str]) -> list[str]:
+        return sorted(k for k in key_ids if k not in self.by_kid)
+
+
+def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
+    """RFC 7638 JWK thumbprint (SHA-256, base64url), used as the default `kid`."""
+    members = _THUMBPRINT_MEMBERS.get(jwk.get("kty", ""))
+    if members is None:
+        raise KeyLoadError(f"cannot compute a thumbprint for key type {jwk.get('kty')!r}")
+    canonical = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"), sort_keys=True)
+    return b64url(hashlib.sha256(canonical.encode()).digest())
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def key_from_jwk(jwk: Mapping[str, Any], source: str) -> VerificationKey | None:
+    """Build a verification key from one JWK; None if the JWK is not for verification."""
+    if not isinstance(jwk, Mapping):
+        raise KeyLoadError(f"{source}: a JWK must be a JSON object")
+    kty = jwk.get("kty")
+    if kty not in _THUMBPRINT_MEMBERS:
+        raise KeyLoadError(f"{source}: unsupported key type {kty!r}")
+    kid = jwk.get("kid")
+    if kid is not None and (not isinstance(kid, str) or not kid):
+        raise KeyLoadError(f"{source}: 'kid' must be a non-empty string")
+    if kid is None:
+        kid = jwk_thumbprint(jwk)
+    where = f"{source} (kid {kid!r})"
+    use = jwk.get("use")
+    key_ops = jwk.get("key_ops")
+    if use is not None and use != "sig":
+        log.warning("%s: skipped, 'use' is %r (not 'sig')", where, use)
+        return None
+    if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
+        log.warning("%s: skipped, 'key_ops' %r does not include 'verify'", where, key_ops)
+        return None
+    if kty != "oct" and any(m in jwk for m in _PRIVATE_MEMBERS):
+        raise KeyLoadError(f"{where}: contains private key material; configure only the public key")
+    algs = _allowed_algorithms(jwk, kty, where)
+    bound: dict[str, jwt.PyJWK] = {}
+    for alg in algs:
+        try:
+            bound[alg] = jwt.PyJWK(dict(jwk), algorithm=alg)
+        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError) as e:
+            raise KeyLoadError(f"{where}: invalid key: {e}") from None
+    sample = next(iter(bound.values()))
+    if isinstance(sample.key, rsa.RSAPublicKey) and sample.key.key_size < MIN_RSA_BITS:
+        raise KeyLoadError(
+            f"{where}: RSA key has {sample.key.key_size} bits; at least {MIN_RSA_BITS} are required"
+        )
+    return VerificationKey(kid=kid, kty=kty, source=source, algorithms=bound)
+
+
+def _allowed_algorithms(jwk: Mapping[str, Any], kty: str, where: str) -> tuple[str, ...]:
+    declared = jwk.get("alg")
+    if declared is not None and not isinstance(declared, str):
+        raise KeyLoadError(f"{where}: 'alg' must be a string")
+    if kty == "RSA":
+        possible: tuple[str, ...] = RSA_ALGS
+    elif kty == "EC":
+        crv = jwk.get("crv")
+        if crv not in EC_ALGS:
+            raise KeyLoadError(f"{where}: unsupported EC curve {crv!r}")
+        possible = (EC_ALGS[crv],)
+    elif kty == "OKP":
+        if jwk.get("crv") not in OKP_CURVES:
+            raise KeyLoadError(f"{where}: unsupported OKP curve {jwk.get('crv')!r}")
+        possible = ("EdDSA",)
+    else:  # oct
+        k = jwk.get("k")
+        if not isinstance(k, str):
+            raise KeyLoadError(f"{where}: an 'oct' key needs 'k'")
+        size = len(_b64url_decode(k, where))
+        possible = tuple(alg for alg, need in HMAC_ALGS.items() if size >= need)
+        if not possible:
+            raise KeyLoadError(
+                f"{where}: HMAC secret has {size} bytes; at least 32 are required for HS256"
+            )
+    if declared is None:
+        return possible
+    if declared not in possible:
+        raise KeyLoadError(
+            f"{where}: 'alg' {declared!r} cannot be used with this key "
+            f"(possible: {', '.join(possible)})"
+        )
+    return (declared,)
+
+
+def _b64url_decode(value: str, where: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except ValueError:
+        raise KeyLoadError(f"{where}: 'k' is not base64url") from None
+
+
+def load_jwks_file(path: str) -> list[VerificationKey]:
+    """Keys from a JWKS document (`{"keys": [...]}`) or a single JWK."""
+    try:
+        doc = loads_strict(Path(path).read_bytes())
+    except OSError as e:
+        raise KeyLoadError(f"{path}: cannot read JWKS: {e.strerror}") from None
+    except ValueError as e:
+        raise KeyLoadError(f"{path}: not a valid JSON document: {e}") from None
+    if isinstance(doc, dict) and "keys" in doc:
+        jwks = doc["keys"]
+        if not isinstance(jwks, list):
+            raise KeyLoadError(f"{path}: 'keys' must be a list")
+    elif isinstance(doc, dict) and "kty" in doc:
+        jwks = [doc]
+    else:
+        raise KeyLoadError(f'{path}: expected a JWKS ({{"keys": [...]}}) or a single JWK')
+    keys = [k for i, jwk in enumerate(jwks) if (k := key_from_jwk(jwk, f"{path}[{i}]"))]
+    return keys
+
+
+def public_jwk(public_key: Any) -> dict[str, Any]:
+    """The JWK (as a dict, without `kid`) of a `cryptography` public key."""
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(public_key))
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return json.loads(jwt.algorithms.ECAlgorithm.to_jwk(public_key))
+    if isinstance(public_key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(public_key))
+    raise KeyLoadError(f"unsupported public key type {type(public_key).__name__}")
+
+
+def load_pem_public_key(path: str, kid: str | None = None) -> VerificationKey:
+    """A PEM public key (RSA, EC or Ed25519/Ed448); `kid` defaults to its thumbprint."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise KeyLoadError(f"{path}: cannot read PEM key: {e.strerror}") from None
+    if b"PRIVATE KEY" in data:
+        raise KeyLoadError(f"{path}: is a private key; configure the public key instead")
+    try:
+        public_key = serialization.load_pem_public_key(data)
+    except ValueError as e:
+        raise KeyLoadError(f"{path}: not a PEM public key: {e}") from None
+    jwk = public_jwk(public_key)
+    jwk["kid"] = kid or jwk_thumbprint(jwk)
+    key = key_from_jwk(jwk, path)
+    assert key is not None  # a JWK without use/key_ops is always a verification key
+    return key
+
+
+def hmac_key(secret: bytes, kid: str, source: str) -> VerificationKey:
+    jwk = {"kty": "oct", "k": b64url(secret), "kid": kid}
+    key = key_from_jwk(jwk, source)
+    assert key is not None
+    return key
+
+
+def load_hmac_env(name: str, kid: str | None = None) -> VerificationKey:
+    """An HMAC secret (raw bytes, at least 32) from environment variable `name`."""
+    value = os.environ.get(name)
+    if not value:
+        raise KeyLoadError(f"environment variable {name} (HMAC secret) is not set or empty")
+    return hmac_key(value.encode(), kid or name, f"${name}")
+
+
+def split_kid(spec: str) -> tuple[str | None, str]:
+    """`KID=SOURCE` -> (KID, SOURCE); plain `SOURCE` -> (None, SOURCE)."""
+    kid, sep, source = spec.partition("=")
+    return (kid, source) if sep and kid and source else (None, spec)

@@ -1,0 +1,367 @@
+"""Reading and validating a policy file into an immutable `Policy`.
+
+Validation is all-or-nothing: every problem found is reported as `file:line: problem`, and
+no `Policy` exists unless the whole file is valid, so a bad edit can never be half-applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import yaml_source
+from .policy import (
+    DENY,
+    IDENTITY_HEADER_PREFIX,
+    LEVELS,
+    METHOD_PATTERN,
+    PUBLIC,
+    TOKEN_LEVELS,
+    Policy,
+    Rule,
+    TokenSpec,
+)
+from .yaml_source import LineList, LineMap, SourceError
+
+TOP_KEYS = (
+    "version",
+    "default",
+    "issuer",
+    "leeway",
+    "max_token_bytes",
+    "forward_token",
+    "claim_headers",
+    "tokens",
+    "methods",
+)
+RULE_KEYS = ("level", "roles", "permissions", "scopes", "forward_token")
+TOKEN_KEYS = ("type", "audience", "issuer", "keys", "type_claim")
+MAX_LEEWAY = 300.0
+#: The identity headers the proxy always sets (see `identity.py`); a claim mapping may not reuse them.
+BUILTIN_IDENTITY_HEADERS = frozenset(
+    IDENTITY_HEADER_PREFIX + n
+    for n in (
+        "subject",
+        "token-type",
+        "roles",
+        "permissions",
+        "scopes",
+        "jti",
+        "issuer",
+        "claims",
+    )
+)
+_HEADER_NAME = re.compile(r"x-auth-[a-z0-9]+(?:-[a-z0-9]+)*")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class PolicyError(Exception):
+    """One or more problems in a policy file; `str()` lists them as `file:line: problem`."""
+
+    def __init__(self, errors: list[SourceError]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(str(e) for e in errors))
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read, parse and validate a policy file. Raises PolicyError naming file and line."""
+    file = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise PolicyError([SourceError(file, None, f"cannot read policy: {e.strerror}")]) from None
+    return parse_policy(data, file)
+
+
+def parse_policy(data: bytes | str, file: str = "<policy>") -> Policy:
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PolicyError([SourceError(file, None, f"not UTF-8 text: {e}")]) from None
+    try:
+        doc = yaml_source.load(text, file)
+    except SourceError as e:
+        raise PolicyError([e]) from None
+    return _Validator(file).policy(doc, hashlib.sha256(raw).hexdigest()[:12])
+
+
+class _Validator:
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.errors: list[SourceError] = []
+
+    def error(self, line: int | None, problem: str) -> None:
+        self.errors.append(SourceError(self.file, line, problem))
+
+    # --- the document ------------------------------------------------------------------
+
+    def policy(self, doc: Any, version: str) -> Policy:
+        if doc is None:
+            raise PolicyError([SourceError(self.file, None, "policy is empty")])
+        if not isinstance(doc, LineMap):
+            raise PolicyError([SourceError(self.file, 1, "policy must be a mapping of keys")])
+        self.unknown_keys(doc, TOP_KEYS, "top-level key")
+
+        if "version" not in doc:
+            self.error(doc.line, "missing key 'version' (use 'version: 1')")
+        elif doc["version"] != 1 or isinstance(doc["version"], bool):
+            self.error(
+                doc.line_of("version"), f"unsupported version {doc['version']!r}; expected 1"
+            )
+
+        issuers = self.strings(doc, "issuer", allow_single=True)
+        leeway = self.duration(doc, "leeway", default=30.0)
+        max_bytes = self.integer(doc, "max_token_bytes", default=8192, low=256, high=65536)
+        forward = self.boolean(doc, "forward_token", default=False)
+        claim_headers = self.claim_headers(doc)
+        tokens = self.tokens(doc, issuers)
+
+        default = Rule("default", DENY, line=doc.line_of("default"))
+        if "default" in doc:
+            default = self.rule("default", doc["default"], doc.line_of("default"), tokens, forward)
+
+        exact: dict[str, Rule] = {}
+        services: dict[str, Rule] = {}
+        methods = doc.get("methods")
+        if methods is None:
+            if "methods" in doc:
+                self.error(doc.line_of("methods"), "'methods' is empty")
+        elif not isinstance(methods, LineMap):
+            self.error(doc.line_of("methods"), "'methods' must map method names to levels")
+        else:
+            for pattern, value in methods.items():
+                line = methods.line_of(pattern)
+                m = METHOD_PATTERN.fullmatch(pattern) if isinstance(pattern, str) else None
+                if m is None:
+                    self.error(
+                        line,
+                        f"malformed method name {pattern!r}: expected '/package.Service/Method'"
+                        " or '/package.Service/*'",
+                    )
+                    continue
+                rule = self.rule(pattern, value, line, tokens, forward)
+                if m.group(2) == "*":
+                    services[m.group(1)] = rule
+                else:
+                    exact[pattern] = rule
+
+        if self.errors:
+            raise PolicyError(self.errors)
+        return Policy(
+            source=self.file,
+            version=version,
+            default=default,
+            exact=exact,
+            services=services,
+            tokens=tokens,
+            leeway=leeway,
+            max_token_bytes=max_bytes,
+            claim_headers=claim_headers,
+            rule_count=len(exact) + len(services),
+        )
+
+    def tokens(self, doc: LineMap, issuers: frozenset[str] | None) -> dict[str, TokenSpec]:
+        section = doc.get("tokens")
+        if section is None:
+            return {}
+        if not isinstance(section, LineMap):
+            self.error(doc.line_of("tokens"), "'tokens' must map levels to token requirements")
+            return {}
+        specs: dict[str, TokenSpec] = {}
+        for level, spec in section.items():
+            line = section.line_of(level)
+            if level not in TOKEN_LEVELS:
+                self.error(
+                    line,
+                    f"unknown token level {level!r}: tokens are defined for "
+                    f"{', '.join(TOKEN_LEVELS)}",
+                )
+                continue
+            if not isinstance(spec, LineMap):
+                self.error(line, f"tokens.{level} must be a mapping with 'type' and 'audience'")
+                continue
+            self.unknown_keys(spec, TOKEN_KEYS, f"key in tokens.{level}")
+            token_type = self.string(spec, "type", f"tokens.{level}")
+            audiences = self.strings(spec, "audience", allow_single=True)
+            if "audience" not in spec:
+                self.error(
+                    spec.line, f"tokens.{level} has no 'audience': every token type needs one"
+                )
+            level_issuers = self.strings(spec, "issuer", allow_single=True)
+            key_ids = self.strings(spec, "keys")
+            type_claim = self.string(spec, "type_claim", f"tokens.{level}", default="type")
+            if token_type is None or not audiences:
+                continue
+            specs[level] = TokenSpec(
+                level=level,
+                type=token_type,
+                audiences=audiences,
+                issuers=level_issuers if level_issuers is not None else issuers,
+                key_ids=key_ids,
+                type_claim=type_claim or "type",
+            )
+        return specs
+
+    def rule(
+        self, pattern: str, value: Any, line: int, tokens: dict[str, TokenSpec], forward: bool
+    ) -> Rule:
+        where = "default" if pattern == "default" else pattern
+        if isinstance(value, str):
+            spec: LineMap | None = None
+            level = value
+        elif isinstance(value, LineMap):
+            spec = value
+            self.unknown_keys(spec, RULE_KEYS, f"key in rule {where}")
+            level = spec.get("level")
+            if "level" not in spec:
+                self.error(spec.line, f"rule {where} has no 'level'")
+                level = DENY
+        else:
+            self.error(line, f"rule {where} must be a level name or a mapping with 'level'")
+            return Rule(pattern, DENY, line=line)
+
+        if level not in LEVELS:
+            self.error(
+                line, f"unknown level {level!r} for {where} (expected one of {', '.join(LEVELS)})"
+            )
+            return Rule(pattern, DENY, line=line)
+        if level in TOKEN_LEVELS and level not in tokens:
+            self.error(
+                line, f"{where} uses level {level!r}, but 'tokens' does not define {level!r}"
+            )
+
+        if spec is None:
+            return Rule(pattern, level, forward_token=forward, line=line)
+        roles = self.strings(spec, "roles") or frozenset()
+        permissions = self.strings(spec, "permissions") or frozenset()
+        scopes = self.strings(spec, "scopes") or frozenset()
+        if (roles or permissions or scopes) and level in (PUBLIC, DENY):
+            self.error(line, f"{where}: roles/permissions/scopes need a token level, not {level!r}")
+        return Rule(
+            pattern,
+            level,
+            roles=roles,
+            permissions=permissions,
+            scopes=scopes,
+            forward_token=self.boolean(spec, "forward_token", default=forward),
+            line=line,
+        )
+
+    def claim_headers(self, doc: LineMap) -> tuple[tuple[str, str], ...]:
+        section = doc.get("claim_headers")
+        if section is None:
+            return ()
+        if not isinstance(section, LineMap):
+            self.error(
+                doc.line_of("claim_headers"), "'claim_headers' must map header names to claims"
+            )
+            return ()
+        pairs = []
+        for header, claim in section.items():
+            line = section.line_of(header)
+            if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header):
+                self.error(
+                    line,
+                    f"claim header {header!r} must be lowercase and start with "
+                    f"'{IDENTITY_HEADER_PREFIX}' (so clients can never forge it)",
+                )
+            elif header in BUILTIN_IDENTITY_HEADERS:
+                self.error(line, f"claim header {header!r} is set by the proxy already")
+            elif not isinstance(claim, str) or not claim:
+                self.error(line, f"claim header {header!r} must name a claim")
+            else:
+                pairs.append((header, claim))
+        return tuple(pairs)
+
+    # --- scalar helpers ------------------------------------------------------------------
+
+    def unknown_keys(self, mapping: LineMap, allowed: tuple[str, ...], what: str) -> None:
+        for key in mapping:
+            if key not in allowed:
+                self.error(
+                    mapping.line_of(key), f"unknown {what} {key!r} (allowed: {', '.join(allowed)})"
+                )
+
+    def string(self, m: LineMap, key: str, where: str, default: str | None = None) -> str | None:
+        if key not in m:
+            if default is None:
+                self.error(m.line, f"{where} has no '{key}'")
+            return default
+        value = m[key]
+        if not isinstance(value, str) or not value:
+            self.error(m.line_of(key), f"'{key}' must be a non-empty string")
+            return default
+        return value
+
+    def strings(self, m: LineMap, key: str, allow_single: bool = False) -> frozenset[str] | None:
+        if key not in m:
+            return None
+        value = m[key]
+        line = m.line_of(key)
+        if allow_single and isinstance(value, str) and value:
+            return frozenset((value,))
+        if not isinstance(value, LineList) or not value:
+            kind = "a string or a non-empty list of strings" if allow_single else "a non-empty list"
+            self.error(line, f"'{key}' must be {kind}")
+            return None
+        bad = [v for v in value if not isinstance(v, str) or not v]
+        if bad:
+            self.error(line, f"'{key}' must contain only non-empty strings, got {bad[0]!r}")
+            return None
+        return frozenset(value)
+
+    def boolean(self, m: LineMap, key: str, default: bool) -> bool:
+        if key not in m:
+            return default
+        if not isinstance(m[key], bool):
+            self.error(m.line_of(key), f"'{key}' must be true or false")
+            return default
+        return m[key]
+
+    def integer(self, m: LineMap, key: str, default: int, low: int, high: int) -> int:
+        return self._number(m, key, default, low, high, int, lambda v: v)
+
+    def duration(self, m: LineMap, key: str, default: float) -> float:
+        return self._number(m, key, default, 0.0, MAX_LEEWAY, float, parse_duration)
+
+    def _number(
+        self,
+        m: LineMap,
+        key: str,
+        default: Any,
+        low: float,
+        high: float,
+        kind: type,
+        convert: Callable[[Any], Any],
+    ) -> Any:
+        if key not in m:
+            return default
+        raw = m[key]
+        line = m.line_of(key)
+        value = None if isinstance(raw, bool) else convert(raw)
+        if not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
+            hint = " (like 30s, 2m, 500ms)" if kind is float else ""
+            self.error(line, f"'{key}' must be a {'duration' if kind is float else 'number'}{hint}")
+            return default
+        if not low <= value <= high:
+            self.error(line, f"'{key}' must be between {low:g} and {high:g}, got {raw!r}")
+            return default
+        return value
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds from `30`, `1.5`, `"30s"`, `"2m"`, `"500ms"`, `"1h"`; None if not a duration."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.fullmatch(value.strip())
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    return None

@@ -1,0 +1,64 @@
+"""Why a request was denied: machine-readable reasons and the gRPC status each maps to.
+
+Every deny carries one `Reason`. Front ends translate it: the gRPC sidecar puts it in a
+`google.rpc.ErrorInfo` inside `grpc-status-details-bin`; later front ends map the same
+reason to HTTP statuses. The reason strings are part of the public contract.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import grpc
+
+#: `ErrorInfo.domain` of every reason this proxy emits.
+ERROR_DOMAIN = "authproxy"
+
+
+class Reason(StrEnum):
+    # The caller is not authenticated (gRPC UNAUTHENTICATED).
+    TOKEN_MISSING = "TOKEN_MISSING"
+    TOKEN_MALFORMED = "TOKEN_MALFORMED"
+    TOKEN_TOO_LARGE = "TOKEN_TOO_LARGE"
+    TOKEN_AMBIGUOUS = "TOKEN_AMBIGUOUS"  # more than one authorization header
+    ALGORITHM_NOT_ALLOWED = "ALGORITHM_NOT_ALLOWED"
+    KEY_NOT_FOUND = "KEY_NOT_FOUND"
+    BAD_SIGNATURE = "BAD_SIGNATURE"
+    TOKEN_EXPIRED = "TOKEN_EXPIRED"
+    TOKEN_NOT_YET_VALID = "TOKEN_NOT_YET_VALID"
+    MISSING_CLAIM = "MISSING_CLAIM"
+    INVALID_CLAIM = "INVALID_CLAIM"
+    WRONG_TOKEN_TYPE = "WRONG_TOKEN_TYPE"
+    WRONG_AUDIENCE = "WRONG_AUDIENCE"
+    WRONG_ISSUER = "WRONG_ISSUER"
+    # The caller is authenticated but not allowed (gRPC PERMISSION_DENIED).
+    INSUFFICIENT_ROLE = "INSUFFICIENT_ROLE"
+    INSUFFICIENT_PERMISSION = "INSUFFICIENT_PERMISSION"
+    INSUFFICIENT_SCOPE = "INSUFFICIENT_SCOPE"
+    METHOD_DENIED = "METHOD_DENIED"
+    METHOD_MALFORMED = "METHOD_MALFORMED"
+
+    @property
+    def status(self) -> grpc.StatusCode:
+        return _PERMISSION.get(self, grpc.StatusCode.UNAUTHENTICATED)
+
+
+_PERMISSION = {
+    r: grpc.StatusCode.PERMISSION_DENIED
+    for r in (
+        Reason.INSUFFICIENT_ROLE,
+        Reason.INSUFFICIENT_PERMISSION,
+        Reason.INSUFFICIENT_SCOPE,
+        Reason.METHOD_DENIED,
+        Reason.METHOD_MALFORMED,
+    )
+}
+
+
+class Denied(Exception):
+    """Raised inside the pipeline to stop with a reason; never escapes `Authorizer.decide`."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message

@@ -1,0 +1,316 @@
+"""Token verification: is this JWT genuine, and is it the token a level asks for?
+
+Two layers:
+
+1. `signature` — size bound, strict compact-JWS structure, strict header (no duplicate
+   keys, no `alg: none`, no `crit`/`b64`), key selection by `kid` from configuration only,
+   then PyJWT's JWS layer checks the signature with an algorithm bound to the key. The
+   result (header, claims, which key) is cached until the token's `exp`, so a hot token
+   costs a dictionary lookup instead of a signature check.
+2. `check_claims` — runs on every request, cached or not: key allowed for the level,
+   `type`, `aud`, `iss`, `exp`/`nbf`/`iat` with leeway, `sub`, and the shape of identity
+   claims that become headers.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jwt
+
+from .jsonstrict import loads_strict
+from .keys import KeySet, VerificationKey
+from .policy import ACCESS, REFRESH, TWO_FA, Policy, TokenSpec
+from .reasons import Denied, Reason
+
+log = logging.getLogger("authproxy.verify")
+
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
+#: Header parameters we refuse outright: extensions we do not implement.
+_REFUSED_HEADER_PARAMS = ("crit", "b64")
+#: Printable ASCII: what a claim must be to travel in an identity header.
+HEADER_SAFE = re.compile(r"[\x20-\x7e]*")
+_LEVEL_NAMES = {TWO_FA: "a 2FA", REFRESH: "a refresh", ACCESS: "an access"}
+_JWS = jwt.PyJWS(options={"enforce_minimum_key_length": True})
+
+
+class VerifiedToken:
+    """A token whose signature checked out: its header, claims and the key that verified it."""
+
+    __slots__ = ("alg", "claims", "derived", "exp", "header", "kid", "token")
+
+    def __init__(
+        self, token: str, header: dict[str, Any], claims: dict[str, Any], key: VerificationKey
+    ) -> None:
+        self.token = token
+        self.header = header
+        self.claims = claims
+        self.kid = key.kid
+        self.alg = header["alg"]
+        self.exp: float = claims["exp"]
+        #: Per-token values computed once (identity headers); filled by `identity.py`.
+        self.derived: Any = None
+
+
+class TokenVerifier:
+    def __init__(
+        self, keys: KeySet, cache_size: int = 10_000, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.keys = keys
+        self.clock = clock
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, VerifiedToken] = OrderedDict()
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    def verify(self, token: str, spec: TokenSpec, policy: Policy) -> VerifiedToken:
+        """The verified token if it satisfies `spec`; raises `Denied` otherwise."""
+        if len(token) > policy.max_token_bytes:
+            raise Denied(
+                Reason.TOKEN_TOO_LARGE,
+                f"token is {len(token)} bytes; the limit is {policy.max_token_bytes}",
+            )
+        now = self.clock()
+        verified = self._cached(token, now)
+        if verified is None:
+            verified = self.signature(token)
+            self._remember(verified, now)
+        check_claims(verified, spec, policy, now)
+        return verified
+
+    # --- layer 1: the signature --------------------------------------------------------
+
+    def signature(self, token: str) -> VerifiedToken:
+        header_b64, payload_b64, _ = _segments(token)
+        header = _json_segment(header_b64, "header")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or not alg:
+            raise Denied(Reason.TOKEN_MALFORMED, "token header has no 'alg'")
+        if alg.lower() == "none":
+            raise Denied(Reason.ALGORITHM_NOT_ALLOWED, "unsigned tokens (alg 'none') are refused")
+        for param in _REFUSED_HEADER_PARAMS:
+            if param in header:
+                raise Denied(
+                    Reason.TOKEN_MALFORMED, f"unsupported token header parameter {param!r}"
+                )
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise Denied(Reason.TOKEN_MALFORMED, "token header 'kid' must be a string")
+        for key in self._candidates(kid, alg):
+            if self._signature_ok(token, key, alg):
+                claims = _json_segment(payload_b64, "payload")
+                _require_time(claims, "exp", required=True)
+                return VerifiedToken(token, header, claims, key)
+        raise Denied(Reason.BAD_SIGNATURE, "token signature does not verify")
+
+    def _candidates(self, kid: str | None, alg: str) -> list[VerificationKey]:
+        if kid is None:
+            keys = self.keys.for_algorithm(alg)
+            if not keys:
+                raise Denied(
+                    Reason.ALGORITHM_NOT_ALLOWED, f"no configured key accepts algorithm {alg!r}"
+                )
+            return keys
+        key = self.keys.by_kid.get(kid)
+        if key is None:
+            raise Denied(Reason.KEY_NOT_FOUND, f"no configured key has kid {kid!r}")
+        if alg not in key.algorithms:
+            raise Denied(
+                Reason.ALGORITHM_NOT_ALLOWED,
+                f"key {kid!r} does not accept algorithm {alg!r} "
+                f"(accepts {', '.join(key.algorithms)})",
+            )
+        return [key]
+
+    @staticmethod
+    def _signature_ok(token: str, key: VerificationKey, alg: str) -> bool:
+        try:
+            _JWS.decode_complete(token, key=key.algorithms[alg])
+        except jwt.InvalidSignatureError:
+            return False
+        except jwt.InvalidTokenError as e:
+            raise Denied(Reason.TOKEN_MALFORMED, f"token rejected: {e}") from None
+        except Exception as e:  # a crypto backend must never turn a bad token into a crash
+            log.debug("signature check raised %r", e)
+            return False
+        return True
+
+    # --- the cache -------------------------------------------------------------------
+
+    def _cached(self, token: str, now: float) -> VerifiedToken | None:
+        verified = self._cache.get(token)
+        if verified is None:
+            self.cache_misses += 1
+            return None
+        if now >= verified.exp:
+            del self._cache[token]
+            self.cache_misses += 1
+            return None
+        self.cache_hits += 1
+        self._cache.move_to_end(token)
+        return verified
+
+    def _remember(self, verified: VerifiedToken, now: float) -> None:
+        if self.cache_size <= 0 or now >= verified.exp:
+            return
+        self._cache[verified.token] = verified
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+
+# --- layer 2: the claims ----------------------------------------------------------------
+
+
+def check_claims(v: VerifiedToken, spec: TokenSpec, policy: Policy, now: float) -> None:
+    """Raise `Denied` unless the verified token is the kind of token `spec` asks for."""
+    claims = v.claims
+    needs = f"this method needs {_LEVEL_NAMES[spec.level]} token"
+    token_type = claims.get(spec.type_claim)
+    if token_type is None:
+        raise Denied(Reason.MISSING_CLAIM, f"{needs}; the token has no '{spec.type_claim}' claim")
+    if token_type != spec.type:
+        raise Denied(Reason.WRONG_TOKEN_TYPE, f"{needs}; got {_describe_type(token_type, policy)}")
+
+    if spec.key_ids is not None and v.kid not in spec.key_ids:
+        raise Denied(
+            Reason.KEY_NOT_FOUND, f"{needs}; key {v.kid!r} does not sign {spec.level} tokens"
+        )
+
+    aud = claims.get("aud")
+    audiences = _string_set(aud, "aud")
+    if aud is None:
+        raise Denied(Reason.MISSING_CLAIM, f"{needs}; the token has no 'aud' claim")
+    if audiences.isdisjoint(spec.audiences):
+        raise Denied(
+            Reason.WRONG_AUDIENCE,
+            f"{needs} for audience {_quote(spec.audiences)}; the token is for {_quote(audiences)}",
+        )
+
+    if spec.issuers is not None:
+        iss = claims.get("iss")
+        if iss is None:
+            raise Denied(Reason.MISSING_CLAIM, "the token has no 'iss' claim")
+        if iss not in spec.issuers:
+            raise Denied(
+                Reason.WRONG_ISSUER,
+                f"token issuer {iss!r} is not accepted (expected {_quote(spec.issuers)})",
+            )
+
+    leeway = policy.leeway
+    exp = v.exp
+    if now > exp + leeway:
+        raise Denied(Reason.TOKEN_EXPIRED, f"token expired {now - exp:.0f}s ago")
+    nbf = _require_time(claims, "nbf")
+    if nbf is not None and now + leeway < nbf:
+        raise Denied(Reason.TOKEN_NOT_YET_VALID, f"token is not valid for another {nbf - now:.0f}s")
+    iat = _require_time(claims, "iat")
+    if iat is not None and now + leeway < iat:
+        raise Denied(Reason.TOKEN_NOT_YET_VALID, f"token is issued {iat - now:.0f}s in the future")
+
+    sub = claims.get("sub")
+    if sub is None:
+        raise Denied(Reason.MISSING_CLAIM, "the token has no 'sub' claim")
+    _header_safe(sub, "sub")
+    if "jti" in claims:
+        _header_safe(claims["jti"], "jti")
+
+
+def claim_list(claims: Mapping[str, Any], name: str) -> tuple[str, ...]:
+    """A list-of-strings claim (`roles`, `permissions`), validated for use in a header."""
+    value = claims.get(name)
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise Denied(Reason.INVALID_CLAIM, f"claim '{name}' must be a list of strings")
+    for item in value:
+        _header_safe(item, name, list_item=True)
+    return tuple(value)
+
+
+def scopes(claims: Mapping[str, Any]) -> tuple[str, ...]:
+    """Scopes from `scope` (space-separated string or list), else `scp`."""
+    for name in ("scope", "scp"):
+        value = claims.get(name)
+        if isinstance(value, str):
+            items = value.split()
+            for item in items:
+                _header_safe(item, name, list_item=True)
+            return tuple(items)
+        if value is not None:
+            return claim_list(claims, name)
+    return ()
+
+
+def _header_safe(value: Any, name: str, list_item: bool = False) -> None:
+    if not isinstance(value, str) or not value:
+        raise Denied(Reason.INVALID_CLAIM, f"claim '{name}' must contain non-empty strings")
+    if not HEADER_SAFE.fullmatch(value) or (list_item and "," in value):
+        raise Denied(
+            Reason.INVALID_CLAIM,
+            f"claim '{name}' contains characters that cannot be forwarded in a header",
+        )
+
+
+def _require_time(claims: Mapping[str, Any], name: str, required: bool = False) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        if required:
+            raise Denied(Reason.MISSING_CLAIM, f"the token has no '{name}' claim")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise Denied(Reason.INVALID_CLAIM, f"claim '{name}' must be a number (NumericDate)")
+    return value
+
+
+def _string_set(value: Any, name: str) -> frozenset[str]:
+    if value is None:
+        return frozenset()
+    if isinstance(value, str):
+        return frozenset((value,))
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return frozenset(value)
+    raise Denied(Reason.INVALID_CLAIM, f"claim '{name}' must be a string or a list of strings")
+
+
+def _describe_type(token_type: Any, policy: Policy) -> str:
+    for spec in policy.tokens.values():
+        if spec.type == token_type:
+            return f"{_LEVEL_NAMES[spec.level]} token"
+    return f"a token of type {token_type!r}"
+
+
+def _quote(values: frozenset[str]) -> str:
+    return ", ".join(repr(v) for v in sorted(values))
+
+
+def _segments(token: str) -> tuple[str, str, str]:
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise Denied(
+            Reason.TOKEN_MALFORMED, f"a JWT has 3 dot-separated parts; this token has {len(parts)}"
+        )
+    for part, name in zip(parts, ("header", "payload", "signature"), strict=True):
+        if not _SEGMENT.fullmatch(part) or len(part) % 4 == 1:
+            raise Denied(Reason.TOKEN_MALFORMED, f"token {name} is empty or not base64url")
+    return parts[0], parts[1], parts[2]
+
+
+def _json_segment(segment: str, name: str) -> dict[str, Any]:
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        value = loads_strict(raw)
+    except ValueError as e:
+        raise Denied(Reason.TOKEN_MALFORMED, f"token {name} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise Denied(Reason.TOKEN_MALFORMED, f"token {name} must be a JSON object")
+    return value
