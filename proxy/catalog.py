@@ -1,0 +1,98 @@
+"""Which methods the backend serves and whether each one streams.
+
+The sidecar forwards any method as raw bytes, without proto knowledge. Knowing a
+method's kind lets unary calls take the cheaper unary path; unknown methods take the
+generic bidirectional-stream path, which carries every kind correctly. Kinds come from
+descriptor sets (`--descriptor-set`, a protoset) and/or the backend's gRPC server
+reflection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from enum import Enum
+from pathlib import Path
+
+import grpc
+from google.protobuf import descriptor_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+log = logging.getLogger("authproxy.catalog")
+
+
+class Kind(Enum):
+    UNARY = "unary"
+    SERVER_STREAMING = "server_streaming"
+    CLIENT_STREAMING = "client_streaming"
+    BIDI_STREAMING = "bidi_streaming"
+
+
+class CatalogError(Exception):
+    pass
+
+
+class MethodCatalog:
+    def __init__(self) -> None:
+        self.kinds: dict[str, Kind] = {}
+
+    def add_files(self, files: Iterable[descriptor_pb2.FileDescriptorProto]) -> int:
+        added = 0
+        for fd in files:
+            prefix = f"{fd.package}." if fd.package else ""
+            for service in fd.service:
+                for m in service.method:
+                    kind = (
+                        Kind.BIDI_STREAMING
+                        if m.client_streaming and m.server_streaming
+                        else Kind.CLIENT_STREAMING
+                        if m.client_streaming
+                        else Kind.SERVER_STREAMING
+                        if m.server_streaming
+                        else Kind.UNARY
+                    )
+                    self.kinds[f"/{prefix}{service.name}/{m.name}"] = kind
+                    added += 1
+        return added
+
+    def add_descriptor_set(self, path: str) -> int:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise CatalogError(f"{path}: cannot read descriptor set: {e.strerror}") from None
+        fds = descriptor_pb2.FileDescriptorSet()
+        try:
+            fds.ParseFromString(data)
+        except Exception as e:  # protobuf raises DecodeError (a subclass of Exception)
+            raise CatalogError(f"{path}: not a FileDescriptorSet: {e}") from None
+        return self.add_files(fds.file)
+
+    async def add_from_reflection(self, channel: grpc.aio.Channel, timeout: float = 5.0) -> int:
+        """Ask the backend's server reflection for every service and its methods."""
+        files = await asyncio.wait_for(reflect_files(channel), timeout)
+        return self.add_files(files)
+
+
+async def reflect_files(channel: grpc.aio.Channel) -> list[descriptor_pb2.FileDescriptorProto]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = stub.ServerReflectionInfo()
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    answer = await call.read()
+    if answer.HasField("error_response"):
+        raise CatalogError(f"reflection error: {answer.error_response.error_message}")
+    services = [s.name for s in answer.list_services_response.service]
+    seen: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+    for name in services:
+        await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol=name))
+        answer = await call.read()
+        if answer.HasField("error_response"):
+            log.warning(
+                "reflection has no descriptor for %s: %s", name, answer.error_response.error_message
+            )
+            continue
+        for raw in answer.file_descriptor_response.file_descriptor_proto:
+            fd = descriptor_pb2.FileDescriptorProto.FromString(raw)
+            seen[fd.name] = fd
+    await call.done_writing()
+    return list(seen.values())

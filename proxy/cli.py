@@ -1,0 +1,216 @@
+"""The `authproxy` command: serve, policy check, keygen, token mint.
+
+Every `serve` flag has an environment variable `AUTHPROXY_<FLAG>` (dashes become
+underscores); repeatable flags take a comma-separated list there. Flags win over the
+environment. Configuration problems print `authproxy: error: ...` and exit 2 before
+anything listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import keygen as keygen_mod
+from .issuer import SigningKey, TokenIssuer, hmac_signing_key, load_signing_key
+from .keys import KeyLoadError, split_kid
+from .policy_file import PolicyError, load_policy, parse_duration
+from .serve import DEFAULT_MAX_MESSAGE_BYTES, ConfigError, ServeConfig, run
+
+ENV_PREFIX = "AUTHPROXY_"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one clear line instead of usage + error
+        self.exit(2, f"authproxy: error: {message} (see '{self.prog} --help')\n")
+
+
+def _env(flag: str) -> str | None:
+    return os.environ.get(ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()) or None
+
+
+def _env_list(flag: str) -> list[str]:
+    value = _env(flag)
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def _env_bool(flag: str, default: bool) -> bool:
+    value = _env(flag)
+    return default if value is None else value.lower() in ("1", "true", "yes", "on")
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the gRPC auth sidecar")
+    p.add_argument("--policy", default=_env("--policy") or "policy.yaml", help="policy file")
+    p.add_argument("--listen", default=_env("--listen") or "0.0.0.0:8080", help="HOST:PORT")
+    p.add_argument("--upstream", default=_env("--upstream"), help="backend HOST:PORT (required)")
+    p.add_argument(
+        "--jwks",
+        action="append",
+        default=None,
+        help="JWKS file with verification keys (repeatable)",
+    )
+    p.add_argument(
+        "--public-key", action="append", default=None, help="[KID=]PEM public key file (repeatable)"
+    )
+    p.add_argument(
+        "--hmac-secret-env",
+        action="append",
+        default=None,
+        help="[KID=]ENV: HMAC secret in environment variable ENV; kid defaults to ENV (repeatable)",
+    )
+    p.add_argument(
+        "--descriptor-set",
+        action="append",
+        default=None,
+        help="FileDescriptorSet (protoset) telling which methods are unary (repeatable)",
+    )
+    p.add_argument(
+        "--no-upstream-reflection",
+        action="store_true",
+        default=not _env_bool("--upstream-reflection", True),
+        help="do not ask the backend's server reflection for method kinds",
+    )
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=int(_env("--max-message-bytes") or DEFAULT_MAX_MESSAGE_BYTES),
+    )
+    p.add_argument("--token-cache-size", type=int, default=int(_env("--token-cache-size") or 10000))
+    p.add_argument("--shutdown-grace", type=float, default=float(_env("--shutdown-grace") or 10.0))
+    p.add_argument("--log-level", default=_env("--log-level") or "info")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.upstream:
+        raise ConfigError("--upstream HOST:PORT is required (or AUTHPROXY_UPSTREAM)")
+    cfg = ServeConfig(
+        policy=args.policy,
+        listen=args.listen,
+        upstream=args.upstream,
+        jwks=args.jwks or _env_list("--jwks"),
+        public_keys=args.public_key or _env_list("--public-key"),
+        hmac_secret_envs=args.hmac_secret_env or _env_list("--hmac-secret-env"),
+        descriptor_sets=args.descriptor_set or _env_list("--descriptor-set"),
+        upstream_reflection=not args.no_upstream_reflection,
+        max_message_bytes=args.max_message_bytes,
+        token_cache_size=args.token_cache_size,
+        shutdown_grace=args.shutdown_grace,
+    )
+    asyncio.run(run(cfg))
+    return 0
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.file)
+    except PolicyError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK (version {policy.version}, {policy.rule_count} rules)")
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    key = keygen_mod.keygen(args.alg, Path(args.private_key), Path(args.jwks), args.kid)
+    print(f"wrote {args.private_key} (private, 0600) and {args.jwks}; kid {key.kid} ({key.alg})")
+    return 0
+
+
+def _signing_key(args: argparse.Namespace) -> SigningKey:
+    if bool(args.key) == bool(args.hmac_secret_env):
+        raise ConfigError("give exactly one of --key PEM or --hmac-secret-env [KID=]ENV")
+    if args.key:
+        return load_signing_key(args.key, args.kid)
+    kid, env = split_kid(args.hmac_secret_env)
+    secret = os.environ.get(env)
+    if not secret:
+        raise ConfigError(f"environment variable {env} (HMAC secret) is not set or empty")
+    return hmac_signing_key(secret.encode(), args.kid or kid or env)
+
+
+def _token_mint(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as e:
+        raise ConfigError(str(e)) from None
+    level = next(
+        (lvl for lvl, spec in policy.tokens.items() if args.type in (lvl, spec.type)), None
+    )
+    if level is None:
+        known = ", ".join(f"{lvl} ({s.type})" for lvl, s in policy.tokens.items())
+        raise ConfigError(f"--type {args.type!r} is not a token level of the policy: {known}")
+    ttl = parse_duration(args.ttl)
+    if ttl is None or ttl <= 0:
+        raise ConfigError(f"--ttl {args.ttl!r} is not a positive duration (like 15m, 1h, 3600)")
+    issuer = TokenIssuer(policy, {level: _signing_key(args)})
+    minted = issuer.mint(
+        level,
+        args.sub,
+        ttl=ttl,
+        roles=_csv(args.roles),
+        permissions=_csv(args.permissions),
+        scopes=_csv(args.scopes),
+    )
+    print(minted.token)
+    return 0
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="authproxy", description="gRPC auth sidecar")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_serve(sub)
+
+    policy = sub.add_parser("policy", help="policy tools")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True, parser_class=_Parser)
+    check = policy_sub.add_parser("check", help="validate a policy file")
+    check.add_argument("file")
+    check.set_defaults(func=_policy_check)
+
+    kg = sub.add_parser("keygen", help="generate a signing key and its public JWKS")
+    kg.add_argument("--alg", choices=keygen_mod.ALGORITHMS, default="ES256")
+    kg.add_argument("--private-key", default="keys/signing.pem", help="private PEM to write (0600)")
+    kg.add_argument("--jwks", default="keys/jwks.json", help="JWKS file to create or add to")
+    kg.add_argument("--kid", help="key id (default: RFC 7638 thumbprint)")
+    kg.set_defaults(func=_keygen)
+
+    token = sub.add_parser("token", help="token tools")
+    token_sub = token.add_subparsers(dest="token_command", required=True, parser_class=_Parser)
+    mint = token_sub.add_parser("mint", help="issue a signed token for a policy level")
+    mint.add_argument("--policy", default="policy.yaml")
+    mint.add_argument("--type", required=True, help="level (2fa, refresh, access) or token type")
+    mint.add_argument("--sub", required=True, help="subject")
+    mint.add_argument("--roles", help="comma-separated roles")
+    mint.add_argument("--permissions", help="comma-separated permissions")
+    mint.add_argument("--scopes", help="comma-separated scopes")
+    mint.add_argument("--ttl", default="15m", help="lifetime, like 15m, 1h, 3600")
+    mint.add_argument("--key", help="PEM private key to sign with")
+    mint.add_argument("--hmac-secret-env", help="[KID=]ENV: sign with the HMAC secret in ENV")
+    mint.add_argument("--kid", help="key id to put in the header (default: from the key)")
+    mint.set_defaults(func=_token_mint)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, KeyLoadError, ValueError) as e:
+        print(f"authproxy: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

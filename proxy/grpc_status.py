@@ -1,0 +1,27 @@
+"""How a deny `Decision` is told to a gRPC client: status code, message, and a
+`google.rpc.Status` with an `ErrorInfo` in `grpc-status-details-bin` (AIP-193 style)."""
+
+from __future__ import annotations
+
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from .decision import Decision
+from .reasons import ERROR_DOMAIN
+
+DETAILS_KEY = "grpc-status-details-bin"
+
+
+def deny_details(decision: Decision) -> tuple[str, tuple[tuple[str, bytes], ...]]:
+    """(message, trailing metadata) for a denied call."""
+    assert decision.reason is not None
+    message = f"{decision.reason}: {decision.message}"
+    info = error_details_pb2.ErrorInfo(
+        reason=decision.reason.value,
+        domain=ERROR_DOMAIN,
+        metadata={"level": decision.level, "policy_version": decision.policy_version},
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=decision.status.value[0], message=message, details=[detail])
+    return message, ((DETAILS_KEY, status.SerializeToString()),)

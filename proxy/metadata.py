@@ -1,0 +1,56 @@
+"""Rewriting request metadata between the client and the backend.
+
+What reaches the backend: the client's metadata minus hop-by-hop and transport headers,
+minus every `x-auth-*` key (on every method, public ones included), minus
+`authorization` unless the rule forwards the token — plus the verified identity headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .bearer import AUTHORIZATION
+from .decision import Decision
+from .policy import IDENTITY_HEADER_PREFIX
+
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+#: Connection-specific (RFC 9113 8.2.2) and transport headers that are set per hop.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "transfer-encoding",
+        "upgrade",
+        "te",
+        "host",
+        "content-length",
+        "content-type",
+        "user-agent",  # each hop's gRPC library sets its own
+        "grpc-timeout",  # carried as the remaining deadline instead
+        "grpc-encoding",
+        "grpc-accept-encoding",
+    }
+)
+_PREFIX_LEN = len(IDENTITY_HEADER_PREFIX)
+
+
+def upstream_metadata(incoming: Iterable[tuple[str, str | bytes]], decision: Decision) -> Metadata:
+    """The metadata to send upstream for an allowed call."""
+    keep_token = decision.forward_token
+    out: list[tuple[str, str | bytes]] = []
+    for key, value in incoming:
+        k = key.lower()
+        if (
+            k in HOP_BY_HOP
+            or k[:_PREFIX_LEN] == IDENTITY_HEADER_PREFIX
+            or k[:1] == ":"
+            or (k == AUTHORIZATION and not keep_token)
+        ):
+            continue
+        out.append((k, value))
+    if decision.identity is not None:
+        out.extend(decision.identity.headers)
+    return tuple(out)

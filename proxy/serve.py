@@ -1,0 +1,174 @@
+"""Assembling and running the sidecar from its configuration.
+
+Everything that can be wrong with the configuration (policy, keys, addresses) is found
+here, before the proxy listens, and reported as one clear `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+
+from .catalog import CatalogError, MethodCatalog
+from .keys import (
+    KeyLoadError,
+    KeySet,
+    VerificationKey,
+    load_hmac_env,
+    load_jwks_file,
+    load_pem_public_key,
+    split_kid,
+)
+from .pipeline import Authorizer
+from .policy import Policy
+from .policy_file import PolicyError, load_policy
+from .sidecar import SidecarHandler, build_server
+from .upstream import Upstream
+from .verify import TokenVerifier
+
+log = logging.getLogger("authproxy")
+
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class ConfigError(Exception):
+    """The proxy cannot start; the message says why (one or more lines)."""
+
+
+@dataclass
+class ServeConfig:
+    policy: str
+    listen: str
+    upstream: str
+    jwks: list[str] = field(default_factory=list)
+    public_keys: list[str] = field(default_factory=list)  # [KID=]PEM
+    hmac_secret_envs: list[str] = field(default_factory=list)  # [KID=]ENV
+    descriptor_sets: list[str] = field(default_factory=list)
+    upstream_reflection: bool = True
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    token_cache_size: int = 10_000
+    shutdown_grace: float = 10.0
+
+
+def load_keys(cfg: ServeConfig) -> KeySet:
+    keys: list[VerificationKey] = []
+    try:
+        for path in cfg.jwks:
+            keys.extend(load_jwks_file(path))
+        for spec in cfg.public_keys:
+            kid, path = split_kid(spec)
+            keys.append(load_pem_public_key(path, kid))
+        for spec in cfg.hmac_secret_envs:
+            kid, env = split_kid(spec)
+            keys.append(load_hmac_env(env, kid))
+        return KeySet(keys)
+    except KeyLoadError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_policy_keys(policy: Policy, keys: KeySet) -> None:
+    """The keys a policy names must exist, and token levels need at least one key."""
+    problems = []
+    for spec in policy.tokens.values():
+        missing = keys.missing(spec.key_ids or ())
+        if missing:
+            problems.append(
+                f"{policy.source}: tokens.{spec.level} names key id(s) {', '.join(missing)}, "
+                "which no configured key has"
+            )
+    if policy.tokens and not len(keys):
+        problems.append(
+            "no verification keys configured: use --jwks, --public-key or --hmac-secret-env"
+        )
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def build_authorizer(cfg: ServeConfig) -> Authorizer:
+    try:
+        policy = load_policy(cfg.policy)
+    except PolicyError as e:
+        raise ConfigError(str(e)) from None
+    keys = load_keys(cfg)
+    check_policy_keys(policy, keys)
+    return Authorizer(policy, TokenVerifier(keys, cache_size=cfg.token_cache_size))
+
+
+def _check_address(flag: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{flag} {value!r} is not HOST:PORT")
+
+
+class Sidecar:
+    """A running sidecar: listener, authorizer, backend connection."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        _check_address("--listen", cfg.listen)
+        _check_address("--upstream", cfg.upstream)
+        self.cfg = cfg
+        self.authorizer = build_authorizer(cfg)
+        self.catalog = MethodCatalog()
+        try:
+            for path in cfg.descriptor_sets:
+                self.catalog.add_descriptor_set(path)
+        except CatalogError as e:
+            raise ConfigError(str(e)) from None
+        self.upstream = Upstream(cfg.upstream, cfg.max_message_bytes)
+        handler = SidecarHandler(self.authorizer, self.upstream, self.catalog)
+        try:
+            self.server, self.port = build_server(handler, cfg.listen, cfg.max_message_bytes)
+        except (OSError, RuntimeError) as e:
+            raise ConfigError(f"--listen {cfg.listen}: {e}") from None
+        self._learning: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.server.start()
+        if self.cfg.upstream_reflection:
+            self._learning = asyncio.create_task(self._learn_methods())
+        policy = self.authorizer.policy
+        log.info(
+            "authproxy listening on port %d, upstream %s, policy %s (version %s, %d rules)",
+            self.port,
+            self.cfg.upstream,
+            policy.source,
+            policy.version,
+            policy.rule_count,
+        )
+
+    async def _learn_methods(self) -> None:
+        """Learn method kinds by reflection; retry with backoff while the backend is down."""
+        delay = 0.5
+        while True:
+            try:
+                count = await self.catalog.add_from_reflection(self.upstream.channel)
+                log.info("learned %d method kinds from upstream reflection", count)
+                return
+            except Exception as e:  # any failure: keep the generic stream path, retry later
+                log.info("upstream reflection not available yet (%s); retrying", e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._learning is not None:
+            self._learning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._learning
+        await self.server.stop(self.cfg.shutdown_grace if grace is None else grace)
+        await self.upstream.close()
+
+
+async def run(cfg: ServeConfig) -> None:
+    """Serve until SIGTERM/SIGINT, then drain in-flight calls for up to the grace period."""
+    sidecar = Sidecar(cfg)
+    await sidecar.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down (grace %.0fs)", cfg.shutdown_grace)
+    await sidecar.stop()

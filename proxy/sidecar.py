@@ -1,0 +1,90 @@
+"""The gRPC sidecar front end: a generic handler that decides, then relays.
+
+Every call: ask the `Authorizer` (one pipeline for all front ends) with the method path
+and the request metadata; on deny, end the call with the decision's status, message and
+`ErrorInfo`; on allow, rewrite the metadata and relay the call to the backend. Unary
+methods (known from the `MethodCatalog`) take the unary path; everything else takes the
+generic stream path, which carries all four kinds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from .catalog import Kind, MethodCatalog
+from .grpc_status import deny_details
+from .metadata import Metadata, upstream_metadata
+from .pipeline import Authorizer
+from .upstream import Upstream
+
+log = logging.getLogger("authproxy.sidecar")
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Let oversized tokens reach the pipeline (TOKEN_TOO_LARGE) instead of a core error.
+        ("grpc.max_metadata_size", 64 * 1024),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class SidecarHandler(grpc.GenericRpcHandler):
+    def __init__(self, authorizer: Authorizer, upstream: Upstream, catalog: MethodCatalog) -> None:
+        self.authorizer = authorizer
+        self.upstream = upstream
+        self.catalog = catalog
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method: str = details.method  # type: ignore[attr-defined]
+        handler = self._handlers.get(method)
+        if handler is not None:
+            return handler
+        kind = self.catalog.kinds.get(method)
+        if kind is Kind.UNARY:
+            handler = grpc.unary_unary_rpc_method_handler(self._unary_for(method))
+        else:
+            handler = grpc.stream_stream_rpc_method_handler(self._stream_for(method))
+        if kind is not None:  # cache only methods the backend serves: bounded by its API
+            self._handlers[method] = handler
+        return handler
+
+    async def _authorize(self, method: str, context: grpc.aio.ServicerContext) -> Metadata:
+        """Decide; abort the call on deny, else return the metadata for the backend."""
+        incoming = context.invocation_metadata() or ()
+        decision = await self.authorizer.decide(method, incoming)
+        if not decision.allowed:
+            message, trailers = deny_details(decision)
+            await context.abort(decision.status, message, trailing_metadata=trailers)
+        return upstream_metadata(incoming, decision)
+
+    def _unary_for(self, method: str):
+        async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            metadata = await self._authorize(method, context)
+            return await self.upstream.unary(method, request, metadata, context)
+
+        return unary
+
+    def _stream_for(self, method: str):
+        async def stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+            metadata = await self._authorize(method, context)
+            await self.upstream.stream(method, requests, metadata, context)
+
+        return stream
+
+
+def build_server(
+    handler: SidecarHandler, listen: str, max_message_bytes: int
+) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server (h2c) with the sidecar handler bound to `listen`; returns the port."""
+    server = grpc.aio.server(options=server_options(max_message_bytes))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    return server, port

@@ -1,0 +1,175 @@
+"""Shared fixtures: keys, a token issuer, the echo backend and a real sidecar on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from proxy.issuer import SigningKey, TokenIssuer, hmac_signing_key
+from proxy.keygen import keygen
+from proxy.policy_file import parse_policy
+from proxy.serve import ServeConfig, Sidecar
+from tests.echo_backend import UNARY, EchoBackend, start_echo_backend
+
+TEST_POLICY = """\
+version: 1
+default: access
+issuer: test-issuer
+leeway: 5s
+tokens:
+  2fa:     {type: 2fa_pending, audience: 2fa-verification}
+  refresh: {type: refresh, audience: token-refresh, keys: [refresh-hmac]}
+  access:  {type: access, audience: api-access}
+methods:
+  /test.Public/*: public
+  /test.TwoFA/*: 2fa
+  /test.Refresh/*: refresh
+  /test.Access/*: access
+  /test.Admin/*: {level: access, roles: [admin]}
+  /test.Denied/*: deny
+  /test.Forward/*: {level: access, forward_token: true}
+"""
+SERVICES = ("Public", "TwoFA", "Refresh", "Access", "Admin", "Denied", "Forward", "Other")
+REFRESH_SECRET = b"r" * 40
+REFRESH_ENV = "AUTHPROXY_TEST_REFRESH_SECRET"
+
+
+@dataclass
+class Keys:
+    dir: Path
+    jwks: Path
+    es256: SigningKey
+    rs256: SigningKey
+    refresh: SigningKey
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    d = tmp_path_factory.mktemp("keys")
+    jwks = d / "jwks.json"
+    es = keygen("ES256", d / "es256.pem", jwks)
+    rs = keygen("RS256", d / "rs256.pem", jwks)
+    return Keys(d, jwks, es, rs, hmac_signing_key(REFRESH_SECRET, "refresh-hmac"))
+
+
+@pytest.fixture(scope="session")
+def issuer(keys: Keys) -> TokenIssuer:
+    policy = parse_policy(TEST_POLICY, "test-policy.yaml")
+    return TokenIssuer(policy, {"access": keys.es256, "2fa": keys.rs256, "refresh": keys.refresh})
+
+
+def descriptor_set(path: Path) -> Path:
+    """A protoset naming the echo backend's methods with their real kinds."""
+    fd = descriptor_pb2.FileDescriptorProto(name="test/echo.proto", package="test")
+    for service in SERVICES:
+        svc = fd.service.add(name=service)
+        for name in (*UNARY, "Count", "Sum", "Chat"):
+            svc.method.add(
+                name=name,
+                input_type=".test.Bytes",
+                output_type=".test.Bytes",
+                client_streaming=name in ("Sum", "Chat"),
+                server_streaming=name in ("Count", "Chat"),
+            )
+    path.write_bytes(descriptor_pb2.FileDescriptorSet(file=[fd]).SerializeToString())
+    return path
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[EchoBackend]:
+    b = await start_echo_backend()
+    yield b
+    await b.server.stop(None)
+
+
+@dataclass
+class Running:
+    sidecar: Sidecar
+    channel: grpc.aio.Channel
+
+    async def call(
+        self,
+        method: str,
+        request: bytes = b"{}",
+        token: str | None = None,
+        metadata: tuple = (),
+        timeout: float = 10.0,
+        **kwargs,
+    ) -> tuple[bytes, grpc.aio.UnaryUnaryCall]:
+        md = tuple(metadata) + ((("authorization", f"Bearer {token}"),) if token else ())
+        call = self.channel.unary_unary(method)(request, metadata=md, timeout=timeout, **kwargs)
+        return await call, call
+
+    async def report(self, method: str, token: str | None = None, metadata: tuple = ()) -> dict:
+        response, _ = await self.call(method, token=token, metadata=metadata)
+        report = json.loads(response)
+        return {**report, "md": _group(report["metadata"])}
+
+
+def _group(pairs: list[list[str]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for k, v in pairs:
+        out.setdefault(k, []).append(v)
+    return out
+
+
+async def start_sidecar(
+    tmp_path: Path, upstream_port: int, keys: Keys, policy: str = TEST_POLICY, **overrides
+) -> Running:
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(policy)
+    os.environ[REFRESH_ENV] = REFRESH_SECRET.decode()
+    cfg = ServeConfig(
+        policy=str(policy_file),
+        listen="127.0.0.1:0",
+        upstream=f"127.0.0.1:{upstream_port}",
+        jwks=[str(keys.jwks)],
+        hmac_secret_envs=[f"refresh-hmac={REFRESH_ENV}"],
+        upstream_reflection=False,
+        shutdown_grace=0.5,
+    )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    sidecar = Sidecar(cfg)
+    await sidecar.start()
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{sidecar.port}",
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ],
+    )
+    return Running(sidecar, channel)
+
+
+@pytest.fixture(params=["unary-path", "stream-path"])
+async def proxy(request, tmp_path: Path, backend: EchoBackend, keys: Keys) -> AsyncIterator[Running]:
+    """The sidecar in front of the echo backend; run once with method kinds known (unary
+    methods take the unary path) and once without (everything takes the stream path)."""
+    sets = [str(descriptor_set(tmp_path / "echo.protoset"))] if request.param == "unary-path" else []
+    running = await start_sidecar(tmp_path, backend.port, keys, descriptor_sets=sets)
+    yield running
+    await running.channel.close()
+    await running.sidecar.stop(0)
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo inside `grpc-status-details-bin`, if any."""
+    status = rpc_status.from_call(error)
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
