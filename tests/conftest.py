@@ -152,10 +152,14 @@ async def start_sidecar(
 
 
 @pytest.fixture(params=["unary-path", "stream-path"])
-async def proxy(request, tmp_path: Path, backend: EchoBackend, keys: Keys) -> AsyncIterator[Running]:
+async def proxy(
+    request, tmp_path: Path, backend: EchoBackend, keys: Keys
+) -> AsyncIterator[Running]:
     """The sidecar in front of the echo backend; run once with method kinds known (unary
     methods take the unary path) and once without (everything takes the stream path)."""
-    sets = [str(descriptor_set(tmp_path / "echo.protoset"))] if request.param == "unary-path" else []
+    sets = (
+        [str(descriptor_set(tmp_path / "echo.protoset"))] if request.param == "unary-path" else []
+    )
     running = await start_sidecar(tmp_path, backend.port, keys, descriptor_sets=sets)
     yield running
     await running.channel.close()
@@ -173,3 +177,14 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | Non
             detail.Unpack(info)
             return info
     return None
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A skipped or xfailed test is a failing test: it proves nothing."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    unproven = [r for key in ("skipped", "xfailed", "xpassed") for r in reporter.stats.get(key, [])]
+    if unproven and session.exitstatus == 0:
+        reporter.write_line(f"{len(unproven)} skipped/xfailed test(s): failing the run", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
