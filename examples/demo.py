@@ -1,0 +1,477 @@
+"""A scripted tour of authproxy in front of the example backend: `python -m examples.demo`.
+
+It generates a signing key and a refresh secret in a temporary directory, starts the
+example backend and the proxy (`python -m proxy serve`) on free loopback ports, and then
+talks to the PROXY only, printing one line per step with the status and, for denials, the
+machine-readable reason the proxy puts in `grpc-status-details-bin`. Every step checks
+its expected outcome; the demo exits 1 naming the first step that went differently.
+`--keep-running` leaves both processes up afterwards for your own calls (Ctrl-C stops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+import pyotp
+from google.protobuf import empty_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from examples.backend.api.v1 import api_pb2, api_pb2_grpc
+from proxy.keygen import keygen
+
+REPO = Path(__file__).resolve().parents[1]
+POLICY = REPO / "policy.yaml"
+SECRET_ENV = "DEMO_REFRESH_SECRET"
+ADMIN_EMAIL = "admin@example.com"
+STARTUP_SECONDS = 20.0
+CALL_TIMEOUT = 10.0
+DETAILS_KEY = "grpc-status-details-bin"
+OK = grpc.StatusCode.OK
+UNAUTH = grpc.StatusCode.UNAUTHENTICATED
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+
+
+def _markers() -> tuple[str, str]:
+    try:
+        "✔✘→".encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return "[ok]", "[FAIL]"
+    return "✔", "✘"
+
+
+PASS, FAIL = _markers()
+
+
+class DemoError(Exception):
+    """The demo cannot go on; the message says why."""
+
+
+# --- the two child processes -----------------------------------------------------------
+
+
+class Children:
+    """The backend and the proxy, with their output in files; always stopped on exit."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.env = env
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
+        with (
+            open(self.workdir / f"{name}.out", "wb") as out,
+            open(self.workdir / f"{name}.err", "wb") as err,
+        ):
+            proc = subprocess.Popen(
+                [sys.executable, *args],
+                cwd=REPO,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def output(self, name: str, stream: str = "err") -> str:
+        path = self.workdir / f"{name}.{stream}"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise DemoError(f"the {name} exited with status {proc.returncode}")
+
+    def report(self) -> str:
+        """The tail of every child's stderr, for error messages."""
+        parts = []
+        for name in self.procs:
+            lines = self.output(name).strip().splitlines()[-30:]
+            if lines:
+                parts.append(
+                    f"--- {name} stderr (last {len(lines)} lines) ---\n" + "\n".join(lines)
+                )
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_backend(children: Children, deadline: float) -> int:
+    """The port from the backend's `backend listening on HOST:PORT` line."""
+    while time.monotonic() < deadline:
+        found = re.search(r"backend listening on \S+:(\d+)", children.output("backend", "out"))
+        if found:
+            return int(found.group(1))
+        children.check_alive()
+        time.sleep(0.1)
+    raise DemoError(f"the backend did not start within {STARTUP_SECONDS:.0f}s")
+
+
+def wait_for_proxy(children: Children, target: str, deadline: float) -> None:
+    """Until the public HealthCheck answers through the proxy."""
+    last = "no answer"
+    with grpc.insecure_channel(target) as channel:
+        stub = api_pb2_grpc.AuthServiceStub(channel)
+        while time.monotonic() < deadline:
+            children.check_alive()
+            try:
+                stub.HealthCheck(empty_pb2.Empty(), timeout=1.0)
+                return
+            except grpc.RpcError as e:
+                last = f"{e.code().name}: {e.details()}"
+            time.sleep(0.2)
+    raise DemoError(f"the proxy did not answer within {STARTUP_SECONDS:.0f}s (last: {last})")
+
+
+# --- calls and expectations ------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    code: grpc.StatusCode
+    details: str
+    #: `ErrorInfo.reason` from the proxy's status details; None when the backend answered.
+    reason: str | None
+    response: Any = None
+
+    def describe(self) -> str:
+        if self.code == OK:
+            return "OK"
+        if not self.reason:
+            return f"{self.code.name}: {self.details}"
+        message = self.details.removeprefix(f"{self.reason}: ")
+        return f"{self.code.name} [{self.reason}]: {message}"
+
+
+def call(
+    method: Callable[..., Any],
+    request: Any,
+    token: str | None = None,
+    metadata: Sequence[tuple[str, str]] = (),
+) -> Outcome:
+    md = [*metadata, *([("authorization", f"Bearer {token}")] if token else [])]
+    try:
+        response, _ = method.with_call(request, metadata=md, timeout=CALL_TIMEOUT)
+    except grpc.RpcError as e:
+        return Outcome(e.code(), e.details() or "", error_reason(e))
+    return Outcome(OK, "", None, response)
+
+
+def error_reason(error: grpc.RpcError) -> str | None:
+    """`ErrorInfo.reason` (domain authproxy) from the trailing `grpc-status-details-bin`."""
+    for key, value in error.trailing_metadata() or ():
+        if key != DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                return info.reason if info.domain == "authproxy" else f"{info.domain}/{info.reason}"
+    return None
+
+
+class StepFailed(Exception):
+    pass
+
+
+class Steps:
+    def __init__(self) -> None:
+        self.number = 0
+
+    def expect(
+        self,
+        title: str,
+        outcome: Outcome,
+        code: grpc.StatusCode = OK,
+        reason: str | None = None,
+        details: str | None = None,
+        show: Callable[[Any], str] | None = None,
+    ) -> Any:
+        """Print the step; raise StepFailed unless the outcome is the expected one."""
+        self.number += 1
+        problem = None
+        if outcome.code != code:
+            problem = f"expected {code.name}, got {outcome.describe()}"
+        elif reason is not None and outcome.reason != reason:
+            problem = f"expected reason {reason}, got {outcome.reason or 'none'}"
+        elif details is not None and details not in outcome.details:
+            problem = f"expected the message to say {details!r}, got {outcome.details!r}"
+        if problem is None and outcome.code == OK and show is not None:
+            try:
+                text = show(outcome.response)
+            except AssertionError as e:
+                problem = f"unexpected answer: {e}"
+            else:
+                print(f"{PASS} {self.number:2}. {title} → OK: {text}", flush=True)
+                return outcome.response
+        if problem is not None:
+            print(f"{FAIL} {self.number:2}. {title} → {problem}", flush=True)
+            raise StepFailed(f"step {self.number} ({title}): {problem}")
+        print(f"{PASS} {self.number:2}. {title} → {outcome.describe()}", flush=True)
+        return outcome.response
+
+
+# --- the tour --------------------------------------------------------------------------
+
+
+def tour(target: str) -> None:
+    with grpc.insecure_channel(target) as channel:
+        auth = api_pb2_grpc.AuthServiceStub(channel)
+        users = api_pb2_grpc.UserServiceStub(channel)
+        data = api_pb2_grpc.DataServiceStub(channel)
+        step = Steps().expect
+        email, password = "alice@example.com", secrets.token_urlsafe(12)
+
+        step(
+            "SearchPublicUsers without a token (public)",
+            call(users.SearchPublicUsers, api_pb2.SearchRequest(query="")),
+            show=lambda r: f"{r.total_count} users",
+        )
+        step(
+            "GetProfile without a token",
+            call(users.GetProfile, api_pb2.GetProfileRequest()),
+            UNAUTH,
+            "TOKEN_MISSING",
+        )
+        signup = api_pb2.SignUpRequest(
+            email=email, password=password, username="alice", enable_2fa=True
+        )
+        created = step(
+            "SignUp with 2FA (TOTP)",
+            call(auth.SignUp, signup),
+            show=lambda r: _need(r.otpauth_uri, "no otpauth URI") or f"user_id={r.user_id}",
+        )
+        login = step(
+            "Login with the password",
+            call(auth.Login, api_pb2.LoginRequest(email=email, password=password)),
+            show=lambda r: (
+                _need(r.requires_2fa and r.temp_token, "no 2FA token")
+                or f"requires_2fa=true, 2FA token valid {r.expires_in}s"
+            ),
+        )
+        step(
+            "GetProfile with the 2FA token",
+            call(users.GetProfile, api_pb2.GetProfileRequest(), login.temp_token),
+            UNAUTH,
+            "WRONG_TOKEN_TYPE",
+        )
+        code = pyotp.parse_uri(created.otpauth_uri).now()
+        pair = step(
+            f"Verify2FA with TOTP code {code} and the 2FA token",
+            call(auth.Verify2FA, api_pb2.Verify2FARequest(code=code), login.temp_token),
+            show=lambda r: (
+                _need(r.access_token and r.refresh_token, "no tokens")
+                or f"access token ({r.expires_in}s) + refresh token"
+            ),
+        )
+        saw = f"backend saw x-auth-subject={created.user_id}"
+        step(
+            "GetProfile with the access token",
+            call(users.GetProfile, api_pb2.GetProfileRequest(), pair.access_token),
+            show=lambda r: _need(r.user_id == created.user_id, "wrong profile") or saw,
+        )
+        forged = [("x-auth-subject", "root"), ("x-auth-roles", "admin")]
+        step(
+            "GetProfile with forged x-auth-subject/x-auth-roles headers",
+            call(users.GetProfile, api_pb2.GetProfileRequest(), pair.access_token, forged),
+            show=lambda r: (
+                _need(r.user_id == created.user_id, "forged identity got through")
+                or f"stripped by the proxy; {saw}"
+            ),
+        )
+        step(
+            "ListUsers as a non-admin (policy: role admin)",
+            call(users.ListUsers, api_pb2.ListUsersRequest(), pair.access_token),
+            DENIED,
+            "INSUFFICIENT_ROLE",
+        )
+        step(
+            "RefreshToken with the access token",
+            call(auth.RefreshToken, api_pb2.RefreshTokenRequest(), pair.access_token),
+            UNAUTH,
+            "WRONG_TOKEN_TYPE",
+        )
+        rotated = step(
+            "RefreshToken with the refresh token",
+            call(auth.RefreshToken, api_pb2.RefreshTokenRequest(), pair.refresh_token),
+            show=lambda r: (
+                _need(r.refresh_token != pair.refresh_token, "not rotated")
+                or "new access token + new refresh token (rotated)"
+            ),
+        )
+        step(
+            "GetProfile with the new access token",
+            call(users.GetProfile, api_pb2.GetProfileRequest(), rotated.access_token),
+            show=lambda r: _need(r.user_id == created.user_id, "wrong profile") or saw,
+        )
+        record = step(
+            "CreateRecord",
+            call(
+                data.CreateRecord, api_pb2.CreateRecordRequest(data="hello"), rotated.access_token
+            ),
+            show=lambda r: (
+                _need(r.owner == created.user_id, "wrong owner")
+                or f"record {r.id} owned by {r.owner}"
+            ),
+        )
+        step(
+            "ListRecords",
+            call(data.ListRecords, api_pb2.ListRecordsRequest(), rotated.access_token),
+            show=lambda r: (
+                _need([x.id for x in r.records] == [record.id], "wrong records")
+                or f"{r.total_count} record(s), all owned by the caller"
+            ),
+        )
+        step(
+            "RefreshToken with the first, already used refresh token",
+            call(auth.RefreshToken, api_pb2.RefreshTokenRequest(), pair.refresh_token),
+            UNAUTH,
+            details="refresh token already used",
+        )
+        step(
+            "Logout",
+            call(auth.Logout, api_pb2.LogoutRequest(), rotated.access_token),
+        )
+        step(
+            "/admin.v1.Ops/Shutdown (policy: deny)",
+            call(channel.unary_unary("/admin.v1.Ops/Shutdown"), b"", rotated.access_token),
+            DENIED,
+            "METHOD_DENIED",
+        )
+        admin_password = secrets.token_urlsafe(12)
+        step(
+            f"SignUp {ADMIN_EMAIL} without 2FA (an --admin-email)",
+            call(auth.SignUp, api_pb2.SignUpRequest(email=ADMIN_EMAIL, password=admin_password)),
+            show=lambda r: f"user_id={r.user_id}",
+        )
+        admin = step(
+            "Login as the admin",
+            call(auth.Login, api_pb2.LoginRequest(email=ADMIN_EMAIL, password=admin_password)),
+            show=lambda r: (
+                _need(r.access_token and not r.requires_2fa, "no access token")
+                or "access token + refresh token right away (no 2FA)"
+            ),
+        )
+        step(
+            "ListUsers as the admin",
+            call(users.ListUsers, api_pb2.ListUsersRequest(), admin.access_token),
+            show=lambda r: f"{r.total_count} users, requested_by={r.requested_by}",
+        )
+
+
+def _need(condition: Any, message: str) -> str:
+    """Fail the step with `message` unless `condition`; else "" (so `_need(...) or text`)."""
+    if not condition:
+        raise AssertionError(message)
+    return ""
+
+
+# --- running it ------------------------------------------------------------------------
+
+
+def run(keep_running: bool) -> int:
+    with tempfile.TemporaryDirectory(prefix="authproxy-demo-") as tmp:
+        workdir = Path(tmp)
+        print(f"demo: keys and logs in {workdir}", flush=True)
+        keygen("ES256", workdir / "signing.pem", workdir / "jwks.json")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
+        env[SECRET_ENV] = secrets.token_urlsafe(48)
+        children = Children(workdir, env)
+        try:
+            return _run(children, workdir, keep_running)
+        except DemoError as e:
+            print(f"demo: error: {e}", file=sys.stderr)
+            report = children.report()
+            if report:
+                print(report, file=sys.stderr)
+            return 1
+        finally:
+            children.stop()
+
+
+def _run(children: Children, workdir: Path, keep_running: bool) -> int:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    # fmt: off
+    children.start("backend", [
+        "-m", "examples.backend", "--listen", "127.0.0.1:0", "--policy", str(POLICY),
+        "--signing-key", str(workdir / "signing.pem"), "--refresh-secret-env", SECRET_ENV,
+        "--admin-email", ADMIN_EMAIL,
+    ])
+    backend_port = wait_for_backend(children, deadline)
+    proxy_port = free_port()
+    children.start("proxy", [
+        "-m", "proxy", "serve", "--policy", str(POLICY),
+        "--listen", f"127.0.0.1:{proxy_port}", "--upstream", f"127.0.0.1:{backend_port}",
+        "--jwks", str(workdir / "jwks.json"), "--hmac-secret-env", f"refresh-hmac={SECRET_ENV}",
+    ])
+    # fmt: on
+    target = f"127.0.0.1:{proxy_port}"
+    wait_for_proxy(children, target, deadline)
+    print(f"demo: backend on 127.0.0.1:{backend_port}, proxy on {target}\n", flush=True)
+    try:
+        tour(target)
+    except StepFailed as e:
+        print(f"\ndemo: FAILED at {e}", file=sys.stderr)
+        report = children.report()
+        if report:
+            print(report, file=sys.stderr)
+        return 1
+    print(f"\ndemo: every step behaved as expected {PASS}", flush=True)
+    if keep_running:
+        print(f"demo: still running; call the proxy at {target}. Ctrl-C stops.", flush=True)
+        while True:
+            children.check_alive()
+            time.sleep(0.5)
+    return 0
+
+
+def _terminate(signum: int, frame: Any) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__)
+    parser.add_argument(
+        "--keep-running", action="store_true", help="leave the backend and proxy up afterwards"
+    )
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run(args.keep_running)
+    except KeyboardInterrupt:
+        print("\ndemo: interrupted; stopped the backend and the proxy", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
