@@ -17,7 +17,8 @@ import pytest
 from google.protobuf import empty_pb2
 
 from examples.backend.api.v1 import api_pb2
-from examples.backend.sessions import MAX_2FA_FAILURES
+from examples.backend.sessions import LOGGED_OUT, MAX_2FA_FAILURES, SessionLedger
+from proxy.issuer import MintedToken
 from proxy.reasons import Denied, Reason
 from tests.example_backend_harness import (
     ADMIN_EMAIL,
@@ -213,6 +214,30 @@ async def test_logout_on_all_devices_revokes_every_older_refresh_token(example):
     # Logging in again right away (likely within the same second) works.
     again = await example.login("judy@example.com")
     assert (await example.refresh(again.refresh_token)).access_token
+
+
+def test_logout_cutoff_is_exact_within_its_own_second():
+    """`iat` counts whole seconds: tokens from the logout's own second are told apart."""
+    now = [1000.2]
+    ledger = SessionLedger(clock=lambda: now[0])
+
+    def minted(jti: str, iat: int) -> MintedToken:
+        token = MintedToken("token", jti, iat + 60, 60, {"iat": iat, "exp": iat + 60})
+        ledger.minted_refresh("sub", token)
+        return token
+
+    earlier, before = minted("earlier", 999), minted("before", 1000)
+    now[0] = 1000.5
+    ledger.logout_all("sub")
+    now[0] = 1000.7
+    after = minted("after", 1000)
+    now[0] = 1001.1
+    later = minted("later", 1001)
+
+    assert ledger.use_refresh("sub", "earlier", earlier.claims) == LOGGED_OUT
+    assert ledger.use_refresh("sub", "before", before.claims) == LOGGED_OUT
+    assert ledger.use_refresh("sub", "after", after.claims) is None
+    assert ledger.use_refresh("sub", "later", later.claims) is None
 
 
 async def test_logout_of_one_session_leaves_the_other_sessions_alone(example):
