@@ -67,7 +67,9 @@ class EchoBackend(grpc.GenericRpcHandler):
 
     async def _echo(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         await context.send_initial_metadata((("x-backend-header", "hello"),))
-        context.set_trailing_metadata((("x-backend-trailer", "bye"), ("x-trailer-bin", b"\x00\xff")))
+        context.set_trailing_metadata(
+            (("x-backend-trailer", "bye"), ("x-trailer-bin", b"\x00\xff"))
+        )
         return request
 
     async def _compressed(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
