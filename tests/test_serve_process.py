@@ -1,0 +1,90 @@
+"""`authproxy serve` as a real process: it serves decisions, relays to the backend, and
+exits 0 on SIGTERM after draining; every shipped policy file validates."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from proxy.policy_file import load_policy
+from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY, Keys, error_info
+from tests.echo_backend import start_echo_backend
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+async def _wait_for_line(stream: asyncio.StreamReader, needle: str, seen: list[str]) -> None:
+    while True:
+        line = (await stream.readline()).decode()
+        if not line:
+            raise AssertionError("authproxy exited early:\n" + "".join(seen))
+        seen.append(line)
+        if needle in line:
+            return
+
+
+async def test_serve_process_serves_and_drains_on_sigterm(tmp_path: Path, keys: Keys, issuer):
+    backend = await start_echo_backend()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(TEST_POLICY)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
+    env[REFRESH_ENV] = REFRESH_SECRET.decode()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve",
+        "--policy", str(policy), "--listen", "127.0.0.1:0",
+        "--upstream", f"127.0.0.1:{backend.port}", "--jwks", str(keys.jwks),
+        "--hmac-secret-env", f"refresh-hmac={REFRESH_ENV}", "--shutdown-grace", "1",
+        cwd=REPO, env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    seen: list[str] = []
+    try:
+        await asyncio.wait_for(_wait_for_line(proc.stderr, "listening on port", seen), 30)
+        port = int(seen[-1].split("listening on port ")[1].split(",")[0])
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await channel.unary_unary("/test.Access/Report")(b"{}", timeout=10)
+            assert error_info(caught.value).reason == "TOKEN_MISSING"
+
+            token = issuer.mint("access", "alice", ttl=300).token
+            md = (("authorization", f"Bearer {token}"),)
+            hang = channel.unary_unary("/test.Access/Hang")(b"{}", metadata=md, timeout=30)
+            await asyncio.wait_for(backend.hang_started.wait(), 10)
+            proc.send_signal(signal.SIGTERM)
+            # The in-flight call is given the grace period, then cancelled; the process exits 0.
+            assert await asyncio.wait_for(proc.wait(), 20) == 0
+            with pytest.raises(grpc.aio.AioRpcError):
+                await hang
+        rest = (await proc.stderr.read()).decode()
+        assert "shutting down" in "".join(seen) + rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await backend.server.stop(None)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(str(p.relative_to(REPO)) for p in [REPO / "policy.yaml", *REPO.glob("policies/*.yaml")]),
+)
+def test_shipped_policies_are_valid(path: str):
+    policy = load_policy(REPO / path)
+    assert policy.rule_count > 0
+    assert policy.default.level != "public"
+
+
+def test_policy_check_cli_accepts_shipped_policies():
+    for path in [REPO / "policy.yaml", *REPO.glob("policies/*.yaml")]:
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy", "policy", "check", str(path)],
+            capture_output=True, text=True, timeout=60, cwd=REPO,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "OK" in done.stdout
