@@ -1,0 +1,307 @@
+"""The `authproxy` command, run as a real subprocess (`python -m proxy ...`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.issuer import load_signing_key
+from proxy.keys import KeySet, hmac_key, jwk_thumbprint, load_jwks_file
+from proxy.pipeline import Authorizer
+from proxy.policy_file import load_policy
+from proxy.verify import TokenVerifier
+
+REPO = Path(__file__).resolve().parent.parent
+POLICY = str(REPO / "policy.yaml")
+SECRET = "cli-test-refresh-secret-0123456789abcdef"
+#: Valid addresses: a serve that got past configuration would listen, so errors must come first.
+ADDRESSES = ["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1"]
+
+
+def run(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        cwd=cwd,
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def assert_config_error(result: subprocess.CompletedProcess[str], words: str) -> str:
+    """Exit 2 and exactly one `authproxy: error:` line (containing `words`); no traceback."""
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("authproxy: error:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert words in result.stderr
+    assert result.stdout == ""
+    return lines[0]
+
+
+# --- policy check -------------------------------------------------------------------------
+
+
+def test_policy_check_ok(tmp_path: Path) -> None:
+    result = run("policy", "check", POLICY, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{POLICY}: OK (version ")
+
+
+def test_policy_check_reports_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nmethods:\n  /a.B/C: public\n  /a.B/D: acess\n  nope: deny\n")
+    result = run("policy", "check", str(bad), cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"{bad}:4: unknown level 'acess'")
+    assert lines[1].startswith(f"{bad}:5: malformed method name 'nope'")
+    assert result.stdout == ""
+
+
+def test_policy_check_missing_file(tmp_path: Path) -> None:
+    result = run("policy", "check", "absent.yaml", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("absent.yaml: cannot read policy")
+
+
+# --- keygen ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256", "EdDSA"])
+def test_keygen(tmp_path: Path, alg: str) -> None:
+    pem, jwks = tmp_path / "keys" / "signing.pem", tmp_path / "keys" / "jwks.json"
+    result = run(
+        "keygen", "--alg", alg, "--private-key", str(pem), "--jwks", str(jwks), cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(pem.stat().st_mode) == 0o600
+    assert b"PRIVATE KEY" in pem.read_bytes()
+    signing = load_signing_key(pem)
+    (jwk,) = json.loads(jwks.read_text())["keys"]
+    assert (jwk["alg"], jwk["use"]) == (alg, "sig")
+    assert jwk["kid"] == signing.kid == jwk_thumbprint(jwk)
+    assert not {"d", "p", "q"} & set(jwk)
+    (key,) = load_jwks_file(str(jwks))
+    assert (key.kid, set(key.algorithms)) == (jwk["kid"], {alg})
+    assert jwk["kid"] in result.stdout
+
+
+def test_keygen_adds_to_jwks_and_tightens_mode(tmp_path: Path) -> None:
+    pem, jwks = tmp_path / "k.pem", tmp_path / "jwks.json"
+    pem.write_text("old")
+    pem.chmod(0o644)
+    for kid in ("one", "two"):
+        args = ["keygen", "--private-key", str(pem), "--jwks", str(jwks), "--kid", kid]
+        assert run(*args, cwd=tmp_path).returncode == 0
+    assert stat.S_IMODE(pem.stat().st_mode) == 0o600
+    assert [k.kid for k in load_jwks_file(str(jwks))] == ["one", "two"]
+
+
+# --- token mint -------------------------------------------------------------------------------
+
+
+def mint(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    result = run("token", "mint", "--policy", POLICY, *args, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.fixture
+def signing_key(tmp_path: Path) -> tuple[Path, Path]:
+    pem, jwks = tmp_path / "signing.pem", tmp_path / "jwks.json"
+    args = ["keygen", "--alg", "ES256", "--private-key", str(pem), "--jwks", str(jwks)]
+    assert run(*args, cwd=tmp_path).returncode == 0
+    return pem, jwks
+
+
+async def test_minted_access_token_is_accepted(
+    tmp_path: Path, signing_key: tuple[Path, Path]
+) -> None:
+    pem, jwks = signing_key
+    tok = mint(
+        tmp_path, "--type", "access", "--sub", "alice", "--roles", "admin,ops", "--key", str(pem)
+    )
+    policy = load_policy(POLICY)
+    verifier = TokenVerifier(KeySet(load_jwks_file(str(jwks))))
+    verified = verifier.verify(tok, policy.tokens["access"], policy)
+    assert verified.kid == json.loads(jwks.read_text())["keys"][0]["kid"]
+    spec = policy.tokens["access"]
+    assert verified.claims[spec.type_claim] == spec.type
+    assert verified.claims["aud"] in spec.audiences
+    assert verified.claims["iss"] in spec.issuers
+    assert verified.claims["sub"] == "alice"
+    assert verified.claims["roles"] == ["admin", "ops"]
+    auth = Authorizer(policy, verifier)
+    decision = await auth.decide(
+        "/api.v1.UserService/ListUsers", [("authorization", f"Bearer {tok}")]
+    )
+    assert decision.allowed, decision.message
+    assert dict(decision.identity.headers)["x-auth-roles"] == "admin,ops"
+
+
+def test_mint_with_the_kid_given_to_keygen(tmp_path: Path) -> None:
+    pem, jwks = tmp_path / "k.pem", tmp_path / "jwks.json"
+    args = ["keygen", "--alg", "EdDSA", "--private-key", str(pem), "--jwks", str(jwks)]
+    assert run(*args, "--kid", "main", cwd=tmp_path).returncode == 0
+    tok = mint(tmp_path, "--type", "access", "--sub", "a", "--key", str(pem), "--kid", "main")
+    policy = load_policy(POLICY)
+    verifier = TokenVerifier(KeySet(load_jwks_file(str(jwks))))
+    verified = verifier.verify(tok, policy.tokens["access"], policy)
+    assert (verified.kid, verified.alg) == ("main", "EdDSA")
+
+
+def test_mint_by_token_type_name(tmp_path: Path, signing_key: tuple[Path, Path]) -> None:
+    pem, jwks = signing_key
+    tok = mint(tmp_path, "--type", "2fa_pending", "--sub", "bob", "--ttl", "2m", "--key", str(pem))
+    policy = load_policy(POLICY)
+    verified = TokenVerifier(KeySet(load_jwks_file(str(jwks)))).verify(
+        tok, policy.tokens["2fa"], policy
+    )
+    assert verified.claims["aud"] in policy.tokens["2fa"].audiences
+    assert verified.claims["exp"] - verified.claims["iat"] == 120
+
+
+def test_mint_refresh_with_hmac_secret_env(tmp_path: Path) -> None:
+    env = {"CLI_REFRESH_SECRET": SECRET}
+    tok = mint(
+        tmp_path,
+        "--type",
+        "refresh",
+        "--sub",
+        "alice",
+        "--hmac-secret-env",
+        "refresh-hmac=CLI_REFRESH_SECRET",
+        env=env,
+    )
+    policy = load_policy(POLICY)
+    keys = KeySet([hmac_key(SECRET.encode(), "refresh-hmac", "$CLI_REFRESH_SECRET")])
+    verified = TokenVerifier(keys).verify(tok, policy.tokens["refresh"], policy)
+    assert (verified.kid, verified.alg) == ("refresh-hmac", "HS256")
+    assert verified.claims["type"] == policy.tokens["refresh"].type
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--type", "admin", "--sub", "a", "--hmac-secret-env", "E"], "not a token level"),
+        (["--type", "access", "--sub", "a"], "exactly one of --key"),
+        (["--type", "access", "--sub", "a", "--hmac-secret-env", "CLI_UNSET"], "CLI_UNSET"),
+        (["--type", "access", "--sub", "a", "--key", "nope.pem"], "nope.pem"),
+        (["--type", "access", "--sub", "a", "--ttl", "soon", "--key", "k"], "--ttl"),
+    ],
+    ids=["unknown-type", "no-key", "unset-env", "missing-pem", "bad-ttl"],
+)
+def test_mint_errors(tmp_path: Path, args: list[str], words: str) -> None:
+    result = run("token", "mint", "--policy", POLICY, *args, cwd=tmp_path)
+    assert_config_error(result, words)
+
+
+# --- serve: configuration errors before listening ---------------------------------------------
+
+
+@pytest.fixture
+def jwks(tmp_path: Path, signing_key: tuple[Path, Path]) -> str:
+    return str(signing_key[1])
+
+
+def serve(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run("serve", *args, cwd=tmp_path, env={"CLI_REFRESH_SECRET": SECRET, **(env or {})})
+
+
+def test_serve_bad_policy(tmp_path: Path, jwks: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\ncolour: blue\nleeway: 1h\n")
+    result = serve(tmp_path, "--policy", str(bad), "--jwks", jwks, *ADDRESSES)
+    line = assert_config_error(result, f"{bad}:3:")
+    assert line.startswith(f"authproxy: error: {bad}:2: unknown top-level key 'colour'")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--jwks", "absent.json"], "absent.json: cannot read JWKS"),
+        (["--jwks", "{jwks}"], "refresh-hmac"),  # tokens.refresh names a key nobody has
+        ([], "no verification keys configured"),
+        (["--jwks", "{jwks}", "--hmac-secret-env", "refresh-hmac=CLI_UNSET"], "CLI_UNSET"),
+        (["--jwks", "{jwks}", "--public-key", "k=absent.pem"], "absent.pem"),
+    ],
+    ids=["missing-jwks", "missing-level-key", "no-keys", "unset-env", "missing-pem"],
+)
+def test_serve_key_errors(tmp_path: Path, jwks: str, args: list[str], words: str) -> None:
+    args = [a.replace("{jwks}", jwks) for a in args]
+    result = serve(tmp_path, "--policy", POLICY, *args, *ADDRESSES)
+    assert_config_error(result, words)
+
+
+def test_serve_incomplete_jwk_is_a_config_error(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"keys": [{"kty": "EC", "crv": "P-256", "y": "AA"}]}))
+    result = serve(tmp_path, "--policy", POLICY, "--jwks", str(broken), *ADDRESSES)
+    assert_config_error(result, str(broken))
+
+
+KEYS = ["--hmac-secret-env", "refresh-hmac=CLI_REFRESH_SECRET"]
+
+
+def serve_with(
+    tmp_path: Path, jwks: str, flag: str, value: str, via_env: bool
+) -> subprocess.CompletedProcess[str]:
+    """serve with valid options except `flag`, given as a flag or as AUTHPROXY_<FLAG>."""
+    options = {"--policy": POLICY, "--listen": "127.0.0.1:0", "--upstream": "127.0.0.1:1"}
+    options.pop(flag, None)
+    args = [a for item in options.items() for a in item] + ["--jwks", jwks, *KEYS]
+    if via_env:
+        return serve(
+            tmp_path, *args, env={"AUTHPROXY_" + flag[2:].replace("-", "_").upper(): value}
+        )
+    return serve(tmp_path, *args, flag, value)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        ("--upstream", "bad", "--upstream 'bad' is not HOST:PORT"),
+        ("--upstream", "host:99999", "is not HOST:PORT"),
+        ("--listen", "nope", "--listen 'nope' is not HOST:PORT"),
+        ("--listen", ":8080", "is not HOST:PORT"),
+        ("--policy", "absent.yaml", "absent.yaml: cannot read policy"),
+        ("--log-level", "chatty", "CHATTY"),
+    ],
+)
+def test_serve_flag_and_env_give_the_same_error(
+    tmp_path: Path, jwks: str, flag: str, value: str, words: str
+) -> None:
+    by_flag = assert_config_error(serve_with(tmp_path, jwks, flag, value, False), words)
+    by_env = assert_config_error(serve_with(tmp_path, jwks, flag, value, True), words)
+    assert by_env == by_flag
+
+
+@pytest.mark.parametrize("flag", ["--token-cache-size", "--max-message-bytes", "--shutdown-grace"])
+@pytest.mark.parametrize("via_env", [False, True], ids=["flag", "env"])
+def test_serve_bad_number_is_a_config_error(
+    tmp_path: Path, jwks: str, flag: str, via_env: bool
+) -> None:
+    assert_config_error(serve_with(tmp_path, jwks, flag, "abc", via_env), "'abc'")
+
+
+def test_serve_requires_upstream(tmp_path: Path, jwks: str) -> None:
+    result = serve(tmp_path, "--policy", POLICY, "--jwks", jwks, *KEYS, "--listen", "127.0.0.1:0")
+    assert_config_error(result, "--upstream HOST:PORT is required")
+
+
+def test_bad_serve_env_var_does_not_break_other_commands(tmp_path: Path) -> None:
+    result = run("policy", "check", POLICY, cwd=tmp_path, env={"AUTHPROXY_TOKEN_CACHE_SIZE": "x"})
+    assert result.returncode == 0, result.stderr
