@@ -78,10 +78,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-message-bytes",
         type=int,
-        default=int(_env("--max-message-bytes") or DEFAULT_MAX_MESSAGE_BYTES),
+        default=_env("--max-message-bytes") or str(DEFAULT_MAX_MESSAGE_BYTES),
     )
-    p.add_argument("--token-cache-size", type=int, default=int(_env("--token-cache-size") or 10000))
-    p.add_argument("--shutdown-grace", type=float, default=float(_env("--shutdown-grace") or 10.0))
+    # String defaults go through `type` like flags do, so a bad AUTHPROXY_* value is a
+    # one-line usage error (exit 2), and only for the command that reads it.
+    p.add_argument("--token-cache-size", type=int, default=_env("--token-cache-size") or "10000")
+    p.add_argument("--shutdown-grace", type=float, default=_env("--shutdown-grace") or "10")
     p.add_argument("--log-level", default=_env("--log-level") or "info")
     p.set_defaults(func=_serve)
 

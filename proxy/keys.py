@@ -84,6 +84,9 @@ def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
     members = _THUMBPRINT_MEMBERS.get(jwk.get("kty", ""))
     if members is None:
         raise KeyLoadError(f"cannot compute a thumbprint for key type {jwk.get('kty')!r}")
+    missing = [m for m in members if not isinstance(jwk.get(m), str)]
+    if missing:
+        raise KeyLoadError(f"{jwk['kty']} key lacks member(s) {', '.join(missing)}")
     canonical = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"), sort_keys=True)
     return b64url(hashlib.sha256(canonical.encode()).digest())
 
@@ -103,8 +106,13 @@ def key_from_jwk(jwk: Mapping[str, Any], source: str) -> VerificationKey | None:
     if kid is not None and (not isinstance(kid, str) or not kid):
         raise KeyLoadError(f"{source}: 'kid' must be a non-empty string")
     if kid is None:
-        kid = jwk_thumbprint(jwk)
+        try:
+            kid = jwk_thumbprint(jwk)
+        except KeyLoadError as e:
+            raise KeyLoadError(f"{source}: {e}") from None
     where = f"{source} (kid {kid!r})"
+    if kty != "oct" and any(m in jwk for m in _PRIVATE_MEMBERS):
+        raise KeyLoadError(f"{where}: contains private key material; configure only the public key")
     use = jwk.get("use")
     key_ops = jwk.get("key_ops")
     if use is not None and use != "sig":

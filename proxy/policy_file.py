@@ -189,9 +189,7 @@ class _Validator:
             token_type = self.string(spec, "type", f"tokens.{level}")
             audiences = self.strings(spec, "audience", allow_single=True)
             if "audience" not in spec:
-                self.error(
-                    spec.line, f"tokens.{level} has no 'audience': every token type needs one"
-                )
+                self.error(line, f"tokens.{level} has no 'audience': every token type needs one")
             level_issuers = self.strings(spec, "issuer", allow_single=True)
             key_ids = self.strings(spec, "keys")
             type_claim = self.string(spec, "type_claim", f"tokens.{level}", default="type")
@@ -219,7 +217,7 @@ class _Validator:
             self.unknown_keys(spec, RULE_KEYS, f"key in rule {where}")
             level = spec.get("level")
             if "level" not in spec:
-                self.error(spec.line, f"rule {where} has no 'level'")
+                self.error(line, f"rule {where} has no 'level'")
                 level = DENY
         else:
             self.error(line, f"rule {where} must be a level name or a mapping with 'level'")

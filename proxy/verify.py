@@ -88,13 +88,15 @@ class TokenVerifier:
     # --- layer 1: the signature --------------------------------------------------------
 
     def signature(self, token: str) -> VerifiedToken:
-        header_b64, payload_b64, _ = _segments(token)
+        header_b64, payload_b64, signature_b64 = _segments(token)
         header = _json_segment(header_b64, "header")
         alg = header.get("alg")
         if not isinstance(alg, str) or not alg:
             raise Denied(Reason.TOKEN_MALFORMED, "token header has no 'alg'")
         if alg.lower() == "none":
             raise Denied(Reason.ALGORITHM_NOT_ALLOWED, "unsigned tokens (alg 'none') are refused")
+        if not signature_b64:
+            raise Denied(Reason.TOKEN_MALFORMED, "token has no signature")
         for param in _REFUSED_HEADER_PARAMS:
             if param in header:
                 raise Denied(
@@ -200,6 +202,8 @@ def check_claims(v: VerifiedToken, spec: TokenSpec, policy: Policy, now: float) 
         iss = claims.get("iss")
         if iss is None:
             raise Denied(Reason.MISSING_CLAIM, "the token has no 'iss' claim")
+        if not isinstance(iss, str):
+            raise Denied(Reason.INVALID_CLAIM, "claim 'iss' must be a string")
         if iss not in spec.issuers:
             raise Denied(
                 Reason.WRONG_ISSUER,
@@ -267,9 +271,14 @@ def _require_time(claims: Mapping[str, Any], name: str, required: bool = False) 
         if required:
             raise Denied(Reason.MISSING_CLAIM, f"the token has no '{name}' claim")
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise Denied(Reason.INVALID_CLAIM, f"claim '{name}' must be a number (NumericDate)")
-    return value
+    if not isinstance(value, bool) and isinstance(value, int | float):
+        try:
+            number = float(value)  # OverflowError for integers beyond float range
+        except OverflowError:
+            number = math.inf
+        if math.isfinite(number):
+            return number
+    raise Denied(Reason.INVALID_CLAIM, f"claim '{name}' must be a number (NumericDate)")
 
 
 def _string_set(value: Any, name: str) -> frozenset[str]:
@@ -300,6 +309,8 @@ def _segments(token: str) -> tuple[str, str, str]:
             Reason.TOKEN_MALFORMED, f"a JWT has 3 dot-separated parts; this token has {len(parts)}"
         )
     for part, name in zip(parts, ("header", "payload", "signature"), strict=True):
+        if name == "signature" and not part:
+            continue  # checked once the header is known (an unsigned token gets its own reason)
         if not _SEGMENT.fullmatch(part) or len(part) % 4 == 1:
             raise Denied(Reason.TOKEN_MALFORMED, f"token {name} is empty or not base64url")
     return parts[0], parts[1], parts[2]

@@ -323,3 +323,24 @@ def test_version_hash_follows_content(tmp_path: Path) -> None:
     assert second != first
     path.write_text(SPEC_EXAMPLE + "# a comment\n")
     assert load_policy(path).version not in (first, second)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        (
+            "version: 1\ntokens:\n  access:\n    type: access\n    issuer: x\n",
+            3,
+            "has no 'audience'",
+        ),
+        (
+            BASE + "methods:\n  /a.B/C:\n    roles: [x]\n",
+            5,
+            "has no 'level'",
+        ),
+    ],
+    ids=["block-token-without-audience", "block-rule-without-level"],
+)
+def test_block_style_errors_point_at_the_key_line(text: str, line: int, words: str) -> None:
+    found = errors(text)
+    assert any(e.startswith(f"{FILE}:{line}:") and words in e for e in found), found

@@ -396,3 +396,12 @@ def test_cache_size_zero_never_caches() -> None:
     for _ in range(3):
         v.verify(tok_, pol.tokens["access"], pol)
     assert (v.cache_hits, v.cache_misses) == (0, 3)
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE"])
+async def test_classic_unsigned_token_is_algorithm_not_allowed(alg: str) -> None:
+    """`header.payload.` (empty signature) names the real problem, not a malformed token."""
+    header = b64url(json.dumps({"alg": alg, "typ": "JWT"}).encode())
+    payload = b64url(json.dumps(claims()).encode())
+    decision = await authorizer().decide(ACCESS, [("authorization", f"Bearer {header}.{payload}.")])
+    assert decision.reason == Reason.ALGORITHM_NOT_ALLOWED
