@@ -19,6 +19,7 @@ from proxy.keygen import keygen
 from proxy.policy_file import parse_policy
 from proxy.serve import ServeConfig, Sidecar
 from tests.echo_backend import UNARY, EchoBackend, start_echo_backend
+from tests.example_backend_harness import Example, running_example
 
 TEST_POLICY = """\
 version: 1
@@ -82,6 +83,13 @@ def descriptor_set(path: Path) -> Path:
             )
     path.write_bytes(descriptor_pb2.FileDescriptorSet(file=[fd]).SerializeToString())
     return path
+
+
+@pytest.fixture
+async def example(tmp_path: Path) -> AsyncIterator[Example]:
+    """The example api.v1 backend, running in the test's event loop."""
+    async with running_example(tmp_path) as running:
+        yield running
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
-from pathlib import Path
+from collections.abc import Awaitable
 from typing import Any
 
 import grpc
@@ -27,15 +26,7 @@ from tests.example_backend_harness import (
     Example,
     decoded,
     rpc_error,
-    running_example,
 )
-
-
-@pytest.fixture
-async def example(tmp_path: Path) -> AsyncIterator[Example]:
-    async with running_example(tmp_path) as running:
-        yield running
-
 
 # --- sign up and log in ----------------------------------------------------------------
 

@@ -8,7 +8,6 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -24,17 +23,8 @@ from tests.example_backend_harness import (
     POLICY,
     REPO,
     UNAUTH,
-    Example,
     rpc_error,
-    running_example,
 )
-
-
-@pytest.fixture
-async def example(tmp_path: Path) -> AsyncIterator[Example]:
-    async with running_example(tmp_path) as running:
-        yield running
-
 
 # --- UserService -----------------------------------------------------------------------
 

@@ -15,14 +15,8 @@ from typing import Any, NoReturn
 
 import grpc
 
-SUBJECT = "x-auth-subject"
-TOKEN_TYPE = "x-auth-token-type"
-ROLES = "x-auth-roles"
-PERMISSIONS = "x-auth-permissions"
-SCOPES = "x-auth-scopes"
-JTI = "x-auth-jti"
-ISSUER = "x-auth-issuer"
-CLAIMS = "x-auth-claims"
+# The header names are the proxy's contract with backends; take them from the source.
+from proxy.identity import CLAIMS, ISSUER, JTI, PERMISSIONS, ROLES, SCOPES, SUBJECT, TOKEN_TYPE
 
 NO_IDENTITY = "no identity from the proxy"
 
