@@ -30,7 +30,8 @@ def extract_bearer(headers: Iterable[tuple[str, str | bytes]], max_bytes: int) -
         raise Denied(
             Reason.TOKEN_TOO_LARGE, f"authorization header is {len(value)} bytes; limit {max_bytes}"
         )
-    scheme, _, token = value.strip().partition(" ")
+    # Only spaces separate (RFC 6750 `Bearer 1*SP b64token`); CR, LF, TAB are never trimmed.
+    scheme, _, token = value.strip(" ").partition(" ")
     if scheme.lower() != _SCHEME:
         raise Denied(Reason.TOKEN_MALFORMED, "authorization header must use the Bearer scheme")
     token = token.strip(" ")

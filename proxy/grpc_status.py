@@ -10,12 +10,14 @@ from .decision import Decision
 from .reasons import ERROR_DOMAIN
 
 DETAILS_KEY = "grpc-status-details-bin"
+#: Deny messages travel twice (grpc-message and the details trailer); keep them short.
+MAX_MESSAGE = 512
 
 
 def deny_details(decision: Decision) -> tuple[str, tuple[tuple[str, bytes], ...]]:
     """(message, trailing metadata) for a denied call."""
     assert decision.reason is not None
-    message = f"{decision.reason}: {decision.message}"
+    message = f"{decision.reason}: {decision.message}"[:MAX_MESSAGE]
     info = error_details_pb2.ErrorInfo(
         reason=decision.reason.value,
         domain=ERROR_DOMAIN,

@@ -15,7 +15,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {key[:64]!r}")
         result[key] = value
     return result
 
@@ -28,6 +28,10 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no
 
 
 def loads_strict(data: bytes | str) -> Any:
-    """Parse JSON; raise ValueError on duplicate keys, NaN/Infinity or bad UTF-8."""
+    """Parse JSON; raise ValueError on duplicate keys, NaN/Infinity, bad UTF-8 or nesting
+    deep enough to exhaust the parser's recursion."""
     text = data.decode("utf-8") if isinstance(data, bytes) else data
-    return _DECODER.decode(text)
+    try:
+        return _DECODER.decode(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None

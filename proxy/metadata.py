@@ -37,19 +37,26 @@ HOP_BY_HOP = frozenset(
 _PREFIX_LEN = len(IDENTITY_HEADER_PREFIX)
 
 
+class InvalidMetadata(ValueError):
+    """Client metadata that cannot be relayed (gRPC allows printable ASCII in text values)."""
+
+
 def upstream_metadata(incoming: Iterable[tuple[str, str | bytes]], decision: Decision) -> Metadata:
-    """The metadata to send upstream for an allowed call."""
+    """The metadata to send upstream for an allowed call; raises InvalidMetadata."""
     keep_token = decision.forward_token
     out: list[tuple[str, str | bytes]] = []
     for key, value in incoming:
         k = key.lower()
         if (
             k in HOP_BY_HOP
-            or k[:_PREFIX_LEN] == IDENTITY_HEADER_PREFIX
+            # `x_auth_subject` too: some backends fold underscores into dashes
+            or k[:_PREFIX_LEN].replace("_", "-") == IDENTITY_HEADER_PREFIX
             or k[:1] == ":"
             or (k == AUTHORIZATION and not keep_token)
         ):
             continue
+        if isinstance(value, str) and not (value.isascii() and value.isprintable()):
+            raise InvalidMetadata(f"metadata {k[:64]!r} has a value that is not printable ASCII")
         out.append((k, value))
     if decision.identity is not None:
         out.extend(decision.identity.headers)

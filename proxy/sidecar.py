@@ -16,7 +16,7 @@ import grpc
 
 from .catalog import Kind, MethodCatalog
 from .grpc_status import deny_details
-from .metadata import Metadata, upstream_metadata
+from .metadata import InvalidMetadata, Metadata, upstream_metadata
 from .pipeline import Authorizer
 from .upstream import Upstream
 
@@ -61,7 +61,11 @@ class SidecarHandler(grpc.GenericRpcHandler):
         if not decision.allowed:
             message, trailers = deny_details(decision)
             await context.abort(decision.status, message, trailing_metadata=trailers)
-        return upstream_metadata(incoming, decision)
+        try:
+            return upstream_metadata(incoming, decision)
+        except InvalidMetadata as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise  # unreachable: abort raises
 
     def _unary_for(self, method: str):
         async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:

@@ -71,6 +71,11 @@ class Upstream:
         except grpc.aio.AioRpcError as error:
             await self.relay_error(error, context, headers_sent=False)
             raise  # unreachable: relay_error aborts
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as error:  # e.g. the gRPC core refusing to send: never hang the client
+            await self.relay_failure(error, context)
+            raise
         finally:
             if not call.done():
                 call.cancel()
@@ -99,6 +104,10 @@ class Upstream:
                 context.set_trailing_metadata(trailing)
         except grpc.aio.AioRpcError as error:
             await self.relay_error(error, context, headers_sent)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as error:  # e.g. the gRPC core refusing to send: never hang the client
+            await self.relay_failure(error, context)
         finally:
             pump.cancel()
             if not call.done():
@@ -120,6 +129,11 @@ class Upstream:
             log.warning("upstream %s unavailable: %s", self.target, details)
             details = f"upstream {self.target} is unavailable: {details}"
         await context.abort(code, details, trailing_metadata=tuple(error.trailing_metadata() or ()))
+
+    async def relay_failure(self, error: Exception, context: grpc.aio.ServicerContext) -> None:
+        self.errors_total += 1
+        log.error("relaying to upstream %s failed: %r", self.target, error)
+        await context.abort(grpc.StatusCode.INTERNAL, "the proxy could not relay this call")
 
 
 async def _pump(requests: AsyncIterator[bytes], call: grpc.aio.StreamStreamCall) -> None:

@@ -117,16 +117,17 @@ class TokenVerifier:
             keys = self.keys.for_algorithm(alg)
             if not keys:
                 raise Denied(
-                    Reason.ALGORITHM_NOT_ALLOWED, f"no configured key accepts algorithm {alg!r}"
+                    Reason.ALGORITHM_NOT_ALLOWED,
+                    f"no configured key accepts algorithm {shown(alg)}",
                 )
             return keys
         key = self.keys.by_kid.get(kid)
         if key is None:
-            raise Denied(Reason.KEY_NOT_FOUND, f"no configured key has kid {kid!r}")
+            raise Denied(Reason.KEY_NOT_FOUND, f"no configured key has kid {shown(kid)}")
         if alg not in key.algorithms:
             raise Denied(
                 Reason.ALGORITHM_NOT_ALLOWED,
-                f"key {kid!r} does not accept algorithm {alg!r} "
+                f"key {shown(kid)} does not accept algorithm {shown(alg)} "
                 f"(accepts {', '.join(key.algorithms)})",
             )
         return [key]
@@ -207,7 +208,7 @@ def check_claims(v: VerifiedToken, spec: TokenSpec, policy: Policy, now: float) 
         if iss not in spec.issuers:
             raise Denied(
                 Reason.WRONG_ISSUER,
-                f"token issuer {iss!r} is not accepted (expected {_quote(spec.issuers)})",
+                f"token issuer {shown(iss)} is not accepted (expected {_quote(spec.issuers)})",
             )
 
     leeway = policy.leeway
@@ -295,11 +296,18 @@ def _describe_type(token_type: Any, policy: Policy) -> str:
     for spec in policy.tokens.values():
         if spec.type == token_type:
             return f"{_LEVEL_NAMES[spec.level]} token"
-    return f"a token of type {token_type!r}"
+    return f"a token of type {shown(token_type)}"
 
 
 def _quote(values: frozenset[str]) -> str:
-    return ", ".join(repr(v) for v in sorted(values))
+    return ", ".join(shown(v) for v in sorted(values)[:5]) + (", ..." if len(values) > 5 else "")
+
+
+def shown(value: Any, limit: int = 64) -> str:
+    """`repr(value)`, cut to `limit` characters: deny messages never echo attacker input
+    at length (trailers have size limits, and logs should stay readable)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _segments(token: str) -> tuple[str, str, str]:

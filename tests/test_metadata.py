@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.decision import Decision
-from proxy.metadata import upstream_metadata
+from proxy.metadata import InvalidMetadata, upstream_metadata
 from proxy.pipeline import Authorizer
 from proxy.verify import TokenVerifier
 from tests.helpers_tokens import (
@@ -31,6 +31,10 @@ FORGED = [
     ("x-auth-claims-bin", b"\x00\x01"),
     ("x-auth-", "empty-suffix"),
     ("x-auth-subject", "root-again"),
+    # Backends that fold underscores into dashes would read these as x-auth-*.
+    ("x_auth_subject", "root"),
+    ("x-auth_roles", "admin"),
+    ("X_AUTH_CLAIMS", "eyJzdWIiOiJyb290In0"),
 ]
 HOP_BY_HOP = [
     ("connection", "keep-alive"),
@@ -158,3 +162,10 @@ async def test_identity_headers_for_another_subject_are_not_reused() -> None:
     second = await auth.decide(METHOD_FOR["access"], bearer(token(sub="bob", jti="j2")))
     assert dict(upstream_metadata([], first))["x-auth-subject"] == "alice"
     assert dict(upstream_metadata([], second))["x-auth-subject"] == "bob"
+
+
+@pytest.mark.parametrize("value", ["a\x00b", "a\r\nx-auth-subject: root", "caf\u00e9", "tab\there"])
+async def test_text_values_that_are_not_printable_ascii_are_refused(value: str) -> None:
+    decision = await decide(METHOD_FOR["access"], [*bearer(token()), ("x-custom", value)])
+    with pytest.raises(InvalidMetadata, match="x-custom"):
+        upstream_metadata([*bearer(token()), ("x-custom", value)], decision)

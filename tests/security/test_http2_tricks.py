@@ -22,7 +22,7 @@ from tests.security.h2client import H2Response, grpc_request_headers, h2_call
 
 ACCESS = "/test.Access/Report"
 PUBLIC = "/test.Public/Report"
-OK, INTERNAL, PERMISSION_DENIED, UNAUTHENTICATED = 0, 13, 7, 16
+OK, INVALID_ARGUMENT, INTERNAL, PERMISSION_DENIED, UNAUTHENTICATED = 0, 3, 13, 7, 16
 
 
 def bearer(token: str) -> bytes:
@@ -224,16 +224,12 @@ async def test_illegal_bytes_in_other_headers_end_the_call_and_never_reach_the_b
     proxy: Running, backend: EchoBackend, issuer: TokenIssuer, path: str, value: bytes
 ):
     """An allowed call (access with a valid token, or public with none) whose other
-    metadata holds bytes gRPC refuses to send in a value. The proxy's own channel refuses
-    to relay them, so the backend sees nothing (no header injected through a line break)
-    and the call must end promptly with an error.
+    metadata holds bytes gRPC does not allow in a text value (printable ASCII only). The
+    proxy refuses to relay them: the call ends at once with INVALID_ARGUMENT naming the
+    header, and the backend sees nothing (no header injected through a line break).
 
-    (Found, unary path: the grpc client raises ExecuteBatchError, not AioRpcError, from
-    `await call` in proxy/upstream.py `Upstream.unary`; it is not handled, the grpc aio
-    server takes it for a core failure ("ExecuteBatchError raised in core by servicer
-    method") and never sends a status, so the call hangs until the client's deadline, or
-    forever without one. Reachable without a token on public methods. The stream path
-    answers INTERNAL "Invalid metadata" at once.)"""
+    (Regression: the unary path used to hand such values to the gRPC client, which raised
+    ExecuteBatchError; unhandled, the call hung until the client's deadline.)"""
     token = issuer.mint("access", "alice", ttl=300).token
     extra = [(b"x-custom", value)]
     if path == ACCESS:
@@ -243,7 +239,8 @@ async def test_illegal_bytes_in_other_headers_end_the_call_and_never_reach_the_b
         response = await h2_call(port, grpc_request_headers(port, path) + extra, timeout=1.5)
     except TimeoutError:
         pytest.fail("no gRPC status within 1.5 s: the call hangs")
-    assert response.grpc_status == INTERNAL, response
+    assert response.grpc_status == INVALID_ARGUMENT, response
+    assert b"x-custom" in dict(response.headers + response.trailers).get(b"grpc-message", b"")
     assert backend.calls == []
 
 
