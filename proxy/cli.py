@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import keygen as keygen_mod
 from .issuer import SigningKey, TokenIssuer, hmac_signing_key, load_signing_key
-from .keys import KeyLoadError, split_kid
+from .keys import KeyLoadError, secret_from_env, split_kid
 from .policy_file import PolicyError, load_policy, parse_duration
 from .serve import DEFAULT_MAX_MESSAGE_BYTES, ConfigError, ServeConfig, run
 
@@ -135,10 +135,7 @@ def _signing_key(args: argparse.Namespace) -> SigningKey:
     if args.key:
         return load_signing_key(args.key, args.kid)
     kid, env = split_kid(args.hmac_secret_env)
-    secret = os.environ.get(env)
-    if not secret:
-        raise ConfigError(f"environment variable {env} (HMAC secret) is not set or empty")
-    return hmac_signing_key(secret.encode(), args.kid or kid or env)
+    return hmac_signing_key(secret_from_env(env), args.kid or kid or env)
 
 
 def _token_mint(args: argparse.Namespace) -> int:

@@ -95,6 +95,11 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+def b64url_decode(value: str) -> bytes:
+    """Unpadded base64url (as in JWS and JWK) to bytes; raises ValueError."""
+    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+
+
 def key_from_jwk(jwk: Mapping[str, Any], source: str) -> VerificationKey | None:
     """Build a verification key from one JWK; None if the JWK is not for verification."""
     if not isinstance(jwk, Mapping):
@@ -157,7 +162,10 @@ def _allowed_algorithms(jwk: Mapping[str, Any], kty: str, where: str) -> tuple[s
         k = jwk.get("k")
         if not isinstance(k, str):
             raise KeyLoadError(f"{where}: an 'oct' key needs 'k'")
-        size = len(_b64url_decode(k, where))
+        try:
+            size = len(b64url_decode(k))
+        except ValueError:
+            raise KeyLoadError(f"{where}: 'k' is not base64url") from None
         possible = tuple(alg for alg, need in HMAC_ALGS.items() if size >= need)
         if not possible:
             raise KeyLoadError(
@@ -171,13 +179,6 @@ def _allowed_algorithms(jwk: Mapping[str, Any], kty: str, where: str) -> tuple[s
             f"(possible: {', '.join(possible)})"
         )
     return (declared,)
-
-
-def _b64url_decode(value: str, where: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
-    except ValueError:
-        raise KeyLoadError(f"{where}: 'k' is not base64url") from None
 
 
 def load_jwks_file(path: str) -> list[VerificationKey]:
@@ -237,12 +238,17 @@ def hmac_key(secret: bytes, kid: str, source: str) -> VerificationKey:
     return key
 
 
-def load_hmac_env(name: str, kid: str | None = None) -> VerificationKey:
-    """An HMAC secret (raw bytes, at least 32) from environment variable `name`."""
+def secret_from_env(name: str) -> bytes:
+    """The HMAC secret (raw bytes) in environment variable `name`; KeyLoadError if unset."""
     value = os.environ.get(name)
     if not value:
         raise KeyLoadError(f"environment variable {name} (HMAC secret) is not set or empty")
-    return hmac_key(value.encode(), kid or name, f"${name}")
+    return value.encode()
+
+
+def load_hmac_env(name: str, kid: str | None = None) -> VerificationKey:
+    """An HMAC verification key (at least 32 bytes) from environment variable `name`."""
+    return hmac_key(secret_from_env(name), kid or name, f"${name}")
 
 
 def split_kid(spec: str) -> tuple[str | None, str]:

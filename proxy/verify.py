@@ -14,7 +14,6 @@ Two layers:
 
 from __future__ import annotations
 
-import base64
 import logging
 import math
 import re
@@ -26,7 +25,7 @@ from typing import Any
 import jwt
 
 from .jsonstrict import loads_strict
-from .keys import KeySet, VerificationKey
+from .keys import KeySet, VerificationKey, b64url_decode
 from .policy import ACCESS, REFRESH, TWO_FA, Policy, TokenSpec
 from .reasons import Denied, Reason
 
@@ -326,8 +325,7 @@ def _segments(token: str) -> tuple[str, str, str]:
 
 def _json_segment(segment: str, name: str) -> dict[str, Any]:
     try:
-        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        value = loads_strict(raw)
+        value = loads_strict(b64url_decode(segment))
     except ValueError as e:
         raise Denied(Reason.TOKEN_MALFORMED, f"token {name} is not valid JSON: {e}") from None
     if not isinstance(value, dict):

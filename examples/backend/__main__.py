@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import logging
 import math
-import os
 import signal
 import sys
 from typing import NoReturn
@@ -18,7 +17,7 @@ from typing import NoReturn
 from examples.backend.server import BackendConfig, admin_set, hostport, start_backend
 from examples.backend.tokens import ACCESS_TTL
 from proxy.issuer import TokenIssuer, hmac_signing_key, load_signing_key
-from proxy.keys import KeyLoadError
+from proxy.keys import KeyLoadError, secret_from_env
 from proxy.policy_file import PolicyError, load_policy
 
 PROG = "examples.backend"
@@ -75,12 +74,9 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
         problems = str(e).splitlines()
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ValueError(f"policy: {problems[0]}{more}") from None
-    secret = os.environ.get(args.refresh_secret_env)
-    if not secret:
-        raise ValueError(f"environment variable {args.refresh_secret_env} is not set or empty")
     try:
         signing_key = load_signing_key(args.signing_key)
-        refresh_key = hmac_signing_key(secret.encode(), kid=args.refresh_kid)
+        refresh_key = hmac_signing_key(secret_from_env(args.refresh_secret_env), args.refresh_kid)
         TokenIssuer(policy, {"access": signing_key, "2fa": signing_key, "refresh": refresh_key})
     except (KeyLoadError, ValueError) as e:
         raise ValueError(str(e)) from None

@@ -7,7 +7,6 @@ Never expose a backend like this one without the proxy in front of it.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import grpc
 
 # The header names are the proxy's contract with backends; take them from the source.
 from proxy.identity import CLAIMS, ISSUER, JTI, PERMISSIONS, ROLES, SCOPES, SUBJECT, TOKEN_TYPE
+from proxy.keys import b64url_decode
 
 NO_IDENTITY = "no identity from the proxy"
 
@@ -75,7 +75,7 @@ def decode_claims(value: str | None) -> dict[str, Any]:
     if not value:
         return {}
     try:
-        claims = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+        claims = json.loads(b64url_decode(value))
     except ValueError:
         return {}
     return claims if isinstance(claims, dict) else {}
