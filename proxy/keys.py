@@ -242,7 +242,9 @@ def secret_from_env(name: str) -> bytes:
     """The HMAC secret (raw bytes) in environment variable `name`; KeyLoadError if unset."""
     value = os.environ.get(name)
     if not value:
-        raise KeyLoadError(f"environment variable {name} (HMAC secret) is not set or empty")
+        raise KeyLoadError(
+            f"environment variable {name} is not set or empty (it holds an HMAC secret)"
+        )
     return value.encode()
 
 
