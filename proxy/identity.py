@@ -6,6 +6,7 @@ case, any number of copies) from every call and sets only values it verified its
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +37,13 @@ class Identity:
     headers: tuple[tuple[str, str], ...]
 
 
+_PREFIX_LEN = len(IDENTITY_HEADER_PREFIX)
+
+
 def is_identity_header(key: str) -> bool:
-    return key[:7].lower() == IDENTITY_HEADER_PREFIX
+    """`x-auth-*` in any case, and underscore spellings (`x_auth_subject`) too: some
+    backends fold underscores into dashes."""
+    return key[:_PREFIX_LEN].lower().replace("_", "-") == IDENTITY_HEADER_PREFIX
 
 
 def identity_of(verified: VerifiedToken, spec: TokenSpec, policy: Policy) -> Identity:
@@ -55,7 +61,7 @@ def identity_of(verified: VerifiedToken, spec: TokenSpec, policy: Policy) -> Ide
     )
     if not extra:
         return base
-    return Identity(**{**_fields(base), "headers": base.headers + extra})
+    return dataclasses.replace(base, headers=base.headers + extra)
 
 
 def _build(verified: VerifiedToken, spec: TokenSpec) -> Identity:
@@ -103,7 +109,3 @@ def _header_text(value: Any) -> str | None:
     else:
         return None
     return text if text and HEADER_SAFE.fullmatch(text) else None
-
-
-def _fields(identity: Identity) -> dict[str, Any]:
-    return {f: getattr(identity, f) for f in Identity.__dataclass_fields__}

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from .bearer import AUTHORIZATION
 from .decision import Decision
-from .policy import IDENTITY_HEADER_PREFIX
+from .identity import is_identity_header
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
@@ -34,7 +34,6 @@ HOP_BY_HOP = frozenset(
         "grpc-accept-encoding",
     }
 )
-_PREFIX_LEN = len(IDENTITY_HEADER_PREFIX)
 
 
 class InvalidMetadata(ValueError):
@@ -49,8 +48,7 @@ def upstream_metadata(incoming: Iterable[tuple[str, str | bytes]], decision: Dec
         k = key.lower()
         if (
             k in HOP_BY_HOP
-            # `x_auth_subject` too: some backends fold underscores into dashes
-            or k[:_PREFIX_LEN].replace("_", "-") == IDENTITY_HEADER_PREFIX
+            or is_identity_header(k)
             or k[:1] == ":"
             or (k == AUTHORIZATION and not keep_token)
         ):
