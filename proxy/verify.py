@@ -46,14 +46,20 @@ class VerifiedToken:
     __slots__ = ("alg", "claims", "derived", "exp", "header", "kid", "token")
 
     def __init__(
-        self, token: str, header: dict[str, Any], claims: dict[str, Any], key: VerificationKey
+        self,
+        token: str,
+        header: dict[str, Any],
+        claims: dict[str, Any],
+        key: VerificationKey,
+        exp: float,
     ) -> None:
         self.token = token
         self.header = header
         self.claims = claims
         self.kid = key.kid
         self.alg = header["alg"]
-        self.exp: float = claims["exp"]
+        #: `exp` as validated by `_require_time` (a finite number).
+        self.exp = exp
         #: Per-token values computed once (identity headers); filled by `identity.py`.
         self.derived: Any = None
 
@@ -107,8 +113,9 @@ class TokenVerifier:
         for key in self._candidates(kid, alg):
             if self._signature_ok(token, key, alg):
                 claims = _json_segment(payload_b64, "payload")
-                _require_time(claims, "exp", required=True)
-                return VerifiedToken(token, header, claims, key)
+                exp = _require_time(claims, "exp", required=True)
+                assert exp is not None  # required=True raises instead
+                return VerifiedToken(token, header, claims, key, exp)
         raise Denied(Reason.BAD_SIGNATURE, "token signature does not verify")
 
     def _candidates(self, kid: str | None, alg: str) -> list[VerificationKey]:
@@ -165,9 +172,6 @@ class TokenVerifier:
         self._cache[verified.token] = verified
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
 
 
 # --- layer 2: the claims ----------------------------------------------------------------
