@@ -19,7 +19,7 @@ from . import keygen as keygen_mod
 from .issuer import SigningKey, TokenIssuer, hmac_signing_key, load_signing_key
 from .keys import KeyLoadError, secret_from_env, split_kid
 from .policy_file import PolicyError, load_policy, parse_duration
-from .serve import DEFAULT_MAX_MESSAGE_BYTES, ConfigError, ServeConfig, run
+from .serve import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, ConfigError, ServeConfig, run
 
 ENV_PREFIX = "AUTHPROXY_"
 
@@ -46,8 +46,27 @@ def _env_bool(flag: str, default: bool) -> bool:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the gRPC auth sidecar")
     p.add_argument("--policy", default=_env("--policy") or "policy.yaml", help="policy file")
-    p.add_argument("--listen", default=_env("--listen") or "0.0.0.0:8080", help="HOST:PORT")
-    p.add_argument("--upstream", default=_env("--upstream"), help="backend HOST:PORT (required)")
+    p.add_argument(
+        "--listen", default=_env("--listen"), help=f"sidecar HOST:PORT (default {DEFAULT_LISTEN})"
+    )
+    p.add_argument(
+        "--upstream", default=_env("--upstream"), help="backend HOST:PORT: runs the gRPC sidecar"
+    )
+    p.add_argument(
+        "--ext-authz-grpc",
+        default=_env("--ext-authz-grpc"),
+        help="HOST:PORT: serve Envoy ext_authz gRPC (envoy.service.auth.v3.Authorization)",
+    )
+    p.add_argument(
+        "--ext-authz-http",
+        default=_env("--ext-authz-http"),
+        help="HOST:PORT: serve Envoy ext_authz HTTP mode (http_service)",
+    )
+    p.add_argument(
+        "--ext-authz-http-path-prefix",
+        default=_env("--ext-authz-http-path-prefix") or "",
+        help="the path_prefix Envoy's http_service puts before each path (like /check)",
+    )
     p.add_argument(
         "--jwks",
         action="append",
@@ -94,12 +113,15 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not args.upstream:
-        raise ConfigError("--upstream HOST:PORT is required (or AUTHPROXY_UPSTREAM)")
+    if args.listen and not args.upstream:
+        raise ConfigError("--listen is the sidecar's listener: it needs --upstream HOST:PORT")
     cfg = ServeConfig(
         policy=args.policy,
-        listen=args.listen,
+        listen=args.listen or DEFAULT_LISTEN,
         upstream=args.upstream,
+        ext_authz_grpc=args.ext_authz_grpc,
+        ext_authz_http=args.ext_authz_http,
+        ext_authz_http_path_prefix=args.ext_authz_http_path_prefix,
         jwks=args.jwks or _env_list("--jwks"),
         public_keys=args.public_key or _env_list("--public-key"),
         hmac_secret_envs=args.hmac_secret_env or _env_list("--hmac-secret-env"),

@@ -21,6 +21,8 @@ SCOPES = "x-auth-scopes"
 JTI = "x-auth-jti"
 ISSUER = "x-auth-issuer"
 CLAIMS = "x-auth-claims"
+#: Every identity header the proxy itself may set (policies add more via `claim_headers`).
+BUILTIN_HEADERS = frozenset((SUBJECT, TOKEN_TYPE, ROLES, PERMISSIONS, SCOPES, JTI, ISSUER, CLAIMS))
 
 
 @dataclass(frozen=True, slots=True)

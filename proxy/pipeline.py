@@ -3,9 +3,12 @@
     match the method's rule -> extract the token -> verify it for the rule's level
     -> check shared state -> check requirements -> Decision
 
-`Authorizer.decide` never raises for a bad request: every problem becomes a deny
-`Decision` with a `Reason`. The policy is read once per call, so swapping
-`Authorizer.policy` (a reload) never affects a call already in progress.
+`decide` takes a gRPC method path (the sidecar, and gRPC calls seen through Envoy);
+`decide_http` takes an HTTP request seen through Envoy ext_authz and picks the rule by
+the precedence documented there, then runs the same steps. Neither raises for a bad
+request: every problem becomes a deny `Decision` with a `Reason`. The policy is read
+once per call, so swapping `Authorizer.policy` (a reload) never affects a call already
+in progress.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from .bearer import extract_bearer
 from .decision import Decision
+from .http_routes import split_path
 from .identity import Identity, identity_of
 from .policy import DENY, METHOD_PATH, PUBLIC, Policy, Rule
 from .reasons import Denied, Reason
@@ -23,6 +27,8 @@ from .verify import TokenVerifier, VerifiedToken
 StateCheck = Callable[[Rule, VerifiedToken], Awaitable[None]]
 
 _MALFORMED_RULE = Rule("malformed", DENY)
+
+Headers = Iterable[tuple[str, str | bytes]]
 
 
 class Authorizer:
@@ -36,8 +42,47 @@ class Authorizer:
         self.verifier = verifier
         self.state_checks = tuple(state_checks)
 
-    async def decide(self, method: str, headers: Iterable[tuple[str, str | bytes]]) -> Decision:
+    async def decide(self, method: str, headers: Headers) -> Decision:
+        """The decision for a gRPC call to `method` (`/package.Service/Method`)."""
+        return await self._decide_method(self.policy, method, headers)
+
+    async def decide_http(
+        self, http_method: str, path: str, headers: Headers, grpc: bool
+    ) -> Decision:
+        """The decision for an HTTP request seen through Envoy.
+
+        Precedence: a gRPC request (`grpc`, from its content-type) is judged by `methods:`
+        with its path as the method. Any other request whose decoded path is a method that
+        `methods:` lists (exactly or as `/pkg.Service/*`) is judged by that rule too, so a
+        method cannot be reached around its rule by changing the content-type or escaping
+        the path. Everything else is judged by the most specific `http:` route, else the
+        `default` rule.
+        """
         policy = self.policy
+        path = path.partition("?")[0].partition("#")[0]
+        if grpc:
+            return await self._decide_method(policy, path, headers)
+        target = f"{http_method} {path}"
+        try:
+            segments = split_path(path)
+        except Denied as denied:
+            return Decision(
+                False, target, _MALFORMED_RULE, policy.version, denied.reason, denied.message
+            )
+        decoded = "/" + "/".join(segments)
+        rule = policy.listed(decoded) if METHOD_PATH.fullmatch(decoded) else None
+        if rule is not None:
+            return await self._evaluate(policy, decoded, rule, headers)
+        rule = policy.http.match(http_method, segments) or policy.default
+        return await self._evaluate(policy, target, rule, headers)
+
+    def malformed(self, target: str, message: str) -> Decision:
+        """A deny for a request that cannot be judged at all (no path, no attributes)."""
+        return Decision(
+            False, target, _MALFORMED_RULE, self.policy.version, Reason.REQUEST_MALFORMED, message
+        )
+
+    async def _decide_method(self, policy: Policy, method: str, headers: Headers) -> Decision:
         rule = policy.exact.get(method)
         if rule is None:
             if METHOD_PATH.fullmatch(method) is None:
@@ -50,11 +95,17 @@ class Authorizer:
                     "not a gRPC method path ('/package.Service/Method')",
                 )
             rule = policy.match(method)
+        return await self._evaluate(policy, method, rule, headers)
+
+    async def _evaluate(
+        self, policy: Policy, target: str, rule: Rule, headers: Headers
+    ) -> Decision:
+        """The steps after matching: level, token, shared state, requirements."""
         if rule.level == PUBLIC:
-            return Decision(True, method, rule, policy.version)
+            return Decision(True, target, rule, policy.version)
         if rule.level == DENY:
             return Decision(
-                False, method, rule, policy.version, Reason.METHOD_DENIED, "this method is disabled"
+                False, target, rule, policy.version, Reason.METHOD_DENIED, "this method is disabled"
             )
         try:
             spec = policy.tokens[rule.level]
@@ -65,8 +116,8 @@ class Authorizer:
                 await check(rule, verified)
             check_requirements(rule, identity)
         except Denied as denied:
-            return Decision(False, method, rule, policy.version, denied.reason, denied.message)
-        return Decision(True, method, rule, policy.version, identity=identity)
+            return Decision(False, target, rule, policy.version, denied.reason, denied.message)
+        return Decision(True, target, rule, policy.version, identity=identity)
 
 
 def check_requirements(rule: Rule, identity: Identity) -> None:

@@ -12,6 +12,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .http_routes import HttpRoutes
+
 PUBLIC = "public"
 TWO_FA = "2fa"
 REFRESH = "refresh"
@@ -78,16 +80,18 @@ class Policy:
     max_token_bytes: int = 8192
     #: Extra identity headers: (header name, claim name).
     claim_headers: tuple[tuple[str, str], ...] = ()
+    #: Route rules for plain HTTP requests seen through Envoy ext_authz.
+    http: HttpRoutes = field(default_factory=HttpRoutes)
     rule_count: int = field(default=0)
 
     def match(self, method: str) -> Rule:
         """The rule for a method path: exact, then `/pkg.Service/*`, then the default."""
+        return self.listed(method) or self.default
+
+    def listed(self, method: str) -> Rule | None:
+        """The exact or `/pkg.Service/*` rule for a method path; None if neither lists it."""
         rule = self.exact.get(method)
         if rule is not None:
             return rule
         slash = method.rfind("/")
-        if slash > 0:
-            rule = self.services.get(method[1:slash])
-            if rule is not None:
-                return rule
-        return self.default
+        return self.services.get(method[1:slash]) if slash > 0 else None

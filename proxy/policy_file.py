@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from . import yaml_source
+from .http_routes import HttpRoute, HttpRoutes, parse_route_key
+from .identity import BUILTIN_HEADERS
 from .policy import (
     DENY,
     IDENTITY_HEADER_PREFIX,
@@ -36,24 +38,11 @@ TOP_KEYS = (
     "claim_headers",
     "tokens",
     "methods",
+    "http",
 )
 RULE_KEYS = ("level", "roles", "permissions", "scopes", "forward_token")
 TOKEN_KEYS = ("type", "audience", "issuer", "keys", "type_claim")
 MAX_LEEWAY = 300.0
-#: The identity headers the proxy always sets (see `identity.py`); a claim mapping may not reuse them.
-BUILTIN_IDENTITY_HEADERS = frozenset(
-    IDENTITY_HEADER_PREFIX + n
-    for n in (
-        "subject",
-        "token-type",
-        "roles",
-        "permissions",
-        "scopes",
-        "jti",
-        "issuer",
-        "claims",
-    )
-)
 _HEADER_NAME = re.compile(r"x-auth-[a-z0-9]+(?:-[a-z0-9]+)*")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -150,6 +139,7 @@ class _Validator:
                 else:
                     exact[pattern] = rule
 
+        routes = self.http_routes(doc, tokens, forward)
         if self.errors:
             raise PolicyError(self.errors)
         return Policy(
@@ -162,8 +152,36 @@ class _Validator:
             leeway=leeway,
             max_token_bytes=max_bytes,
             claim_headers=claim_headers,
-            rule_count=len(exact) + len(services),
+            http=HttpRoutes(routes),
+            rule_count=len(exact) + len(services) + len(routes),
         )
+
+    def http_routes(self, doc: LineMap, tokens: dict[str, TokenSpec], forward: bool) -> list:
+        section = doc.get("http")
+        if section is None:
+            return []
+        if not isinstance(section, LineMap):
+            self.error(doc.line_of("http"), "'http' must map 'METHOD /path' keys to levels")
+            return []
+        routes: list[HttpRoute] = []
+        seen: dict[tuple[str, tuple[str, ...]], int] = {}
+        for key, value in section.items():
+            line = section.line_of(key)
+            try:
+                method, segments = parse_route_key(key if isinstance(key, str) else "")
+            except ValueError as e:
+                self.error(line, f"malformed http route {key!r}: {e}")
+                continue
+            if (method, segments) in seen:
+                self.error(
+                    line,
+                    f"http route {key!r} matches the same requests as the route on line "
+                    f"{seen[method, segments]}",
+                )
+                continue
+            seen[method, segments] = line
+            routes.append(HttpRoute(method, segments, self.rule(key, value, line, tokens, forward)))
+        return routes
 
     def tokens(self, doc: LineMap, issuers: frozenset[str] | None) -> dict[str, TokenSpec]:
         section = doc.get("tokens")
@@ -268,7 +286,7 @@ class _Validator:
                     f"claim header {header!r} must be lowercase and start with "
                     f"'{IDENTITY_HEADER_PREFIX}' (so clients can never forge it)",
                 )
-            elif header in BUILTIN_IDENTITY_HEADERS:
+            elif header in BUILTIN_HEADERS:
                 self.error(line, f"claim header {header!r} is set by the proxy already")
             elif not isinstance(claim, str) or not claim:
                 self.error(line, f"claim header {header!r} must name a claim")

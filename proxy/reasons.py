@@ -1,8 +1,8 @@
 """Why a request was denied: machine-readable reasons and the gRPC status each maps to.
 
 Every deny carries one `Reason`. Front ends translate it: the gRPC sidecar puts it in a
-`google.rpc.ErrorInfo` inside `grpc-status-details-bin`; later front ends map the same
-reason to HTTP statuses. The reason strings are part of the public contract.
+`google.rpc.ErrorInfo` inside `grpc-status-details-bin`; the Envoy ext_authz front ends
+map the same reason to an HTTP status (see `ext_authz.py`). The reason strings are part of the public contract.
 """
 
 from __future__ import annotations
@@ -37,13 +37,16 @@ class Reason(StrEnum):
     INSUFFICIENT_SCOPE = "INSUFFICIENT_SCOPE"
     METHOD_DENIED = "METHOD_DENIED"
     METHOD_MALFORMED = "METHOD_MALFORMED"
+    # The request itself cannot be judged (gRPC INVALID_ARGUMENT): a path with dot
+    # segments or encoded slashes, or an ext_authz check without HTTP attributes.
+    REQUEST_MALFORMED = "REQUEST_MALFORMED"
 
     @property
     def status(self) -> grpc.StatusCode:
-        return _PERMISSION.get(self, grpc.StatusCode.UNAUTHENTICATED)
+        return _STATUS.get(self, grpc.StatusCode.UNAUTHENTICATED)
 
 
-_PERMISSION = {
+_STATUS = {
     r: grpc.StatusCode.PERMISSION_DENIED
     for r in (
         Reason.INSUFFICIENT_ROLE,
@@ -53,6 +56,7 @@ _PERMISSION = {
         Reason.METHOD_MALFORMED,
     )
 }
+_STATUS[Reason.REQUEST_MALFORMED] = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class Denied(Exception):

@@ -1,4 +1,6 @@
-"""Assembling and running the sidecar from its configuration.
+"""Assembling and running the proxy from its configuration: one `Authorizer` shared by
+up to three front ends — the gRPC sidecar (`--upstream`), the Envoy ext_authz gRPC
+server (`--ext-authz-grpc`) and the Envoy ext_authz HTTP server (`--ext-authz-http`).
 
 Everything that can be wrong with the configuration (policy, keys, addresses) is found
 here, before the proxy listens, and reported as one clear `ConfigError`.
@@ -13,6 +15,8 @@ import signal
 from dataclasses import dataclass, field
 
 from .catalog import CatalogError, MethodCatalog
+from .ext_authz_grpc import CheckServer
+from .ext_authz_http import CheckHttpServer
 from .keys import (
     KeyLoadError,
     KeySet,
@@ -32,6 +36,7 @@ from .verify import TokenVerifier
 log = logging.getLogger("authproxy")
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+DEFAULT_LISTEN = "0.0.0.0:8080"
 
 
 class ConfigError(Exception):
@@ -41,8 +46,11 @@ class ConfigError(Exception):
 @dataclass
 class ServeConfig:
     policy: str
-    listen: str
-    upstream: str
+    listen: str = DEFAULT_LISTEN  # the sidecar's listener; used only with `upstream`
+    upstream: str | None = None  # the backend; None runs no sidecar
+    ext_authz_grpc: str | None = None  # HOST:PORT of the ext_authz gRPC server
+    ext_authz_http: str | None = None  # HOST:PORT of the ext_authz HTTP server
+    ext_authz_http_path_prefix: str = ""
     jwks: list[str] = field(default_factory=list)
     public_keys: list[str] = field(default_factory=list)  # [KID=]PEM
     hmac_secret_envs: list[str] = field(default_factory=list)  # [KID=]ENV
@@ -106,11 +114,13 @@ def _check_address(flag: str, value: str) -> None:
 class Sidecar:
     """A running sidecar: listener, authorizer, backend connection."""
 
-    def __init__(self, cfg: ServeConfig) -> None:
+    def __init__(self, cfg: ServeConfig, authorizer: Authorizer | None = None) -> None:
+        if cfg.upstream is None:
+            raise ConfigError("the sidecar needs --upstream HOST:PORT")
         _check_address("--listen", cfg.listen)
         _check_address("--upstream", cfg.upstream)
         self.cfg = cfg
-        self.authorizer = build_authorizer(cfg)
+        self.authorizer = authorizer or build_authorizer(cfg)
         self.catalog = MethodCatalog()
         try:
             for path in cfg.descriptor_sets:
@@ -161,14 +171,68 @@ class Sidecar:
         await self.upstream.close()
 
 
+class AuthProxy:
+    """The whole process: one authorizer, and each front end the configuration asks for."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        if not (cfg.upstream or cfg.ext_authz_grpc or cfg.ext_authz_http):
+            raise ConfigError(
+                "nothing to serve: give --upstream (the sidecar) and/or --ext-authz-grpc"
+                " / --ext-authz-http (Envoy ext_authz)"
+            )
+        for flag, value in (
+            ("--ext-authz-grpc", cfg.ext_authz_grpc),
+            ("--ext-authz-http", cfg.ext_authz_http),
+        ):
+            if value is not None:
+                _check_address(flag, value)
+        self.authorizer = build_authorizer(cfg)
+        self.sidecar = Sidecar(cfg, self.authorizer) if cfg.upstream else None
+        self.check_grpc: CheckServer | None = None
+        self.check_http: CheckHttpServer | None = None
+        try:
+            if cfg.ext_authz_grpc:
+                self.check_grpc = CheckServer(self.authorizer, cfg.ext_authz_grpc)
+            if cfg.ext_authz_http:
+                self.check_http = CheckHttpServer(
+                    self.authorizer, cfg.ext_authz_http, cfg.ext_authz_http_path_prefix
+                )
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+        self.cfg = cfg
+
+    async def start(self) -> None:
+        if self.sidecar is not None:
+            await self.sidecar.start()
+        if self.check_grpc is not None:
+            await self.check_grpc.start()
+            log.info("ext_authz gRPC (Check) listening on port %d", self.check_grpc.port)
+        if self.check_http is not None:
+            try:
+                await self.check_http.start()
+            except OSError as e:
+                await self.stop(0)
+                raise ConfigError(f"--ext-authz-http {self.cfg.ext_authz_http}: {e}") from None
+            log.info("ext_authz HTTP listening on port %d", self.check_http.port)
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.cfg.shutdown_grace if grace is None else grace
+        stops = [
+            front.stop(grace)
+            for front in (self.sidecar, self.check_grpc, self.check_http)
+            if front is not None
+        ]
+        await asyncio.gather(*stops)
+
+
 async def run(cfg: ServeConfig) -> None:
     """Serve until SIGTERM/SIGINT, then drain in-flight calls for up to the grace period."""
-    sidecar = Sidecar(cfg)
-    await sidecar.start()
+    proxy = AuthProxy(cfg)
+    await proxy.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     log.info("shutting down (grace %.0fs)", cfg.shutdown_grace)
-    await sidecar.stop()
+    await proxy.stop()

@@ -17,7 +17,7 @@ from grpc_status import rpc_status
 from proxy.issuer import SigningKey, TokenIssuer, hmac_signing_key
 from proxy.keygen import keygen
 from proxy.policy_file import parse_policy
-from proxy.serve import ServeConfig, Sidecar
+from proxy.serve import AuthProxy, ServeConfig, Sidecar
 from tests.echo_backend import UNARY, EchoBackend, start_echo_backend
 from tests.example_backend_harness import Example, running_example
 
@@ -172,6 +172,53 @@ async def proxy(
     yield running
     await running.channel.close()
     await running.sidecar.stop(0)
+
+
+@dataclass
+class ExtAuthz:
+    """The proxy running only its Envoy ext_authz front ends (gRPC Check and HTTP)."""
+
+    proxy: AuthProxy
+    channel: grpc.aio.Channel
+    http_url: str  # base URL of the HTTP mode, path prefix included
+
+    @property
+    def grpc_port(self) -> int:
+        return self.proxy.check_grpc.port  # type: ignore[union-attr]
+
+
+async def start_ext_authz(
+    tmp_path: Path, keys: Keys, policy: str = TEST_POLICY, path_prefix: str = "", **overrides
+) -> ExtAuthz:
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(policy)
+    os.environ[REFRESH_ENV] = REFRESH_SECRET.decode()
+    cfg = ServeConfig(
+        policy=str(policy_file),
+        ext_authz_grpc="127.0.0.1:0",
+        ext_authz_http="127.0.0.1:0",
+        ext_authz_http_path_prefix=path_prefix,
+        jwks=[str(keys.jwks)],
+        hmac_secret_envs=[f"refresh-hmac={REFRESH_ENV}"],
+        shutdown_grace=0.5,
+    )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    proxy = AuthProxy(cfg)
+    await proxy.start()
+    port = proxy.check_grpc.port if proxy.check_grpc else 0
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    http_port = proxy.check_http.port if proxy.check_http else 0
+    return ExtAuthz(proxy, channel, f"http://127.0.0.1:{http_port}{path_prefix}")
+
+
+@pytest.fixture
+async def ext_authz(tmp_path: Path, keys: Keys) -> AsyncIterator[ExtAuthz]:
+    """Both ext_authz front ends on loopback with TEST_POLICY; no sidecar, no upstream."""
+    running = await start_ext_authz(tmp_path, keys)
+    yield running
+    await running.channel.close()
+    await running.proxy.stop(0)
 
 
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:

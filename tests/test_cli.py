@@ -297,9 +297,35 @@ def test_serve_bad_number_is_a_config_error(
     assert_config_error(serve_with(tmp_path, jwks, flag, "abc", via_env), "'abc'")
 
 
-def test_serve_requires_upstream(tmp_path: Path, jwks: str) -> None:
+def test_serve_listen_without_upstream_is_a_config_error(tmp_path: Path, jwks: str) -> None:
     result = serve(tmp_path, "--policy", POLICY, "--jwks", jwks, *KEYS, "--listen", "127.0.0.1:0")
-    assert_config_error(result, "--upstream HOST:PORT is required")
+    assert_config_error(result, "--listen is the sidecar's listener: it needs --upstream")
+
+
+def test_serve_with_no_front_end_is_a_config_error(tmp_path: Path, jwks: str) -> None:
+    result = serve(tmp_path, "--policy", POLICY, "--jwks", jwks, *KEYS)
+    assert_config_error(result, "nothing to serve")
+
+
+def test_serve_bad_ext_authz_address_is_a_config_error(tmp_path: Path, jwks: str) -> None:
+    result = serve(tmp_path, "--policy", POLICY, "--jwks", jwks, *KEYS, "--ext-authz-grpc", "nope")
+    assert_config_error(result, "--ext-authz-grpc 'nope' is not HOST:PORT")
+
+
+def test_serve_bad_http_path_prefix_is_a_config_error(tmp_path: Path, jwks: str) -> None:
+    result = serve(
+        tmp_path,
+        "--policy",
+        POLICY,
+        "--jwks",
+        jwks,
+        *KEYS,
+        "--ext-authz-http",
+        "127.0.0.1:0",
+        "--ext-authz-http-path-prefix",
+        "check/",
+    )
+    assert_config_error(result, "must start with '/'")
 
 
 def test_bad_serve_env_var_does_not_break_other_commands(tmp_path: Path) -> None:

@@ -1,0 +1,167 @@
+"""The Envoy ext_authz contract, shared by the gRPC (`ext_authz_grpc.py`) and HTTP
+(`ext_authz_http.py`) front ends: what a request looks like, and what Envoy is told.
+
+Allow (`Allow`): the identity headers are *set* on the upstream request (overwrite, never
+append); every other identity header name — the ones this policy can set, plus every
+`x-auth-*` the client sent — and `authorization` (unless the rule forwards it) are
+removed. Envoy applies removals after sets, so a removed name is never one we set.
+
+Deny (`Deny`): 401 with an RFC 6750 `www-authenticate` challenge when the caller is not
+authenticated, 403 when it is not allowed, 400 for a request that cannot be judged, 429
+when rate limited; a JSON body `{"error", "reason", "message"}`. For a gRPC request the
+reply also carries `grpc-status`, `grpc-status-details-bin` (the same ErrorInfo as the
+sidecar) and a plain-text body, which Envoy turns into `grpc-message`.
+
+Both carry `metadata` for Envoy's dynamic metadata (namespace
+`envoy.filters.http.ext_authz`): the decision, and on allow the verified claims.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import grpc
+
+from .bearer import AUTHORIZATION
+from .decision import Decision
+from .grpc_status import DETAILS_KEY, deny_details
+from .identity import BUILTIN_HEADERS, is_identity_header
+from .policy import Policy
+from .reasons import Reason
+
+Headers = tuple[tuple[str, str], ...]
+
+GRPC_CONTENT_TYPE = "application/grpc"
+WWW_AUTHENTICATE = "www-authenticate"
+
+HTTP_STATUS = {
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+}
+_INSUFFICIENT = (
+    Reason.INSUFFICIENT_ROLE,
+    Reason.INSUFFICIENT_PERMISSION,
+    Reason.INSUFFICIENT_SCOPE,
+)
+# RFC 6750 3: error_description is %x20-21 / %x23-5B / %x5D-7E (no quote, no backslash).
+_NOT_DESCRIPTION_SAFE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+# gRPC percent-encodes grpc-message: everything but printable ASCII, and "%" itself.
+_GRPC_MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRequest:
+    """What both front ends extract from Envoy: method, path (query kept), headers."""
+
+    method: str
+    path: str
+    headers: Headers
+
+    @property
+    def grpc(self) -> bool:
+        """A gRPC request: its content-type is `application/grpc` or `application/grpc+...`."""
+        for key, value in self.headers:
+            if key.lower() == "content-type":
+                return value.lower().startswith(GRPC_CONTENT_TYPE)
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    headers: Headers  # set (overwrite) on the upstream request
+    remove: tuple[str, ...]  # removed from the upstream request
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    status: int  # HTTP
+    grpc_code: int
+    message: str  # "REASON: what the request needs"
+    headers: Headers  # for the client
+    body: str
+    metadata: dict[str, Any]
+
+
+def reply(decision: Decision, request: CheckRequest, policy: Policy) -> Allow | Deny:
+    """Translate a decision into what Envoy is told."""
+    return _allow(decision, request, policy) if decision.allowed else _deny(decision, request)
+
+
+def _allow(decision: Decision, request: CheckRequest, policy: Policy) -> Allow:
+    identity = decision.identity
+    headers = identity.headers if identity is not None else ()
+    setting = {name for name, _ in headers}
+    names = set(BUILTIN_HEADERS).union(header for header, _ in policy.claim_headers)
+    names.update(key.lower() for key, _ in request.headers if is_identity_header(key))
+    if not decision.forward_token and any(k.lower() == AUTHORIZATION for k, _ in request.headers):
+        names.add(AUTHORIZATION)
+    metadata: dict[str, Any] = _decision_metadata(decision)
+    if identity is not None:
+        metadata.update(
+            subject=identity.subject,
+            token_type=identity.token_type,
+            roles=list(identity.roles),
+            permissions=list(identity.permissions),
+            scopes=list(identity.scopes),
+            claims=identity.claims,
+        )
+    return Allow(headers, tuple(sorted(names - setting)), metadata)
+
+
+def _deny(decision: Decision, request: CheckRequest) -> Deny:
+    reason = decision.reason
+    assert reason is not None
+    status = HTTP_STATUS.get(decision.status, 403)
+    headers: list[tuple[str, str]] = []
+    description = _NOT_DESCRIPTION_SAFE.sub("?", decision.message)[:256]
+    if status == 401:
+        # RFC 6750 3.1: no error code when the request has no credentials at all.
+        challenge = (
+            "Bearer"
+            if reason is Reason.TOKEN_MISSING
+            else f'Bearer error="invalid_token", error_description="{description}"'
+        )
+        headers.append((WWW_AUTHENTICATE, challenge))
+    elif reason in _INSUFFICIENT:
+        headers.append(
+            (
+                WWW_AUTHENTICATE,
+                f'Bearer error="insufficient_scope", error_description="{description}"',
+            )
+        )
+    message, trailers = deny_details(decision)
+    code = decision.status.value[0]
+    if request.grpc:
+        headers.append(("grpc-status", str(code)))
+        headers.append(("grpc-message", quote(message, safe=_GRPC_MESSAGE_SAFE)))
+        headers.append((DETAILS_KEY, base64.b64encode(trailers[0][1]).decode().rstrip("=")))
+        body = message
+    else:
+        headers.append(("content-type", "application/json"))
+        body = json.dumps(
+            {
+                "error": decision.status.name.lower(),
+                "reason": reason.value,
+                "message": decision.message,
+            }
+        )
+    metadata = _decision_metadata(decision)
+    metadata["reason"] = reason.value
+    return Deny(status, code, message, tuple(headers), body, metadata)
+
+
+def _decision_metadata(decision: Decision) -> dict[str, Any]:
+    return {
+        "decision": "allow" if decision.allowed else "deny",
+        "level": decision.level,
+        "rule": decision.rule.pattern,
+        "policy_version": decision.policy_version,
+    }

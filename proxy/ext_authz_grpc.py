@@ -1,0 +1,122 @@
+"""The Envoy ext_authz gRPC front end: `envoy.service.auth.v3.Authorization/Check`.
+
+A thin translation: CheckRequest -> `CheckRequest` view -> `Authorizer.decide_http` ->
+`ext_authz.reply` -> CheckResponse. A check Envoy sends without HTTP attributes or a
+path is denied (REQUEST_MALFORMED). An unexpected failure here fails the RPC with
+INTERNAL, which Envoy treats as an authorization *error* (`failure_mode_allow`,
+`status_on_error`), never as an allow.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from google.rpc import status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from .ext_authz import Allow, CheckRequest, Headers, reply
+from .pipeline import Authorizer
+
+log = logging.getLogger("authproxy.ext_authz")
+
+SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+class CheckService(external_auth_pb2_grpc.AuthorizationServicer):
+    def __init__(self, authorizer: Authorizer) -> None:
+        self.authorizer = authorizer
+        self.errors_total = 0
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
+        try:
+            return await self._check(request)
+        except Exception:
+            self.errors_total += 1
+            log.exception("ext_authz check failed; answering INTERNAL (an error for Envoy)")
+            await context.abort(grpc.StatusCode.INTERNAL, "authorization check failed")
+            raise  # unreachable: abort raises
+
+    async def _check(
+        self, request: external_auth_pb2.CheckRequest
+    ) -> external_auth_pb2.CheckResponse:
+        policy = self.authorizer.policy
+        http = request.attributes.request.http
+        check = CheckRequest(http.method, http.path, _headers(http))
+        if not request.attributes.request.HasField("http") or not http.path or not http.method:
+            decision = self.authorizer.malformed(
+                "<check>", "the check request has no HTTP method and path"
+            )
+        else:
+            decision = await self.authorizer.decide_http(
+                check.method, check.path, check.headers, check.grpc
+            )
+        result = reply(decision, check, policy)
+        metadata = struct_pb2.Struct()
+        metadata.update(result.metadata)
+        if isinstance(result, Allow):
+            return external_auth_pb2.CheckResponse(
+                status=status_pb2.Status(code=0),
+                ok_response=external_auth_pb2.OkHttpResponse(
+                    headers=_options(result.headers), headers_to_remove=result.remove
+                ),
+                dynamic_metadata=metadata,
+            )
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=result.grpc_code, message=result.message),
+            denied_response=external_auth_pb2.DeniedHttpResponse(
+                status=http_status_pb2.HttpStatus(code=result.status),
+                headers=_options(result.headers),
+                body=result.body,
+            ),
+            dynamic_metadata=metadata,
+        )
+
+
+def _headers(http) -> Headers:
+    """Headers from `header_map` (raw or text values) or, when that is empty, `headers`."""
+    entries = http.header_map.headers
+    if entries:
+        return tuple(
+            (h.key, h.raw_value.decode("latin-1") if h.raw_value else h.value) for h in entries
+        )
+    return tuple(http.headers.items())
+
+
+def _options(headers: Headers) -> list[base_pb2.HeaderValueOption]:
+    return [
+        base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE
+        )
+        for key, value in headers
+    ]
+
+
+class CheckServer:
+    """The ext_authz gRPC listener: Check plus gRPC health (for Envoy's health checks)."""
+
+    def __init__(self, authorizer: Authorizer, listen: str) -> None:
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self.service = CheckService(authorizer)
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.service, self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {listen}")
+
+    async def start(self) -> None:
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)

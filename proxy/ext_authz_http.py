@@ -1,0 +1,99 @@
+"""The Envoy ext_authz HTTP front end (Envoy's `http_service` mode), on aiohttp.
+
+Envoy sends the original method, `path_prefix` + the original path (query included) and
+the headers its `allowed_headers` lets through. We answer 200 to allow — with the
+identity headers (Envoy copies the ones `allowed_upstream_headers` matches onto the
+upstream request, overwriting) and `x-envoy-auth-headers-to-remove` — or 401/403/400/429
+to deny, with the body and headers `ext_authz.reply` builds. An unexpected failure
+answers 500, which Envoy treats as an authorization *error* (`failure_mode_allow`,
+`status_on_error`), never as an allow.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from .ext_authz import Allow, CheckRequest, reply
+from .pipeline import Authorizer
+
+log = logging.getLogger("authproxy.ext_authz")
+
+HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
+#: Replaces aiohttp's default `Server` header (which names library versions).
+SERVER = ("server", "authproxy")
+#: Request line and header limits: room for long paths and for tokens up to the policy's
+#: `max_token_bytes` limit (64 KiB at most), so the pipeline, not the parser, refuses them.
+MAX_LINE = 16 * 1024
+MAX_FIELD = 64 * 1024 + 64
+
+
+class CheckHttpServer:
+    def __init__(self, authorizer: Authorizer, listen: str, path_prefix: str = "") -> None:
+        if path_prefix and (not path_prefix.startswith("/") or path_prefix.endswith("/")):
+            raise ValueError(
+                f"--ext-authz-http-path-prefix {path_prefix!r} must start with '/' and not end"
+                " with '/' (Envoy's path_prefix, like /check)"
+            )
+        host, _, port = listen.rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.authorizer = authorizer
+        self.path_prefix = path_prefix
+        self.errors_total = 0
+        self._runner = web.ServerRunner(
+            web.Server(
+                self.handle,
+                access_log=None,
+                max_line_size=MAX_LINE,
+                max_field_size=MAX_FIELD,
+            ),
+            handle_signals=False,
+        )
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        if self.port == 0:
+            self.port = self._runner.addresses[0][1]
+
+    async def stop(self, grace: float) -> None:
+        await self._runner.shutdown()
+        await self._runner.cleanup()
+
+    async def handle(self, request: web.BaseRequest) -> web.Response:
+        try:
+            return await self._check(request)
+        except Exception:
+            self.errors_total += 1
+            log.exception("ext_authz check failed; answering 500 (an error for Envoy)")
+            return web.Response(status=500, text="authorization check failed", headers=(SERVER,))
+
+    async def _check(self, request: web.BaseRequest) -> web.Response:
+        policy = self.authorizer.policy
+        headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers)
+        path = request.raw_path
+        check = CheckRequest(request.method, path, headers)
+        if self.path_prefix and not (
+            path.startswith(self.path_prefix)
+            and path[len(self.path_prefix) : len(self.path_prefix) + 1] == "/"
+        ):
+            decision = self.authorizer.malformed(
+                path[:256],
+                f"the check path does not start with the path prefix {self.path_prefix}/",
+            )
+        else:
+            check = CheckRequest(request.method, path[len(self.path_prefix) :], headers)
+            decision = await self.authorizer.decide_http(
+                check.method, check.path, check.headers, check.grpc
+            )
+        result = reply(decision, check, policy)
+        if isinstance(result, Allow):
+            out = [*result.headers, SERVER]
+            if result.remove:
+                out.append((HEADERS_TO_REMOVE, ",".join(result.remove)))
+            return web.Response(status=200, headers=out)
+        return web.Response(
+            status=result.status, headers=(*result.headers, SERVER), body=result.body.encode()
+        )
