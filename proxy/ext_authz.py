@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -78,6 +78,8 @@ class Allow:
     headers: Headers  # set (overwrite) on the upstream request
     remove: tuple[str, ...]  # removed from the upstream request
     metadata: dict[str, Any]
+    #: Front ends keep their rendering of this answer here (see `reply`'s caching).
+    rendered: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,17 +94,43 @@ class Deny:
 
 def reply(decision: Decision, request: CheckRequest, policy: Policy) -> Allow | Deny:
     """Translate a decision into what Envoy is told."""
-    return _allow(decision, request, policy) if decision.allowed else _deny(decision, request)
+    if not decision.allowed:
+        return _deny(decision, request)
+    # An allow depends only on the identity, the rule, the policy version and which headers
+    # must go, so equal inputs share one `Allow` (and the front ends' rendering of it). The
+    # cache lives on the identity, which lives as long as its token in the verifier's cache.
+    forward = decision.forward_token
+    incoming: list[str] = []
+    authorization = False
+    for name, _ in request.headers:
+        first = name[:1]
+        if first in "xX" and is_identity_header(name):
+            incoming.append(name.lower())
+        elif first in "aA" and not forward and name.lower() == AUTHORIZATION:
+            authorization = True
+    identity = decision.identity
+    cache = identity.memo if identity is not None else _PUBLIC_ALLOWS
+    key = (decision.rule.pattern, decision.policy_version, authorization, *sorted(incoming))
+    allow = cache.get(key)
+    if allow is None:
+        names = set(BUILTIN_HEADERS).union(incoming, (h for h, _ in policy.claim_headers))
+        if authorization:
+            names.add(AUTHORIZATION)
+        if identity is not None:
+            names.difference_update(name for name, _ in identity.headers)
+        allow = _allow(decision, tuple(sorted(names)))
+        if len(cache) < _CACHE_LIMIT:  # odd header sets cannot grow it without bound
+            cache[key] = allow
+    return allow
 
 
-def _allow(decision: Decision, request: CheckRequest, policy: Policy) -> Allow:
+_PUBLIC_ALLOWS: dict[tuple, Allow] = {}
+_CACHE_LIMIT = 64
+
+
+def _allow(decision: Decision, remove: tuple[str, ...]) -> Allow:
     identity = decision.identity
     headers = identity.headers if identity is not None else ()
-    setting = {name for name, _ in headers}
-    names = set(BUILTIN_HEADERS).union(header for header, _ in policy.claim_headers)
-    names.update(key.lower() for key, _ in request.headers if is_identity_header(key))
-    if not decision.forward_token and any(k.lower() == AUTHORIZATION for k, _ in request.headers):
-        names.add(AUTHORIZATION)
     metadata: dict[str, Any] = _decision_metadata(decision)
     if identity is not None:
         metadata.update(
@@ -113,7 +141,7 @@ def _allow(decision: Decision, request: CheckRequest, policy: Policy) -> Allow:
             scopes=list(identity.scopes),
             claims=identity.claims,
         )
-    return Allow(headers, tuple(sorted(names - setting)), metadata)
+    return Allow(headers, remove, metadata)
 
 
 def _deny(decision: Decision, request: CheckRequest) -> Deny:

@@ -59,16 +59,17 @@ class CheckService(external_auth_pb2_grpc.AuthorizationServicer):
                 check.method, check.path, check.headers, check.grpc
             )
         result = reply(decision, check, policy)
-        metadata = struct_pb2.Struct()
-        metadata.update(result.metadata)
         if isinstance(result, Allow):
-            return external_auth_pb2.CheckResponse(
-                status=status_pb2.Status(code=0),
-                ok_response=external_auth_pb2.OkHttpResponse(
-                    headers=_options(result.headers), headers_to_remove=result.remove
-                ),
-                dynamic_metadata=metadata,
-            )
+            response = result.rendered.get("grpc")
+            if response is None:
+                response = result.rendered["grpc"] = external_auth_pb2.CheckResponse(
+                    status=status_pb2.Status(code=0),
+                    ok_response=external_auth_pb2.OkHttpResponse(
+                        headers=_options(result.headers), headers_to_remove=result.remove
+                    ),
+                    dynamic_metadata=_struct(result.metadata),
+                )
+            return response  # never mutated after it is built: shared by equal checks
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=result.grpc_code, message=result.message),
             denied_response=external_auth_pb2.DeniedHttpResponse(
@@ -76,8 +77,14 @@ class CheckService(external_auth_pb2_grpc.AuthorizationServicer):
                 headers=_options(result.headers),
                 body=result.body,
             ),
-            dynamic_metadata=metadata,
+            dynamic_metadata=_struct(result.metadata),
         )
+
+
+def _struct(values: dict) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return struct
 
 
 def _headers(http) -> Headers:

@@ -30,7 +30,7 @@ ANY_METHOD = "*"
 ONE = "*"  # one segment
 REST = "**"  # zero or more segments, last only
 
-_METHOD = re.compile(r"[A-Z][A-Z-]{0,19}")
+_METHOD = re.compile(r"[A-Z]{1,20}(?:-[A-Z]{1,20})?")
 _PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 # RFC 3986 pchar without "%" (patterns hold decoded text) and without ";" (refused below).
 _LITERAL = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@]+")
@@ -125,7 +125,7 @@ def parse_route_key(key: str) -> tuple[str, tuple[str, ...]]:
 def split_path(path: str) -> tuple[str, ...]:
     """The decoded segments of a request path (query already removed); raises `Denied`."""
     if len(path) > MAX_PATH:
-        raise _malformed(f"path is {len(path)} bytes; limit {MAX_PATH}")
+        raise _malformed(f"path is {len(path)} characters; limit {MAX_PATH}")
     if not path.startswith("/"):
         raise _malformed("path must start with '/'")
     if path == "/":

@@ -7,7 +7,7 @@ case, any number of copies) from every call and sets only values it verified its
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .policy import IDENTITY_HEADER_PREFIX, Policy, TokenSpec
@@ -37,6 +37,9 @@ class Identity:
     claims: dict[str, Any]
     #: The identity headers for the backend, in a stable order.
     headers: tuple[tuple[str, str], ...]
+    #: Front ends cache renderings derived from this identity here; keys must include
+    #: everything else the rendering depends on (rule, policy version, ...).
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 _PREFIX_LEN = len(IDENTITY_HEADER_PREFIX)

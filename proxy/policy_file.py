@@ -159,6 +159,8 @@ class _Validator:
     def http_routes(self, doc: LineMap, tokens: dict[str, TokenSpec], forward: bool) -> list:
         section = doc.get("http")
         if section is None:
+            if "http" in doc:
+                self.error(doc.line_of("http"), "'http' is empty")
             return []
         if not isinstance(section, LineMap):
             self.error(doc.line_of("http"), "'http' must map 'METHOD /path' keys to levels")
