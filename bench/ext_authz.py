@@ -128,14 +128,19 @@ async def h2load(url: str, args: list[str], tmp: Path) -> Load:
 
 
 async def throughput(url: str, extra: list[str], seconds: float, tmp: Path) -> float:
-    args = ["-t1", "-c8", "-m8", f"-D{seconds:g}", "--warm-up-time=1", *extra]
+    args = ["-t1", "-c8", "-m8", f"-D{_ms(seconds)}", f"--warm-up-time={_ms(min(seconds, 1))}"]
+    args += extra
     return (await h2load(url, args, tmp)).rps
 
 
 async def fixed_rate(url: str, extra: list[str], seconds: float, tmp: Path) -> Load:
     per_client = RATE // RATE_CLIENTS
-    args = ["-t1", f"-c{RATE_CLIENTS}", "-m1", f"--rps={per_client}", f"-D{seconds:g}"]
-    return await h2load(url, [*args, "--warm-up-time=1", *extra], tmp)
+    args = ["-t1", f"-c{RATE_CLIENTS}", "-m1", f"--rps={per_client}", f"-D{_ms(seconds)}"]
+    return await h2load(url, [*args, f"--warm-up-time={_ms(min(seconds, 1))}", *extra], tmp)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f}ms"
 
 
 async def main(seconds: float) -> None:

@@ -1,12 +1,15 @@
 """Benchmark: ratios measured in one run, on loopback.
 
-    .venv/bin/python -m bench.run [--seconds 3] [--concurrency 16]
+    .venv/bin/python -m bench.run [--seconds 3] [--concurrency 16] [--only sidecar|ext-authz]
 
+Part 1, the sidecar:
 Starts the test echo backend, a sidecar with a public-only policy (the forwarding floor,
 no auth), and a sidecar with the access policy; drives each with the same grpc.aio load
 (a Python client, so absolute numbers are bounded by the client on a 2-core machine; the
 ratios are what to compare). Also times the decision pipeline alone: a cached token, a
 fresh token per call (signature check) and PyJWT's own decode as the floor.
+
+Part 2, the Envoy ext_authz front ends against bare servers (see bench/ext_authz.py).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import grpc
 import jwt
 from google.protobuf import descriptor_pb2
 
+from bench import ext_authz
 from proxy.issuer import TokenIssuer
 from proxy.keygen import keygen
 from proxy.keys import KeySet, load_jwks_file
@@ -155,6 +159,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--only", choices=("sidecar", "ext-authz"), help="run one part (default: both)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    asyncio.run(main(args.seconds, args.concurrency))
+    if args.only != "ext-authz":
+        asyncio.run(main(args.seconds, args.concurrency))
+    if args.only != "sidecar":
+        asyncio.run(ext_authz.main(args.seconds))

@@ -171,6 +171,8 @@ def _deny(decision: Decision, request: CheckRequest) -> Deny:
         headers.append(("grpc-status", str(code)))
         headers.append(("grpc-message", quote(message, safe=_GRPC_MESSAGE_SAFE)))
         headers.append((DETAILS_KEY, base64.b64encode(trailers[0][1]).decode().rstrip("=")))
+        # Envoy turns the body into grpc-message and the content-type into application/grpc.
+        headers.append(("content-type", "text/plain; charset=utf-8"))
         body = message
     else:
         headers.append(("content-type", "application/json"))

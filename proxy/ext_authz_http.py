@@ -11,9 +11,11 @@ answers 500, which Envoy treats as an authorization *error* (`failure_mode_allow
 
 from __future__ import annotations
 
+import json
 import logging
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from .ext_authz import Allow, CheckRequest, reply
 from .pipeline import Authorizer
@@ -42,7 +44,7 @@ class CheckHttpServer:
         self.path_prefix = path_prefix
         self.errors_total = 0
         self._runner = web.ServerRunner(
-            web.Server(
+            _Server(
                 self.handle,
                 access_log=None,
                 max_line_size=MAX_LINE,
@@ -97,3 +99,38 @@ class CheckHttpServer:
         return web.Response(
             status=result.status, headers=(*result.headers, SERVER), body=result.body.encode()
         )
+
+
+class _Protocol(RequestHandler):
+    """aiohttp's connection handler, with our answer for requests its parser refuses
+    (garbage, over-long lines or headers): a JSON 400 like every other refusal, no
+    library versions in `server`, no echo of the input, one log line instead of a
+    traceback per request."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        log.info("refused an unreadable HTTP request (%d): %s", status, type(exc).__name__)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        body = {
+            "error": "invalid_argument" if status < 500 else "internal",
+            "reason": "REQUEST_MALFORMED" if status < 500 else "INTERNAL",
+            "message": "the HTTP request could not be read",
+        }
+        response = web.Response(
+            status=status,
+            headers=(SERVER, ("content-type", "application/json")),
+            body=json.dumps(body).encode(),
+        )
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _Protocol(self, loop=self._loop, **self._kwargs)
