@@ -74,27 +74,28 @@ class CheckHttpServer:
 
     async def _check(self, request: web.BaseRequest) -> web.Response:
         policy = self.authorizer.policy
-        headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers)
-        path = request.raw_path
-        check = CheckRequest(request.method, path, headers)
-        if self.path_prefix and not (
-            path.startswith(self.path_prefix)
-            and path[len(self.path_prefix) : len(self.path_prefix) + 1] == "/"
-        ):
+        headers = tuple(request.headers.items())
+        path = request.raw_path  # as sent: not decoded, query included
+        prefix = self.path_prefix
+        if prefix and not (path.startswith(prefix) and path[len(prefix) : len(prefix) + 1] == "/"):
+            check = CheckRequest(request.method, path, headers)
             decision = self.authorizer.malformed(
-                path[:256],
-                f"the check path does not start with the path prefix {self.path_prefix}/",
+                path[:256], f"the check path does not start with the path prefix {prefix}/"
             )
         else:
-            check = CheckRequest(request.method, path[len(self.path_prefix) :], headers)
+            check = CheckRequest(request.method, path[len(prefix) :], headers)
             decision = await self.authorizer.decide_http(
                 check.method, check.path, check.headers, check.grpc
             )
         result = reply(decision, check, policy)
         if isinstance(result, Allow):
-            out = [*result.headers, SERVER]
-            if result.remove:
-                out.append((HEADERS_TO_REMOVE, ",".join(result.remove)))
+            out = result.rendered.get("http")
+            if out is None:
+                out = result.rendered["http"] = (
+                    *result.headers,
+                    SERVER,
+                    *((HEADERS_TO_REMOVE, ",".join(result.remove)),) * bool(result.remove),
+                )
             return web.Response(status=200, headers=out)
         return web.Response(
             status=result.status, headers=(*result.headers, SERVER), body=result.body.encode()
