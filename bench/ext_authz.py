@@ -28,22 +28,13 @@ from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import status_pb2
 
+from bench.policies import AUTH_POLICY
 from proxy.issuer import TokenIssuer
 from proxy.keygen import keygen
 from proxy.policy_file import parse_policy
 from proxy.serve import AuthProxy, ServeConfig
 
-POLICY = """\
-version: 1
-default: deny
-issuer: bench
-tokens:
-  access: {type: access, audience: api-access}
-methods:
-  /bench.Svc/*: access
-http:
-  "GET /api/items/{id}": access
-"""
+POLICY = AUTH_POLICY + 'http:\n  "GET /api/items/{id}": access\n'
 CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
 HTTP_PATH = "/api/items/42"
 RATE = 1000  # checks per second for the latency run

@@ -26,6 +26,7 @@ import jwt
 from google.protobuf import descriptor_pb2
 
 from bench import ext_authz
+from bench.policies import AUTH_POLICY
 from proxy.issuer import TokenIssuer
 from proxy.keygen import keygen
 from proxy.keys import KeySet, load_jwks_file
@@ -35,15 +36,6 @@ from proxy.serve import ServeConfig, Sidecar
 from proxy.verify import TokenVerifier
 from tests.echo_backend import start_echo_backend
 
-AUTH_POLICY = """\
-version: 1
-default: deny
-issuer: bench
-tokens:
-  access: {type: access, audience: api-access}
-methods:
-  /bench.Svc/*: access
-"""
 OPEN_POLICY = "version: 1\ndefault: deny\nmethods:\n  /bench.Svc/*: public\n"
 
 

@@ -31,6 +31,7 @@ from .bearer import AUTHORIZATION
 from .decision import Decision
 from .grpc_status import DETAILS_KEY, deny_details
 from .identity import BUILTIN_HEADERS, is_identity_header
+from .pipeline import Authorizer
 from .policy import Policy
 from .reasons import Reason
 
@@ -90,6 +91,21 @@ class Deny:
     headers: Headers  # for the client
     body: str
     metadata: dict[str, Any]
+
+
+async def answer(authorizer: Authorizer, request: CheckRequest) -> Allow | Deny:
+    """Decide an Envoy check and translate the decision: what both front ends call."""
+    policy = authorizer.policy
+    decision = await authorizer.decide_http(
+        request.method, request.path, request.headers, request.grpc
+    )
+    return reply(decision, request, policy)
+
+
+def refuse(authorizer: Authorizer, request: CheckRequest, message: str) -> Deny:
+    """The answer to a check that cannot be judged at all (REQUEST_MALFORMED)."""
+    decision = authorizer.malformed(request.path[:256] or "<check>", message)
+    return _deny(decision, request)
 
 
 def reply(decision: Decision, request: CheckRequest, policy: Policy) -> Allow | Deny:

@@ -19,7 +19,7 @@ from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from .ext_authz import Allow, CheckRequest, Headers, reply
+from .ext_authz import Allow, CheckRequest, Deny, Headers, answer, refuse
 from .pipeline import Authorizer
 
 log = logging.getLogger("authproxy.ext_authz")
@@ -47,18 +47,14 @@ class CheckService(external_auth_pb2_grpc.AuthorizationServicer):
     async def _check(
         self, request: external_auth_pb2.CheckRequest
     ) -> external_auth_pb2.CheckResponse:
-        policy = self.authorizer.policy
         http = request.attributes.request.http
         check = CheckRequest(http.method, http.path, _headers(http))
         if not request.attributes.request.HasField("http") or not http.path or not http.method:
-            decision = self.authorizer.malformed(
-                "<check>", "the check request has no HTTP method and path"
+            result: Allow | Deny = refuse(
+                self.authorizer, check, "the check request has no HTTP method and path"
             )
         else:
-            decision = await self.authorizer.decide_http(
-                check.method, check.path, check.headers, check.grpc
-            )
-        result = reply(decision, check, policy)
+            result = await answer(self.authorizer, check)
         if isinstance(result, Allow):
             response = result.rendered.get("grpc")
             if response is None:

@@ -17,7 +17,7 @@ import logging
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from .ext_authz import Allow, CheckRequest, reply
+from .ext_authz import Allow, CheckRequest, Deny, answer, refuse
 from .pipeline import Authorizer
 
 log = logging.getLogger("authproxy.ext_authz")
@@ -73,21 +73,19 @@ class CheckHttpServer:
             return web.Response(status=500, text="authorization check failed", headers=(SERVER,))
 
     async def _check(self, request: web.BaseRequest) -> web.Response:
-        policy = self.authorizer.policy
         headers = tuple(request.headers.items())
         path = request.raw_path  # as sent: not decoded, query included
         prefix = self.path_prefix
         if prefix and not (path.startswith(prefix) and path[len(prefix) : len(prefix) + 1] == "/"):
-            check = CheckRequest(request.method, path, headers)
-            decision = self.authorizer.malformed(
-                path[:256], f"the check path does not start with the path prefix {prefix}/"
+            result: Allow | Deny = refuse(
+                self.authorizer,
+                CheckRequest(request.method, path, headers),
+                f"the check path does not start with the path prefix {prefix}/",
             )
         else:
-            check = CheckRequest(request.method, path[len(prefix) :], headers)
-            decision = await self.authorizer.decide_http(
-                check.method, check.path, check.headers, check.grpc
+            result = await answer(
+                self.authorizer, CheckRequest(request.method, path[len(prefix) :], headers)
             )
-        result = reply(decision, check, policy)
         if isinstance(result, Allow):
             out = result.rendered.get("http")
             if out is None:

@@ -130,23 +130,33 @@ def _group(pairs: list[list[str]]) -> dict[str, list[str]]:
     return out
 
 
-async def start_sidecar(
-    tmp_path: Path, upstream_port: int, keys: Keys, policy: str = TEST_POLICY, **overrides
-) -> Running:
+def config_for(tmp_path: Path, keys: Keys, policy: str, **fields) -> ServeConfig:
+    """A ServeConfig on the test keys, with `policy` written to tmp_path/policy.yaml."""
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(policy)
     os.environ[REFRESH_ENV] = REFRESH_SECRET.decode()
     cfg = ServeConfig(
         policy=str(policy_file),
-        listen="127.0.0.1:0",
-        upstream=f"127.0.0.1:{upstream_port}",
         jwks=[str(keys.jwks)],
         hmac_secret_envs=[f"refresh-hmac={REFRESH_ENV}"],
-        upstream_reflection=False,
         shutdown_grace=0.5,
     )
-    for key, value in overrides.items():
+    for key, value in fields.items():
         setattr(cfg, key, value)
+    return cfg
+
+
+async def start_sidecar(
+    tmp_path: Path, upstream_port: int, keys: Keys, policy: str = TEST_POLICY, **overrides
+) -> Running:
+    cfg = config_for(
+        tmp_path,
+        keys,
+        policy,
+        listen="127.0.0.1:0",
+        upstream=f"127.0.0.1:{upstream_port}",
+        **{"upstream_reflection": False, **overrides},
+    )
     sidecar = Sidecar(cfg)
     await sidecar.start()
     channel = grpc.aio.insecure_channel(
@@ -190,20 +200,15 @@ class ExtAuthz:
 async def start_ext_authz(
     tmp_path: Path, keys: Keys, policy: str = TEST_POLICY, path_prefix: str = "", **overrides
 ) -> ExtAuthz:
-    policy_file = tmp_path / "policy.yaml"
-    policy_file.write_text(policy)
-    os.environ[REFRESH_ENV] = REFRESH_SECRET.decode()
-    cfg = ServeConfig(
-        policy=str(policy_file),
+    cfg = config_for(
+        tmp_path,
+        keys,
+        policy,
         ext_authz_grpc="127.0.0.1:0",
         ext_authz_http="127.0.0.1:0",
         ext_authz_http_path_prefix=path_prefix,
-        jwks=[str(keys.jwks)],
-        hmac_secret_envs=[f"refresh-hmac={REFRESH_ENV}"],
-        shutdown_grace=0.5,
+        **overrides,
     )
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
     proxy = AuthProxy(cfg)
     await proxy.start()
     port = proxy.check_grpc.port if proxy.check_grpc else 0
