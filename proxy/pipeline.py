@@ -44,7 +44,11 @@ class Authorizer:
 
     async def decide(self, method: str, headers: Headers) -> Decision:
         """The decision for a gRPC call to `method` (`/package.Service/Method`)."""
-        return await self._decide_method(self.policy, method, headers)
+        policy = self.policy
+        rule = _method_rule(policy, method)
+        if rule is None:
+            return _malformed_method(policy, method)
+        return await self._evaluate(policy, method, rule, headers)
 
     async def decide_http(
         self, http_method: str, path: str, headers: Headers, grpc: bool
@@ -61,7 +65,10 @@ class Authorizer:
         policy = self.policy
         path = path.partition("?")[0].partition("#")[0]
         if grpc:
-            return await self._decide_method(policy, path, headers)
+            rule = _method_rule(policy, path)
+            if rule is None:
+                return _malformed_method(policy, path)
+            return await self._evaluate(policy, path, rule, headers)
         target = f"{http_method} {path}"
         try:
             segments = split_path(path)
@@ -81,21 +88,6 @@ class Authorizer:
         return Decision(
             False, target, _MALFORMED_RULE, self.policy.version, Reason.REQUEST_MALFORMED, message
         )
-
-    async def _decide_method(self, policy: Policy, method: str, headers: Headers) -> Decision:
-        rule = policy.exact.get(method)
-        if rule is None:
-            if METHOD_PATH.fullmatch(method) is None:
-                return Decision(
-                    False,
-                    method,
-                    _MALFORMED_RULE,
-                    policy.version,
-                    Reason.METHOD_MALFORMED,
-                    "not a gRPC method path ('/package.Service/Method')",
-                )
-            rule = policy.match(method)
-        return await self._evaluate(policy, method, rule, headers)
 
     async def _evaluate(
         self, policy: Policy, target: str, rule: Rule, headers: Headers
@@ -118,6 +110,25 @@ class Authorizer:
         except Denied as denied:
             return Decision(False, target, rule, policy.version, denied.reason, denied.message)
         return Decision(True, target, rule, policy.version, identity=identity)
+
+
+def _method_rule(policy: Policy, method: str) -> Rule | None:
+    """The rule for a gRPC method path; None when the path is not a method path."""
+    rule = policy.exact.get(method)
+    if rule is None and METHOD_PATH.fullmatch(method) is not None:
+        rule = policy.match(method)
+    return rule
+
+
+def _malformed_method(policy: Policy, method: str) -> Decision:
+    return Decision(
+        False,
+        method,
+        _MALFORMED_RULE,
+        policy.version,
+        Reason.METHOD_MALFORMED,
+        "not a gRPC method path ('/package.Service/Method')",
+    )
 
 
 def check_requirements(rule: Rule, identity: Identity) -> None:
