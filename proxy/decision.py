@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 
@@ -11,8 +11,10 @@ from .policy import Rule
 from .reasons import Reason
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
+    """Immutable; a NamedTuple because one is built per request and it builds ~5x faster
+    than a frozen dataclass."""
+
     allowed: bool
     method: str
     rule: Rule

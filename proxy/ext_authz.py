@@ -22,7 +22,7 @@ import base64
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import grpc
@@ -57,8 +57,7 @@ _NOT_DESCRIPTION_SAFE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 _GRPC_MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
-@dataclass(frozen=True, slots=True)
-class CheckRequest:
+class CheckRequest(NamedTuple):
     """What both front ends extract from Envoy: method, path (query kept), headers."""
 
     method: str
