@@ -1,5 +1,6 @@
 """`authproxy serve` as a real process: it serves decisions, relays to the backend, and
-exits 0 on SIGTERM after draining; every shipped policy file validates."""
+exits 0 on SIGTERM after draining; run without a backend it serves Envoy ext_authz only;
+every shipped policy file validates."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
+from envoy.service.auth.v3 import attribute_context_pb2 as attrs
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from proxy.policy_file import load_policy
 from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY, Keys, error_info
@@ -88,3 +92,53 @@ def test_policy_check_cli_accepts_shipped_policies():
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert "OK" in done.stdout
+
+
+async def test_serve_process_runs_only_the_ext_authz_front_ends(tmp_path: Path, keys: Keys, issuer):
+    """No --upstream: the process serves Envoy ext_authz (gRPC and HTTP) and no sidecar."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(TEST_POLICY)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
+    env[REFRESH_ENV] = REFRESH_SECRET.decode()
+    env["AUTHPROXY_EXT_AUTHZ_HTTP"] = "127.0.0.1:0"  # the environment works like the flag
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--policy", str(policy),
+        "--ext-authz-grpc", "127.0.0.1:0", "--ext-authz-http-path-prefix", "/check",
+        "--jwks", str(keys.jwks), "--hmac-secret-env", f"refresh-hmac={REFRESH_ENV}",
+        cwd=REPO, env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    seen: list[str] = []
+    try:
+        await asyncio.wait_for(_wait_for_line(proc.stderr, "ext_authz gRPC", seen), 30)
+        grpc_port = int(seen[-1].split("listening on port ")[1].split()[0])
+        await asyncio.wait_for(_wait_for_line(proc.stderr, "ext_authz HTTP", seen), 30)
+        http_port = int(seen[-1].split("listening on port ")[1].split()[0])
+        assert not any("authproxy listening" in line for line in seen)  # no sidecar
+
+        token = issuer.mint("access", "alice", ttl=300).token
+        http = attrs.AttributeContext.HttpRequest(
+            method="POST",
+            path="/test.Access/Echo",
+            headers={"content-type": "application/grpc", "authorization": f"Bearer {token}"},
+        )
+        request = external_auth_pb2.CheckRequest(
+            attributes=attrs.AttributeContext(request=attrs.AttributeContext.Request(http=http))
+        )
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            response = await external_auth_pb2_grpc.AuthorizationStub(channel).Check(request)
+        assert response.status.code == 0
+        assert ("x-auth-subject", "alice") in [
+            (h.header.key, h.header.value) for h in response.ok_response.headers
+        ]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{http_port}/check/test.Access/Echo") as answer,
+        ):
+            assert answer.status == 401
+            assert (await answer.json())["reason"] == "TOKEN_MISSING"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
