@@ -18,7 +18,8 @@ from pathlib import Path
 from . import keygen as keygen_mod
 from .issuer import SigningKey, TokenIssuer, hmac_signing_key, load_signing_key
 from .keys import KeyLoadError, secret_from_env, split_kid
-from .policy_file import PolicyError, load_policy, parse_duration
+from .policy_file import PolicyError, load_policy
+from .policy_values import parse_duration
 from .serve import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, ConfigError, ServeConfig, run
 
 ENV_PREFIX = "AUTHPROXY_"

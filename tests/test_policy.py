@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from proxy.policy import Policy
-from proxy.policy_file import PolicyError, load_policy, parse_duration, parse_policy
+from proxy.policy_file import PolicyError, load_policy, parse_policy
+from proxy.policy_values import parse_duration
 
 REPO = Path(__file__).resolve().parent.parent
 FILE = "bad-policy.yaml"
