@@ -44,6 +44,22 @@ def _env_bool(flag: str, default: bool) -> bool:
     return default if value is None else value.lower() in ("1", "true", "yes", "on")
 
 
+def _duration(value: str) -> float:
+    """Seconds from `30`, `500ms`, `1s`, `2m`, `1h`, `30d`; argparse turns ValueError into a usage error."""
+    days = value.endswith("d") and value[:-1].isdigit()
+    seconds = float(value[:-1]) * 86400 if days else parse_duration(value)
+    if seconds is None or seconds <= 0:
+        raise ValueError(value)
+    return seconds
+
+
+_duration.__name__ = "duration"  # argparse names the type in its error message
+
+
+def _admin_address(value: str) -> str:
+    return f"127.0.0.1:{value}" if value.isdigit() else value
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the gRPC auth sidecar")
     p.add_argument("--policy", default=_env("--policy") or "policy.yaml", help="policy file")
@@ -67,6 +83,41 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--ext-authz-http-path-prefix",
         default=_env("--ext-authz-http-path-prefix") or "",
         help="the path_prefix Envoy's http_service puts before each path (like /check)",
+    )
+    p.add_argument(
+        "--redis",
+        default=_env("--redis"),
+        help="redis:// or rediss:// URL for shared state (default: in memory, this process)",
+    )
+    p.add_argument("--state-namespace", default=_env("--state-namespace") or "authproxy")
+    p.add_argument(
+        "--subject-revocation-ttl",
+        type=_duration,
+        default=_env("--subject-revocation-ttl") or "30d",
+        help="how long 'revoke every token of a subject' lasts (>= your longest token life)",
+    )
+    p.add_argument(
+        "--state-staleness",
+        type=_duration,
+        default=_env("--state-staleness") or "1s",
+        help="Redis: oldest revocation view trusted before checks fail closed",
+    )
+    p.add_argument(
+        "--state-timeout",
+        type=_duration,
+        default=_env("--state-timeout") or "500ms",
+        help="Redis: timeout of each state operation",
+    )
+    p.add_argument(
+        "--admin",
+        type=_admin_address,
+        default=_env("--admin"),
+        help="[HOST:]PORT of the admin API (revocations); a bare PORT binds 127.0.0.1",
+    )
+    p.add_argument(
+        "--admin-token-env",
+        default=_env("--admin-token-env"),
+        help="ENV holding a bearer secret the admin API requires",
     )
     p.add_argument(
         "--jwks",
@@ -123,6 +174,13 @@ def _serve(args: argparse.Namespace) -> int:
         ext_authz_grpc=args.ext_authz_grpc,
         ext_authz_http=args.ext_authz_http,
         ext_authz_http_path_prefix=args.ext_authz_http_path_prefix,
+        redis=args.redis,
+        state_namespace=args.state_namespace,
+        subject_revocation_ttl=args.subject_revocation_ttl,
+        state_staleness=args.state_staleness,
+        state_timeout=args.state_timeout,
+        admin=args.admin,
+        admin_token_env=args.admin_token_env,
         jwks=args.jwks or _env_list("--jwks"),
         public_keys=args.public_key or _env_list("--public-key"),
         hmac_secret_envs=args.hmac_secret_env or _env_list("--hmac-secret-env"),

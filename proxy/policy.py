@@ -61,6 +61,10 @@ class Rule:
     permissions: frozenset[str] = frozenset()  # all of
     scopes: frozenset[str] = frozenset()  # all of
     forward_token: bool = False
+    #: Each token (jti) is accepted once; a second presentation is refused (REFRESH_REUSED).
+    single_use: bool = False
+    #: On reuse of a single-use token, revoke every token of its subject (reuse detection).
+    revoke_on_reuse: bool = True
     line: int | None = None
 
     @property

@@ -40,7 +40,15 @@ TOP_KEYS = (
     "methods",
     "http",
 )
-RULE_KEYS = ("level", "roles", "permissions", "scopes", "forward_token")
+RULE_KEYS = (
+    "level",
+    "roles",
+    "permissions",
+    "scopes",
+    "forward_token",
+    "single_use",
+    "revoke_on_reuse",
+)
 TOKEN_KEYS = ("type", "audience", "issuer", "keys", "type_claim")
 _HEADER_NAME = re.compile(r"x-auth-[a-z0-9]+(?:-[a-z0-9]+)*")
 
@@ -250,6 +258,11 @@ class _Validator(ValueChecks):
         scopes = self.strings(spec, "scopes") or frozenset()
         if (roles or permissions or scopes) and level in (PUBLIC, DENY):
             self.error(line, f"{where}: roles/permissions/scopes need a token level, not {level!r}")
+        single_use = self.boolean(spec, "single_use", default=False)
+        if single_use and level in (PUBLIC, DENY):
+            self.error(line, f"{where}: single_use needs a token level, not {level!r}")
+        if "revoke_on_reuse" in spec and not single_use:
+            self.error(line, f"{where}: revoke_on_reuse only applies with single_use: true")
         return Rule(
             pattern,
             level,
@@ -257,6 +270,8 @@ class _Validator(ValueChecks):
             permissions=permissions,
             scopes=scopes,
             forward_token=self.boolean(spec, "forward_token", default=forward),
+            single_use=single_use,
+            revoke_on_reuse=self.boolean(spec, "revoke_on_reuse", default=True),
             line=line,
         )
 

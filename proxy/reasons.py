@@ -31,6 +31,8 @@ class Reason(StrEnum):
     WRONG_TOKEN_TYPE = "WRONG_TOKEN_TYPE"
     WRONG_AUDIENCE = "WRONG_AUDIENCE"
     WRONG_ISSUER = "WRONG_ISSUER"
+    TOKEN_REVOKED = "TOKEN_REVOKED"  # its jti, or its subject before its iat, was revoked
+    REFRESH_REUSED = "REFRESH_REUSED"  # a single-use token presented a second time
     # The caller is authenticated but not allowed (gRPC PERMISSION_DENIED).
     INSUFFICIENT_ROLE = "INSUFFICIENT_ROLE"
     INSUFFICIENT_PERMISSION = "INSUFFICIENT_PERMISSION"
@@ -40,6 +42,8 @@ class Reason(StrEnum):
     # The request itself cannot be judged (gRPC INVALID_ARGUMENT): a path with dot
     # segments or encoded slashes, or an ext_authz check without HTTP attributes.
     REQUEST_MALFORMED = "REQUEST_MALFORMED"
+    # Shared state (revocation, single use) cannot be consulted: fail closed (UNAVAILABLE).
+    STATE_UNAVAILABLE = "STATE_UNAVAILABLE"
 
     @property
     def status(self) -> grpc.StatusCode:
@@ -57,6 +61,7 @@ _STATUS = {
     )
 }
 _STATUS[Reason.REQUEST_MALFORMED] = grpc.StatusCode.INVALID_ARGUMENT
+_STATUS[Reason.STATE_UNAVAILABLE] = grpc.StatusCode.UNAVAILABLE
 
 
 class Denied(Exception):

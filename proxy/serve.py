@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 
+from .admin import AdminServer
 from .catalog import CatalogError, MethodCatalog
 from .ext_authz_grpc import CheckServer
 from .ext_authz_http import CheckHttpServer
@@ -30,6 +32,9 @@ from .pipeline import Authorizer
 from .policy import Policy
 from .policy_file import PolicyError, load_policy
 from .sidecar import SidecarHandler, build_server
+from .state import DEFAULT_SUBJECT_TTL, MemoryState, StateStore
+from .state_checks import revocation_check, single_use_check
+from .state_redis import DEFAULT_STALENESS, DEFAULT_TIMEOUT, RedisState
 from .upstream import Upstream
 from .verify import TokenVerifier
 
@@ -51,6 +56,13 @@ class ServeConfig:
     ext_authz_grpc: str | None = None  # HOST:PORT of the ext_authz gRPC server
     ext_authz_http: str | None = None  # HOST:PORT of the ext_authz HTTP server
     ext_authz_http_path_prefix: str = ""
+    redis: str | None = None  # redis://... for shared state; None keeps it in memory
+    state_namespace: str = "authproxy"
+    subject_revocation_ttl: float = DEFAULT_SUBJECT_TTL
+    state_staleness: float = DEFAULT_STALENESS
+    state_timeout: float = DEFAULT_TIMEOUT
+    admin: str | None = None  # HOST:PORT of the admin API (revocations)
+    admin_token_env: str | None = None  # env var holding the admin API's bearer secret
     jwks: list[str] = field(default_factory=list)
     public_keys: list[str] = field(default_factory=list)  # [KID=]PEM
     hmac_secret_envs: list[str] = field(default_factory=list)  # [KID=]ENV
@@ -95,14 +107,32 @@ def check_policy_keys(policy: Policy, keys: KeySet) -> None:
         raise ConfigError("\n".join(problems))
 
 
-def build_authorizer(cfg: ServeConfig) -> Authorizer:
+def build_state(cfg: ServeConfig) -> StateStore:
+    if cfg.redis is None:
+        return MemoryState(subject_ttl=cfg.subject_revocation_ttl)
+    if not cfg.redis.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"--redis {cfg.redis!r}: expected redis://, rediss:// or unix:// URL")
+    try:
+        return RedisState(
+            cfg.redis,
+            namespace=cfg.state_namespace,
+            subject_ttl=cfg.subject_revocation_ttl,
+            staleness=cfg.state_staleness,
+            timeout=cfg.state_timeout,
+        )
+    except ValueError as e:
+        raise ConfigError(f"--redis: {e}") from None
+
+
+def build_authorizer(cfg: ServeConfig, state: StateStore | None = None) -> Authorizer:
     try:
         policy = load_policy(cfg.policy)
     except PolicyError as e:
         raise ConfigError(str(e)) from None
     keys = load_keys(cfg)
     check_policy_keys(policy, keys)
-    return Authorizer(policy, TokenVerifier(keys, cache_size=cfg.token_cache_size))
+    checks = (revocation_check(state), single_use_check(state)) if state is not None else ()
+    return Authorizer(policy, TokenVerifier(keys, cache_size=cfg.token_cache_size), checks)
 
 
 def _check_address(flag: str, value: str) -> None:
@@ -186,8 +216,21 @@ class AuthProxy:
         ):
             if value is not None:
                 _check_address(flag, value)
-        self.authorizer = build_authorizer(cfg)
+        self.state = build_state(cfg)
+        self.authorizer = build_authorizer(cfg, self.state)
         self.sidecar = Sidecar(cfg, self.authorizer) if cfg.upstream else None
+        self.admin: AdminServer | None = None
+        if cfg.admin:
+            _check_address("--admin", cfg.admin)
+            token = None
+            if cfg.admin_token_env:
+                token = os.environ.get(cfg.admin_token_env)
+                if not token or len(token) < 16:
+                    raise ConfigError(
+                        f"--admin-token-env {cfg.admin_token_env}: the variable must hold a"
+                        " secret of at least 16 characters"
+                    )
+            self.admin = AdminServer(self.state, cfg.admin, token)
         self.check_grpc: CheckServer | None = None
         self.check_http: CheckHttpServer | None = None
         try:
@@ -202,6 +245,14 @@ class AuthProxy:
         self.cfg = cfg
 
     async def start(self) -> None:
+        await self.state.start()
+        if self.admin is not None:
+            try:
+                await self.admin.start()
+            except OSError as e:
+                await self.state.close()
+                raise ConfigError(f"--admin {self.cfg.admin}: {e}") from None
+            log.info("admin API listening on port %d", self.admin.port)
         if self.sidecar is not None:
             await self.sidecar.start()
         if self.check_grpc is not None:
@@ -219,10 +270,11 @@ class AuthProxy:
         grace = self.cfg.shutdown_grace if grace is None else grace
         stops = [
             front.stop(grace)
-            for front in (self.sidecar, self.check_grpc, self.check_http)
+            for front in (self.sidecar, self.check_grpc, self.check_http, self.admin)
             if front is not None
         ]
         await asyncio.gather(*stops)
+        await self.state.close()
 
 
 async def run(cfg: ServeConfig) -> None:

@@ -1,0 +1,69 @@
+"""The pipeline's shared-state steps: revocation and single use (see `state.py`).
+
+Both run on every call at a token level, after the token verified (cached or not), so
+the verified-token cache can never serve a revoked or reused token. Both fail closed:
+when the state cannot be consulted the call is refused with STATE_UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .pipeline import StateCheck
+from .policy import Rule
+from .reasons import Denied, Reason
+from .state import StateStore, StateUnavailable
+from .verify import VerifiedToken
+
+log = logging.getLogger("authproxy.state")
+
+
+def revocation_check(store: StateStore) -> StateCheck:
+    async def check(rule: Rule, verified: VerifiedToken) -> None:
+        try:
+            store.check_fresh()
+        except StateUnavailable as e:
+            raise Denied(Reason.STATE_UNAVAILABLE, str(e)) from None
+        claims = verified.claims
+        jti = claims.get("jti")
+        iat = claims.get("iat")
+        if store.revoked(
+            jti if isinstance(jti, str) else None,
+            claims["sub"],
+            iat if isinstance(iat, int | float) and not isinstance(iat, bool) else None,
+        ):
+            raise Denied(Reason.TOKEN_REVOKED, "this token has been revoked")
+
+    return check
+
+
+def single_use_check(store: StateStore, clock=time.time) -> StateCheck:
+    async def check(rule: Rule, verified: VerifiedToken) -> None:
+        if not rule.single_use:
+            return
+        jti = verified.claims.get("jti")
+        if not isinstance(jti, str) or not jti:
+            raise Denied(
+                Reason.MISSING_CLAIM, "this method accepts each token once: it needs a 'jti'"
+            )
+        try:
+            first = await store.first_use(jti, verified.exp)
+        except StateUnavailable as e:
+            raise Denied(Reason.STATE_UNAVAILABLE, str(e)) from None
+        if first:
+            return
+        subject = verified.claims["sub"]
+        if rule.revoke_on_reuse:
+            try:
+                await store.revoke_subject(subject, clock())
+                log.warning("reuse of single-use token %s: revoked every token of its subject", jti)
+            except StateUnavailable:
+                log.error("reuse of single-use token %s: could not revoke its subject", jti)
+        raise Denied(
+            Reason.REFRESH_REUSED,
+            "this token was already used"
+            + ("; every session of its subject is revoked" if rule.revoke_on_reuse else ""),
+        )
+
+    return check
