@@ -331,3 +331,21 @@ def test_serve_bad_http_path_prefix_is_a_config_error(tmp_path: Path, jwks: str)
 def test_bad_serve_env_var_does_not_break_other_commands(tmp_path: Path) -> None:
     result = run("policy", "check", POLICY, cwd=tmp_path, env={"AUTHPROXY_TOKEN_CACHE_SIZE": "x"})
     assert result.returncode == 0, result.stderr
+
+
+def test_serve_bad_redis_url_is_a_config_error(tmp_path: Path, jwks: str) -> None:
+    result = serve(tmp_path, "--policy", POLICY, "--jwks", jwks, *KEYS, *ADDRESSES,
+                   "--redis", "http://localhost:6379")  # fmt: skip
+    assert_config_error(result, "--redis 'http://localhost:6379': expected redis://")
+
+
+def test_serve_bad_state_duration_is_a_usage_error(tmp_path: Path, jwks: str) -> None:
+    result = serve(tmp_path, "--policy", POLICY, "--jwks", jwks, *KEYS, *ADDRESSES,
+                   "--state-staleness", "soon")  # fmt: skip
+    assert_config_error(result, "invalid duration value: 'soon'")
+
+
+def test_serve_admin_token_env_must_hold_a_secret(tmp_path: Path, jwks: str) -> None:
+    result = serve(tmp_path, "--policy", POLICY, "--jwks", jwks, *KEYS, *ADDRESSES,
+                   "--admin", "0", "--admin-token-env", "CLI_NO_SUCH_ADMIN_TOKEN")  # fmt: skip
+    assert_config_error(result, "--admin-token-env CLI_NO_SUCH_ADMIN_TOKEN")

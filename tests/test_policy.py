@@ -216,7 +216,40 @@ CASES = [
     ("yaml-syntax", "version: 1\nmethods:\n  /a.B/C: public\n   x: y\n", 4, "invalid YAML"),
     ("yaml-tab", "version: 1\n\tdefault: public\n", 2, "invalid YAML"),
     ("not-a-mapping", "- version\n", 1, "mapping"),
+    (
+        "single-use-on-public",
+        BASE + "methods:\n  /a.B/C: {level: public, single_use: true}\n",
+        5,
+        "single_use needs a token level",
+    ),
+    (
+        "single-use-not-bool",
+        BASE + "methods:\n  /a.B/C: {level: access, single_use: yes please}\n",
+        5,
+        "'single_use' must be true or false",
+    ),
+    (
+        "revoke-on-reuse-without-single-use",
+        BASE + "methods:\n  /a.B/C: {level: access, revoke_on_reuse: false}\n",
+        5,
+        "revoke_on_reuse only applies with single_use: true",
+    ),
 ]
+
+
+def test_single_use_rules() -> None:
+    p = parse_policy(
+        BASE
+        + "methods:\n"
+        + "  /a.B/Refresh: {level: access, single_use: true}\n"
+        + "  /a.B/Quiet: {level: access, single_use: true, revoke_on_reuse: false}\n"
+        + "  /a.B/Plain: access\n",
+        FILE,
+    )
+    refresh, quiet, plain = (p.match(f"/a.B/{m}") for m in ("Refresh", "Quiet", "Plain"))
+    assert (refresh.single_use, refresh.revoke_on_reuse) == (True, True)
+    assert (quiet.single_use, quiet.revoke_on_reuse) == (True, False)
+    assert plain.single_use is False
 
 
 @pytest.mark.parametrize(
