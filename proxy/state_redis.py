@@ -32,6 +32,7 @@ log = logging.getLogger("authproxy.state")
 
 DEFAULT_STALENESS = 1.0
 DEFAULT_TIMEOUT = 0.5
+MAX_CONNECTIONS = 64
 
 # Keep the later cut-off when two subject revocations race.
 _REVOKE_SUBJECT = """
@@ -60,18 +61,24 @@ class RedisState:
         self.subject_ttl = subject_ttl
         self.staleness = staleness
         self.clock = clock
-        self.client = redis.Redis.from_url(
+        # A blocking pool: under a burst, callers wait (up to `timeout`) for a connection
+        # instead of failing with "too many connections".
+        pool = redis.BlockingConnectionPool.from_url(
             url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=timeout,
             decode_responses=True,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry_on_timeout=False,
         )
+        self.client = redis.Redis(connection_pool=pool)
         self.view = RevocationView(clock)
         self.channel = f"{namespace}:revocations"
         self.failures_total = 0
         self._fresh_until = 0.0  # time.monotonic() until which the view is trusted
         self._follower: asyncio.Task[None] | None = None
+        self._closing = False
         self._revoke_subject = self.client.register_script(_REVOKE_SUBJECT)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -85,11 +92,15 @@ class RedisState:
             await asyncio.wait_for(loaded.wait(), 5 * self.staleness)
 
     async def close(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
+        self._closing = True
+        follower = self._follower
+        # Cancel until it is done: on Python 3.11 a cancel that lands while redis-py's
+        # wait_for is finishing a send can be swallowed.
+        while follower is not None and not follower.done():
+            follower.cancel()
+            await asyncio.wait({follower}, timeout=0.1)
         await self.client.aclose()
+        await self.client.connection_pool.disconnect()
 
     # --- revocation -----------------------------------------------------------------------
 
@@ -147,6 +158,7 @@ class RedisState:
             raise StateUnavailable(f"cannot {what}: state backend unavailable") from None
 
     async def _load(self) -> list[Revocation]:
+        """Every active record (Redis drops a key only at the whole second after it ends)."""
         out: list[Revocation] = []
         prefix = f"{self.ns}:revoked:"
         keys = [k async for k in self.client.scan_iter(match=prefix + "*", count=1000)]
@@ -163,12 +175,13 @@ class RedisState:
                     out.append(Revocation(sub=name, before=before, expires=expires))
             except ValueError:
                 log.warning("redis: ignoring malformed revocation record %s", key)
-        return out
+        now = self.clock()
+        return [r for r in out if r.expires > now]
 
     async def _follow(self, loaded: asyncio.Event) -> None:
         """Subscribe, load, apply published revocations, ping; reconnect on any failure."""
         delay = 0.1
-        while True:
+        while not self._closing:
             pubsub = self.client.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
@@ -198,7 +211,7 @@ class RedisState:
     async def _listen(self, pubsub: redis.client.PubSub) -> None:
         interval = self.staleness / 4
         next_ping = time.monotonic()
-        while True:
+        while not self._closing:
             now = time.monotonic()
             if now >= next_ping:
                 await pubsub.ping()

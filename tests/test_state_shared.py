@@ -1,0 +1,548 @@
+"""Shared state through real proxies: revocation and single use with two `AuthProxy`
+instances sharing one real `redis-server`, fail-closed behaviour when Redis dies and
+recovery when it comes back, the admin revocation API, and the Envoy ext_authz path.
+
+Only two timing assertions, both on documented functional bounds: a revocation made
+through one proxy is enforced by the other within `state_staleness` (1 s), and the
+proxy works again within 5 s of Redis coming back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+
+from proxy.issuer import MintedToken, TokenIssuer
+from proxy.serve import AuthProxy, ConfigError
+from tests.conftest import TEST_POLICY, ExtAuthz, Keys, config_for, error_info, start_ext_authz
+from tests.echo_backend import EchoBackend
+from tests.ext_authz_support import check_path, metadata, outcome
+from tests.redis_server import RedisServer, finish_closing, redis_server, redis_url  # noqa: F401
+
+ACCESS = "/test.Access/Echo"
+PUBLIC = "/test.Public/Echo"
+REFRESH = "/test.Refresh/Echo"
+OK = (grpc.StatusCode.OK, None)
+REVOKED = (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
+REUSED = (grpc.StatusCode.UNAUTHENTICATED, "REFRESH_REUSED")
+STATE_DOWN = (grpc.StatusCode.UNAVAILABLE, "STATE_UNAVAILABLE")
+
+#: The documented bounds the tests measure.
+PROPAGATION_BOUND = 1.0  # state_staleness: a revocation reaches every replica within it
+FAIL_CLOSED_BOUND = 1.5  # staleness (1 s) plus a ping interval: calls then fail closed
+RECOVERY_BOUND = 5.0  # the proxy reconnects by itself (backoff <= 1 s)
+
+_REFRESH_LINE = "  /test.Refresh/*: refresh\n"
+assert _REFRESH_LINE in TEST_POLICY
+SINGLE_USE_POLICY = TEST_POLICY.replace(
+    _REFRESH_LINE, "  /test.Refresh/*: {level: refresh, single_use: true}\n"
+)
+NO_REVOKE_POLICY = TEST_POLICY.replace(
+    _REFRESH_LINE,
+    "  /test.Refresh/*: {level: refresh, single_use: true, revoke_on_reuse: false}\n",
+)
+ADMIN_ENV = "AUTHPROXY_TEST_ADMIN_TOKEN"
+ADMIN_SECRET = "admin-secret-0123456789"
+
+
+# --- running proxies ----------------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    """One AuthProxy: the sidecar in front of the echo backend, plus its admin API."""
+
+    proxy: AuthProxy
+    channel: grpc.aio.Channel
+
+    @property
+    def admin_url(self) -> str:
+        assert self.proxy.admin is not None
+        return f"http://127.0.0.1:{self.proxy.admin.port}/v1/revocations"
+
+    async def call(self, method: str, token: str | None = None) -> tuple[grpc.StatusCode, Any]:
+        """(status code, ErrorInfo reason) of one unary call; (OK, None) when it passed."""
+        md = (("authorization", f"Bearer {token}"),) if token else ()
+        try:
+            await self.channel.unary_unary(method)(b"{}", metadata=md, timeout=10)
+        except grpc.aio.AioRpcError as e:
+            info = error_info(e)
+            return e.code(), info.reason if info is not None else None
+        return OK
+
+
+@asynccontextmanager
+async def running_node(
+    tmp_path: Path,
+    keys: Keys,
+    backend: EchoBackend,
+    name: str,
+    policy: str = TEST_POLICY,
+    **fields: Any,
+) -> AsyncIterator[Node]:
+    directory = tmp_path / name
+    directory.mkdir()
+    cfg = config_for(
+        directory,
+        keys,
+        policy,
+        listen="127.0.0.1:0",
+        upstream=f"127.0.0.1:{backend.port}",
+        upstream_reflection=False,
+        admin="127.0.0.1:0",
+        **fields,
+    )
+    proxy = AuthProxy(cfg)
+    await proxy.start()
+    assert proxy.sidecar is not None
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{proxy.sidecar.port}")
+    try:
+        yield Node(proxy, channel)
+    finally:
+        await channel.close()
+        await finish_closing(proxy.stop(0), proxy.state, f"proxy {name}")
+
+
+@asynccontextmanager
+async def running_ext_authz(
+    tmp_path: Path, keys: Keys, **overrides: Any
+) -> AsyncIterator[ExtAuthz]:
+    running = await start_ext_authz(tmp_path, keys, **overrides)
+    try:
+        yield running
+    finally:
+        await running.channel.close()
+        await finish_closing(running.proxy.stop(0), running.proxy.state, "ext_authz proxy")
+
+
+async def admin(
+    url: str,
+    method: str = "POST",
+    body: Any = None,
+    data: bytes | None = None,
+    authorization: str | None = None,
+) -> tuple[int, dict, Any]:
+    """(status, headers, JSON body) of one admin API request."""
+    headers = {"authorization": authorization} if authorization else {}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, json=body, data=data, headers=headers) as response,
+    ):
+        return response.status, dict(response.headers), await response.json(content_type=None)
+
+
+async def poll(probe, until, within: float, every: float = 0.01) -> tuple[Any, float]:
+    """Call `probe()` every `every` s until `until(result)`; (last result, seconds taken).
+    Gives up after `within` seconds (the caller asserts on the result)."""
+    start = time.monotonic()
+    while True:
+        result = await probe()
+        elapsed = time.monotonic() - start
+        if until(result) or elapsed > within:
+            return result, elapsed
+        await asyncio.sleep(every)
+
+
+def mint(issuer: TokenIssuer, level: str, sub: str) -> MintedToken:
+    return issuer.mint(level, sub, ttl=300)
+
+
+async def wait_for_next_second(moment: float) -> None:
+    """Sleep until the clock's whole seconds reach `moment`: a token minted then has
+    `iat` (whole seconds) >= moment."""
+    while time.time() < math.ceil(moment):
+        await asyncio.sleep(math.ceil(moment) - time.time() + 0.01)
+
+
+# --- revocation across two proxies ----------------------------------------------------------
+
+
+async def test_a_revocation_through_one_proxy_is_enforced_by_the_other_within_1s(
+    tmp_path: Path,
+    keys: Keys,
+    issuer: TokenIssuer,
+    backend: EchoBackend,
+    redis_url: str,  # noqa: F811
+):
+    async with (
+        running_node(tmp_path, keys, backend, "a", redis=redis_url) as a,
+        running_node(tmp_path, keys, backend, "b", redis=redis_url) as b,
+    ):
+        token = mint(issuer, "access", "alice")
+        other = mint(issuer, "access", "alice")  # same subject, another jti
+        for node in (a, b):
+            assert await node.call(ACCESS, token.token) == OK
+            assert await node.call(ACCESS, token.token) == OK  # now from the verified cache
+            assert node.proxy.authorizer.verifier.cache_hits >= 1
+
+        start = time.monotonic()
+        status, _, body = await admin(a.admin_url, body={"jti": token.jti, "exp": token.exp})
+        posted = time.monotonic() - start
+        assert status == 201, body
+        assert body == {"revoked": {"jti": token.jti, "exp": token.exp}}
+
+        result, _ = await poll(lambda: b.call(ACCESS, token.token), lambda r: r != OK, within=3.0)
+        elapsed = time.monotonic() - start
+        print(
+            f"\nrevocation propagation A -> B: denied by B {elapsed * 1000:.1f} ms after the"
+            f" admin POST was sent (the POST itself took {posted * 1000:.1f} ms)"
+        )
+        assert result == REVOKED
+        assert elapsed <= PROPAGATION_BOUND, f"B still accepted the token after {elapsed:.3f}s"
+
+        # The token is still in both verified-token caches: neither serves it.
+        hits = a.proxy.authorizer.verifier.cache_hits
+        assert await a.call(ACCESS, token.token) == REVOKED
+        assert a.proxy.authorizer.verifier.cache_hits == hits + 1  # served from the cache...
+        assert await b.call(ACCESS, token.token) == REVOKED  # ...and refused all the same
+        # Only that jti is revoked.
+        assert await a.call(ACCESS, other.token) == OK
+        assert await b.call(ACCESS, other.token) == OK
+
+
+async def test_a_subject_revocation_covers_older_tokens_only(
+    tmp_path: Path,
+    keys: Keys,
+    issuer: TokenIssuer,
+    backend: EchoBackend,
+    redis_url: str,  # noqa: F811
+):
+    async with (
+        running_node(tmp_path, keys, backend, "a", redis=redis_url) as a,
+        running_node(tmp_path, keys, backend, "b", redis=redis_url) as b,
+    ):
+        old = mint(issuer, "access", "carol")
+        bystander = mint(issuer, "access", "dave")
+        assert await b.call(ACCESS, old.token) == OK
+
+        before = time.time()
+        status, _, body = await admin(a.admin_url, body={"sub": "carol", "before": before})
+        assert status == 201, body
+        result, elapsed = await poll(lambda: b.call(ACCESS, old.token), lambda r: r != OK, 3.0)
+        assert result == REVOKED
+        assert elapsed <= PROPAGATION_BOUND
+        assert await a.call(ACCESS, old.token) == REVOKED
+
+        await wait_for_next_second(before)
+        new = mint(issuer, "access", "carol")
+        assert new.claims["iat"] >= before
+        for node in (a, b):
+            assert await node.call(ACCESS, new.token) == OK  # issued after the cut-off
+            assert await node.call(ACCESS, old.token) == REVOKED
+            assert await node.call(ACCESS, bystander.token) == OK  # another subject
+
+
+# --- Redis outage: fail closed, recover by itself -------------------------------------------
+
+
+async def test_redis_outage_fails_closed_and_recovers_without_restarting_the_proxy(
+    tmp_path: Path,
+    keys: Keys,
+    issuer: TokenIssuer,
+    backend: EchoBackend,
+    redis_server: RedisServer,  # noqa: F811
+):
+    async with running_node(tmp_path, keys, backend, "a", redis=redis_server.url) as node:
+        access = mint(issuer, "access", "erin").token
+        refresh = mint(issuer, "refresh", "erin").token
+        assert await node.call(ACCESS, access) == OK
+        assert await node.call(REFRESH, refresh) == OK
+        failures = node.proxy.state.failures_total
+
+        redis_server.kill()
+        result, down_after = await poll(
+            lambda: node.call(ACCESS, access), lambda r: r != OK, within=FAIL_CLOSED_BOUND
+        )
+        print(f"\nRedis killed: token levels fail closed after {down_after * 1000:.0f} ms")
+        assert result == STATE_DOWN
+        assert await node.call(REFRESH, refresh) == STATE_DOWN
+        assert await node.call(PUBLIC) == OK  # public methods keep working
+        assert await node.call(ACCESS) == (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_MISSING")
+
+        redis_server.restart()
+        result, up_after = await poll(
+            lambda: node.call(ACCESS, access), lambda r: r == OK, within=RECOVERY_BOUND, every=0.05
+        )
+        print(f"Redis restarted: calls succeed again after {up_after * 1000:.0f} ms")
+        assert result == OK
+        assert await node.call(REFRESH, refresh) == OK
+        assert node.proxy.state.failures_total > failures
+
+
+# --- single use -----------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+def state_url(request: pytest.FixtureRequest) -> str | None:
+    """None (in-memory state) or the URL of a real Redis."""
+    return request.getfixturevalue("redis_url") if request.param == "redis" else None
+
+
+async def test_reusing_a_single_use_token_revokes_its_subject(
+    tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend, state_url: str | None
+):
+    async with running_node(tmp_path, keys, backend, "a", SINGLE_USE_POLICY, redis=state_url) as n:
+        access = mint(issuer, "access", "frank")
+        refresh = mint(issuer, "refresh", "frank")
+        bystander = mint(issuer, "access", "grace")
+        assert await n.call(ACCESS, access.token) == OK
+        assert await n.call(REFRESH, refresh.token) == OK
+        assert await n.call(REFRESH, refresh.token) == REUSED
+        # revoke_on_reuse (default true): every older token of the subject is revoked.
+        assert await n.call(ACCESS, access.token) == REVOKED
+        assert await n.call(ACCESS, bystander.token) == OK
+        revocations = [r.as_json() for r in await n.proxy.state.revocations()]
+        assert [r["sub"] for r in revocations] == ["frank"]
+
+
+async def test_reuse_without_revoke_on_reuse_leaves_the_subject_alone(
+    tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend, state_url: str | None
+):
+    async with running_node(tmp_path, keys, backend, "a", NO_REVOKE_POLICY, redis=state_url) as n:
+        access = mint(issuer, "access", "frank")
+        refresh = mint(issuer, "refresh", "frank")
+        assert await n.call(REFRESH, refresh.token) == OK
+        assert await n.call(REFRESH, refresh.token) == REUSED
+        assert await n.call(REFRESH, refresh.token) == REUSED
+        assert await n.call(ACCESS, access.token) == OK
+        assert await n.proxy.state.revocations() == []
+        # Another refresh token of the same subject is still good, once.
+        second = mint(issuer, "refresh", "frank")
+        assert await n.call(REFRESH, second.token) == OK
+
+
+@pytest.mark.parametrize("setup", ["memory", "redis", "redis-two-proxies"])
+async def test_exactly_one_of_100_concurrent_presentations_succeeds(
+    tmp_path: Path,
+    keys: Keys,
+    issuer: TokenIssuer,
+    backend: EchoBackend,
+    setup: str,
+    request: pytest.FixtureRequest,
+):
+    url = request.getfixturevalue("redis_url") if setup.startswith("redis") else None
+    count = 2 if setup == "redis-two-proxies" else 1
+    async with (
+        running_node(tmp_path, keys, backend, "a", SINGLE_USE_POLICY, redis=url) as a,
+        running_node(tmp_path, keys, backend, "b", SINGLE_USE_POLICY, redis=url) as b,
+    ):
+        nodes = [a, b][:count]
+        refresh = mint(issuer, "refresh", "henry").token
+        results = await asyncio.gather(
+            *(nodes[i % count].call(REFRESH, refresh) for i in range(100))
+        )
+        tally = Counter(results)
+        assert tally[OK] == 1, tally
+        # The others are refused as reused (or, once a reuse revoked the subject, as
+        # revoked): never let through, never "state unavailable" with Redis up.
+        assert set(tally) - {OK} <= {REUSED, REVOKED}, tally
+        assert tally[REUSED] >= 1, tally
+
+
+# --- the admin API --------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def admin_proxy(tmp_path: Path, keys: Keys, **overrides: Any) -> AsyncIterator[ExtAuthz]:
+    async with running_ext_authz(tmp_path, keys, admin="127.0.0.1:0", **overrides) as running:
+        yield running
+
+
+def admin_url(running: ExtAuthz) -> str:
+    assert running.proxy.admin is not None
+    return f"http://127.0.0.1:{running.proxy.admin.port}/v1/revocations"
+
+
+async def test_admin_api_refuses_bad_requests(
+    tmp_path: Path,
+    keys: Keys,
+    redis_url: str,  # noqa: F811
+):
+    future = math.floor(time.time()) + 600
+    bad_json = [b"{", b"", b"not json", b'{"jti": "a", "jti": "b", "exp": 1}', b'{"exp": NaN}']
+    bad_shapes = {
+        "missing exp": {"jti": "x"},
+        "missing before": {"sub": "x"},
+        "exp in the past": {"jti": "x", "exp": time.time() - 10},
+        "both jti and sub": {"jti": "x", "exp": future, "sub": "y"},
+        "jti with before": {"jti": "x", "before": future},
+        "extra key": {"jti": "x", "exp": future, "note": "hi"},
+        "non-string jti": {"jti": 5, "exp": future},
+        "null jti": {"jti": None, "exp": future},
+        "empty jti": {"jti": "", "exp": future},
+        "huge jti": {"jti": "j" * 513, "exp": future},
+        "huge sub": {"sub": "s" * 10_000, "before": future},
+        "string exp": {"jti": "x", "exp": str(future)},
+        "boolean exp": {"jti": "x", "exp": True},
+        "not an object": ["jti", "x"],
+        "a string": "jti",
+        "empty object": {},
+    }
+    async with admin_proxy(tmp_path, keys, redis=redis_url) as running:
+        url = admin_url(running)
+        for data in bad_json:
+            status, headers, body = await admin(url, data=data)
+            assert (status, body["reason"]) == (400, "BAD_JSON"), (data, body)
+            assert body["error"] == "invalid_argument"
+            assert headers["Content-Type"].startswith("application/json")
+        for label, shape in bad_shapes.items():
+            status, _, body = await admin(url, body=shape)
+            assert (status, body["reason"]) == (400, "BAD_REVOCATION"), (label, body)
+            assert set(body) == {"error", "reason", "message"}
+        status, _, body = await admin(url, "GET")
+        assert (status, body) == (200, {"revocations": []}), "a refused request revoked something"
+        # The limits themselves are accepted.
+        status, _, body = await admin(url, body={"jti": "j" * 512, "exp": future})
+        assert status == 201, body
+
+
+async def test_admin_api_lists_the_active_revocations(
+    tmp_path: Path,
+    keys: Keys,
+    redis_url: str,  # noqa: F811
+):
+    exp = math.floor(time.time()) + 600
+    before = math.floor(time.time()) - 60
+    async with admin_proxy(tmp_path, keys, redis=redis_url, subject_revocation_ttl=3600.0) as r:
+        url = admin_url(r)
+        status, _, body = await admin(url, body={"jti": "jti-1", "exp": exp})
+        assert (status, body) == (201, {"revoked": {"jti": "jti-1", "exp": exp}})
+        status, _, body = await admin(url, body={"sub": "ivan", "before": before})
+        assert (status, body) == (201, {"revoked": {"sub": "ivan", "before": before}})
+        status, _, body = await admin(url, "GET")
+        assert status == 200
+        listed = sorted(body["revocations"], key=lambda j: sorted(j))
+        assert listed == sorted(
+            [
+                {"jti": "jti-1", "exp": exp},
+                {"sub": "ivan", "before": before, "expires": before + 3600.0},
+            ],
+            key=lambda j: sorted(j),
+        )
+
+
+async def test_admin_api_with_a_bearer_token(
+    tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv(ADMIN_ENV, ADMIN_SECRET)
+    future = math.floor(time.time()) + 600
+    revocation = {"jti": "jti-1", "exp": future}
+    async with admin_proxy(tmp_path, keys, admin_token_env=ADMIN_ENV) as running:
+        url = admin_url(running)
+        for authorization in (
+            None,
+            "Bearer wrong-secret-0123456789",
+            f"Bearer {ADMIN_SECRET}x",
+            f"Bearer {ADMIN_SECRET[:-1]}",
+            f"Basic {ADMIN_SECRET}",
+            ADMIN_SECRET,
+        ):
+            for method, body in (("POST", revocation), ("GET", None)):
+                status, headers, answer = await admin(
+                    url, method, body, authorization=authorization
+                )
+                assert (status, answer["reason"]) == (401, "UNAUTHENTICATED"), authorization
+                assert headers["WWW-Authenticate"] == "Bearer"
+        assert await running.proxy.state.revocations() == []  # nothing got through
+        status, _, answer = await admin(
+            url, body=revocation, authorization=f"Bearer {ADMIN_SECRET}"
+        )
+        assert status == 201, answer
+        status, _, answer = await admin(url, "GET", authorization=f"bearer {ADMIN_SECRET}")
+        assert (status, answer) == (200, {"revocations": [revocation]})
+
+
+async def test_admin_token_must_be_long_enough(
+    tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv(ADMIN_ENV, "short-secret")
+    cfg = config_for(
+        tmp_path, keys, TEST_POLICY, ext_authz_grpc="127.0.0.1:0", admin="127.0.0.1:0",
+        admin_token_env=ADMIN_ENV,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="at least 16 characters"):
+        AuthProxy(cfg)
+
+
+async def test_admin_api_answers_503_while_redis_is_down(
+    tmp_path: Path,
+    keys: Keys,
+    redis_server: RedisServer,  # noqa: F811
+):
+    future = math.floor(time.time()) + 600
+    async with admin_proxy(tmp_path, keys, redis=redis_server.url) as running:
+        url = admin_url(running)
+        assert (await admin(url, body={"jti": "before-outage", "exp": future}))[0] == 201
+        redis_server.kill()
+        for method, body in (
+            ("POST", {"jti": "jti-1", "exp": future}),
+            ("POST", {"sub": "judy", "before": time.time()}),
+            ("GET", None),
+        ):
+            status, _, answer = await admin(url, method, body)
+            assert (status, answer["reason"]) == (503, "STATE_UNAVAILABLE"), (method, body)
+            assert answer["error"] == "unavailable"
+
+
+# --- the Envoy ext_authz path ---------------------------------------------------------------
+
+
+async def http_check(running: ExtAuthz, path: str, token: str | None) -> tuple[int, str | None]:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(running.http_url + path, headers=headers) as answer,
+    ):
+        if answer.status == 200:
+            return 200, None
+        return answer.status, (await answer.json(content_type=None))["reason"]
+
+
+async def test_ext_authz_refuses_revoked_tokens_and_fails_closed_without_redis(
+    tmp_path: Path,
+    keys: Keys,
+    issuer: TokenIssuer,
+    redis_server: RedisServer,  # noqa: F811
+):
+    async with admin_proxy(tmp_path, keys, redis=redis_server.url) as running:
+        revoked = mint(issuer, "access", "kim")
+        good = mint(issuer, "access", "kim")
+        response = await check_path(running, ACCESS, token=revoked.token)
+        assert outcome(response) == "ALLOW"
+        assert await http_check(running, ACCESS, revoked.token) == (200, None)
+
+        url = admin_url(running)
+        status, _, _ = await admin(url, body={"jti": revoked.jti, "exp": revoked.exp})
+        assert status == 201
+        response = await check_path(running, ACCESS, token=revoked.token)
+        assert response.denied_response.status.code == 401
+        assert metadata(response)["reason"] == "TOKEN_REVOKED"
+        assert response.status.message.startswith("TOKEN_REVOKED: ")
+        assert await http_check(running, ACCESS, revoked.token) == (401, "TOKEN_REVOKED")
+        assert outcome(await check_path(running, ACCESS, token=good.token)) == "ALLOW"
+
+        redis_server.kill()
+
+        async def grpc_check():
+            return await check_path(running, ACCESS, token=good.token)
+
+        response, _ = await poll(
+            grpc_check, lambda r: outcome(r) != "ALLOW", within=FAIL_CLOSED_BOUND
+        )
+        assert response.denied_response.status.code == 503
+        assert metadata(response)["reason"] == "STATE_UNAVAILABLE"
+        assert response.status.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert await http_check(running, ACCESS, good.token) == (503, "STATE_UNAVAILABLE")
+        assert outcome(await check_path(running, PUBLIC)) == "ALLOW"
+        assert await http_check(running, PUBLIC, None) == (200, None)
