@@ -1,6 +1,6 @@
 """Benchmark: ratios measured in one run, on loopback.
 
-    .venv/bin/python -m bench.run [--seconds 3] [--concurrency 16] [--only sidecar|ext-authz]
+    .venv/bin/python -m bench.run [--seconds 3] [--concurrency 16] [--only sidecar|ext-authz|state]
 
 Part 1, the sidecar:
 Starts the test echo backend, a sidecar with a public-only policy (the forwarding floor,
@@ -10,6 +10,7 @@ ratios are what to compare). Also times the decision pipeline alone: a cached to
 fresh token per call (signature check) and PyJWT's own decode as the floor.
 
 Part 2, the Envoy ext_authz front ends against bare servers (see bench/ext_authz.py).
+Part 3, shared state in Redis against in-memory state (see bench/state.py).
 """
 
 from __future__ import annotations
@@ -152,11 +153,15 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument(
-        "--only", choices=("sidecar", "ext-authz"), help="run one part (default: both)"
+        "--only", choices=("sidecar", "ext-authz", "state"), help="run one part (default: all)"
     )
     args = parser.parse_args()
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    if args.only != "ext-authz":
+    if args.only in (None, "sidecar"):
         asyncio.run(main(args.seconds, args.concurrency))
-    if args.only != "sidecar":
+    if args.only in (None, "ext-authz"):
         asyncio.run(ext_authz.main(args.seconds))
+    if args.only in (None, "state"):
+        from bench import state  # imports bench.run: load it only when needed
+
+        asyncio.run(state.main(args.seconds, args.concurrency))

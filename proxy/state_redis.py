@@ -8,9 +8,10 @@ Records (all under the `namespace` prefix, all with an expiry):
 
 Revocations are also published on `{ns}:revocations`. Each proxy keeps a local view:
 it subscribes, then loads every record (so nothing published meanwhile is missed), then
-applies what is published. The subscription is pinged every `staleness / 4`; when no
-answer came for `staleness` seconds the view is treated as stale and revocation checks
-fail closed (`StateUnavailable`) until the connection is back and the view reloaded.
+applies what is published. Every `staleness / 4` it publishes a heartbeat on the same
+channel; receiving messages proves the whole path (Redis up, subscription delivering).
+When nothing arrived for `staleness` seconds the view is treated as stale and revocation
+checks fail closed (`StateUnavailable`) until the feed is back and the view reloaded.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ log = logging.getLogger("authproxy.state")
 DEFAULT_STALENESS = 1.0
 DEFAULT_TIMEOUT = 0.5
 MAX_CONNECTIONS = 64
+HEARTBEAT = "heartbeat"
 
 # Keep the later cut-off when two subject revocations race.
 _REVOKE_SUBJECT = """
@@ -210,18 +212,17 @@ class RedisState:
 
     async def _listen(self, pubsub: redis.client.PubSub) -> None:
         interval = self.staleness / 4
-        next_ping = time.monotonic()
+        next_beat = time.monotonic()
         while not self._closing:
             now = time.monotonic()
-            if now >= next_ping:
-                await pubsub.ping()
-                next_ping = now + interval
+            if now >= next_beat:
+                await self.client.publish(self.channel, HEARTBEAT)
+                next_beat = now + interval
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=interval)
-            if message is None:
+            if message is None or message["type"] != "message":
                 continue
-            if message["type"] == "pong":
-                self._fresh_until = time.monotonic() + self.staleness
-            elif message["type"] == "message":
+            self._fresh_until = time.monotonic() + self.staleness
+            if message["data"] != HEARTBEAT:
                 self._apply(message["data"])
 
     def _apply(self, data: str) -> None:

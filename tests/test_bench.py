@@ -24,7 +24,12 @@ def test_benchmark_runs_and_prints_its_ratios():
     ):
         assert re.search(re.escape(label) + r"\s+=\s+\d+\.\d\d", done.stdout), done.stdout
     assert re.search(r"cached token\s+\d+\.\d µs/decision", done.stdout), done.stdout
-    for label in ("Check / bare Check server", "HTTP mode / bare aiohttp"):
+    for label in (
+        "Check / bare Check server",
+        "HTTP mode / bare aiohttp",
+        "Redis / in-memory (revocation checked)",
+        "Redis / in-memory (single use, SET NX)",
+    ):
         assert re.search(re.escape(label) + r"\s+=\s+\d+\.\d\d", done.stdout), done.stdout
     for name in ("Check", "bare Check", "HTTP mode", "bare aiohttp"):
         assert re.search(rf"{name}\s+p50 \d+\.\d\d ms\s+p99 \d+\.\d\d ms", done.stdout), done.stdout

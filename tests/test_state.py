@@ -340,6 +340,33 @@ async def test_redis_state_fails_closed_without_redis_and_recovers(
         assert await state.first_use("jti-1", time.time() + 60)
 
 
+async def test_a_healthy_redis_state_stays_current_for_many_staleness_periods(
+    redis_url: str,  # noqa: F811
+):
+    """The heartbeat keeps the view trusted while Redis is up: idle, and with the event
+    loop busy serving (16 tasks burning CPU in 0.5 ms slices)."""
+
+    async def burn() -> None:
+        while True:
+            start = time.perf_counter()
+            while time.perf_counter() - start < 0.0005:
+                pass
+            await asyncio.sleep(0)
+
+    async with running_state(redis_url, staleness=0.4) as state:
+        for phase in ("idle", "busy"):
+            burners = [asyncio.create_task(burn()) for _ in range(16 if phase == "busy" else 0)]
+            try:
+                deadline = time.monotonic() + 5 * 0.4
+                while time.monotonic() < deadline:
+                    state.check_fresh()  # raises StateUnavailable if the view went stale
+                    await asyncio.sleep(0.02)
+            finally:
+                for task in burners:
+                    task.cancel()
+                await asyncio.gather(*burners, return_exceptions=True)
+
+
 async def test_close_returns_right_after_start(redis_url: str):  # noqa: F811
     """Stopping a proxy must not hang: `RedisState.close()` right after `start()` (the
     follower is then sending its first ping) returns within 1 s, every time."""
