@@ -95,9 +95,9 @@ class Deny:
 
 async def answer(authorizer: Authorizer, request: CheckRequest) -> Allow | Deny:
     """Decide an Envoy check and translate the decision: what both front ends call."""
-    policy = authorizer.policy
+    policy = authorizer.policy  # one snapshot: the reply's header names match the decision
     decision = await authorizer.decide_http(
-        request.method, request.path, request.headers, request.grpc
+        request.method, request.path, request.headers, request.grpc, policy
     )
     return reply(decision, request, policy)
 

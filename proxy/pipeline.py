@@ -51,7 +51,12 @@ class Authorizer:
         return await self._evaluate(policy, method, rule, headers)
 
     async def decide_http(
-        self, http_method: str, path: str, headers: Headers, grpc: bool
+        self,
+        http_method: str,
+        path: str,
+        headers: Headers,
+        grpc: bool,
+        policy: Policy | None = None,
     ) -> Decision:
         """The decision for an HTTP request seen through Envoy.
 
@@ -60,9 +65,10 @@ class Authorizer:
         `methods:` lists (exactly or as `/pkg.Service/*`) is judged by that rule too, so a
         method cannot be reached around its rule by changing the content-type or escaping
         the path. Everything else is judged by the most specific `http:` route, else the
-        `default` rule.
+        `default` rule. `policy` is the snapshot to decide with (default: the current one),
+        for callers that need the same snapshot afterwards.
         """
-        policy = self.policy
+        policy = policy or self.policy
         path = path.partition("?")[0].partition("#")[0]
         if grpc:
             rule = _method_rule(policy, path)
