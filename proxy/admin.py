@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .http_listener import listen
 from .jsonstrict import loads_strict
 from .state import StateStore, StateUnavailable
 
@@ -31,9 +32,9 @@ MAX_NAME = 512
 
 
 class AdminServer:
-    def __init__(self, store: StateStore, listen: str, token: str | None = None) -> None:
-        host, _, port = listen.rpartition(":")
-        self.host, self.port = host.strip("[]"), int(port)
+    def __init__(self, store: StateStore, address: str, token: str | None = None) -> None:
+        self.address = address
+        self.port = 0  # known once started
         self.store = store
         self._token = token.encode() if token else None
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._guard])
@@ -42,10 +43,7 @@ class AdminServer:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
 
     async def start(self) -> None:
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port, reuse_address=True).start()
-        if self.port == 0:
-            self.port = self._runner.addresses[0][1]
+        self.port = await listen(self._runner, self.address)
 
     async def stop(self, grace: float = 0) -> None:
         await self._runner.cleanup()

@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from .ext_authz import Allow, CheckRequest, Deny, answer, refuse
+from .http_listener import listen
 from .pipeline import Authorizer
 
 log = logging.getLogger("authproxy.ext_authz")
@@ -32,14 +33,14 @@ MAX_FIELD = 64 * 1024 + 64
 
 
 class CheckHttpServer:
-    def __init__(self, authorizer: Authorizer, listen: str, path_prefix: str = "") -> None:
+    def __init__(self, authorizer: Authorizer, address: str, path_prefix: str = "") -> None:
         if path_prefix and (not path_prefix.startswith("/") or path_prefix.endswith("/")):
             raise ValueError(
                 f"--ext-authz-http-path-prefix {path_prefix!r} must start with '/' and not end"
                 " with '/' (Envoy's path_prefix, like /check)"
             )
-        host, _, port = listen.rpartition(":")
-        self.host, self.port = host.strip("[]"), int(port)
+        self.address = address
+        self.port = 0  # known once started
         self.authorizer = authorizer
         self.path_prefix = path_prefix
         self.errors_total = 0
@@ -54,11 +55,7 @@ class CheckHttpServer:
         )
 
     async def start(self) -> None:
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
-        if self.port == 0:
-            self.port = self._runner.addresses[0][1]
+        self.port = await listen(self._runner, self.address)
 
     async def stop(self, grace: float) -> None:
         await self._runner.shutdown()
