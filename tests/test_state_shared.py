@@ -21,11 +21,20 @@ from typing import Any
 
 import aiohttp
 import grpc
+import jwt
 import pytest
 
 from proxy.issuer import MintedToken, TokenIssuer
 from proxy.serve import AuthProxy, ConfigError
-from tests.conftest import TEST_POLICY, ExtAuthz, Keys, config_for, error_info, start_ext_authz
+from tests.conftest import (
+    REFRESH_SECRET,
+    TEST_POLICY,
+    ExtAuthz,
+    Keys,
+    config_for,
+    error_info,
+    start_ext_authz,
+)
 from tests.echo_backend import EchoBackend
 from tests.ext_authz_support import check_path, metadata, outcome
 from tests.redis_server import RedisServer, finish_closing, redis_server, redis_url  # noqa: F401
@@ -546,3 +555,22 @@ async def test_ext_authz_refuses_revoked_tokens_and_fails_closed_without_redis(
         assert await http_check(running, ACCESS, good.token) == (503, "STATE_UNAVAILABLE")
         assert outcome(await check_path(running, PUBLIC)) == "ALLOW"
         assert await http_check(running, PUBLIC, None) == (200, None)
+
+
+async def test_a_single_use_rule_refuses_a_token_without_jti(
+    tmp_path: Path, keys: Keys, backend: EchoBackend
+):
+    """Without a jti there is nothing to record as used: refused, never let through."""
+    now = int(time.time())
+    claims = {"sub": "erin", "type": "refresh", "aud": "token-refresh", "iss": "test-issuer"}
+    token = jwt.encode(
+        {**claims, "iat": now, "exp": now + 300},
+        REFRESH_SECRET,
+        algorithm="HS256",
+        headers={"kid": "refresh-hmac"},
+    )
+    async with running_node(tmp_path, keys, backend, "a", SINGLE_USE_POLICY) as node:
+        assert await node.call(REFRESH, token) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            "MISSING_CLAIM",
+        )
