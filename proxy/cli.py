@@ -45,9 +45,8 @@ def _env_bool(flag: str, default: bool) -> bool:
 
 
 def _duration(value: str) -> float:
-    """Seconds from `30`, `500ms`, `1s`, `2m`, `1h`, `30d`; argparse turns ValueError into a usage error."""
-    days = value.endswith("d") and value[:-1].isdigit()
-    seconds = float(value[:-1]) * 86400 if days else parse_duration(value)
+    """A positive duration (`500ms`, `1s`, `30d`, ...); argparse turns ValueError into a usage error."""
+    seconds = parse_duration(value)
     if seconds is None or seconds <= 0:
         raise ValueError(value)
     return seconds

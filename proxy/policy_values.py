@@ -10,8 +10,8 @@ from typing import Any
 from .yaml_source import LineList, LineMap, SourceError
 
 MAX_LEEWAY = 300.0
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 class ValueChecks:
@@ -97,7 +97,8 @@ class ValueChecks:
 
 
 def parse_duration(value: Any) -> float | None:
-    """Seconds from `30`, `1.5`, `"30s"`, `"2m"`, `"500ms"`, `"1h"`; None if not a duration."""
+    """Seconds from `30`, `1.5`, `"30s"`, `"2m"`, `"500ms"`, `"1h"`, `"30d"`; None if not a
+    duration."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):

@@ -336,7 +336,15 @@ def test_leeway_durations(yaml_value: str, seconds: float) -> None:
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [(30, 30.0), ("30s", 30.0), ("2m", 120.0), ("500ms", 0.5), ("1.5s", 1.5), ("1h", 3600.0)],
+    [
+        (30, 30.0),
+        ("30s", 30.0),
+        ("2m", 120.0),
+        ("500ms", 0.5),
+        ("1.5s", 1.5),
+        ("1h", 3600.0),
+        ("30d", 30 * 86400.0),
+    ],
 )
 def test_parse_duration(value: object, seconds: float) -> None:
     assert parse_duration(value) == pytest.approx(seconds)
