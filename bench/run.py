@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import tempfile
 import time
@@ -72,19 +73,23 @@ def write_descriptor_set(path: Path) -> Path:
     return path
 
 
-async def start_proxy(tmp: Path, policy: str, upstream: int, jwks: Path) -> Sidecar:
-    path = tmp / f"policy-{len(policy)}.yaml"
+def sidecar_config(tmp: Path, policy: str, upstream: int, **fields) -> ServeConfig:
+    """A sidecar in front of `upstream` on the keys in tmp/jwks.json, with `policy`."""
+    path = tmp / f"policy-{hashlib.sha256(policy.encode()).hexdigest()[:12]}.yaml"
     path.write_text(policy)
-    sidecar = Sidecar(
-        ServeConfig(
-            policy=str(path),
-            listen="127.0.0.1:0",
-            upstream=f"127.0.0.1:{upstream}",
-            jwks=[str(jwks)],
-            descriptor_sets=[str(write_descriptor_set(tmp / "bench.protoset"))],
-            upstream_reflection=False,
-        )
+    return ServeConfig(
+        policy=str(path),
+        listen="127.0.0.1:0",
+        upstream=f"127.0.0.1:{upstream}",
+        jwks=[str(tmp / "jwks.json")],
+        descriptor_sets=[str(write_descriptor_set(tmp / "bench.protoset"))],
+        upstream_reflection=False,
+        **fields,
     )
+
+
+async def start_proxy(tmp: Path, policy: str, upstream: int) -> Sidecar:
+    sidecar = Sidecar(sidecar_config(tmp, policy, upstream))
     await sidecar.start()
     return sidecar
 
@@ -107,8 +112,8 @@ async def main(seconds: float, concurrency: int) -> None:
     token = issuer.mint("access", "bench-user", ttl=3600).token
 
     backend = await start_echo_backend()
-    open_proxy = await start_proxy(tmp, OPEN_POLICY, backend.port, tmp / "jwks.json")
-    auth_proxy = await start_proxy(tmp, AUTH_POLICY, backend.port, tmp / "jwks.json")
+    open_proxy = await start_proxy(tmp, OPEN_POLICY, backend.port)
+    auth_proxy = await start_proxy(tmp, AUTH_POLICY, backend.port)
     rows = {}
     try:
         rows["direct"] = await drive(f"127.0.0.1:{backend.port}", seconds, concurrency, None)

@@ -18,12 +18,14 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import grpc
+
 from bench.policies import AUTH_POLICY
-from bench.run import drive, write_descriptor_set
+from bench.run import drive, sidecar_config
 from proxy.issuer import TokenIssuer
 from proxy.keygen import keygen
 from proxy.policy_file import parse_policy
-from proxy.serve import AuthProxy, ServeConfig
+from proxy.serve import AuthProxy
 from tests.echo_backend import start_echo_backend
 from tests.redis_server import RedisServer
 
@@ -34,27 +36,13 @@ SINGLE_USE = AUTH_POLICY.replace(
 
 
 async def start(tmp: Path, policy: str, upstream: int, redis: str | None) -> AuthProxy:
-    path = tmp / f"policy-{abs(hash((policy, redis)))}.yaml"
-    path.write_text(policy)
-    proxy = AuthProxy(
-        ServeConfig(
-            policy=str(path),
-            listen="127.0.0.1:0",
-            upstream=f"127.0.0.1:{upstream}",
-            jwks=[str(tmp / "jwks.json")],
-            descriptor_sets=[str(write_descriptor_set(tmp / "bench.protoset"))],
-            upstream_reflection=False,
-            redis=redis,
-        )
-    )
+    proxy = AuthProxy(sidecar_config(tmp, policy, upstream, redis=redis))
     await proxy.start()
     return proxy
 
 
 async def single_use_rate(proxy: AuthProxy, issuer: TokenIssuer, seconds: float, n: int) -> float:
     """Calls/s when every call presents a fresh single-use token (minted ahead of time)."""
-    import grpc
-
     tokens = [issuer.mint("access", f"u{i}", ttl=3600).token for i in range(int(2500 * seconds))]
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{proxy.sidecar.port}")  # type: ignore[union-attr]
     call = channel.unary_unary("/bench.Svc/Echo")
