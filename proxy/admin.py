@@ -23,7 +23,7 @@ from aiohttp import web
 
 from .http_listener import listen
 from .jsonstrict import loads_strict
-from .state import StateStore, StateUnavailable
+from .state import EXPIRY_GRACE, StateStore, StateUnavailable
 
 log = logging.getLogger("authproxy.admin")
 
@@ -100,8 +100,8 @@ def _problem(body: Any) -> str | None:
         return f"jti/sub must be a non-empty string of at most {MAX_NAME} characters"
     if isinstance(when, bool) or not isinstance(when, int | float) or not math.isfinite(when):
         return f"'{what}' must be a number (seconds since the epoch)"
-    if what == "exp" and when <= time.time():
-        return "'exp' is in the past: that token is already refused as expired"
+    if what == "exp" and when + EXPIRY_GRACE <= time.time():
+        return f"'exp' is more than {EXPIRY_GRACE:.0f}s in the past: no policy accepts that token"
     return None
 
 

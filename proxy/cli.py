@@ -119,6 +119,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="ENV holding a bearer secret the admin API requires",
     )
     p.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=None,
+        help="CIDR or address of a proxy whose x-forwarded-for is believed, for rate limits"
+        " keyed by client address (repeatable)",
+    )
+    p.add_argument(
         "--jwks",
         action="append",
         default=None,
@@ -180,6 +187,7 @@ def _serve(args: argparse.Namespace) -> int:
         state_timeout=args.state_timeout,
         admin=args.admin,
         admin_token_env=args.admin_token_env,
+        trusted_proxies=args.trusted_proxy or _env_list("--trusted-proxy"),
         jwks=args.jwks or _env_list("--jwks"),
         public_keys=args.public_key or _env_list("--public-key"),
         hmac_secret_envs=args.hmac_secret_env or _env_list("--hmac-secret-env"),

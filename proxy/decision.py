@@ -24,6 +24,8 @@ class Decision(NamedTuple):
     message: str = ""
     #: Set when a token was verified (never for public or denied calls).
     identity: Identity | None = None
+    #: For a RATE_LIMITED deny: seconds until the call may succeed.
+    retry_after: float | None = None
 
     @property
     def level(self) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -39,6 +40,7 @@ Headers = tuple[tuple[str, str], ...]
 
 GRPC_CONTENT_TYPE = "application/grpc"
 WWW_AUTHENTICATE = "www-authenticate"
+RETRY_AFTER = "retry-after"
 
 HTTP_STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: 401,
@@ -59,11 +61,13 @@ _GRPC_MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
 class CheckRequest(NamedTuple):
-    """What both front ends extract from Envoy: method, path (query kept), headers."""
+    """What both front ends extract from Envoy: method, path (query kept), headers, and
+    the client's address (for rate limits keyed by `peer`)."""
 
     method: str
     path: str
     headers: Headers
+    peer: str | None = None
 
     @property
     def grpc(self) -> bool:
@@ -97,7 +101,7 @@ async def answer(authorizer: Authorizer, request: CheckRequest) -> Allow | Deny:
     """Decide an Envoy check and translate the decision: what both front ends call."""
     policy = authorizer.policy  # one snapshot: the reply's header names match the decision
     decision = await authorizer.decide_http(
-        request.method, request.path, request.headers, request.grpc, policy
+        request.method, request.path, request.headers, request.grpc, policy, request.peer
     )
     return reply(decision, request, policy)
 
@@ -181,6 +185,8 @@ def _deny(decision: Decision, request: CheckRequest) -> Deny:
                 f'Bearer error="insufficient_scope", error_description="{description}"',
             )
         )
+    if decision.retry_after is not None:  # RFC 9110 10.2.3: whole seconds
+        headers.append((RETRY_AFTER, str(max(1, math.ceil(decision.retry_after)))))
     message, trailers = deny_details(decision)
     code = decision.status.value[0]
     if request.grpc:

@@ -48,7 +48,8 @@ class CheckService(external_auth_pb2_grpc.AuthorizationServicer):
         self, request: external_auth_pb2.CheckRequest
     ) -> external_auth_pb2.CheckResponse:
         http = request.attributes.request.http
-        check = CheckRequest(http.method, http.path, _headers(http))
+        source = request.attributes.source.address.socket_address.address
+        check = CheckRequest(http.method, http.path, _headers(http), source or None)
         if not request.attributes.request.HasField("http") or not http.path or not http.method:
             result: Allow | Deny = refuse(
                 self.authorizer, check, "the check request has no HTTP method and path"

@@ -71,17 +71,18 @@ class CheckHttpServer:
 
     async def _check(self, request: web.BaseRequest) -> web.Response:
         headers = tuple(request.headers.items())
+        peer = request.remote  # Envoy: list it in --trusted-proxy to use x-forwarded-for
         path = request.raw_path  # as sent: not decoded, query included
         prefix = self.path_prefix
         if prefix and not (path.startswith(prefix) and path[len(prefix) : len(prefix) + 1] == "/"):
             result: Allow | Deny = refuse(
                 self.authorizer,
-                CheckRequest(request.method, path, headers),
+                CheckRequest(request.method, path, headers, peer),
                 f"the check path does not start with the path prefix {prefix}/",
             )
         else:
             result = await answer(
-                self.authorizer, CheckRequest(request.method, path[len(prefix) :], headers)
+                self.authorizer, CheckRequest(request.method, path[len(prefix) :], headers, peer)
             )
         if isinstance(result, Allow):
             out = result.rendered.get("http")

@@ -1,7 +1,7 @@
 """The decision pipeline every front end calls.
 
     match the method's rule -> extract the token -> verify it for the rule's level
-    -> check shared state -> check requirements -> Decision
+    -> check shared state -> check requirements -> count rate limits -> Decision
 
 `decide` takes a gRPC method path (the sidecar, and gRPC calls seen through Envoy);
 `decide_http` takes an HTTP request seen through Envoy ext_authz and picks the rule by
@@ -23,12 +23,15 @@ from .policy import DENY, METHOD_PATH, PUBLIC, Policy, Rule
 from .reasons import Denied, Reason
 from .verify import TokenVerifier, VerifiedToken
 
-#: A shared-state check (revocation, single use, rate limits): raise `Denied` to refuse.
+Headers = Iterable[tuple[str, str | bytes]]
+
+#: A shared-state check (revocation, single use): raise `Denied` to refuse.
 StateCheck = Callable[[Rule, VerifiedToken], Awaitable[None]]
+#: The rate-limit step (`rate_limits.RateLimiter`): (rule, peer, headers, verified token or
+#: None for a public rule); raise `Denied` to refuse.
+Limiter = Callable[[Rule, str | None, Headers, VerifiedToken | None], Awaitable[None]]
 
 _MALFORMED_RULE = Rule("malformed", DENY)
-
-Headers = Iterable[tuple[str, str | bytes]]
 
 
 class Authorizer:
@@ -37,18 +40,21 @@ class Authorizer:
         policy: Policy,
         verifier: TokenVerifier,
         state_checks: Iterable[StateCheck] = (),
+        limiter: Limiter | None = None,
     ) -> None:
         self.policy = policy
         self.verifier = verifier
         self.state_checks = tuple(state_checks)
+        self.limiter = limiter
 
-    async def decide(self, method: str, headers: Headers) -> Decision:
-        """The decision for a gRPC call to `method` (`/package.Service/Method`)."""
+    async def decide(self, method: str, headers: Headers, peer: str | None = None) -> Decision:
+        """The decision for a gRPC call to `method` (`/package.Service/Method`); `peer` is
+        the connection's peer (`ipv4:1.2.3.4:5`) for rate limits keyed by client address."""
         policy = self.policy
         rule = _method_rule(policy, method)
         if rule is None:
             return _malformed_method(policy, method)
-        return await self._evaluate(policy, method, rule, headers)
+        return await self._evaluate(policy, method, rule, headers, peer)
 
     async def decide_http(
         self,
@@ -57,6 +63,7 @@ class Authorizer:
         headers: Headers,
         grpc: bool,
         policy: Policy | None = None,
+        peer: str | None = None,
     ) -> Decision:
         """The decision for an HTTP request seen through Envoy.
 
@@ -66,7 +73,7 @@ class Authorizer:
         method cannot be reached around its rule by changing the content-type or escaping
         the path. Everything else is judged by the most specific `http:` route, else the
         `default` rule. `policy` is the snapshot to decide with (default: the current one),
-        for callers that need the same snapshot afterwards.
+        for callers that need the same snapshot afterwards; `peer` is the client address.
         """
         policy = policy or self.policy
         path = path.partition("?")[0].partition("#")[0]
@@ -74,7 +81,7 @@ class Authorizer:
             rule = _method_rule(policy, path)
             if rule is None:
                 return _malformed_method(policy, path)
-            return await self._evaluate(policy, path, rule, headers)
+            return await self._evaluate(policy, path, rule, headers, peer)
         target = f"{http_method} {path}"
         try:
             segments = split_path(path)
@@ -85,9 +92,9 @@ class Authorizer:
         decoded = "/" + "/".join(segments)
         rule = policy.listed(decoded) if METHOD_PATH.fullmatch(decoded) else None
         if rule is not None:
-            return await self._evaluate(policy, decoded, rule, headers)
+            return await self._evaluate(policy, decoded, rule, headers, peer)
         rule = policy.http.match(http_method, segments) or policy.default
-        return await self._evaluate(policy, target, rule, headers)
+        return await self._evaluate(policy, target, rule, headers, peer)
 
     def malformed(self, target: str, message: str) -> Decision:
         """A deny for a request that cannot be judged at all (no path, no attributes)."""
@@ -96,25 +103,39 @@ class Authorizer:
         )
 
     async def _evaluate(
-        self, policy: Policy, target: str, rule: Rule, headers: Headers
+        self, policy: Policy, target: str, rule: Rule, headers: Headers, peer: str | None
     ) -> Decision:
-        """The steps after matching: level, token, shared state, requirements."""
-        if rule.level == PUBLIC:
+        """The steps after matching: level, token, shared state, requirements, rate limits."""
+        if rule.level == PUBLIC and not rule.rate_limits:
             return Decision(True, target, rule, policy.version)
         if rule.level == DENY:
             return Decision(
                 False, target, rule, policy.version, Reason.METHOD_DENIED, "this method is disabled"
             )
+        verified = identity = None
         try:
-            spec = policy.tokens[rule.level]
-            token = extract_bearer(headers, policy.max_token_bytes)
-            verified = self.verifier.verify(token, spec, policy)
-            identity = identity_of(verified, spec, policy)
-            for check in self.state_checks:
-                await check(rule, verified)
-            check_requirements(rule, identity)
+            if rule.level != PUBLIC:
+                spec = policy.tokens[rule.level]
+                token = extract_bearer(headers, policy.max_token_bytes)
+                verified = self.verifier.verify(token, spec, policy)
+                identity = identity_of(verified, spec, policy)
+                for check in self.state_checks:
+                    await check(rule, verified)
+                check_requirements(rule, identity)
+            if rule.rate_limits:
+                if self.limiter is None:
+                    raise Denied(Reason.STATE_UNAVAILABLE, "no rate limit storage is configured")
+                await self.limiter(rule, peer, headers, verified)
         except Denied as denied:
-            return Decision(False, target, rule, policy.version, denied.reason, denied.message)
+            return Decision(
+                False,
+                target,
+                rule,
+                policy.version,
+                denied.reason,
+                denied.message,
+                retry_after=denied.retry_after,
+            )
         return Decision(True, target, rule, policy.version, identity=identity)
 
 

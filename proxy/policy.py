@@ -12,6 +12,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from limits import RateLimitItem
+
 from .http_routes import HttpRoutes
 
 PUBLIC = "public"
@@ -52,6 +54,17 @@ class TokenSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most `item` calls (a `limits` rate, e.g. 5 per minute, moving window) per key."""
+
+    item: RateLimitItem
+    #: `peer` (the client address), `subject` (the token's `sub`), or a claim name.
+    key: str
+    #: When the state backend cannot be reached: allow (True) or refuse (False, default).
+    fail_open: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
     """The level and requirements of a method (or of a service wildcard, or the default)."""
 
@@ -65,6 +78,10 @@ class Rule:
     single_use: bool = False
     #: On reuse of a single-use token, revoke every token of its subject (reuse detection).
     revoke_on_reuse: bool = True
+    #: Checked in order after every other step; each counts only calls that reach it.
+    rate_limits: tuple[RateLimit, ...] = ()
+    #: End an open stream (UNAUTHENTICATED) once its token expires or is revoked.
+    end_streams: bool = True
     line: int | None = None
 
     @property

@@ -11,6 +11,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+import limits
+from limits import RateLimitItem
+
 from . import yaml_source
 from .http_routes import HttpRoute, HttpRoutes, parse_route_key
 from .identity import BUILTIN_HEADERS
@@ -22,11 +25,12 @@ from .policy import (
     PUBLIC,
     TOKEN_LEVELS,
     Policy,
+    RateLimit,
     Rule,
     TokenSpec,
 )
 from .policy_values import ValueChecks
-from .yaml_source import LineMap, SourceError
+from .yaml_source import LineList, LineMap, SourceError
 
 TOP_KEYS = (
     "version",
@@ -48,7 +52,13 @@ RULE_KEYS = (
     "forward_token",
     "single_use",
     "revoke_on_reuse",
+    "rate_limit",
+    "end_streams",
 )
+RATE_LIMIT_KEYS = ("limit", "key", "fail_open")
+#: The moving window keeps one timestamp per counted call and key: bound what one key holds.
+MAX_RATE_AMOUNT = 10_000
+_CLAIM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}")
 TOKEN_KEYS = ("type", "audience", "issuer", "keys", "type_claim")
 _HEADER_NAME = re.compile(r"x-auth-[a-z0-9]+(?:-[a-z0-9]+)*")
 
@@ -263,6 +273,9 @@ class _Validator(ValueChecks):
             self.error(line, f"{where}: single_use needs a token level, not {level!r}")
         if "revoke_on_reuse" in spec and not single_use:
             self.error(line, f"{where}: revoke_on_reuse only applies with single_use: true")
+        end_streams = self.boolean(spec, "end_streams", default=True)
+        if "end_streams" in spec and level in (PUBLIC, DENY):
+            self.error(line, f"{where}: end_streams needs a token level, not {level!r}")
         return Rule(
             pattern,
             level,
@@ -272,8 +285,69 @@ class _Validator(ValueChecks):
             forward_token=self.boolean(spec, "forward_token", default=forward),
             single_use=single_use,
             revoke_on_reuse=self.boolean(spec, "revoke_on_reuse", default=True),
+            rate_limits=self.rate_limits(spec, where, level),
+            end_streams=end_streams,
             line=line,
         )
+
+    def rate_limits(self, spec: LineMap, where: str, level: str) -> tuple[RateLimit, ...]:
+        """`rate_limit: {limit: 5/minute, key: peer, fail_open: false}`, or a list of them."""
+        if "rate_limit" not in spec:
+            return ()
+        value = spec["rate_limit"]
+        line = spec.line_of("rate_limit")
+        if level == DENY:
+            self.error(line, f"{where}: a rate limit needs a level that allows calls, not 'deny'")
+            return ()
+        entries = value if isinstance(value, LineList) else [value]
+        if not entries or not all(isinstance(e, LineMap) for e in entries):
+            self.error(
+                line,
+                f"{where}: 'rate_limit' must be a mapping like {{limit: 5/minute, key: peer}}"
+                " or a non-empty list of them",
+            )
+            return ()
+        out = []
+        for entry in entries:
+            self.unknown_keys(entry, RATE_LIMIT_KEYS, f"key in the rate limit of {where}")
+            text = self.string(entry, "limit", f"the rate limit of {where}")
+            key = self.string(entry, "key", f"the rate limit of {where}", default="peer")
+            fail_open = self.boolean(entry, "fail_open", default=False)
+            item = self.rate(entry, text)
+            if key is not None and not _CLAIM_NAME.fullmatch(key):
+                self.error(
+                    entry.line_of("key"),
+                    f"rate limit key {key!r} must be 'peer', 'subject' or a claim name",
+                )
+            elif key not in (None, "peer") and level == PUBLIC:
+                self.error(
+                    entry.line_of("key"),
+                    f"{where}: a public method has no token, so its rate limit key must be"
+                    f" 'peer', not {key!r}",
+                )
+            elif item is not None and key is not None:
+                out.append(RateLimit(item, key, fail_open))
+        return tuple(out)
+
+    def rate(self, entry: LineMap, text: str | None) -> RateLimitItem | None:
+        if text is None:
+            return None
+        line = entry.line_of("limit")
+        try:
+            items = limits.parse_many(text)
+        except ValueError:
+            items = []
+        if len(items) != 1:
+            self.error(
+                line,
+                f"malformed rate {text!r}: expected one rate like 5/minute, 10/hour or"
+                " '100 per 2 hours' (list several entries for several limits)",
+            )
+            return None
+        if not 1 <= items[0].amount <= MAX_RATE_AMOUNT:
+            self.error(line, f"rate {text!r}: the count must be between 1 and {MAX_RATE_AMOUNT}")
+            return None
+        return items[0]
 
     def claim_headers(self, doc: LineMap) -> tuple[tuple[str, str], ...]:
         section = doc.get("claim_headers")

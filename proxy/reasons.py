@@ -42,7 +42,10 @@ class Reason(StrEnum):
     # The request itself cannot be judged (gRPC INVALID_ARGUMENT): a path with dot
     # segments or encoded slashes, or an ext_authz check without HTTP attributes.
     REQUEST_MALFORMED = "REQUEST_MALFORMED"
-    # Shared state (revocation, single use) cannot be consulted: fail closed (UNAVAILABLE).
+    # Too many calls for the rule's rate limit (gRPC RESOURCE_EXHAUSTED, HTTP 429).
+    RATE_LIMITED = "RATE_LIMITED"
+    # Shared state (revocation, single use, rate limits) cannot be consulted: fail closed
+    # (UNAVAILABLE).
     STATE_UNAVAILABLE = "STATE_UNAVAILABLE"
 
     @property
@@ -61,13 +64,16 @@ _STATUS = {
     )
 }
 _STATUS[Reason.REQUEST_MALFORMED] = grpc.StatusCode.INVALID_ARGUMENT
+_STATUS[Reason.RATE_LIMITED] = grpc.StatusCode.RESOURCE_EXHAUSTED
 _STATUS[Reason.STATE_UNAVAILABLE] = grpc.StatusCode.UNAVAILABLE
 
 
 class Denied(Exception):
     """Raised inside the pipeline to stop with a reason; never escapes `Authorizer.decide`."""
 
-    def __init__(self, reason: Reason, message: str) -> None:
+    def __init__(self, reason: Reason, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        #: Seconds after which the same call may succeed (rate limits).
+        self.retry_after = retry_after

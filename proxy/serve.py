@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from .admin import AdminServer
 from .catalog import CatalogError, MethodCatalog
+from .client_address import TrustedProxies
 from .ext_authz_grpc import CheckServer
 from .ext_authz_http import CheckHttpServer
 from .keys import (
@@ -31,10 +32,12 @@ from .keys import (
 from .pipeline import Authorizer
 from .policy import Policy
 from .policy_file import PolicyError, load_policy
+from .rate_limits import RateLimiter
 from .sidecar import SidecarHandler, build_server
 from .state import DEFAULT_SUBJECT_TTL, MemoryState, StateStore
 from .state_checks import revocation_check, single_use_check
 from .state_redis import DEFAULT_STALENESS, DEFAULT_TIMEOUT, RedisState
+from .stream_guard import StreamGuard
 from .upstream import Upstream
 from .verify import TokenVerifier
 
@@ -63,6 +66,8 @@ class ServeConfig:
     state_timeout: float = DEFAULT_TIMEOUT
     admin: str | None = None  # HOST:PORT of the admin API (revocations)
     admin_token_env: str | None = None  # env var holding the admin API's bearer secret
+    #: CIDRs whose x-forwarded-for is believed, for rate limits keyed by client address
+    trusted_proxies: list[str] = field(default_factory=list)
     jwks: list[str] = field(default_factory=list)
     public_keys: list[str] = field(default_factory=list)  # [KID=]PEM
     hmac_secret_envs: list[str] = field(default_factory=list)  # [KID=]ENV
@@ -124,15 +129,23 @@ def build_state(cfg: ServeConfig) -> StateStore:
         raise ConfigError(f"--redis: {e}") from None
 
 
-def build_authorizer(cfg: ServeConfig, state: StateStore | None = None) -> Authorizer:
+def build_authorizer(cfg: ServeConfig, state: StateStore) -> Authorizer:
     try:
         policy = load_policy(cfg.policy)
     except PolicyError as e:
         raise ConfigError(str(e)) from None
     keys = load_keys(cfg)
     check_policy_keys(policy, keys)
-    checks = (revocation_check(state), single_use_check(state)) if state is not None else ()
-    return Authorizer(policy, TokenVerifier(keys, cache_size=cfg.token_cache_size), checks)
+    try:
+        trusted = TrustedProxies(cfg.trusted_proxies)
+    except ValueError as e:
+        raise ConfigError(f"--trusted-proxy: {e}") from None
+    return Authorizer(
+        policy,
+        TokenVerifier(keys, cache_size=cfg.token_cache_size),
+        (revocation_check(state), single_use_check(state)),
+        RateLimiter(state.rate_limit_storage(), trusted),
+    )
 
 
 def _check_address(flag: str, value: str) -> None:
@@ -144,13 +157,24 @@ def _check_address(flag: str, value: str) -> None:
 class Sidecar:
     """A running sidecar: listener, authorizer, backend connection."""
 
-    def __init__(self, cfg: ServeConfig, authorizer: Authorizer | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        authorizer: Authorizer | None = None,
+        state: StateStore | None = None,
+    ) -> None:
+        """With no `authorizer`, one is built on `state` (default: in memory); the
+        `StreamGuard` watches streams against `state`."""
         if cfg.upstream is None:
             raise ConfigError("the sidecar needs --upstream HOST:PORT")
         _check_address("--listen", cfg.listen)
         _check_address("--upstream", cfg.upstream)
         self.cfg = cfg
-        self.authorizer = authorizer or build_authorizer(cfg)
+        if authorizer is None:
+            state = state or MemoryState(subject_ttl=cfg.subject_revocation_ttl)
+            authorizer = build_authorizer(cfg, state)
+        self.authorizer = authorizer
+        self.guard = StreamGuard(state) if state is not None else None
         self.catalog = MethodCatalog()
         try:
             for path in cfg.descriptor_sets:
@@ -158,7 +182,7 @@ class Sidecar:
         except CatalogError as e:
             raise ConfigError(str(e)) from None
         self.upstream = Upstream(cfg.upstream, cfg.max_message_bytes)
-        handler = SidecarHandler(self.authorizer, self.upstream, self.catalog)
+        handler = SidecarHandler(self.authorizer, self.upstream, self.catalog, self.guard)
         try:
             self.server, self.port = build_server(handler, cfg.listen, cfg.max_message_bytes)
         except (OSError, RuntimeError) as e:
@@ -199,6 +223,8 @@ class Sidecar:
                 await self._learning
         await self.server.stop(self.cfg.shutdown_grace if grace is None else grace)
         await self.upstream.close()
+        if self.guard is not None:
+            await self.guard.close()
 
 
 class AuthProxy:
@@ -218,7 +244,7 @@ class AuthProxy:
                 _check_address(flag, value)
         self.state = build_state(cfg)
         self.authorizer = build_authorizer(cfg, self.state)
-        self.sidecar = Sidecar(cfg, self.authorizer) if cfg.upstream else None
+        self.sidecar = Sidecar(cfg, self.authorizer, self.state) if cfg.upstream else None
         self.admin: AdminServer | None = None
         if cfg.admin:
             _check_address("--admin", cfg.admin)

@@ -4,20 +4,24 @@ Every call: ask the `Authorizer` (one pipeline for all front ends) with the meth
 and the request metadata; on deny, end the call with the decision's status, message and
 `ErrorInfo`; on allow, rewrite the metadata and relay the call to the backend. Unary
 methods (known from the `MethodCatalog`) take the unary path; everything else takes the
-generic stream path, which carries all four kinds.
+generic stream path, which carries all four kinds. Streams authorized with a token are
+watched by the `StreamGuard`, which ends them when the token expires or is revoked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
 from .catalog import Kind, MethodCatalog
+from .decision import Decision
 from .grpc_status import deny_details
 from .metadata import InvalidMetadata, Metadata, upstream_metadata
 from .pipeline import Authorizer
+from .stream_guard import StreamGuard
 from .upstream import Upstream
 
 log = logging.getLogger("authproxy.sidecar")
@@ -34,10 +38,17 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 class SidecarHandler(grpc.GenericRpcHandler):
-    def __init__(self, authorizer: Authorizer, upstream: Upstream, catalog: MethodCatalog) -> None:
+    def __init__(
+        self,
+        authorizer: Authorizer,
+        upstream: Upstream,
+        catalog: MethodCatalog,
+        guard: StreamGuard | None = None,
+    ) -> None:
         self.authorizer = authorizer
         self.upstream = upstream
         self.catalog = catalog
+        self.guard = guard
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
@@ -54,32 +65,58 @@ class SidecarHandler(grpc.GenericRpcHandler):
             self._handlers[method] = handler
         return handler
 
-    async def _authorize(self, method: str, context: grpc.aio.ServicerContext) -> Metadata:
-        """Decide; abort the call on deny, else return the metadata for the backend."""
+    async def _authorize(
+        self, method: str, context: grpc.aio.ServicerContext
+    ) -> tuple[Decision, Metadata]:
+        """Decide; abort the call on deny, else return the decision and the metadata for
+        the backend."""
         incoming = context.invocation_metadata() or ()
-        decision = await self.authorizer.decide(method, incoming)
+        decision = await self.authorizer.decide(method, incoming, context.peer())
         if not decision.allowed:
-            message, trailers = deny_details(decision)
-            await context.abort(decision.status, message, trailing_metadata=trailers)
+            await _deny(decision, context)
         try:
-            return upstream_metadata(incoming, decision)
+            return decision, upstream_metadata(incoming, decision)
         except InvalidMetadata as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise  # unreachable: abort raises
 
     def _unary_for(self, method: str):
         async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            metadata = await self._authorize(method, context)
+            _, metadata = await self._authorize(method, context)
             return await self.upstream.unary(method, request, metadata, context)
 
         return unary
 
     def _stream_for(self, method: str):
         async def stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-            metadata = await self._authorize(method, context)
-            await self.upstream.stream(method, requests, metadata, context)
+            decision, metadata = await self._authorize(method, context)
+            watch = None
+            if self.guard is not None:
+                watch = self.guard.watch(decision, self.authorizer.policy.leeway)
+            if watch is None:
+                await self.upstream.stream(method, requests, metadata, context)
+                return
+            try:
+                await self.upstream.stream(method, requests, metadata, context)
+            except asyncio.CancelledError:
+                if watch.ended is None:
+                    raise  # the client went away
+                # The guard ended the stream (the relay and the backend call are cancelled).
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                reason, message = watch.ended
+                await _deny(
+                    decision._replace(allowed=False, reason=reason, message=message), context
+                )
+            finally:
+                self.guard.release(watch)
 
         return stream
+
+
+async def _deny(decision: Decision, context: grpc.aio.ServicerContext) -> None:
+    """End the call with the deny's status, message and details (raises AbortError)."""
+    message, trailers = deny_details(decision)
+    await context.abort(decision.status, message, trailing_metadata=trailers)
 
 
 def build_server(

@@ -4,6 +4,8 @@ Every record expires: a revoked jti when its token would have expired anyway, a 
 revocation after `subject_ttl` (longer than any token it must cover lives), a used jti at
 its token's `exp`. So the state never grows without bound.
 
+Rate limits are counted by the `limits` library in the storage each store provides.
+
 Revocation is read on every request from a *local view* (`revoked`, no I/O); the Redis
 store keeps that view fresh by pub/sub and says how fresh it is (`check_fresh`).
 """
@@ -15,9 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from limits.aio.storage import MemoryStorage, Storage
+
+from .policy_values import MAX_LEEWAY
+
 #: How long a "log out all devices" record lasts unless configured: the longest refresh
 #: token lifetime the seeds use (30 days).
 DEFAULT_SUBJECT_TTL = 30 * 24 * 3600.0
+#: A token is accepted until `exp` plus the policy's leeway, so records about one token
+#: (revoked, used) are kept that much longer: the longest leeway a policy may set.
+EXPIRY_GRACE = MAX_LEEWAY
 
 
 class StateUnavailable(Exception):
@@ -31,7 +40,13 @@ class Revocation:
     jti: str | None = None
     sub: str | None = None
     before: float | None = None
-    expires: float = 0.0  # when the record is dropped
+    #: A token's `exp`; a subject record's end (`before` + the subject TTL).
+    expires: float = 0.0
+
+    @property
+    def until(self) -> float:
+        """When the record can be dropped: a token record outlives its `exp` by the grace."""
+        return self.expires + EXPIRY_GRACE if self.jti is not None else self.expires
 
     def as_json(self) -> dict:
         if self.jti is not None:
@@ -40,6 +55,9 @@ class Revocation:
 
 
 class StateStore(Protocol):
+    #: The local picture of active revocations (see `RevocationView`).
+    view: RevocationView
+
     async def start(self) -> None: ...
     async def close(self) -> None: ...
     async def revoke_token(self, jti: str, exp: float) -> None: ...
@@ -53,6 +71,10 @@ class StateStore(Protocol):
         """Record a jti as used; True for the first presentation only (atomic)."""
         ...
 
+    def rate_limit_storage(self) -> Storage:
+        """Where the `limits` library counts rate-limited calls (see `rate_limits.py`)."""
+        ...
+
 
 class RevocationView:
     """The in-process picture of active revocations; expired entries are dropped lazily."""
@@ -61,8 +83,25 @@ class RevocationView:
         self.clock = clock
         self.tokens: dict[str, float] = {}  # jti -> exp
         self.subjects: dict[str, tuple[float, float]] = {}  # sub -> (before, expires)
+        #: Called after every change (open streams re-check their tokens).
+        self.listeners: list[Callable[[], None]] = []
 
     def add(self, revocation: Revocation) -> None:
+        self._add(revocation)
+        self._changed()
+
+    def replace(self, revocations: list[Revocation]) -> None:
+        self.tokens.clear()
+        self.subjects.clear()
+        for revocation in revocations:
+            self._add(revocation)
+        self._changed()
+
+    def _changed(self) -> None:
+        for listener in self.listeners:
+            listener()
+
+    def _add(self, revocation: Revocation) -> None:
         if revocation.jti is not None:
             self.tokens[revocation.jti] = max(
                 revocation.expires, self.tokens.get(revocation.jti, 0)
@@ -74,18 +113,12 @@ class RevocationView:
                 max(expires, revocation.expires),
             )
 
-    def replace(self, revocations: list[Revocation]) -> None:
-        self.tokens.clear()
-        self.subjects.clear()
-        for revocation in revocations:
-            self.add(revocation)
-
     def revoked(self, jti: str | None, sub: str, iat: float | None) -> bool:
         now = self.clock()
         if jti is not None:
             exp = self.tokens.get(jti)
             if exp is not None:
-                if exp > now:
+                if exp + EXPIRY_GRACE > now:  # still accepted within the leeway
                     return True
                 del self.tokens[jti]
         entry = self.subjects.get(sub)
@@ -99,7 +132,9 @@ class RevocationView:
 
     def active(self) -> list[Revocation]:
         now = self.clock()
-        out = [Revocation(jti=j, expires=e) for j, e in self.tokens.items() if e > now]
+        out = [
+            Revocation(jti=j, expires=e) for j, e in self.tokens.items() if e + EXPIRY_GRACE > now
+        ]
         out += [
             Revocation(sub=s, before=b, expires=e) for s, (b, e) in self.subjects.items() if e > now
         ]
@@ -117,12 +152,14 @@ class MemoryState:
         self.view = RevocationView(clock)
         self._used: dict[str, float] = {}  # jti -> exp
         self._purge_at = 1024
+        self._limits: MemoryStorage | None = None
 
     async def start(self) -> None:
         return None
 
     async def close(self) -> None:
-        return None
+        if self._limits is not None and self._limits.timer is not None:
+            self._limits.timer.cancel()  # its expiry sweep
 
     async def revoke_token(self, jti: str, exp: float) -> None:
         self.view.add(Revocation(jti=jti, expires=exp))
@@ -147,5 +184,10 @@ class MemoryState:
         seen = self._used.get(jti)
         if seen is not None and seen > now:
             return False
-        self._used[jti] = exp  # no await between the check and the set: atomic here
+        self._used[jti] = exp + EXPIRY_GRACE  # no await since the check: atomic here
         return True
+
+    def rate_limit_storage(self) -> Storage:
+        if self._limits is None:
+            self._limits = MemoryStorage()
+        return self._limits

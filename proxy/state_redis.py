@@ -2,9 +2,10 @@
 
 Records (all under the `namespace` prefix, all with an expiry):
 
-    {ns}:revoked:jti:<jti>  = "<exp>"                 expires at exp
+    {ns}:revoked:jti:<jti>  = "<exp>"                 expires at exp + EXPIRY_GRACE
     {ns}:revoked:sub:<sub>  = "<before> <expires>"    expires at before + subject_ttl
-    {ns}:used:<jti>         = "1"                     expires at the token's exp (SET NX)
+    {ns}:used:<jti>         = "1"                     expires at exp + EXPIRY_GRACE (SET NX)
+    {ns}:ratelimit:...      the `limits` library's moving windows, expiring with them
 
 Revocations are also published on `{ns}:revocations`. Each proxy keeps a local view:
 it subscribes, then loads every record (so nothing published meanwhile is missed), then
@@ -25,9 +26,10 @@ import time
 from collections.abc import Callable
 
 import redis.asyncio as redis
+from limits.aio.storage import RedisStorage
 from redis.exceptions import RedisError
 
-from .state import DEFAULT_SUBJECT_TTL, Revocation, RevocationView, StateUnavailable
+from .state import DEFAULT_SUBJECT_TTL, EXPIRY_GRACE, Revocation, RevocationView, StateUnavailable
 
 log = logging.getLogger("authproxy.state")
 
@@ -63,18 +65,8 @@ class RedisState:
         self.subject_ttl = subject_ttl
         self.staleness = staleness
         self.clock = clock
-        # A blocking pool: under a burst, callers wait (up to `timeout`) for a connection
-        # instead of failing with "too many connections".
-        pool = redis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=timeout,
-            decode_responses=True,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry_on_timeout=False,
-        )
-        self.client = redis.Redis(connection_pool=pool)
+        self.timeout = timeout
+        self.client = redis.Redis(connection_pool=self._pool(decode_responses=True))
         self.view = RevocationView(clock)
         self.channel = f"{namespace}:revocations"
         self.failures_total = 0
@@ -82,6 +74,35 @@ class RedisState:
         self._follower: asyncio.Task[None] | None = None
         self._closing = False
         self._revoke_subject = self.client.register_script(_REVOKE_SUBJECT)
+        self._limits: RedisStorage | None = None
+        self._limits_pool: redis.BlockingConnectionPool | None = None
+
+    def _pool(self, decode_responses: bool) -> redis.BlockingConnectionPool:
+        # A blocking pool: under a burst, callers wait (up to `timeout`) for a connection
+        # instead of failing with "too many connections".
+        return redis.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=self.timeout,
+            decode_responses=decode_responses,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            retry_on_timeout=False,
+        )
+
+    def rate_limit_storage(self) -> RedisStorage:
+        """The `limits` library's Redis storage (its own pool: it reads raw replies), keys
+        under `{namespace}:ratelimit`."""
+        if self._limits is None:
+            self._limits_pool = self._pool(decode_responses=False)
+            self._limits = RedisStorage(
+                "async+" + self.url,
+                implementation="redispy",
+                key_prefix=f"{self.ns}:ratelimit",
+                wrap_exceptions=True,
+                connection_pool=self._limits_pool,
+            )
+        return self._limits
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -103,13 +124,15 @@ class RedisState:
             await asyncio.wait({follower}, timeout=0.1)
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
+        if self._limits_pool is not None:
+            await self._limits_pool.disconnect()
 
     # --- revocation -----------------------------------------------------------------------
 
     async def revoke_token(self, jti: str, exp: float) -> None:
         revocation = Revocation(jti=jti, expires=exp)
         async with self._guard("revoke a token"):
-            await self.client.set(self._jti_key(jti), repr(exp), exat=math.ceil(exp))
+            await self.client.set(self._jti_key(jti), repr(exp), exat=math.ceil(revocation.until))
             await self.client.publish(self.channel, json.dumps(revocation.as_json()))
         self.view.add(revocation)
 
@@ -139,7 +162,9 @@ class RedisState:
     async def first_use(self, jti: str, exp: float) -> bool:
         async with self._guard("record a token use"):
             return bool(
-                await self.client.set(f"{self.ns}:used:{jti}", "1", nx=True, exat=math.ceil(exp))
+                await self.client.set(
+                    f"{self.ns}:used:{jti}", "1", nx=True, exat=math.ceil(exp + EXPIRY_GRACE)
+                )
             )
 
     # --- internals ------------------------------------------------------------------------
@@ -178,7 +203,7 @@ class RedisState:
             except ValueError:
                 log.warning("redis: ignoring malformed revocation record %s", key)
         now = self.clock()
-        return [r for r in out if r.expires > now]
+        return [r for r in out if r.until > now]
 
     async def _follow(self, loaded: asyncio.Event) -> None:
         """Subscribe, load, apply published revocations, ping; reconnect on any failure."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import pytest
 import redis.asyncio as redis
 
-from proxy.state import MemoryState, Revocation, StateStore, StateUnavailable
+from proxy.state import EXPIRY_GRACE, MemoryState, Revocation, StateStore, StateUnavailable
 from proxy.state_redis import RedisState
 from tests.redis_server import (  # noqa: F401
     RedisServer,
@@ -119,16 +119,32 @@ async def test_a_revoked_jti_is_revoked_and_no_other(state_backend: Backend, sto
     assert not store.revoked(None, "alice", state_backend.clock() - 10)
 
 
-async def test_expired_revocations_are_not_reported(state_backend: Backend, store: StateStore):
-    """A revocation ends at its exp: `revoked` and `revocations()` (the admin API's list of
-    *active* revocations) both forget it; the token is refused as expired from then on.
+async def test_a_revocation_outlives_its_exp_by_the_longest_leeway(
+    state_backend: Backend, store: StateStore
+):
+    """A token is accepted until exp + the policy's leeway, so its revocation is kept
+    EXPIRY_GRACE (the longest leeway a policy may set) past its exp."""
+    exp = math.floor(state_backend.clock()) + 2
+    await store.revoke_token("jti-1", exp)
+    await state_backend.wait_until(exp + 0.5)
+    assert store.revoked("jti-1", "alice", None)  # expired, but within any leeway
+    assert [r.jti for r in await store.revocations()] == ["jti-1"]
+    if state_backend.kind == "memory":  # the real clock cannot wait minutes
+        await state_backend.wait_until(exp + EXPIRY_GRACE + 0.5)
+        assert not store.revoked("jti-1", "alice", None)
 
-    One exp is whole seconds (like a token's), one fractional (the admin API takes any
-    number): its Redis key can only expire on a whole second, after the exp itself."""
+
+async def test_expired_revocations_are_not_reported(state_backend: Backend, store: StateStore):
+    """A revocation ends EXPIRY_GRACE after its exp: `revoked` and `revocations()` (the
+    admin API's list of *active* revocations) both forget it; the token is refused as
+    expired by every policy from then on.
+
+    One end is whole seconds (like a token's exp), one fractional (the admin API takes any
+    number): its Redis key can only expire on a whole second, after the end itself."""
     if state_backend.clock() % 1 > 0.6:  # start early in a second (deterministic timing)
         await state_backend.wait_until(math.ceil(state_backend.clock()))
     base = math.floor(state_backend.clock())  # now is within [base, base + 0.6]
-    whole, fractional = base + 1, base + 1.3
+    whole, fractional = base + 1 - EXPIRY_GRACE, base + 1.3 - EXPIRY_GRACE
     await store.revoke_token("whole-second", whole)
     await store.revoke_token("fractional", fractional)
     await store.revoke_token("long-lived", base + 300)
@@ -140,7 +156,7 @@ async def test_expired_revocations_are_not_reported(state_backend: Backend, stor
         "long-lived",
     }
 
-    await state_backend.wait_until(base + 1.45)  # both exps have passed
+    await state_backend.wait_until(base + 1.45)  # both records have ended
     assert not store.revoked("whole-second", "alice", None)
     assert not store.revoked("fractional", "alice", None)
     assert store.revoked("long-lived", "alice", None)
@@ -215,6 +231,16 @@ async def test_first_use_is_true_once(state_backend: Backend, store: StateStore)
     assert await store.first_use("refresh-2", exp) is True
 
 
+async def test_a_used_token_stays_used_past_its_exp_within_the_leeway(
+    state_backend: Backend, store: StateStore
+):
+    """A single-use token is accepted until exp + leeway: its use is remembered as long."""
+    exp = math.floor(state_backend.clock()) + 1
+    assert await store.first_use("refresh-1", exp) is True
+    await state_backend.wait_until(exp + 1)
+    assert await store.first_use("refresh-1", exp) is False
+
+
 async def test_exactly_one_of_100_concurrent_first_uses_wins(
     state_backend: Backend, store: StateStore
 ):
@@ -258,8 +284,8 @@ async def test_every_redis_record_expires(redis_url: str):  # noqa: F811
         assert keys == ["ttl:revoked:jti:jti-1", "ttl:revoked:sub:alice", "ttl:used:refresh-1"]
         ttls = {k: await raw.ttl(k) for k in keys}
         assert all(t > 0 for t in ttls.values()), f"a record without expiry: {ttls}"
-        assert ttls["ttl:revoked:jti:jti-1"] <= 121
-        assert ttls["ttl:used:refresh-1"] <= 121
+        assert ttls["ttl:revoked:jti:jti-1"] <= 121 + EXPIRY_GRACE
+        assert ttls["ttl:used:refresh-1"] <= 121 + EXPIRY_GRACE
         assert subject_ttl - 5 <= ttls["ttl:revoked:sub:alice"] <= subject_ttl + 1
         # Nothing else in the server is left without an expiry either.
         persistent = [k async for k in raw.scan_iter(match="*") if await raw.ttl(k) < 0]

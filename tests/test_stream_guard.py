@@ -1,0 +1,264 @@
+"""Open streams keep their token's limits (`proxy/stream_guard.py`): a stream through the
+sidecar ends with UNAUTHENTICATED when its token expires (TOKEN_EXPIRED) or is revoked
+(TOKEN_REVOKED), and with UNAVAILABLE (STATE_UNAVAILABLE) when revocations can no longer
+be known; `end_streams: false` keeps it open. Real sidecars, a real echo backend, a real
+`redis-server` for the shared cases.
+
+Timing assertions are the documented functional bounds only: a stream never ends before
+its token's `exp` plus leeway, and a revocation reaches an open stream on another replica
+within `state_staleness` (1 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from proxy.issuer import TokenIssuer
+from proxy.reasons import Reason
+from tests.conftest import TEST_POLICY, Keys, descriptor_set, error_info
+from tests.echo_backend import EchoBackend
+from tests.redis_server import RedisServer, redis_server, redis_url  # noqa: F401
+from tests.test_state_shared import admin, running_node
+
+CHAT = "/test.Access/Chat"
+COUNT = "/test.Access/Count"
+PUBLIC_CHAT = "/test.Public/Chat"
+KEEP_CHAT = "/test.Keep/Chat"
+PROPAGATION_BOUND = 1.0  # state_staleness
+FAIL_CLOSED_BOUND = 2.0  # staleness (1 s) plus the guard's and the feed's check intervals
+
+POLICY = TEST_POLICY.replace("leeway: 5s", "leeway: 0s") + (
+    "  /test.Keep/*: {level: access, end_streams: false}\n"
+)
+assert "leeway: 0s" in POLICY
+
+
+class Chat:
+    """One open bidi stream through the proxy: say something, hear it back."""
+
+    def __init__(self, channel: grpc.aio.Channel, method: str, token: str | None) -> None:
+        md = (("authorization", f"Bearer {token}"),) if token else ()
+        self.call = channel.stream_stream(method)(metadata=md, timeout=30)
+
+    async def roundtrip(self, text: bytes = b"hi") -> bytes:
+        await self.call.write(text)
+        return await self.call.read()
+
+    async def ended(self, within: float) -> tuple[grpc.StatusCode, str | None, float]:
+        """(status, ErrorInfo reason, when) once the proxy ends the stream."""
+        try:
+            async with asyncio.timeout(within):
+                while True:
+                    message = await self.call.read()
+                    if message is grpc.aio.EOF:
+                        break
+        except grpc.aio.AioRpcError as e:
+            info = error_info(e)
+            return e.code(), info.reason if info is not None else None, time.time()
+        except TimeoutError:
+            return grpc.StatusCode.OK, "still open", time.time()
+        return await self.call.code(), None, time.time()
+
+
+async def test_a_stream_ends_when_its_token_expires_not_before(
+    tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
+):
+    async with running_node(tmp_path, keys, backend, "a", POLICY) as node:
+        token = issuer.mint("access", "alice", ttl=2)
+        chat = Chat(node.channel, CHAT, token.token)
+        assert await chat.roundtrip(b"one") == b"echo:one"
+        code, reason, when = await chat.ended(within=10)
+        assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, Reason.TOKEN_EXPIRED)
+        assert when >= token.exp  # leeway 0: not a moment before the token expired
+        guard = node.proxy.sidecar.guard
+        assert guard.ended_total == {Reason.TOKEN_EXPIRED: 1}
+        assert len(guard) == 0
+
+
+async def test_a_server_stream_ends_when_its_token_expires(
+    tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
+):
+    """A long server-streaming call is cut at expiry too (the backend streams slowly)."""
+    async with running_node(tmp_path, keys, backend, "a", POLICY) as node:
+        token = issuer.mint("access", "alice", ttl=1)
+        md = (("authorization", f"Bearer {token.token}"),)
+        call = node.channel.unary_stream(COUNT)(b'{"n": 100000000}', metadata=md, timeout=30)
+        received = 0
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in call:
+                received += 1
+        assert received > 0
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert error_info(caught.value).reason == Reason.TOKEN_EXPIRED
+
+
+async def test_end_streams_false_keeps_a_stream_open_past_expiry(
+    tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
+):
+    async with running_node(tmp_path, keys, backend, "a", POLICY) as node:
+        token = issuer.mint("access", "alice", ttl=1)
+        chat = Chat(node.channel, KEEP_CHAT, token.token)
+        assert await chat.roundtrip(b"before") == b"echo:before"
+        while time.time() < token.exp + 0.5:
+            await asyncio.sleep(0.1)
+        assert await chat.roundtrip(b"after") == b"echo:after"
+        await chat.call.done_writing()
+        assert await chat.call.code() == grpc.StatusCode.OK
+
+
+async def test_revoking_the_token_ends_its_open_stream_and_only_that_one(
+    tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
+):
+    async with running_node(tmp_path, keys, backend, "a", POLICY) as node:
+        revoked = issuer.mint("access", "alice", ttl=300)
+        kept = issuer.mint("access", "alice", ttl=300)  # same subject, another jti
+        chat = Chat(node.channel, CHAT, revoked.token)
+        other = Chat(node.channel, CHAT, kept.token)
+        assert await chat.roundtrip() == b"echo:hi"
+        assert await other.roundtrip() == b"echo:hi"
+
+        status, _, _ = await admin(node.admin_url, body={"jti": revoked.jti, "exp": revoked.exp})
+        assert status == 201
+        code, reason, _ = await chat.ended(within=5)
+        assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, Reason.TOKEN_REVOKED)
+        assert await other.roundtrip(b"still") == b"echo:still"
+        await other.call.done_writing()
+        assert await other.call.code() == grpc.StatusCode.OK
+
+
+async def test_logging_out_every_device_ends_the_subjects_streams(
+    tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
+):
+    async with running_node(tmp_path, keys, backend, "a", POLICY) as node:
+        alice = Chat(node.channel, CHAT, issuer.mint("access", "alice", ttl=300).token)
+        bob = Chat(node.channel, CHAT, issuer.mint("access", "bob", ttl=300).token)
+        assert await alice.roundtrip() == b"echo:hi"
+        assert await bob.roundtrip() == b"echo:hi"
+        await node.proxy.state.revoke_subject("alice", time.time() + 1)
+        code, reason, _ = await alice.ended(within=5)
+        assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, Reason.TOKEN_REVOKED)
+        assert await bob.roundtrip(b"bob") == b"echo:bob"
+        bob.call.cancel()
+
+
+async def test_public_streams_and_finished_streams_are_not_watched(
+    tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
+):
+    async with running_node(tmp_path, keys, backend, "a", POLICY) as node:
+        guard = node.proxy.sidecar.guard
+        public = Chat(node.channel, PUBLIC_CHAT, None)
+        assert await public.roundtrip() == b"echo:hi"
+        assert len(guard) == 0  # no token, nothing to expire or revoke
+        chat = Chat(node.channel, CHAT, issuer.mint("access", "alice", ttl=300).token)
+        assert await chat.roundtrip() == b"echo:hi"
+        assert len(guard) == 1
+        await chat.call.done_writing()
+        assert await chat.call.code() == grpc.StatusCode.OK
+        await public.call.done_writing()
+        assert await public.call.code() == grpc.StatusCode.OK
+        for _ in range(100):  # the handler releases its watch as it returns
+            if len(guard) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert len(guard) == 0
+        assert guard.ended_total == {}
+
+
+async def test_a_client_cancel_is_not_mistaken_for_a_guard_end(
+    tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
+):
+    async with running_node(tmp_path, keys, backend, "a", POLICY) as node:
+        guard = node.proxy.sidecar.guard
+        chat = Chat(node.channel, CHAT, issuer.mint("access", "alice", ttl=300).token)
+        assert await chat.roundtrip() == b"echo:hi"
+        chat.call.cancel()
+        for _ in range(200):
+            if len(guard) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert len(guard) == 0
+        assert guard.ended_total == {}
+
+
+async def test_a_unary_call_in_flight_is_not_cut_by_a_revocation(
+    tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
+):
+    """Known unary methods take the unary path: decided once, never watched."""
+    kinds = [str(descriptor_set(tmp_path / "echo.protoset"))]
+    async with running_node(tmp_path, keys, backend, "a", POLICY, descriptor_sets=kinds) as node:
+        token = issuer.mint("access", "alice", ttl=300)
+        md = (("authorization", f"Bearer {token.token}"),)
+        call = node.channel.unary_unary("/test.Access/Hang")(b"{}", metadata=md, timeout=30)
+        await asyncio.wait_for(backend.hang_started.wait(), 10)
+        assert len(node.proxy.sidecar.guard) == 0
+        await node.proxy.state.revoke_token(token.jti, token.exp)
+        await asyncio.sleep(0.5)
+        assert not call.done()
+        call.cancel()
+
+
+async def test_a_call_of_unknown_kind_is_watched_like_a_stream(
+    tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
+):
+    """Without reflection or a descriptor set a unary method is relayed as a stream, and
+    ended like one when its token is revoked."""
+    async with running_node(tmp_path, keys, backend, "a", POLICY) as node:
+        token = issuer.mint("access", "alice", ttl=300)
+        md = (("authorization", f"Bearer {token.token}"),)
+        call = node.channel.unary_unary("/test.Access/Hang")(b"{}", metadata=md, timeout=30)
+        await asyncio.wait_for(backend.hang_started.wait(), 10)
+        assert len(node.proxy.sidecar.guard) == 1
+        await node.proxy.state.revoke_token(token.jti, token.exp)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(call, 5)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert error_info(caught.value).reason == Reason.TOKEN_REVOKED
+        await asyncio.wait_for(backend.cancelled.wait(), 5)  # the backend call is cancelled
+
+
+# --- shared state -----------------------------------------------------------------------------
+
+
+async def test_a_revocation_on_one_replica_ends_a_stream_on_another_within_1s(
+    tmp_path: Path,
+    keys: Keys,
+    issuer: TokenIssuer,
+    backend: EchoBackend,
+    redis_url: str,  # noqa: F811
+):
+    async with (
+        running_node(tmp_path, keys, backend, "a", POLICY, redis=redis_url) as a,
+        running_node(tmp_path, keys, backend, "b", POLICY, redis=redis_url) as b,
+    ):
+        token = issuer.mint("access", "alice", ttl=300)
+        chat = Chat(b.channel, CHAT, token.token)
+        assert await chat.roundtrip() == b"echo:hi"
+        started = time.time()
+        status, _, _ = await admin(a.admin_url, body={"jti": token.jti, "exp": token.exp})
+        assert status == 201
+        code, reason, when = await chat.ended(within=5)
+        assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, Reason.TOKEN_REVOKED)
+        assert when - started <= PROPAGATION_BOUND
+
+
+async def test_open_streams_fail_closed_when_redis_is_gone(
+    tmp_path: Path,
+    keys: Keys,
+    issuer: TokenIssuer,
+    backend: EchoBackend,
+    redis_server: RedisServer,  # noqa: F811
+):
+    async with running_node(tmp_path, keys, backend, "a", POLICY, redis=redis_server.url) as a:
+        chat = Chat(a.channel, CHAT, issuer.mint("access", "alice", ttl=300).token)
+        assert await chat.roundtrip() == b"echo:hi"
+        killed = time.time()
+        redis_server.kill()
+        code, reason, when = await chat.ended(within=10)
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, Reason.STATE_UNAVAILABLE)
+        assert when - killed <= FAIL_CLOSED_BOUND
+        redis_server.restart()
