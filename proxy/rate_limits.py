@@ -2,9 +2,9 @@
 
 Counting is the `limits` library's moving window, in the state backend's storage (memory,
 or Redis shared by every replica, where one Lua script does check-and-count atomically).
-A call is counted only when it passed every other step, so refused calls never use up a
-client's allowance. Over the limit -> RESOURCE_EXHAUSTED (RATE_LIMITED) with the seconds
-until the window frees a slot. When the storage cannot be reached the rule's `fail_open`
+A call is counted only when it passed every other step (and every limit of its rule), so
+refused calls do not use up a client's allowance. Over the limit -> RESOURCE_EXHAUSTED
+(RATE_LIMITED) with the seconds until the window frees a slot. When the storage cannot be reached the rule's `fail_open`
 decides; by default the call is refused (STATE_UNAVAILABLE).
 """
 
@@ -41,31 +41,53 @@ class RateLimiter:
     async def __call__(
         self, rule: Rule, peer: str | None, headers: Headers, verified: VerifiedToken | None
     ) -> None:
-        """Count this call against each of the rule's limits; raise `Denied` when over one."""
-        for index, limit in enumerate(rule.rate_limits):
-            value = self._key_value(limit, peer, headers, verified)
+        """Count this call against each of the rule's limits; raise `Denied` when over one.
+
+        With several limits, every one is tested before any is counted, so a call refused
+        by one limit does not use up another's allowance (two concurrent calls may still
+        both pass the test and then race for a last slot; the loser is refused and has
+        counted against the limits before it)."""
+        windows = [
             # The rule and the limit's place in it name the counter, so two rules (or two
             # limits of one rule) never share one; a reload keeps the counts.
-            identifiers = (rule.pattern, str(index), limit.key, value)
-            try:
-                if await self.strategy.hit(limit.item, *identifiers):
-                    self._recovered()
-                    continue
-                stats = await self.strategy.get_window_stats(limit.item, *identifiers)
-            except (StorageError, OSError, TimeoutError) as e:
-                self._failed(e)
-                if limit.fail_open:
-                    continue
-                raise Denied(
-                    Reason.STATE_UNAVAILABLE, "the rate limit cannot be checked right now"
-                ) from None
-            retry_after = max(0.0, stats.reset_time - time.time())
-            raise Denied(
-                Reason.RATE_LIMITED,
-                f"rate limit of {limit.item} per {_key_name(limit.key)} reached;"
-                f" retry in {retry_after:.0f}s",
-                retry_after=retry_after,
+            (
+                limit,
+                (
+                    rule.pattern,
+                    str(index),
+                    limit.key,
+                    self._key_value(limit, peer, headers, verified),
+                ),
             )
+            for index, limit in enumerate(rule.rate_limits)
+        ]
+        if len(windows) > 1:
+            for limit, identifiers in windows:
+                await self._count(limit, identifiers, self.strategy.test)
+        for limit, identifiers in windows:
+            await self._count(limit, identifiers, self.strategy.hit)
+
+    async def _count(self, limit: RateLimit, identifiers: tuple[str, ...], step) -> None:
+        """Run `step` (test or hit) on one window; raise `Denied` when it is full."""
+        try:
+            if await step(limit.item, *identifiers):
+                self._recovered()
+                return
+            stats = await self.strategy.get_window_stats(limit.item, *identifiers)
+        except (StorageError, OSError, TimeoutError) as e:
+            self._failed(e)
+            if limit.fail_open:
+                return
+            raise Denied(
+                Reason.STATE_UNAVAILABLE, "the rate limit cannot be checked right now"
+            ) from None
+        retry_after = max(0.0, stats.reset_time - time.time())
+        raise Denied(
+            Reason.RATE_LIMITED,
+            f"rate limit of {limit.item} per {_key_name(limit.key)} reached;"
+            f" retry in {retry_after:.0f}s",
+            retry_after=retry_after,
+        )
 
     def _key_value(
         self, limit: RateLimit, peer: str | None, headers: Headers, verified: VerifiedToken | None
