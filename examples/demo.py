@@ -1,7 +1,8 @@
 """A scripted tour of authproxy in front of the example backend: `python -m examples.demo`.
 
-It generates a signing key and a refresh secret in a temporary directory, starts the
-example backend and the proxy (`python -m proxy serve`) on free loopback ports, and then
+It generates a signing key, a refresh secret and an admin API secret in a temporary
+directory, starts the example backend and the proxy (`python -m proxy serve`, with its
+admin API, which the backend's logouts call) on free loopback ports, and then
 talks to the PROXY only, printing one line per step with the status and, for denials, the
 machine-readable reason the proxy puts in `grpc-status-details-bin`. Every step checks
 its expected outcome; the demo exits 1 naming the first step that went differently.
@@ -39,7 +40,10 @@ from examples.demo_children import (
 from proxy.keygen import keygen
 
 POLICY = REPO / "policy.yaml"
+#: policy.yaml's rate limit on Login (per client address, per minute).
+LOGIN_LIMIT = 10
 SECRET_ENV = "DEMO_REFRESH_SECRET"
+ADMIN_TOKEN_ENV = "DEMO_PROXY_ADMIN_TOKEN"
 ADMIN_EMAIL = "admin@example.com"
 CALL_TIMEOUT = 10.0
 DETAILS_KEY = "grpc-status-details-bin"
@@ -266,14 +270,20 @@ def tour(target: str) -> None:
             details="refresh token already used",
         )
         step(
-            "Logout",
-            call(auth.Logout, api_pb2.LogoutRequest(), rotated.access_token),
-        )
-        step(
             "/admin.v1.Ops/Shutdown (policy: deny)",
             call(channel.unary_unary("/admin.v1.Ops/Shutdown"), b"", rotated.access_token),
             DENIED,
             "METHOD_DENIED",
+        )
+        step(
+            "Logout (the backend revokes the access token at the proxy's admin API)",
+            call(auth.Logout, api_pb2.LogoutRequest(), rotated.access_token),
+        )
+        step(
+            "GetProfile with the logged-out access token",
+            call(users.GetProfile, api_pb2.GetProfileRequest(), rotated.access_token),
+            UNAUTH,
+            "TOKEN_REVOKED",
         )
         admin_password = secrets.token_urlsafe(12)
         step(
@@ -294,6 +304,48 @@ def tour(target: str) -> None:
             call(users.ListUsers, api_pb2.ListUsersRequest(), admin.access_token),
             show=lambda r: f"{r.total_count} users, requested_by={r.requested_by}",
         )
+        admin_login = api_pb2.LoginRequest(email=ADMIN_EMAIL, password=admin_password)
+        second = step(
+            "Login as the admin on a second device",
+            call(auth.Login, admin_login),
+            show=lambda r: _need(r.access_token, "no access token") or "another access token",
+        )
+        step(
+            "Logout on all devices (every token of the admin is revoked at the proxy)",
+            call(auth.Logout, api_pb2.LogoutRequest(all_devices=True), admin.access_token),
+        )
+        step(
+            "ListUsers with the second device's access token",
+            call(users.ListUsers, api_pb2.ListUsersRequest(), second.access_token),
+            UNAUTH,
+            "TOKEN_REVOKED",
+        )
+        again = step(
+            "Login as the admin again, right away",
+            call(auth.Login, admin_login),
+            show=lambda r: _need(r.access_token, "no access token") or "a new access token",
+        )
+        step(
+            "ListUsers with the new access token",
+            call(users.ListUsers, api_pb2.ListUsersRequest(), again.access_token),
+            show=lambda r: f"{r.total_count} users (issued after the logout: accepted)",
+        )
+
+        # Login is rate limited per client address (policy: 10/minute). Wrong passwords
+        # count too: the proxy counts calls it lets through, whatever the backend answers.
+        wrong = api_pb2.LoginRequest(email=email, password="not-the-password")
+        attempts = 0
+        outcome = call(auth.Login, wrong)
+        while outcome.code == grpc.StatusCode.UNAUTHENTICATED and attempts < LOGIN_LIMIT:
+            attempts += 1
+            outcome = call(auth.Login, wrong)
+        step(
+            f"Login with a wrong password, attempt {attempts + 1} (policy: 10 logins a minute"
+            " per client address, the ones above included)",
+            outcome,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RATE_LIMITED",
+        )
 
 
 def _need(condition: Any, message: str) -> str:
@@ -313,6 +365,7 @@ def run(keep_running: bool) -> int:
         keygen("ES256", workdir / "signing.pem", workdir / "jwks.json")
         env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
         env[SECRET_ENV] = secrets.token_urlsafe(48)
+        env[ADMIN_TOKEN_ENV] = secrets.token_urlsafe(32)
         children = Children(workdir, env)
         try:
             return _run(children, workdir, keep_running)
@@ -328,11 +381,13 @@ def run(keep_running: bool) -> int:
 
 def _run(children: Children, workdir: Path, keep_running: bool) -> int:
     deadline = time.monotonic() + STARTUP_SECONDS
+    admin = f"127.0.0.1:{free_port()}"  # the proxy's admin API, which the backend calls
     # fmt: off
     children.start("backend", [
         "-m", "examples.backend", "--listen", "127.0.0.1:0", "--policy", str(POLICY),
         "--signing-key", str(workdir / "signing.pem"), "--refresh-secret-env", SECRET_ENV,
         "--admin-email", ADMIN_EMAIL,
+        "--proxy-admin", f"http://{admin}", "--proxy-admin-token-env", ADMIN_TOKEN_ENV,
     ])
     backend_port = wait_for_backend(children, deadline)
     proxy_port = free_port()
@@ -340,11 +395,16 @@ def _run(children: Children, workdir: Path, keep_running: bool) -> int:
         "-m", "proxy", "serve", "--policy", str(POLICY),
         "--listen", f"127.0.0.1:{proxy_port}", "--upstream", f"127.0.0.1:{backend_port}",
         "--jwks", str(workdir / "jwks.json"), "--hmac-secret-env", f"refresh-hmac={SECRET_ENV}",
+        "--admin", admin, "--admin-token-env", ADMIN_TOKEN_ENV,
     ])
     # fmt: on
     target = f"127.0.0.1:{proxy_port}"
     wait_for_proxy(children, target, deadline)
-    print(f"demo: backend on 127.0.0.1:{backend_port}, proxy on {target}\n", flush=True)
+    print(
+        f"demo: backend on 127.0.0.1:{backend_port}, proxy on {target}, "
+        f"proxy admin API on {admin}\n",
+        flush=True,
+    )
     try:
         tour(target)
     except StepFailed as e:

@@ -3,22 +3,31 @@
 Each call carries the identity headers the proxy would set: `Example.md` verifies the token
 with the product's verifier and builds the headers with the product's identity code, so
 the tests also prove that every token the backend mints is one the proxy accepts.
+
+`running_behind_proxy` adds the real proxy (sidecar and admin API, in this process) in
+front of the backend, with the backend's `proxy_admin` pointing at the proxy's admin API:
+the logout tests call through the proxy with bearer tokens.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
+import socket
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from argon2 import PasswordHasher
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from examples.backend.api.v1 import api_pb2, api_pb2_grpc
 from examples.backend.passwords import Passwords
@@ -29,6 +38,7 @@ from proxy.keygen import keygen
 from proxy.keys import KeySet, hmac_key, load_jwks_file
 from proxy.policy import Policy
 from proxy.policy_file import load_policy
+from proxy.serve import AuthProxy, ConfigError, ServeConfig
 from proxy.verify import TokenVerifier, VerifiedToken
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +46,10 @@ POLICY = REPO / "policy.yaml"
 ADMIN_EMAIL = "admin@example.com"
 PASSWORD = "correct horse battery"
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
+#: The proxy's admin API bearer secret in `running_behind_proxy`.
+ADMIN_SECRET = "example-harness-admin-secret-0123456789"
+REFRESH_ENV = "EXAMPLE_HARNESS_REFRESH_SECRET"
+ADMIN_ENV = "EXAMPLE_HARNESS_ADMIN_TOKEN"
 
 
 @dataclass
@@ -76,20 +90,38 @@ class Example:
 
 
 @asynccontextmanager
-async def running_example(tmp_path: Path) -> AsyncIterator[Example]:
-    """The backend (admin: ADMIN_EMAIL) with keys in `tmp_path`, and a channel to it."""
+async def running_example(
+    tmp_path: Path, passwords: Passwords | None = None, **config: Any
+) -> AsyncIterator[Example]:
+    """The backend (admin: ADMIN_EMAIL) with keys in `tmp_path`, and a channel to it.
+
+    `passwords`: instead of cheap Argon2 hashing; `config`: more BackendConfig fields
+    (`proxy_admin`, `proxy_admin_token`, ...)."""
+    secret = secrets.token_urlsafe(32).encode()
+    async with _example(tmp_path, secret, config, passwords) as running:
+        yield running
+
+
+def cheap_hasher() -> PasswordHasher:
+    """Cheap Argon2 parameters keep the tests fast; the CLI uses argon2-cffi's defaults."""
+    return PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+
+
+@asynccontextmanager
+async def _example(
+    tmp_path: Path, secret: bytes, fields: dict[str, Any], passwords: Passwords | None = None
+) -> AsyncIterator[Example]:
     policy = load_policy(POLICY)
     signing_key = keygen("ES256", tmp_path / "signing.pem", tmp_path / "jwks.json")
-    secret = secrets.token_bytes(32)
     config = BackendConfig(
         policy=policy,
         signing_key=signing_key,
         refresh_key=hmac_signing_key(secret, "refresh-hmac"),
         admin_emails=frozenset({ADMIN_EMAIL}),
+        **fields,
     )
-    # Cheap Argon2 parameters keep the tests fast; the CLI uses argon2-cffi's defaults.
-    cheap = Passwords(PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
-    backend = await start_backend(config, "127.0.0.1:0", passwords=cheap)
+    passwords = passwords or Passwords(cheap_hasher())
+    backend = await start_backend(config, "127.0.0.1:0", passwords=passwords)
     keyset = KeySet(
         [
             *load_jwks_file(str(tmp_path / "jwks.json")),
@@ -110,6 +142,148 @@ async def running_example(tmp_path: Path) -> AsyncIterator[Example]:
     finally:
         await channel.close()
         await backend.stop(None)
+
+
+@dataclass
+class Proxied:
+    """The example backend behind the real proxy; stubs call the PROXY (bearer tokens)."""
+
+    example: Example  # the backend, called directly (with identity headers)
+    proxy: AuthProxy
+    channel: grpc.aio.Channel
+    auth: api_pb2_grpc.AuthServiceStub
+    users: api_pb2_grpc.UserServiceStub
+    data: api_pb2_grpc.DataServiceStub
+
+    @property
+    def admin_url(self) -> str:
+        assert self.proxy.admin is not None
+        return f"http://127.0.0.1:{self.proxy.admin.port}"
+
+    async def login(self, email: str, password: str = PASSWORD) -> Any:
+        return await self.auth.Login(api_pb2.LoginRequest(email=email, password=password))
+
+    async def account(self, email: str) -> tuple[str, Any]:
+        """A new account without 2FA, logged in through the proxy: (user id, LoginResponse)."""
+        created = await self.auth.SignUp(api_pb2.SignUpRequest(email=email, password=PASSWORD))
+        return created.user_id, await self.login(email)
+
+    async def profile(self, access_token: str) -> Any:
+        """GetProfile through the proxy with `access_token`."""
+        return await self.users.GetProfile(
+            api_pb2.GetProfileRequest(), metadata=bearer(access_token)
+        )
+
+    async def logout(self, access_token: str, all_devices: bool = False) -> Any:
+        request = api_pb2.LogoutRequest(all_devices=all_devices)
+        return await self.auth.Logout(request, metadata=bearer(access_token))
+
+    async def revocations(self) -> list[dict[str, Any]]:
+        """The proxy's active revocations (GET /v1/revocations)."""
+        headers = {"authorization": f"Bearer {ADMIN_SECRET}"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{self.admin_url}/v1/revocations", headers=headers) as response,
+        ):
+            assert response.status == 200, await response.text()
+            return (await response.json())["revocations"]
+
+
+@asynccontextmanager
+async def running_behind_proxy(
+    tmp_path: Path,
+    admin_token: str | None = ADMIN_SECRET,
+    backend_admin_token: str | None = ADMIN_SECRET,
+    **config: Any,
+) -> AsyncIterator[Proxied]:
+    """The backend and, in front of it, the proxy with its admin API on loopback.
+
+    `admin_token`: the secret the admin API requires (None: none); `backend_admin_token`:
+    the one the backend sends. The backend must know the admin API's address before the
+    proxy (which needs the backend's) starts, so the admin port is picked free first.
+    """
+    secret = secrets.token_urlsafe(32)
+    for attempt in range(5):
+        admin_port = free_port()
+        fields = {
+            "proxy_admin": f"http://127.0.0.1:{admin_port}",
+            "proxy_admin_token": backend_admin_token,
+            **config,
+        }
+        async with _example(tmp_path, secret.encode(), fields) as example:
+            cfg = ServeConfig(
+                policy=str(POLICY),
+                listen="127.0.0.1:0",
+                upstream=f"127.0.0.1:{example.backend.port}",
+                admin=f"127.0.0.1:{admin_port}",
+                admin_token_env=ADMIN_ENV if admin_token else None,
+                jwks=[str(tmp_path / "jwks.json")],
+                hmac_secret_envs=[f"refresh-hmac={REFRESH_ENV}"],
+                shutdown_grace=0.5,
+            )
+            with _environment({REFRESH_ENV: secret, ADMIN_ENV: admin_token}):
+                proxy = AuthProxy(cfg)
+            try:
+                await proxy.start()
+            except ConfigError:  # the admin port was taken meanwhile: pick another
+                if attempt == 4:
+                    raise
+                continue
+            assert proxy.sidecar is not None
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{proxy.sidecar.port}")
+            try:
+                yield Proxied(
+                    example,
+                    proxy,
+                    channel,
+                    api_pb2_grpc.AuthServiceStub(channel),
+                    api_pb2_grpc.UserServiceStub(channel),
+                    api_pb2_grpc.DataServiceStub(channel),
+                )
+            finally:
+                await channel.close()
+                await proxy.stop(0)
+            return
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def reason_of(error: grpc.aio.AioRpcError) -> str | None:
+    """The proxy's `ErrorInfo.reason` in the error's status details; None if there is none."""
+    status = rpc_status.from_call(error)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _environment(values: dict[str, str | None]) -> Iterator[None]:
+    """Set (or, for None, remove) environment variables for the block."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 async def rpc_error(call: Awaitable[Any]) -> grpc.aio.AioRpcError:

@@ -55,6 +55,27 @@ def test_demo_runs_every_step_through_the_proxy_and_exits_zero():
     assert "refresh token already used" in line(
         "RefreshToken with the first, already used refresh token"
     )
-    assert line("Logout").endswith("→ OK")
     assert "PERMISSION_DENIED [METHOD_DENIED]" in line("/admin.v1.Ops/Shutdown (policy: deny)")
+
+    def number(title: str) -> int:
+        found = re.search(r"(\d+)\. ", line(title))
+        assert found, title
+        return int(found.group(1))
+
+    logout = "Logout (the backend revokes the access token at the proxy's admin API)"
+    revoked = "GetProfile with the logged-out access token"
+    assert line(logout).endswith("→ OK")
+    assert "UNAUTHENTICATED [TOKEN_REVOKED]" in line(revoked)
+    assert number(revoked) == number(logout) + 1
     assert "2 users" in line("ListUsers as the admin")
+    logout_all = "Logout on all devices (every token of the admin is revoked at the proxy)"
+    second_device = "ListUsers with the second device's access token"
+    assert line(logout_all).endswith("→ OK")
+    assert "UNAUTHENTICATED [TOKEN_REVOKED]" in line(second_device)
+    assert number(second_device) == number(logout_all) + 1
+    assert "2 users" in line("ListUsers with the new access token")
+    limited = [x for x in lines if ". Login with a wrong password, attempt " in x]
+    assert len(limited) == 1, out
+    assert "RESOURCE_EXHAUSTED [RATE_LIMITED]" in limited[0]
+    # Ten logins a minute per client address: the four successful ones plus six wrong ones.
+    assert "attempt 7 " in limited[0]

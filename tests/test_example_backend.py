@@ -231,6 +231,25 @@ def test_logout_cutoff_is_exact_within_its_own_second():
     assert ledger.use_refresh("sub", "later", later.claims) is None
 
 
+def test_logout_cutoff_from_a_revocation_second_is_exact():
+    """With the second from which new tokens are minted (`Tokens.revoking`), every token
+    before it is ended and every token from it on lives, minted in whatever order."""
+    now = [1000.2]
+    ledger = SessionLedger(clock=lambda: now[0])
+
+    def claims(iat: int) -> dict[str, int]:
+        return {"iat": iat, "exp": iat + 60}
+
+    ledger.logout_all("sub", before=1001)
+    now[0] = 1000.5
+    ledger.logout_all("sub")  # an earlier, inexact cutoff (a reused refresh token) keeps it
+    now[0] = 1001.3
+    ledger.minted_refresh("sub", MintedToken("token", "next", 1061, 60, claims(1001)))
+    assert ledger.use_refresh("sub", "late-1000", claims(1000)) == LOGGED_OUT
+    assert ledger.use_refresh("sub", "next", claims(1001)) is None
+    assert ledger.use_refresh("sub", "unrecorded", claims(1001)) is None
+
+
 async def test_logout_of_one_session_leaves_the_other_sessions_alone(example):
     await example.signup("ken@example.com")
     laptop = await example.login("ken@example.com")

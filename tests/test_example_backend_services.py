@@ -237,6 +237,23 @@ def test_cli_serves_and_says_where(tmp_path: Path):
         (["--listen", "127.0.0.1:0", "--access-ttl", "-5"], "--access-ttl"),
         (["--listen", "127.0.0.1:0", "--refresh-kid", "other"], "refresh-hmac"),
         (["--listen", "127.0.0.1:0", "--policy", "missing.yaml"], "missing.yaml"),
+        (["--listen", "127.0.0.1:0", "--proxy-admin", "127.0.0.1:9901"], "http:// or https://"),
+        (["--listen", "127.0.0.1:0", "--proxy-admin", "http://h:70000"], "--proxy-admin"),
+        (
+            ["--listen", "127.0.0.1:0", "--proxy-admin-token-env", "EXAMPLE_TEST_REFRESH_SECRET"],
+            "--proxy-admin-token-env needs --proxy-admin",
+        ),
+        (
+            [
+                "--listen",
+                "127.0.0.1:0",
+                "--proxy-admin",
+                "http://127.0.0.1:9901",
+                "--proxy-admin-token-env",
+                "EXAMPLE_TEST_UNSET_ADMIN_TOKEN",
+            ],
+            "EXAMPLE_TEST_UNSET_ADMIN_TOKEN is not set",
+        ),
     ],
 )
 def test_cli_reports_bad_flags_in_one_line(tmp_path: Path, extra: list[str], message: str):

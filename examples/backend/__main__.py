@@ -1,7 +1,9 @@
 """Run the example backend: `python -m examples.backend --listen HOST:PORT ...`.
 
 Put the proxy in front of it; the backend trusts the identity headers the proxy sets and
-must not be reachable any other way.
+must not be reachable any other way. With `--proxy-admin` logouts and password changes
+revoke tokens at the proxy's admin API; without it access tokens stay valid until they
+expire.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import argparse
 import asyncio
 import logging
 import math
+import os
 import signal
 import sys
 from typing import NoReturn
 
+from examples.backend.revocations import admin_base_url
 from examples.backend.server import BackendConfig, admin_set, hostport, start_backend
 from examples.backend.tokens import ACCESS_TTL
 from proxy.issuer import TokenIssuer, hmac_signing_key, load_signing_key
@@ -59,6 +63,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="SECONDS",
         help="access token lifetime (default: %(default)s)",
     )
+    parser.add_argument(
+        "--proxy-admin",
+        metavar="URL",
+        help="the proxy's admin API (its --admin), e.g. http://127.0.0.1:9901: Logout revokes "
+        "the access token there, Logout on all devices and ChangePassword every token of the "
+        "user; without it access tokens stay valid until they expire",
+    )
+    parser.add_argument(
+        "--proxy-admin-token-env",
+        metavar="NAME",
+        help="environment variable holding the admin API's bearer secret (its --admin-token-env)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every signup")
     return parser.parse_args(argv)
 
@@ -86,12 +102,26 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
             f"the policy accepts refresh tokens only from key(s) {', '.join(sorted(allowed))}; "
             f"--refresh-kid is {args.refresh_kid!r}"
         )
+    proxy_admin_token = None
+    if args.proxy_admin_token_env is not None:
+        if args.proxy_admin is None:
+            raise ValueError("--proxy-admin-token-env needs --proxy-admin")
+        proxy_admin_token = os.environ.get(args.proxy_admin_token_env)
+        if not proxy_admin_token:
+            raise ValueError(
+                f"environment variable {args.proxy_admin_token_env} is not set or empty"
+                " (it holds the proxy admin API's bearer secret)"
+            )
+    if args.proxy_admin is not None:
+        admin_base_url(args.proxy_admin)
     return BackendConfig(
         policy=policy,
         signing_key=signing_key,
         refresh_key=refresh_key,
         admin_emails=admin_set(args.admin_email),
         access_ttl=args.access_ttl,
+        proxy_admin=args.proxy_admin,
+        proxy_admin_token=proxy_admin_token,
     )
 
 

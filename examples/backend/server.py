@@ -18,6 +18,7 @@ from examples.backend.api.v1 import api_pb2, api_pb2_grpc
 from examples.backend.auth_service import AuthService
 from examples.backend.data_service import DataService
 from examples.backend.passwords import Passwords
+from examples.backend.revocations import DEFAULT_TIMEOUT, ProxyRevocations
 from examples.backend.sessions import SessionLedger
 from examples.backend.store import Store
 from examples.backend.tokens import ACCESS_TTL, Tokens, build_issuer
@@ -37,6 +38,12 @@ class BackendConfig:
     refresh_key: SigningKey
     admin_emails: frozenset[str] = frozenset()
     access_ttl: float = ACCESS_TTL
+    #: The proxy's admin API (`http://HOST:PORT`): logouts revoke tokens there. None: access
+    #: tokens stay valid until they expire.
+    proxy_admin: str | None = None
+    #: The admin API's bearer secret, if it needs one.
+    proxy_admin_token: str | None = field(default=None, repr=False)
+    proxy_admin_timeout: float = DEFAULT_TIMEOUT
 
 
 @dataclass(slots=True)
@@ -51,6 +58,8 @@ class Backend:
     async def stop(self, grace: float | None = 1.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.auth.revocations is not None:
+            await self.auth.revocations.close()
 
 
 def service_names() -> list[str]:
@@ -69,7 +78,19 @@ async def start_backend(
     tokens = Tokens(issuer, config.access_ttl)
     store = Store()
     ledger = SessionLedger()
-    auth = AuthService(store, tokens, ledger, passwords, config.admin_emails)
+    revocations = None
+    if config.proxy_admin is not None:
+        revocations = ProxyRevocations(
+            config.proxy_admin, config.proxy_admin_token, config.proxy_admin_timeout
+        )
+    auth = AuthService(
+        store,
+        tokens,
+        ledger,
+        passwords,
+        config.admin_emails,
+        revocations=revocations,
+    )
 
     server = grpc.aio.server()
     api_pb2_grpc.add_AuthServiceServicer_to_server(auth, server)

@@ -7,13 +7,15 @@ token may still be exchanged is the issuer's business, decided here:
   parties hold it, so the reuse is refused and every session of that user is ended.
 * Logout everywhere (and a password change) ends every refresh token issued before it.
   `iat` has one-second resolution, so for tokens minted in the logout's own second the
-  ledger remembers which ones came after the logout.
+  ledger remembers which ones came after the logout — unless the logout gives the whole
+  second from which new tokens are minted (`Tokens.revoking`), which is then exact.
 * Logout of one session ends that session's refresh tokens (the `sid` claim).
 * A 2FA token allows a few wrong codes, and is spent once a code is accepted.
 
-Access tokens are not revoked here: they stay valid until they expire (an hour by default)
-because the backend never sees them before the proxy does. Revoking them belongs to the
-proxy's shared state.
+Access tokens are not revoked here: the backend never sees them before the proxy does.
+With `--proxy-admin` the auth service has the proxy revoke them (see `revocations.py`)
+before it updates this ledger; without it they stay valid until they expire (an hour by
+default).
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class _Cutoff:
     """Refresh tokens of a subject issued before `at` are revoked."""
 
     at: float
+    #: `at` is a whole second no token of the subject is minted before from the logout
+    #: on: `iat` < `at` is the whole rule.
+    exact: bool = False
     #: jtis of refresh tokens minted after the logout, within its second.
     minted_after: set[str] = field(default_factory=set)
 
@@ -73,7 +78,7 @@ class SessionLedger:
     def minted_refresh(self, subject: str, token: MintedToken) -> None:
         """Note a refresh token just minted (needed when it shares a logout's second)."""
         cutoff = self._cutoffs.get(subject)
-        if cutoff is not None and token.claims["iat"] == int(cutoff.at):
+        if cutoff is not None and not cutoff.exact and token.claims["iat"] == int(cutoff.at):
             cutoff.minted_after.add(token.jti)
 
     def use_refresh(self, subject: str, jti: str, claims: Mapping[str, Any]) -> str | None:
@@ -100,14 +105,23 @@ class SessionLedger:
         cutoff = self._cutoffs.get(subject)
         if cutoff is None:
             return False
+        if cutoff.exact:
+            return iat < cutoff.at
         second = int(cutoff.at)
         return iat < second or (iat == second and jti not in cutoff.minted_after)
 
     # --- logouts -----------------------------------------------------------------------
 
-    def logout_all(self, subject: str) -> None:
-        """End every refresh token of `subject` issued until now."""
-        self._cutoffs[subject] = _Cutoff(self.clock())
+    def logout_all(self, subject: str, before: int | None = None) -> None:
+        """End every refresh token of `subject` issued until now.
+
+        `before`: the whole second from which the subject's tokens are minted (see
+        `Tokens.revoking`); every token issued earlier is ended, and none later.
+        """
+        cutoff = _Cutoff(self.clock()) if before is None else _Cutoff(float(before), exact=True)
+        current = self._cutoffs.get(subject)
+        if current is None or cutoff.at >= current.at:
+            self._cutoffs[subject] = cutoff
 
     def end_session(self, sid: str, keep_for: float) -> None:
         """End one session; it is remembered for `keep_for` seconds (the refresh lifetime)."""
