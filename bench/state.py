@@ -5,7 +5,8 @@
 Both proxies run the full pipeline with the revocation check (a local view in both
 cases: Redis keeps it fresh by pub/sub, so no round trip per call) in front of the echo
 backend; the same Python client load drives each, alternating, medians of three rounds.
-A third row measures single-use tokens (one Redis `SET NX` per call) against memory.
+Two more rows: single-use tokens (one Redis `SET NX` per call) and a rate limit (the
+`limits` moving window: one Lua script per call in Redis) against memory.
 Needs `redis-server` (apt-get install redis-server); the benchmark starts its own.
 """
 
@@ -32,6 +33,11 @@ from tests.redis_server import RedisServer
 ROUNDS = 3
 SINGLE_USE = AUTH_POLICY.replace(
     "/bench.Svc/*: access", "/bench.Svc/*: {level: access, single_use: true}"
+)
+#: Counted on every call, never reached at these rates.
+RATE_LIMITED = AUTH_POLICY.replace(
+    "/bench.Svc/*: access",
+    "/bench.Svc/*: {level: access, rate_limit: {limit: 10000/second, key: subject}}",
 )
 
 
@@ -74,40 +80,43 @@ async def main(seconds: float, concurrency: int) -> None:
     server = RedisServer(tmp / "redis")
     server.start()
     backend = await start_echo_backend()
-    memory = await start(tmp, AUTH_POLICY, backend.port, None)
-    shared = await start(tmp, AUTH_POLICY, backend.port, server.url)
-    memory_once = await start(tmp, SINGLE_USE, backend.port, None)
-    shared_once = await start(tmp, SINGLE_USE, backend.port, server.url)
-    runs: dict[str, list[float]] = {"memory": [], "redis": [], "memory once": [], "redis once": []}
+    # (row, policy, single-use driver?) x (memory, Redis)
+    cases = (("revocation", AUTH_POLICY, False), ("single use", SINGLE_USE, True))
+    cases += (("rate limit", RATE_LIMITED, False),)
+    proxies = {
+        (case, store): await start(tmp, policy, backend.port, url)
+        for case, policy, _ in cases
+        for store, url in (("memory", None), ("redis", server.url))
+    }
+    runs: dict[tuple[str, str], list[float]] = {pair: [] for pair in proxies}
     try:
         for _ in range(ROUNDS):
-            for name, proxy in (("memory", memory), ("redis", shared)):
-                target = f"127.0.0.1:{proxy.sidecar.port}"  # type: ignore[union-attr]
-                runs[name].append(await drive(target, seconds, concurrency, token))
-            runs["memory once"].append(
-                await single_use_rate(memory_once, issuer, seconds, concurrency)
-            )
-            runs["redis once"].append(
-                await single_use_rate(shared_once, issuer, seconds, concurrency)
-            )
+            for case, _, once in cases:
+                for store in ("memory", "redis"):
+                    proxy = proxies[case, store]
+                    if once:
+                        rate = await single_use_rate(proxy, issuer, seconds, concurrency)
+                    else:
+                        target = f"127.0.0.1:{proxy.sidecar.port}"  # type: ignore[union-attr]
+                        rate = await drive(target, seconds, concurrency, token)
+                    runs[case, store].append(rate)
     finally:
-        for proxy in (memory, shared, memory_once, shared_once):
+        for proxy in proxies.values():
             await proxy.stop(0)
         await backend.server.stop(None)
         server.stop()
-    rate = {name: statistics.median(values) for name, values in runs.items()}
+    rate = {pair: statistics.median(values) for pair, values in runs.items()}
     print(
         f"shared state, sidecar with access tokens, median of {ROUNDS} alternating {seconds:g}s runs:"
     )
-    print(f"  in-memory state    {rate['memory']:8.0f} calls/s")
-    print(f"  Redis state        {rate['redis']:8.0f} calls/s")
-    print(f"  Redis / in-memory (revocation checked)   = {rate['redis'] / rate['memory']:.2f}")
-    print(
-        f"  single-use tokens: memory {rate['memory once']:.0f}/s, Redis {rate['redis once']:.0f}/s"
-    )
-    print(
-        f"  Redis / in-memory (single use, SET NX)   = {rate['redis once'] / rate['memory once']:.2f}"
-    )
+    print(f"  {'':34} {'memory':>9} {'Redis':>9}  Redis / memory")
+    for case, what in (
+        ("revocation", "revocation checked (local view)"),
+        ("single use", "single-use tokens (SET NX)"),
+        ("rate limit", "rate limit (moving window)"),
+    ):
+        memory, redis = rate[case, "memory"], rate[case, "redis"]
+        print(f"  {what:34} {memory:7.0f}/s {redis:7.0f}/s  = {redis / memory:.2f}")
 
 
 if __name__ == "__main__":
