@@ -49,6 +49,11 @@ class Chat:
         await self.call.write(text)
         return await self.call.read()
 
+    async def finish(self) -> grpc.StatusCode:
+        """Half-close and wait for the status."""
+        await self.call.done_writing()
+        return await self.call.code()
+
     async def ended(self, within: float) -> tuple[grpc.StatusCode, str | None, float]:
         """(status, ErrorInfo reason, when) once the proxy ends the stream."""
         try:
@@ -107,8 +112,7 @@ async def test_end_streams_false_keeps_a_stream_open_past_expiry(
         while time.time() < token.exp + 0.5:
             await asyncio.sleep(0.1)
         assert await chat.roundtrip(b"after") == b"echo:after"
-        await chat.call.done_writing()
-        assert await chat.call.code() == grpc.StatusCode.OK
+        assert await chat.finish() == grpc.StatusCode.OK
 
 
 async def test_revoking_the_token_ends_its_open_stream_and_only_that_one(
@@ -127,8 +131,7 @@ async def test_revoking_the_token_ends_its_open_stream_and_only_that_one(
         code, reason, _ = await chat.ended(within=5)
         assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, Reason.TOKEN_REVOKED)
         assert await other.roundtrip(b"still") == b"echo:still"
-        await other.call.done_writing()
-        assert await other.call.code() == grpc.StatusCode.OK
+        assert await other.finish() == grpc.StatusCode.OK
 
 
 async def test_logging_out_every_device_ends_the_subjects_streams(
@@ -157,10 +160,8 @@ async def test_public_streams_and_finished_streams_are_not_watched(
         chat = Chat(node.channel, CHAT, issuer.mint("access", "alice", ttl=300).token)
         assert await chat.roundtrip() == b"echo:hi"
         assert len(guard) == 1
-        await chat.call.done_writing()
-        assert await chat.call.code() == grpc.StatusCode.OK
-        await public.call.done_writing()
-        assert await public.call.code() == grpc.StatusCode.OK
+        assert await chat.finish() == grpc.StatusCode.OK
+        assert await public.finish() == grpc.StatusCode.OK
         for _ in range(100):  # the handler releases its watch as it returns
             if len(guard) == 0:
                 break
