@@ -1,25 +1,36 @@
-"""The admin listener (`--admin HOST:PORT`, loopback by default): the revocation API.
+"""The admin listener (`--admin HOST:PORT`, loopback by default).
 
+    GET  /healthz         200 while the process runs (liveness)
+    GET  /readyz          200 when ready to serve (policy and keys loaded, upstream and
+                          Redis reachable, not draining); 503 otherwise; JSON per check
+    GET  /metrics         Prometheus exposition
+    GET  /policy          the active policy: version, loaded-at, rules, last reload error,
+                          reload counts, and the file's text
     POST /v1/revocations  {"jti": "...", "exp": 1234}      revoke one token until its exp
                           {"sub": "...", "before": 1234}   revoke every token of sub issued
                                                            before that time ("log out all")
     GET  /v1/revocations  the active revocations
 
-With `--admin-token-env ENV`, every request needs `authorization: Bearer <$ENV>`.
-Errors are JSON `{"error", "reason", "message"}` like the ext_authz denies: 400 for bad
-input, 401 without the admin token, 503 when the state backend is unavailable.
+The first four are read-only and open (probes and scrapers carry no secrets). The
+revocation API needs `authorization: Bearer <$ENV>` with `--admin-token-env ENV`; on a
+non-loopback address it is refused (403) unless that secret is configured, so a listener
+opened for kubelet probes is never an open revocation endpoint. Errors are JSON
+`{"error", "reason", "message"}` like the ext_authz denies: 400 for bad input, 401
+without the admin token, 403 as above, 503 when the state backend is unavailable.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 
 from .http_listener import listen
 from .jsonstrict import loads_strict
@@ -31,15 +42,35 @@ MAX_BODY = 16 * 1024
 MAX_NAME = 512
 
 
+class AdminStatus(Protocol):
+    """What the read-only endpoints report (implemented by `serve.AuthProxy`)."""
+
+    async def readiness(self) -> tuple[bool, dict[str, str]]: ...
+    def policy_status(self) -> dict[str, Any]: ...
+    def metrics(self) -> bytes: ...
+
+
 class AdminServer:
-    def __init__(self, store: StateStore, address: str, token: str | None = None) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        address: str,
+        token: str | None = None,
+        status: AdminStatus | None = None,
+    ) -> None:
         self.address = address
         self.port = 0  # known once started
         self.store = store
+        self.status = status
         self._token = token.encode() if token else None
+        self._writes_open = token is not None or _is_loopback(address)
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._guard])
         app.router.add_post("/v1/revocations", self.revoke)
         app.router.add_get("/v1/revocations", self.list_revocations)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/policy", self.policy)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
 
     async def start(self) -> None:
@@ -50,6 +81,14 @@ class AdminServer:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
+        if not request.path.startswith("/v1/"):
+            return await handler(request)  # the read-only status endpoints
+        if not self._writes_open:
+            return _error(
+                403,
+                "FORBIDDEN",
+                "the revocation API on a non-loopback admin address needs --admin-token-env",
+            )
         if self._token is not None:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), self._token):
@@ -83,6 +122,27 @@ class AdminServer:
         active = await self.store.revocations()
         return web.json_response({"revocations": [r.as_json() for r in active]})
 
+    # --- status -------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.status is None:
+            return web.json_response({"ready": True, "checks": {}})
+        ready, checks = await self.status.readiness()
+        return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if self.status is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=self.status.metrics(), headers={"content-type": CONTENT_TYPE})
+
+    async def policy(self, request: web.Request) -> web.Response:
+        if self.status is None:
+            raise web.HTTPNotFound()
+        return web.json_response(self.status.policy_status())
+
 
 def _problem(body: Any) -> str | None:
     """What is wrong with a revocation request body, or None."""
@@ -105,8 +165,23 @@ def _problem(body: Any) -> str | None:
     return None
 
 
+def _is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _error(status: int, reason: str, message: str) -> web.Response:
-    error = {400: "invalid_argument", 401: "unauthenticated", 503: "unavailable"}
+    error = {
+        400: "invalid_argument",
+        401: "unauthenticated",
+        403: "permission_denied",
+        503: "unavailable",
+    }
     return web.Response(
         status=status,
         content_type="application/json",

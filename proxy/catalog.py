@@ -96,3 +96,39 @@ async def reflect_files(channel: grpc.aio.Channel) -> list[descriptor_pb2.FileDe
             seen[fd.name] = fd
     await call.done_writing()
     return list(seen.values())
+
+
+async def reflect_backend(address: str, timeout: float = 5.0) -> MethodCatalog:
+    """The methods the backend at `address` (HOST:PORT, plain-text h2c) lists by server
+    reflection. Raises `CatalogError`, one line naming the address, when the backend
+    cannot be reached in `timeout` seconds or does not serve reflection."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise CatalogError(f"backend {address!r} is not HOST:PORT")
+    catalog = MethodCatalog()
+    channel = grpc.aio.insecure_channel(address)
+    try:
+        await catalog.add_from_reflection(channel, timeout)
+    except TimeoutError:
+        raise CatalogError(
+            f"backend {address}: no answer from server reflection within {timeout:g}s"
+        ) from None
+    except grpc.aio.AioRpcError as e:
+        if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+            problem = "does not serve gRPC server reflection (grpc.reflection.v1alpha)"
+        elif e.code() == grpc.StatusCode.UNAVAILABLE:
+            problem = f"is unreachable: {_one_line(e.details())}"
+        else:
+            problem = f"answered reflection with {e.code().name}: {_one_line(e.details())}"
+        raise CatalogError(f"backend {address} {problem}") from None
+    except CatalogError as e:
+        raise CatalogError(f"backend {address}: {e}") from None
+    except Exception as e:  # a broken reflection stream: still one clear line
+        raise CatalogError(f"backend {address}: reflection failed: {_one_line(repr(e))}") from None
+    finally:
+        await channel.close()
+    return catalog
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join((text or "").split())

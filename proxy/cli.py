@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import decision_log
 from . import keygen as keygen_mod
 from .issuer import SigningKey, TokenIssuer, hmac_signing_key, load_signing_key
 from .keys import KeyLoadError, secret_from_env, split_kid
@@ -37,6 +38,16 @@ def _env(flag: str) -> str | None:
 def _env_list(flag: str) -> list[str]:
     value = _env(flag)
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value!r}")
+    return number
 
 
 def _env_bool(flag: str, default: bool) -> bool:
@@ -162,6 +173,30 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-cache-size", type=int, default=_env("--token-cache-size") or "10000")
     p.add_argument("--shutdown-grace", type=float, default=_env("--shutdown-grace") or "10")
     p.add_argument("--log-level", default=_env("--log-level") or "info")
+    p.add_argument(
+        "--decision-log",
+        choices=("stdout", "stderr", "off"),
+        default=_env("--decision-log") or "stdout",
+        help="where the JSON decision lines go (denies always, allows sampled)",
+    )
+    p.add_argument(
+        "--log-allows",
+        type=_fraction,
+        default=_env("--log-allows") or "0",
+        help="share of allowed decisions logged, 0 to 1 (default 0: denies only)",
+    )
+    p.add_argument(
+        "--no-policy-watch",
+        action="store_true",
+        default=not _env_bool("--policy-watch", True),
+        help="do not reload the policy when its file changes (SIGHUP still reloads)",
+    )
+    p.add_argument(
+        "--no-reload-ends-streams",
+        action="store_true",
+        default=not _env_bool("--reload-ends-streams", True),
+        help="keep open streams that a reloaded policy would refuse",
+    )
     p.set_defaults(func=_serve)
 
 
@@ -171,6 +206,7 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    decision_log.log_to(args.decision_log)
     if args.listen and not args.upstream:
         raise ConfigError("--listen is the sidecar's listener: it needs --upstream HOST:PORT")
     cfg = ServeConfig(
@@ -196,19 +232,130 @@ def _serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         token_cache_size=args.token_cache_size,
         shutdown_grace=args.shutdown_grace,
+        watch_policy=not args.no_policy_watch,
+        reload_ends_streams=not args.no_reload_ends_streams,
+        log_allows=args.log_allows,
     )
     asyncio.run(run(cfg))
     return 0
 
 
+def _add_policy_check(policy_sub: argparse._SubParsersAction) -> None:
+    check = policy_sub.add_parser(
+        "check", help="validate a policy file; lint it against the methods a backend serves"
+    )
+    check.add_argument("file")
+    check.add_argument(
+        "--backend", help="HOST:PORT: lint against the methods its gRPC server reflection lists"
+    )
+    check.add_argument(
+        "--descriptor-set",
+        action="append",
+        default=[],
+        help="lint against the methods of a FileDescriptorSet (protoset) (repeatable)",
+    )
+    check.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 if a served method has no rule or a rule matches no served method",
+    )
+    check.add_argument("--format", choices=("text", "json"), default="text")
+    check.add_argument(
+        "--timeout", type=_duration, default="5s", help="how long to wait for --backend"
+    )
+    check.set_defaults(func=_policy_check)
+
+
 def _policy_check(args: argparse.Namespace) -> int:
+    import json
+
+    from . import lint
+    from .catalog import CatalogError, MethodCatalog, reflect_backend
+
+    as_json = args.format == "json"
     try:
         policy = load_policy(args.file)
     except PolicyError as e:
         print(e, file=sys.stderr)
+        if as_json:
+            print(json.dumps(lint.json_report(args.file, errors=e.errors, strict=args.strict)))
         return 1
-    print(f"{args.file}: OK (version {policy.version}, {policy.rule_count} rules)")
-    return 0
+    if not (args.backend or args.descriptor_set):
+        if as_json:
+            print(json.dumps(lint.json_report(args.file, policy=policy, strict=args.strict)))
+        else:
+            print(f"{args.file}: OK (version {policy.version}, {policy.rule_count} rules)")
+        return 0
+    catalog, sources = MethodCatalog(), list(args.descriptor_set)
+    try:
+        for path in args.descriptor_set:
+            catalog.add_descriptor_set(path)
+        if args.backend:
+            catalog.kinds.update(asyncio.run(reflect_backend(args.backend, args.timeout)).kinds)
+            sources.append(f"reflection at {args.backend}")
+    except CatalogError as e:
+        raise ConfigError(str(e)) from None
+    result = lint.lint(policy, catalog.kinds)
+    if as_json:
+        report = lint.json_report(
+            args.file, policy=policy, result=result, sources=sources, strict=args.strict
+        )
+        print(json.dumps(report, indent=2))
+    else:
+        print(lint.text_report(result, sources, args.strict))
+    return 1 if args.strict and result.findings else 0
+
+
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="explain what the proxy would do with one call")
+    p.add_argument("method", nargs="?", help="gRPC method path, /package.Service/Method")
+    p.add_argument(
+        "--http", metavar="'METHOD /path'", help="an HTTP request seen through Envoy ext_authz"
+    )
+    p.add_argument("--policy", default=_env("--policy") or "policy.yaml", help="policy file")
+    given = p.add_mutually_exclusive_group()
+    given.add_argument(
+        "--token", help="the JWT, or a whole 'Bearer ...' value (visible in the process list)"
+    )
+    given.add_argument("--token-file", help="file holding the token; - reads standard input")
+    p.add_argument("--jwks", action="append", default=None, help="as for serve (repeatable)")
+    p.add_argument("--public-key", action="append", default=None, help="as for serve")
+    p.add_argument("--hmac-secret-env", action="append", default=None, help="as for serve")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=_explain)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import json
+
+    from .explain import explain_offline
+    from .explain_report import json_report, text_report
+
+    if bool(args.method) == bool(args.http):
+        raise ConfigError("give a gRPC method path or --http 'METHOD /path' (one of them)")
+    http_method, target = None, args.method
+    if args.http:
+        http_method, _, target = args.http.strip().partition(" ")
+        target = target.strip()
+        if not target.startswith("/"):
+            raise ConfigError(f"--http {args.http!r}: expected 'METHOD /path'")
+    token = args.token
+    if args.token_file:
+        try:
+            text = sys.stdin.read() if args.token_file == "-" else Path(args.token_file).read_text()
+        except OSError as e:
+            raise ConfigError(f"--token-file {args.token_file}: {e.strerror}") from None
+        token = text.strip()
+    cfg = ServeConfig(
+        policy=args.policy,
+        jwks=args.jwks or _env_list("--jwks"),
+        public_keys=args.public_key or _env_list("--public-key"),
+        hmac_secret_envs=args.hmac_secret_env or _env_list("--hmac-secret-env"),
+    )
+    explained = asyncio.run(explain_offline(cfg, target, token, http_method))
+    out = json.dumps(json_report(explained), indent=2) if args.format == "json" else None
+    print(out or text_report(explained))
+    return 0 if explained.allowed else 1
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -264,9 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     policy = sub.add_parser("policy", help="policy tools")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, parser_class=_Parser)
-    check = policy_sub.add_parser("check", help="validate a policy file")
-    check.add_argument("file")
-    check.set_defaults(func=_policy_check)
+    _add_policy_check(policy_sub)
+    _add_explain(sub)
 
     kg = sub.add_parser("keygen", help="generate a signing key and its public JWKS")
     kg.add_argument("--alg", choices=keygen_mod.ALGORITHMS, default="ES256")

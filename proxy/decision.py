@@ -22,10 +22,14 @@ class Decision(NamedTuple):
     reason: Reason | None = None
     #: Human-readable; for a deny it says what the method needs.
     message: str = ""
-    #: Set when a token was verified (never for public or denied calls).
+    #: Set when a token was verified: on allows, and on denies after verification (a
+    #: missing role, a revoked token, ...) so logs can say who was refused.
     identity: Identity | None = None
     #: For a RATE_LIMITED deny: seconds until the call may succeed.
     retry_after: float | None = None
+    #: Allowed only because the rule is in shadow mode: `reason`/`message` say why it
+    #: would have been denied.
+    shadow: bool = False
 
     @property
     def level(self) -> str:

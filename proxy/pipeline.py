@@ -14,6 +14,7 @@ in progress.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
+from time import perf_counter
 
 from .bearer import extract_bearer
 from .decision import Decision
@@ -31,6 +32,9 @@ StateCheck = Callable[[Rule, VerifiedToken], Awaitable[None]]
 #: None for a public rule); raise `Denied` to refuse.
 Limiter = Callable[[Rule, str | None, Headers, VerifiedToken | None], Awaitable[None]]
 
+#: Told about every decision: (decision, seconds it took, peer). Metrics, decision log.
+Observer = Callable[[Decision, float, str | None], None]
+
 _MALFORMED_RULE = Rule("malformed", DENY)
 
 
@@ -46,15 +50,36 @@ class Authorizer:
         self.verifier = verifier
         self.state_checks = tuple(state_checks)
         self.limiter = limiter
+        self.observers: list[Observer] = []
 
     async def decide(self, method: str, headers: Headers, peer: str | None = None) -> Decision:
         """The decision for a gRPC call to `method` (`/package.Service/Method`); `peer` is
         the connection's peer (`ipv4:1.2.3.4:5`) for rate limits keyed by client address."""
+        started = perf_counter()
+        policy = self.policy
+        rule = _method_rule(policy, method)
+        if rule is None:
+            decision = _malformed_method(policy, method)
+        else:
+            decision = await self._evaluate(policy, method, rule, headers, peer)
+        if self.observers:
+            self._observe(decision, started, peer)
+        return decision
+
+    async def recheck(self, method: str, headers: Headers) -> Decision:
+        """A call already let through, judged again by the current policy (after a reload):
+        rule, token and requirements, without the steps that record anything (single use,
+        rate limits) and without revocation (open streams follow it by themselves)."""
         policy = self.policy
         rule = _method_rule(policy, method)
         if rule is None:
             return _malformed_method(policy, method)
-        return await self._evaluate(policy, method, rule, headers, peer)
+        return await self._evaluate(policy, method, rule, headers, None, recording=False)
+
+    def _observe(self, decision: Decision, started: float, peer: str | None) -> None:
+        elapsed = perf_counter() - started
+        for observer in self.observers:
+            observer(decision, elapsed, peer)
 
     async def decide_http(
         self,
@@ -75,7 +100,23 @@ class Authorizer:
         `default` rule. `policy` is the snapshot to decide with (default: the current one),
         for callers that need the same snapshot afterwards; `peer` is the client address.
         """
-        policy = policy or self.policy
+        started = perf_counter()
+        decision = await self._decide_http(
+            http_method, path, headers, grpc, policy or self.policy, peer
+        )
+        if self.observers:
+            self._observe(decision, started, peer)
+        return decision
+
+    async def _decide_http(
+        self,
+        http_method: str,
+        path: str,
+        headers: Headers,
+        grpc: bool,
+        policy: Policy,
+        peer: str | None,
+    ) -> Decision:
         path = path.partition("?")[0].partition("#")[0]
         if grpc:
             rule = _method_rule(policy, path)
@@ -103,38 +144,46 @@ class Authorizer:
         )
 
     async def _evaluate(
-        self, policy: Policy, target: str, rule: Rule, headers: Headers, peer: str | None
+        self,
+        policy: Policy,
+        target: str,
+        rule: Rule,
+        headers: Headers,
+        peer: str | None,
+        recording: bool = True,
     ) -> Decision:
-        """The steps after matching: level, token, shared state, requirements, rate limits."""
+        """The steps after matching: level, token, shared state, requirements, rate limits.
+        With `recording` false, the state steps (which record uses and hits) are skipped."""
         if rule.level == PUBLIC and not rule.rate_limits:
             return Decision(True, target, rule, policy.version)
-        if rule.level == DENY:
-            return Decision(
-                False, target, rule, policy.version, Reason.METHOD_DENIED, "this method is disabled"
-            )
         verified = identity = None
         try:
+            if rule.level == DENY:
+                raise Denied(Reason.METHOD_DENIED, "this method is disabled")
             if rule.level != PUBLIC:
                 spec = policy.tokens[rule.level]
                 token = extract_bearer(headers, policy.max_token_bytes)
                 verified = self.verifier.verify(token, spec, policy)
                 identity = identity_of(verified, spec, policy)
-                for check in self.state_checks:
-                    await check(rule, verified)
+                if recording:
+                    for check in self.state_checks:
+                        await check(rule, verified)
                 check_requirements(rule, identity)
-            if rule.rate_limits:
+            if rule.rate_limits and recording:
                 if self.limiter is None:
                     raise Denied(Reason.STATE_UNAVAILABLE, "no rate limit storage is configured")
                 await self.limiter(rule, peer, headers, verified)
         except Denied as denied:
             return Decision(
-                False,
+                rule.shadow,  # shadow mode: computed and reported, but allowed
                 target,
                 rule,
                 policy.version,
                 denied.reason,
                 denied.message,
+                identity=identity,  # who was refused (logs); shadow: headers too
                 retry_after=denied.retry_after,
+                shadow=rule.shadow,
             )
         return Decision(True, target, rule, policy.version, identity=identity)
 

@@ -82,6 +82,8 @@ class Rule:
     rate_limits: tuple[RateLimit, ...] = ()
     #: End an open stream (UNAUTHENTICATED) once its token expires or is revoked.
     end_streams: bool = True
+    #: Shadow mode: a deny is computed, logged and counted, but the call is allowed.
+    shadow: bool = False
     line: int | None = None
 
     @property

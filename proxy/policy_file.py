@@ -11,9 +11,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import limits
-from limits import RateLimitItem
-
 from . import yaml_source
 from .http_routes import HttpRoute, HttpRoutes, parse_route_key
 from .identity import BUILTIN_HEADERS
@@ -25,12 +22,11 @@ from .policy import (
     PUBLIC,
     TOKEN_LEVELS,
     Policy,
-    RateLimit,
     Rule,
     TokenSpec,
 )
-from .policy_values import ValueChecks
-from .yaml_source import LineList, LineMap, SourceError
+from .policy_limits import RateLimitChecks
+from .yaml_source import LineMap, SourceError
 
 TOP_KEYS = (
     "version",
@@ -43,6 +39,7 @@ TOP_KEYS = (
     "tokens",
     "methods",
     "http",
+    "mode",
 )
 RULE_KEYS = (
     "level",
@@ -54,11 +51,9 @@ RULE_KEYS = (
     "revoke_on_reuse",
     "rate_limit",
     "end_streams",
+    "mode",
 )
-RATE_LIMIT_KEYS = ("limit", "key", "fail_open")
-#: The moving window keeps one timestamp per counted call and key: bound what one key holds.
-MAX_RATE_AMOUNT = 10_000
-_CLAIM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}")
+MODES = ("enforce", "shadow")
 TOKEN_KEYS = ("type", "audience", "issuer", "keys", "type_claim")
 _HEADER_NAME = re.compile(r"x-auth-[a-z0-9]+(?:-[a-z0-9]+)*")
 
@@ -94,7 +89,8 @@ def parse_policy(data: bytes | str, file: str = "<policy>") -> Policy:
     return _Validator(file).policy(doc, hashlib.sha256(raw).hexdigest()[:12])
 
 
-class _Validator(ValueChecks):
+class _Validator(RateLimitChecks):
+    shadow_default = False
     # --- the document ------------------------------------------------------------------
 
     def policy(self, doc: Any, version: str) -> Policy:
@@ -115,6 +111,7 @@ class _Validator(ValueChecks):
         leeway = self.duration(doc, "leeway", default=30.0)
         max_bytes = self.integer(doc, "max_token_bytes", default=8192, low=256, high=65536)
         forward = self.boolean(doc, "forward_token", default=False)
+        self.shadow_default = self.shadow(doc, default=False)
         claim_headers = self.claim_headers(doc)
         tokens = self.tokens(doc, issuers)
 
@@ -262,7 +259,9 @@ class _Validator(ValueChecks):
             )
 
         if spec is None:
-            return Rule(pattern, level, forward_token=forward, line=line)
+            return Rule(
+                pattern, level, forward_token=forward, shadow=self.shadow_default, line=line
+            )
         roles = self.strings(spec, "roles") or frozenset()
         permissions = self.strings(spec, "permissions") or frozenset()
         scopes = self.strings(spec, "scopes") or frozenset()
@@ -287,67 +286,20 @@ class _Validator(ValueChecks):
             revoke_on_reuse=self.boolean(spec, "revoke_on_reuse", default=True),
             rate_limits=self.rate_limits(spec, where, level),
             end_streams=end_streams,
+            shadow=self.shadow(spec, default=self.shadow_default),
             line=line,
         )
 
-    def rate_limits(self, spec: LineMap, where: str, level: str) -> tuple[RateLimit, ...]:
-        """`rate_limit: {limit: 5/minute, key: peer, fail_open: false}`, or a list of them."""
-        if "rate_limit" not in spec:
-            return ()
-        value = spec["rate_limit"]
-        line = spec.line_of("rate_limit")
-        if level == DENY:
-            self.error(line, f"{where}: a rate limit needs a level that allows calls, not 'deny'")
-            return ()
-        entries = value if isinstance(value, LineList) else [value]
-        if not entries or not all(isinstance(e, LineMap) for e in entries):
+    def shadow(self, m: LineMap, default: bool) -> bool:
+        """`mode: enforce | shadow` (at the top: the default of every rule)."""
+        if "mode" not in m:
+            return default
+        if m["mode"] not in MODES:
             self.error(
-                line,
-                f"{where}: 'rate_limit' must be a mapping like {{limit: 5/minute, key: peer}}"
-                " or a non-empty list of them",
+                m.line_of("mode"), f"unknown mode {m['mode']!r} (expected enforce or shadow)"
             )
-            return ()
-        out = []
-        for entry in entries:
-            self.unknown_keys(entry, RATE_LIMIT_KEYS, f"key in the rate limit of {where}")
-            text = self.string(entry, "limit", f"the rate limit of {where}")
-            key = self.string(entry, "key", f"the rate limit of {where}", default="peer")
-            fail_open = self.boolean(entry, "fail_open", default=False)
-            item = self.rate(entry, text)
-            if key is not None and not _CLAIM_NAME.fullmatch(key):
-                self.error(
-                    entry.line_of("key"),
-                    f"rate limit key {key!r} must be 'peer', 'subject' or a claim name",
-                )
-            elif key not in (None, "peer") and level == PUBLIC:
-                self.error(
-                    entry.line_of("key"),
-                    f"{where}: a public method has no token, so its rate limit key must be"
-                    f" 'peer', not {key!r}",
-                )
-            elif item is not None and key is not None:
-                out.append(RateLimit(item, key, fail_open))
-        return tuple(out)
-
-    def rate(self, entry: LineMap, text: str | None) -> RateLimitItem | None:
-        if text is None:
-            return None
-        line = entry.line_of("limit")
-        try:
-            items = limits.parse_many(text)
-        except ValueError:
-            items = []
-        if len(items) != 1:
-            self.error(
-                line,
-                f"malformed rate {text!r}: expected one rate like 5/minute, 10/hour or"
-                " '100 per 2 hours' (list several entries for several limits)",
-            )
-            return None
-        if not 1 <= items[0].amount <= MAX_RATE_AMOUNT:
-            self.error(line, f"rate {text!r}: the count must be between 1 and {MAX_RATE_AMOUNT}")
-            return None
-        return items[0]
+            return default
+        return m["mode"] == "shadow"
 
     def claim_headers(self, doc: LineMap) -> tuple[tuple[str, str], ...]:
         section = doc.get("claim_headers")

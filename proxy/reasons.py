@@ -39,6 +39,8 @@ class Reason(StrEnum):
     INSUFFICIENT_SCOPE = "INSUFFICIENT_SCOPE"
     METHOD_DENIED = "METHOD_DENIED"
     METHOD_MALFORMED = "METHOD_MALFORMED"
+    # An open stream that a newly loaded policy version would refuse.
+    POLICY_CHANGED = "POLICY_CHANGED"
     # The request itself cannot be judged (gRPC INVALID_ARGUMENT): a path with dot
     # segments or encoded slashes, or an ext_authz check without HTTP attributes.
     REQUEST_MALFORMED = "REQUEST_MALFORMED"
@@ -61,6 +63,7 @@ _STATUS = {
         Reason.INSUFFICIENT_SCOPE,
         Reason.METHOD_DENIED,
         Reason.METHOD_MALFORMED,
+        Reason.POLICY_CHANGED,
     )
 }
 _STATUS[Reason.REQUEST_MALFORMED] = grpc.StatusCode.INVALID_ARGUMENT

@@ -14,6 +14,9 @@ import logging
 import os
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import Histogram
 
 from .admin import AdminServer
 from .catalog import CatalogError, MethodCatalog
@@ -29,9 +32,12 @@ from .keys import (
     load_pem_public_key,
     split_kid,
 )
+from .lint import uncovered
+from .operations import Operations
 from .pipeline import Authorizer
 from .policy import Policy
 from .policy_file import PolicyError, load_policy
+from .policy_reload import PolicyReloader
 from .rate_limits import RateLimiter
 from .sidecar import SidecarHandler, build_server
 from .state import DEFAULT_SUBJECT_TTL, MemoryState, StateStore
@@ -76,6 +82,12 @@ class ServeConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     token_cache_size: int = 10_000
     shutdown_grace: float = 10.0
+    #: Follow the policy file and reload it when it changes (SIGHUP reloads either way).
+    watch_policy: bool = True
+    #: After a reload, end open streams the new policy refuses (POLICY_CHANGED).
+    reload_ends_streams: bool = True
+    #: Share of allowed decisions written to the decision log (denies always are).
+    log_allows: float = 0.0
 
 
 def load_keys(cfg: ServeConfig) -> KeySet:
@@ -162,6 +174,7 @@ class Sidecar:
         cfg: ServeConfig,
         authorizer: Authorizer | None = None,
         state: StateStore | None = None,
+        upstream_seconds: Histogram | None = None,
     ) -> None:
         """With no `authorizer`, one is built on `state` (default: in memory); the
         `StreamGuard` watches streams against `state`."""
@@ -174,7 +187,9 @@ class Sidecar:
             state = state or MemoryState(subject_ttl=cfg.subject_revocation_ttl)
             authorizer = build_authorizer(cfg, state)
         self.authorizer = authorizer
-        self.guard = StreamGuard(state) if state is not None else None
+        self.guard = None
+        if state is not None:
+            self.guard = StreamGuard(state, authorizer, reload_ends_streams=cfg.reload_ends_streams)
         self.catalog = MethodCatalog()
         try:
             for path in cfg.descriptor_sets:
@@ -182,7 +197,9 @@ class Sidecar:
         except CatalogError as e:
             raise ConfigError(str(e)) from None
         self.upstream = Upstream(cfg.upstream, cfg.max_message_bytes)
-        handler = SidecarHandler(self.authorizer, self.upstream, self.catalog, self.guard)
+        handler = SidecarHandler(
+            self.authorizer, self.upstream, self.catalog, self.guard, upstream_seconds
+        )
         try:
             self.server, self.port = build_server(handler, cfg.listen, cfg.max_message_bytes)
         except (OSError, RuntimeError) as e:
@@ -210,6 +227,16 @@ class Sidecar:
             try:
                 count = await self.catalog.add_from_reflection(self.upstream.channel)
                 log.info("learned %d method kinds from upstream reflection", count)
+                policy = self.authorizer.policy
+                missing = uncovered(policy, self.catalog.kinds)
+                if missing:
+                    log.warning(
+                        "%d served methods have no rule; policy %s's default (%s) decides them: %s",
+                        len(missing),
+                        policy.version,
+                        policy.default.level,
+                        ", ".join(missing),
+                    )
                 return
             except Exception as e:  # any failure: keep the generic stream path, retry later
                 log.info("upstream reflection not available yet (%s); retrying", e)
@@ -244,7 +271,20 @@ class AuthProxy:
                 _check_address(flag, value)
         self.state = build_state(cfg)
         self.authorizer = build_authorizer(cfg, self.state)
-        self.sidecar = Sidecar(cfg, self.authorizer, self.state) if cfg.upstream else None
+        self.ops = Operations(
+            self.authorizer,
+            self.state,
+            cfg.policy,
+            Path(cfg.policy).read_bytes(),
+            check_policy_keys,
+            cfg.log_allows,
+        )
+        self.sidecar = None
+        if cfg.upstream:
+            self.sidecar = Sidecar(
+                cfg, self.authorizer, self.state, self.ops.metrics_registry.upstream_seconds
+            )
+            self.ops.watch_sidecar(self.sidecar.upstream, self.sidecar.guard)
         self.admin: AdminServer | None = None
         if cfg.admin:
             _check_address("--admin", cfg.admin)
@@ -256,7 +296,7 @@ class AuthProxy:
                         f"--admin-token-env {cfg.admin_token_env}: the variable must hold a"
                         " secret of at least 16 characters"
                     )
-            self.admin = AdminServer(self.state, cfg.admin, token)
+            self.admin = AdminServer(self.state, cfg.admin, token, self.ops)
         self.check_grpc: CheckServer | None = None
         self.check_http: CheckHttpServer | None = None
         try:
@@ -268,7 +308,14 @@ class AuthProxy:
                 )
         except (OSError, RuntimeError, ValueError) as e:
             raise ConfigError(str(e)) from None
+        for mode, server in (("grpc", self.check_grpc), ("http", self.check_http)):
+            if server is not None:
+                self.ops.watch_ext_authz(mode, server)
         self.cfg = cfg
+
+    @property
+    def reloader(self) -> PolicyReloader:
+        return self.ops.reloader
 
     async def start(self) -> None:
         await self.state.start()
@@ -291,15 +338,20 @@ class AuthProxy:
                 await self.stop(0)
                 raise ConfigError(f"--ext-authz-http {self.cfg.ext_authz_http}: {e}") from None
             log.info("ext_authz HTTP listening on port %d", self.check_http.port)
+        if self.cfg.watch_policy:
+            self.reloader.start()
 
     async def stop(self, grace: float | None = None) -> None:
+        """Drain: readiness goes false, the front ends stop taking calls and let the ones
+        in flight (streams too) finish for up to `grace` seconds; the admin listener
+        answers (`/readyz` 503) until they are done."""
         grace = self.cfg.shutdown_grace if grace is None else grace
-        stops = [
-            front.stop(grace)
-            for front in (self.sidecar, self.check_grpc, self.check_http, self.admin)
-            if front is not None
-        ]
-        await asyncio.gather(*stops)
+        self.ops.draining = True
+        await self.reloader.stop()
+        fronts = (self.sidecar, self.check_grpc, self.check_http)
+        await asyncio.gather(*(front.stop(grace) for front in fronts if front is not None))
+        if self.admin is not None:
+            await self.admin.stop()
         await self.state.close()
 
 
@@ -311,6 +363,14 @@ async def run(cfg: ServeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    reloads: set[asyncio.Task] = set()
+
+    def reload() -> None:
+        task = loop.create_task(proxy.reloader.reload("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stopping.wait()
     log.info("shutting down (grace %.0fs)", cfg.shutdown_grace)
     await proxy.stop()

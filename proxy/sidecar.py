@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from time import perf_counter
 
 import grpc
+from prometheus_client import Histogram
 
 from .catalog import Kind, MethodCatalog
 from .decision import Decision
@@ -44,11 +46,13 @@ class SidecarHandler(grpc.GenericRpcHandler):
         upstream: Upstream,
         catalog: MethodCatalog,
         guard: StreamGuard | None = None,
+        upstream_seconds: Histogram | None = None,
     ) -> None:
         self.authorizer = authorizer
         self.upstream = upstream
         self.catalog = catalog
         self.guard = guard
+        self.upstream_seconds = upstream_seconds
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
@@ -83,19 +87,23 @@ class SidecarHandler(grpc.GenericRpcHandler):
     def _unary_for(self, method: str):
         async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             _, metadata = await self._authorize(method, context)
-            return await self.upstream.unary(method, request, metadata, context)
+            started = perf_counter()
+            try:
+                return await self.upstream.unary(method, request, metadata, context)
+            finally:
+                if self.upstream_seconds is not None:
+                    self.upstream_seconds.labels("unary").observe(perf_counter() - started)
 
         return unary
 
     def _stream_for(self, method: str):
         async def stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
             decision, metadata = await self._authorize(method, context)
-            watch = None
-            if self.guard is not None:
-                watch = self.guard.watch(decision, self.authorizer.policy.leeway)
-            if watch is None:
+            started = perf_counter()
+            if self.guard is None:
                 await self.upstream.stream(method, requests, metadata, context)
                 return
+            watch = self.guard.watch(decision, method, context.invocation_metadata() or ())
             try:
                 await self.upstream.stream(method, requests, metadata, context)
             except asyncio.CancelledError:
@@ -109,6 +117,8 @@ class SidecarHandler(grpc.GenericRpcHandler):
                 )
             finally:
                 self.guard.release(watch)
+                if self.upstream_seconds is not None:
+                    self.upstream_seconds.labels("stream").observe(perf_counter() - started)
 
         return stream
 

@@ -50,7 +50,7 @@ def single_use_check(store: StateStore, clock=time.time) -> StateCheck:
         if first:
             return
         subject = verified.claims["sub"]
-        if rule.revoke_on_reuse:
+        if rule.revoke_on_reuse and not rule.shadow:  # shadow mode changes nothing
             try:
                 await store.revoke_subject(subject, clock())
                 log.warning("reuse of single-use token %s: revoked every token of its subject", jti)
@@ -59,7 +59,11 @@ def single_use_check(store: StateStore, clock=time.time) -> StateCheck:
         raise Denied(
             Reason.REFRESH_REUSED,
             "this token was already used"
-            + ("; every session of its subject is revoked" if rule.revoke_on_reuse else ""),
+            + (
+                "; every session of its subject is revoked"
+                if rule.revoke_on_reuse and not rule.shadow
+                else ""
+            ),
         )
 
     return check

@@ -1,7 +1,8 @@
-"""Open streams keep their token's limits: they end when the token expires or is revoked.
+"""Open streams keep their token's limits and the policy's: they end when the token
+expires or is revoked, or when a new policy version would refuse them.
 
-A stream authorized with a token (rule option `end_streams`, on by default) is watched
-until it finishes:
+Every stream is watched until it finishes. One authorized with a token (rule option
+`end_streams`, on by default) is held to that token:
 
 * expiry — a timer at the token's `exp` plus the policy's leeway (the moment a new call
   with that token would be refused) ends it with UNAUTHENTICATED / TOKEN_EXPIRED;
@@ -13,6 +14,12 @@ until it finishes:
   `interval`; when revocations can no longer be known (Redis unreachable for longer than
   the staleness bound), open streams end with UNAVAILABLE / STATE_UNAVAILABLE, as new
   calls are refused: nothing stays allowed because state was unreachable.
+
+And every stream, token or not, follows the policy:
+
+* a policy reload — every open stream (token or not) is judged again by the new version
+  (rule, token, requirements; nothing is recorded); one it would refuse ends with
+  PERMISSION_DENIED / POLICY_CHANGED (`--no-reload-ends-streams` keeps them).
 
 Ending a stream cancels the task that relays it; the front end turns that into the
 status (see `sidecar.py`).
@@ -26,6 +33,8 @@ import time
 from collections.abc import Callable
 
 from .decision import Decision
+from .pipeline import Authorizer, Headers
+from .policy import Policy
 from .reasons import Reason
 from .state import StateStore, StateUnavailable
 
@@ -35,15 +44,19 @@ DEFAULT_INTERVAL = 0.25
 
 
 class Watch:
-    """One open stream: what identifies its token, and why it was ended (if it was)."""
+    """One open stream: its call, its token, and why it was ended (if it was)."""
 
-    __slots__ = ("ended", "iat", "jti", "sub", "task", "timer")
+    __slots__ = ("ended", "headers", "iat", "jti", "method", "sub", "task", "timer")
 
-    def __init__(self, jti: str | None, sub: str, iat: float | None, task: asyncio.Task) -> None:
-        self.jti = jti
-        self.sub = sub
-        self.iat = iat
+    def __init__(self, method: str, headers: Headers, task: asyncio.Task) -> None:
+        self.method = method
+        self.headers = headers
         self.task = task
+        #: The token's revocation keys; `sub` is None when the stream is not held to its
+        #: token (public rules, `end_streams: false`).
+        self.jti: str | None = None
+        self.sub: str | None = None
+        self.iat: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         #: (reason, message) once the guard has ended the stream.
         self.ended: tuple[Reason, str] | None = None
@@ -53,12 +66,16 @@ class StreamGuard:
     def __init__(
         self,
         store: StateStore,
+        authorizer: Authorizer,
         interval: float = DEFAULT_INTERVAL,
         clock: Callable[[], float] = time.time,
+        reload_ends_streams: bool = True,
     ) -> None:
         self.store = store
+        self.authorizer = authorizer
         self.interval = interval
         self.clock = clock
+        self.reload_ends_streams = reload_ends_streams
         self.ended_total: dict[Reason, int] = {}
         self._watches: set[Watch] = set()
         self._ticker: asyncio.Task[None] | None = None
@@ -67,20 +84,21 @@ class StreamGuard:
     def __len__(self) -> int:
         return len(self._watches)
 
-    def watch(self, decision: Decision, leeway: float) -> Watch | None:
-        """Start watching the stream the current task relays; None when its rule does not
-        end streams or no token was verified (public rules)."""
+    def watch(self, decision: Decision, method: str, headers: Headers) -> Watch:
+        """Start watching the stream the current task relays (until `release`)."""
+        watch = Watch(method, headers, asyncio.current_task())  # type: ignore[arg-type]
+        self._watches.add(watch)
         identity = decision.identity
         if identity is None or not decision.rule.end_streams:
-            return None
+            return watch  # followed for policy changes only
         claims = identity.claims
-        watch = Watch(identity.jti, identity.subject, claims.get("iat"), asyncio.current_task())
+        watch.jti, watch.sub, watch.iat = identity.jti, identity.subject, claims.get("iat")
         loop = asyncio.get_running_loop()
+        leeway = self.authorizer.policy.leeway
         delay = max(0.0, claims["exp"] + leeway - self.clock())
         watch.timer = loop.call_later(
             delay, self._end, watch, Reason.TOKEN_EXPIRED, "the token expired during the stream"
         )
-        self._watches.add(watch)
         if self._ticker is None or self._ticker.done():
             self._ticker = loop.create_task(self._tick())
         return watch
@@ -97,6 +115,20 @@ class StreamGuard:
         if self._revocations_changed in self.store.view.listeners:
             self.store.view.listeners.remove(self._revocations_changed)
 
+    async def policy_changed(self, old: Policy, new: Policy) -> None:
+        """A new policy version is in place: end the open streams it would refuse."""
+        if not self.reload_ends_streams:
+            return
+        for watch in list(self._watches):
+            decision = await self.authorizer.recheck(watch.method, watch.headers)
+            if not decision.allowed:
+                self._end(
+                    watch,
+                    Reason.POLICY_CHANGED,
+                    f"policy version {new.version} refuses this stream:"
+                    f" {decision.reason}: {decision.message}",
+                )
+
     def _end(self, watch: Watch, reason: Reason, message: str) -> None:
         if watch.ended is not None or watch not in self._watches:
             return
@@ -107,16 +139,18 @@ class StreamGuard:
 
     def _revocations_changed(self) -> None:
         for watch in list(self._watches):
-            if self.store.revoked(watch.jti, watch.sub, watch.iat):
+            if watch.sub is not None and self.store.revoked(watch.jti, watch.sub, watch.iat):
                 self._end(watch, Reason.TOKEN_REVOKED, "the token was revoked during the stream")
 
     async def _tick(self) -> None:
-        """While streams are open: end them all once the revocation view is stale."""
-        while self._watches:
+        """While streams held to their tokens are open: end them once the revocation view
+        is stale."""
+        while any(watch.sub is not None for watch in self._watches):
             await asyncio.sleep(self.interval)
             try:
                 self.store.check_fresh()
             except StateUnavailable as e:
-                log.warning("ending %d open streams: %s", len(self._watches), e)
-                for watch in list(self._watches):
+                held = [watch for watch in self._watches if watch.sub is not None]
+                log.warning("ending %d open streams: %s", len(held), e)
+                for watch in held:
                     self._end(watch, Reason.STATE_UNAVAILABLE, str(e))

@@ -149,17 +149,22 @@ async def test_logging_out_every_device_ends_the_subjects_streams(
         bob.call.cancel()
 
 
-async def test_public_streams_and_finished_streams_are_not_watched(
+async def test_public_streams_are_not_held_to_a_token_and_finished_streams_are_released(
     tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
 ):
+    """A public stream is followed only for policy changes: no timer, no revocation check,
+    and no freshness ticker on its account."""
     async with running_node(tmp_path, keys, backend, "a", POLICY) as node:
         guard = node.proxy.sidecar.guard
         public = Chat(node.channel, PUBLIC_CHAT, None)
         assert await public.roundtrip() == b"echo:hi"
-        assert len(guard) == 0  # no token, nothing to expire or revoke
+        assert len(guard) == 1
+        (watch,) = guard._watches
+        assert watch.sub is None and watch.timer is None
+        assert guard._ticker is None
         chat = Chat(node.channel, CHAT, issuer.mint("access", "alice", ttl=300).token)
         assert await chat.roundtrip() == b"echo:hi"
-        assert len(guard) == 1
+        assert len(guard) == 2
         assert await chat.finish() == grpc.StatusCode.OK
         assert await public.finish() == grpc.StatusCode.OK
         for _ in range(100):  # the handler releases its watch as it returns

@@ -232,7 +232,15 @@ async def test_denial_reasons(
         else grpc.StatusCode.UNAUTHENTICATED
     )
     assert decision.status == expected
-    assert decision.identity is None
+    # A deny names who was refused once the token verified (requirements), never before.
+    verified = reason in (
+        Reason.INSUFFICIENT_ROLE,
+        Reason.INSUFFICIENT_PERMISSION,
+        Reason.INSUFFICIENT_SCOPE,
+    )
+    assert (decision.identity is not None) == verified
+    if verified:
+        assert decision.identity.subject == "alice"
 
 
 ALLOWED = [

@@ -1,0 +1,135 @@
+"""Live policy edits: watch the policy file, validate a new version fully, swap it in.
+
+The watcher follows the file's *directory* (watchfiles: inotify, or polling where that is
+unavailable), so it sees editors that replace the file and Kubernetes ConfigMap updates,
+which swap a `..data` symlink rather than writing the file. SIGHUP reloads too. A new
+version must parse and validate completely and name only keys the proxy has; then the
+`Authorizer`'s policy attribute is replaced in one assignment, so a call keeps the
+version it started with. An invalid edit is never applied: the last good policy stays,
+the `file:line` problems are logged and counted, and `/policy` shows the error until a
+good version loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import watchfiles
+
+from .keys import KeySet
+from .pipeline import Authorizer
+from .policy import Policy
+from .policy_file import parse_policy
+
+log = logging.getLogger("authproxy.policy")
+
+#: Changes within this many milliseconds are taken together (an editor's save, a
+#: ConfigMap swap); a valid edit is live well within a second.
+DEBOUNCE_MS = 150
+
+#: Called after a new policy is in place: (old, new).
+OnReload = Callable[[Policy, Policy], Awaitable[None]]
+
+
+class PolicyReloader:
+    def __init__(
+        self,
+        path: str,
+        authorizer: Authorizer,
+        keys: KeySet,
+        check_keys: Callable[[Policy, KeySet], None],
+        text: bytes,
+    ) -> None:
+        self.path = path
+        self.authorizer = authorizer
+        self.keys = keys
+        self.check_keys = check_keys
+        self.text = text  # the active policy's file content, for `/policy`
+        self.loaded_at = time.time()
+        self.last_error: str | None = None
+        self.results = {"ok": 0, "error": 0, "unchanged": 0}
+        self.listeners: list[OnReload] = []
+        self._lock = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    async def reload(self, why: str) -> bool:
+        """Load the file again; True when a new version was put in place."""
+        async with self._lock:  # one reload at a time, in order
+            try:
+                data = Path(self.path).read_bytes()
+            except OSError as e:
+                return self._failed(f"{self.path}: cannot read policy: {e.strerror}", why)
+            old = self.authorizer.policy
+            if hashlib.sha256(data).hexdigest()[:12] == old.version:
+                self.results["unchanged"] += 1
+                return False
+            try:
+                policy = parse_policy(data, self.path)
+                self.check_keys(policy, self.keys)  # keys the policy names must exist
+            except Exception as e:  # PolicyError, or the key check's configuration error
+                return self._failed(str(e), why)
+            self.authorizer.policy = policy
+            self.text = data
+            self.loaded_at = time.time()
+            self.last_error = None
+            self.results["ok"] += 1
+            log.info(
+                "policy reloaded (%s): version %s -> %s, %d rules",
+                why,
+                old.version,
+                policy.version,
+                policy.rule_count,
+            )
+            for listener in self.listeners:
+                await listener(old, policy)
+            return True
+
+    def _failed(self, problem: str, why: str) -> bool:
+        self.last_error = problem
+        self.results["error"] += 1
+        log.error(
+            "policy reload (%s) refused; still serving version %s:\n%s",
+            why,
+            self.authorizer.policy.version,
+            problem,
+        )
+        return False
+
+    def start(self) -> None:
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        # The directory holding the path as given: in a ConfigMap mount the file is a
+        # symlink into `..data`, which the update replaces.
+        directory = Path(self.path).absolute().parent
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                async for _ in watchfiles.awatch(
+                    directory,
+                    watch_filter=None,
+                    debounce=DEBOUNCE_MS,
+                    step=50,
+                    stop_event=self._stop,
+                    recursive=True,
+                ):
+                    await self.reload("file changed")
+                    delay = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the directory went away, the watch failed: retry
+                log.warning("watching %s failed (%s); retrying", directory, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)

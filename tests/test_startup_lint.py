@@ -1,0 +1,60 @@
+"""At startup, once the backend answers server reflection, the sidecar logs the served
+methods its policy does not name (the default decides them) — once, as a warning."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from proxy.serve import AuthProxy
+from tests.conftest import Keys, config_for
+from tests.example_backend_harness import Example
+
+POLICY = """\
+version: 1
+default: deny
+tokens:
+  access: {type: access, audience: api-access}
+methods:
+  /api.v1.AuthService/*: public
+  /api.v1.UserService/GetProfile: access
+  /grpc.health.v1.Health/*: public
+  /grpc.reflection.v1alpha.ServerReflection/*: deny
+"""
+
+
+async def test_uncovered_served_methods_are_logged_once_at_startup(
+    tmp_path: Path, keys: Keys, example: Example, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = config_for(
+        tmp_path,
+        keys,
+        POLICY,
+        listen="127.0.0.1:0",
+        upstream=f"127.0.0.1:{example.backend.port}",
+        watch_policy=False,
+    )
+    proxy = AuthProxy(cfg)
+    caplog.set_level(logging.INFO, logger="authproxy")
+    await proxy.start()
+    try:
+        for _ in range(200):
+            if proxy.sidecar.catalog.kinds:  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
+    finally:
+        await proxy.stop(0)
+    warnings = [r.getMessage() for r in caplog.records if "have no rule" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    line = warnings[0]
+    assert "default (deny) decides them" in line
+    names = line.rsplit(": ", 1)[1].split(", ")
+    assert "/api.v1.UserService/UpdateProfile" in names
+    assert any(name.startswith("/api.v1.DataService/") for name in names)
+    assert "/api.v1.UserService/GetProfile" not in names  # named exactly
+    assert not any(name.startswith("/api.v1.AuthService/") for name in names)  # wildcard
+    assert not any("ServerReflection" in name for name in names)
