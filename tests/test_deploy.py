@@ -1,0 +1,708 @@
+"""The deploy files: the Dockerfile (hadolint-clean; what the image must and must not hold)
+and the Kubernetes manifests under deploy/k8s/ (schema-valid in strict mode, and the
+sidecar's intent: only the proxy is reachable, probes on the admin port, the policy
+ConfigMap mounted as a directory, shutdown timing that lets the proxy drain)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import http.server
+import json
+import os
+import posixpath
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from proxy.cli import ENV_PREFIX, build_parser
+from proxy.serve import DEFAULT_LISTEN
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+K8S = ROOT / "deploy" / "k8s"
+DEPLOY_README = ROOT / "deploy" / "README.md"
+HADOLINT = Path(sys.executable).parent / "hadolint"
+
+# The oldest Kubernetes the manifests support (the preStop `sleep` action is 1.30) and the
+# newest kubernetes-validate ships schemas for: both checked, offline.
+KUBERNETES_VERSIONS = ("1.30", kubernetes_validate.latest_version())
+PROXY = "authproxy"  # the proxy's container name; every other container is the backend
+KEY_FILE = re.compile(r"(\.pem|\.key|(^|/)jwks\.json)$")
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+# --- Dockerfile -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str  # upper case
+    args: str
+    stage: str  # the name (or index) of the stage it belongs to
+
+
+@cache
+def instructions() -> tuple[Instruction, ...]:
+    """The Dockerfile's instructions, continuation lines joined and comments dropped."""
+    out: list[Instruction] = []
+    stage, pending = "", ""
+    for line in DOCKERFILE.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue  # Docker drops comment lines inside continuations too
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        keyword, _, args = (pending + stripped).partition(" ")
+        pending = ""
+        keyword, args = keyword.upper(), " ".join(args.split())
+        if keyword == "FROM":
+            words = args.split()
+            as_name = [w for i, w in enumerate(words) if i and words[i - 1].upper() == "AS"]
+            stage = as_name[0] if as_name else str(sum(i.keyword == "FROM" for i in out))
+        out.append(Instruction(keyword, args, stage))
+    return tuple(out)
+
+
+def stages() -> list[str]:
+    return [i.stage for i in instructions() if i.keyword == "FROM"]
+
+
+def stage_chain(stage: str) -> list[str]:
+    """The stage and the stages it is built FROM, base first."""
+    chain = []
+    while stage:
+        chain.insert(0, stage)
+        (base,) = [
+            i.args.split()[0] for i in instructions() if i.stage == stage and i.keyword == "FROM"
+        ]
+        stage = base if base in stages() else ""
+    return chain
+
+
+def in_image(stage: str, keyword: str) -> list[Instruction]:
+    """`keyword` instructions that apply to the image `stage` builds (inherited ones too)."""
+    chain = stage_chain(stage)
+    return [i for i in instructions() if i.stage in chain and i.keyword == keyword]
+
+
+def image_env(stage: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for instruction in in_image(stage, "ENV"):
+        words = shlex.split(instruction.args)
+        assert all("=" in w for w in words), f"use ENV KEY=VALUE: ENV {instruction.args}"
+        env.update(w.split("=", 1) for w in words)
+    return env
+
+
+def final_stage() -> str:
+    return stages()[-1]
+
+
+def exec_form(instruction: Instruction) -> list[str]:
+    value = json.loads(instruction.args)
+    assert isinstance(value, list), f"{instruction.keyword} must be in exec (JSON) form"
+    return value
+
+
+def serve_env_names() -> set[str]:
+    """AUTHPROXY_* names that `authproxy serve` reads: one per flag (--no-x also as x)."""
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    names = set()
+    for action in sub.choices["serve"]._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--") and flag != "--help":
+                name = flag.removeprefix("--").removeprefix("no-")
+                names.add(ENV_PREFIX + name.replace("-", "_").upper())
+    return names
+
+
+def hadolint(home: Path, file: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    # A clean environment: no user-level hadolint config or HADOLINT_* variable can hide
+    # a finding; a .hadolint.yaml in the repository would still apply (none exists).
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home), "XDG_CONFIG_HOME": str(home)}
+    return subprocess.run(
+        [str(HADOLINT), "--no-color", "--format", "json", file],
+        cwd=ROOT,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_hadolint_reports_nothing(tmp_path: Path) -> None:
+    result = hadolint(tmp_path, "Dockerfile")
+    findings = json.loads(result.stdout or "null")
+    report = "\n".join(
+        f"line {f['line']}: {f['code']} ({f['level']}) {f['message']}" for f in findings or []
+    )
+    assert findings == [], f"hadolint:\n{report}{result.stderr}"
+    assert result.returncode == 0, result.stderr
+
+
+def test_hadolint_does_lint(tmp_path: Path) -> None:
+    # The check above passes only because the Dockerfile is clean, not because hadolint
+    # never looks: it flags a `latest` base image and an unpinned pip install.
+    result = hadolint(tmp_path, "-", "FROM python:latest\nRUN pip install grpcio\n")
+    codes = {f["code"] for f in json.loads(result.stdout)}
+    assert {"DL3007", "DL3013"} <= codes, result.stdout
+    assert result.returncode != 0
+
+
+def test_image_runs_as_a_numeric_non_root_user() -> None:
+    # Every image stage (one with an ENTRYPOINT) ends as a numeric user, so Kubernetes'
+    # runAsNonRoot can verify it without a passwd lookup.
+    image_stages = {i.stage for i in instructions() if i.keyword == "ENTRYPOINT"}
+    assert final_stage() in image_stages
+    for stage in image_stages:
+        users = in_image(stage, "USER")
+        assert users, f"stage {stage} has no USER: it would run as root"
+        match = re.fullmatch(r"(\d+)(?::(\d+))?", users[-1].args)
+        assert match, f"stage {stage}: USER {users[-1].args} is not a numeric UID[:GID]"
+        assert int(match[1]) != 0 and match[2] != "0", f"stage {stage}: USER {users[-1].args}"
+
+
+def test_image_entrypoint_is_authproxy_serve() -> None:
+    stage = final_stage()
+    assert exec_form(in_image(stage, "ENTRYPOINT")[-1]) == ["authproxy"]
+    assert exec_form(in_image(stage, "CMD")[-1]) == ["serve"]
+
+
+def test_image_env_defaults() -> None:
+    env = image_env(final_stage())
+    assert env.get("AUTHPROXY_ADMIN") == "0.0.0.0:9901"
+    assert PurePosixPath(env.get("AUTHPROXY_POLICY", "")).is_absolute(), env
+    assert env.get("PYTHONUNBUFFERED") == "1"
+    assert env.get("PYTHONDONTWRITEBYTECODE") == "1"
+
+
+def test_image_env_names_are_serve_flags() -> None:
+    known = serve_env_names()
+    for stage in stages():
+        unknown = {k for k in image_env(stage) if k.startswith(ENV_PREFIX)} - known
+        assert not unknown, f"stage {stage}: no `authproxy serve` flag reads {sorted(unknown)}"
+
+
+def test_image_exposes_the_proxy_ports() -> None:
+    exposed = {
+        int(p.split("/")[0]) for i in in_image(final_stage(), "EXPOSE") for p in i.args.split()
+    }
+    admin_port = int(image_env(final_stage())["AUTHPROXY_ADMIN"].rpartition(":")[2])
+    assert {int(DEFAULT_LISTEN.rpartition(":")[2]), admin_port} <= exposed
+
+
+def test_healthcheck_asks_admin_healthz() -> None:
+    (healthcheck,) = in_image(final_stage(), "HEALTHCHECK")
+    options, _, command = healthcheck.args.partition("CMD ")
+    assert "--timeout=" in options
+    argv = json.loads(command)
+    assert argv[:2] == ["python", "-c"] and "timeout=" in argv[2], argv
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        status = 200
+        paths: list[str] = []
+
+        def do_GET(self) -> None:
+            self.paths.append(self.path)
+            self.send_response(self.status if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    # A proxy the container may be given (Docker passes its client's proxy settings on)
+    # must not carry the check away from the loopback address.
+    dead = "http://127.0.0.1:9"
+    env = {**os.environ, "AUTHPROXY_ADMIN": f"0.0.0.0:{port}", "http_proxy": dead}
+    env["HTTP_PROXY"] = dead
+
+    def healthy() -> bool:
+        run = subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, timeout=10)
+        return run.returncode == 0
+
+    try:
+        assert healthy()
+        assert Health.paths == ["/healthz"]
+        Health.status = 503
+        assert not healthy()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert not healthy()  # nothing listens
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (line.strip() for line in DOCKERIGNORE.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[":
+            end = pattern.index("]", i)
+            out, i = out + pattern[i : end + 1], end + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
+
+
+def ignored(path: str) -> bool:
+    """Whether .dockerignore keeps `path` out of the build context (Docker's rules: the
+    last pattern matching the path or one of its parent directories decides)."""
+    parts = path.split("/")
+    candidates = [path, *("/".join(parts[: n + 1]) for n in range(len(parts) - 1))]
+    excluded = False
+    for raw in dockerignore_patterns():
+        exception = raw.startswith("!")
+        pattern = posixpath.normpath(raw.removeprefix("!")).lstrip("/")
+        if any(_pattern_regex(pattern).fullmatch(c) for c in candidates):
+            excluded = not exception
+    return excluded
+
+
+def test_dockerignore_keeps_keys_and_clutter_out() -> None:
+    for path in (
+        ".git/HEAD",
+        ".venv/bin/python",
+        "tests/test_cli.py",
+        "keys/signing.pem",
+        "keys/jwks.json",
+        "proxy/__pycache__/cli.cpython-312.pyc",
+        "examples/backend/signing.pem",
+        "examples/jwks.json",
+        ".pytest_cache/README.md",
+        "authproxy.egg-info/PKG-INFO",
+    ):
+        assert ignored(path), f"{path} would be in the build context"
+    for path in ("pyproject.toml", "README.md", "LICENSE", "proxy/cli.py"):
+        assert not ignored(path), f"{path} would be missing from the build context"
+
+
+def copy_sources() -> Iterator[tuple[Instruction, str]]:
+    """(instruction, source) for every COPY/ADD from the build context."""
+    for instruction in instructions():
+        if instruction.keyword not in ("COPY", "ADD"):
+            continue
+        flags, rest = re.fullmatch(r"((?:--\S+\s+)*)(.*)", instruction.args).groups()
+        if "--from=" in flags:
+            continue
+        words = json.loads(rest) if rest.startswith("[") else shlex.split(rest)
+        for source in words[:-1]:
+            yield instruction, source
+
+
+def test_copy_sources_exist_and_hold_no_keys() -> None:
+    sources = list(copy_sources())
+    assert sources
+    for instruction, source in sources:
+        assert source not in (".", "./", "*"), (
+            f"{instruction.keyword} {instruction.args}: the whole context"
+        )
+        assert not KEY_FILE.search(source) and "keys" not in PurePosixPath(source).parts, source
+        path = ROOT / source
+        assert path.exists(), f"{instruction.keyword} {instruction.args}: {source} does not exist"
+        assert not ignored(source), f"{source} is excluded by .dockerignore"
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        for file in files:
+            relative = file.relative_to(ROOT).as_posix()
+            assert ignored(relative) or not KEY_FILE.search(relative), f"{relative} would be copied"
+
+
+def test_build_stage_has_what_pyproject_needs() -> None:
+    # setuptools only warns when a license file is missing, and the wheel then lacks it.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = {"pyproject.toml", project["project"]["readme"], *project["project"]["license-files"]}
+    packages = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    needed |= {p.removesuffix("*") for p in packages}
+    for stage in stages():
+        copied = {PurePosixPath(s).as_posix() for i, s in copy_sources() if i.stage == stage}
+        if copied:
+            assert needed <= copied, f"stage {stage} builds without {sorted(needed - copied)}"
+
+
+# --- Kubernetes ---------------------------------------------------------------------------
+
+
+@cache
+def manifests() -> tuple[tuple[str, dict], ...]:
+    found = []
+    for path in sorted(K8S.glob("*.y*ml")):
+        for resource in yaml.safe_load_all(path.read_text()):
+            if resource:
+                found.append((path.name, resource))
+    return tuple(found)
+
+
+def resources(kind: str) -> list[dict]:
+    return [r for _, r in manifests() if r["kind"] == kind]
+
+
+def one(kind: str) -> dict:
+    (resource,) = resources(kind)
+    return resource
+
+
+def pod() -> dict:
+    return one("Deployment")["spec"]["template"]
+
+
+def containers() -> list[dict]:
+    return pod()["spec"]["containers"]
+
+
+def proxy() -> dict:
+    (container,) = [c for c in containers() if c["name"] == PROXY]
+    return container
+
+
+def backends() -> list[dict]:
+    found = [c for c in containers() if c["name"] != PROXY]
+    assert found, "the pod has no backend container"
+    return found
+
+
+def arg(container: dict, flag: str) -> str | None:
+    args = [*container.get("command", []), *container.get("args", [])]
+    for i, word in enumerate(args):
+        if word == flag and i + 1 < len(args):
+            return args[i + 1]
+        if word.startswith(flag + "="):
+            return word.partition("=")[2]
+    return None
+
+
+def env_value(container: dict, name: str) -> str | None:
+    for var in container.get("env", []):
+        if var["name"] == name:
+            return var.get("value")
+    return None
+
+
+def proxy_setting(flag: str) -> str | None:
+    """What `authproxy serve` in the proxy container gets for `flag`: the argument, else
+    the container's AUTHPROXY_* variable, else the image's default."""
+    name = ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
+    value = arg(proxy(), flag)
+    if value is None:
+        value = env_value(proxy(), name)
+    if value is None:
+        value = image_env(final_stage()).get(name)
+    return value
+
+
+def port_of(address: str) -> int:
+    return int(address.rpartition(":")[2])
+
+
+def host_of(address: str) -> str:
+    return address.rpartition(":")[0]
+
+
+def container_port(container: dict, port: int | str) -> int | None:
+    """A probe's or Service's port (number or name) as the container's port number."""
+    for p in container.get("ports", []):
+        if port in (p["containerPort"], p.get("name")):
+            return p["containerPort"]
+    return port if isinstance(port, int) else None
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    wanted = selector.get("matchLabels", selector)
+    assert wanted and not selector.get("matchExpressions"), selector
+    return all(labels.get(k) == v for k, v in wanted.items())
+
+
+def listen_port() -> int:
+    return port_of(proxy_setting("--listen") or DEFAULT_LISTEN)
+
+
+def admin_port() -> int:
+    admin = proxy_setting("--admin")
+    assert admin, "the proxy has no admin listener (AUTHPROXY_ADMIN)"
+    return port_of(admin)
+
+
+def backend_port() -> int:
+    return port_of(arg(backends()[0], "--listen") or "")
+
+
+def shutdown_grace() -> float:
+    value = proxy_setting("--shutdown-grace")
+    return float(value) if value else build_parser().parse_args(["serve"]).shutdown_grace
+
+
+def pre_stop_sleep(container: dict) -> int:
+    sleep = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {})
+    return int(sleep.get("seconds", 0))
+
+
+def test_manifests_exist_and_name_no_namespace() -> None:
+    kinds = {r["kind"] for _, r in manifests()}
+    assert {"Deployment", "Service", "ConfigMap"} <= kinds, kinds
+    for name, resource in manifests():
+        assert "namespace" not in resource["metadata"], f"{name}: apply with -n instead"
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_manifests_validate_strictly(version: str) -> None:
+    for name, resource in manifests():
+        try:
+            kubernetes_validate.validate(resource, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            path = ".".join(str(p) for p in e.path)
+            pytest.fail(f"{name}: {resource['kind']} against {version}: {path}: {e.message}")
+
+
+def test_strict_validation_catches_a_misspelt_field() -> None:
+    deployment = copy.deepcopy(one("Deployment"))
+    context = deployment["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+    context["readOnlyRootFileSystem"] = context.pop("readOnlyRootFilesystem")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+def test_deployment_selects_its_pods() -> None:
+    assert selects(one("Deployment")["spec"]["selector"], pod()["metadata"]["labels"])
+
+
+def test_every_container_is_locked_down() -> None:
+    pod_context = pod()["spec"].get("securityContext", {})
+    for container in pod()["spec"].get("initContainers", []) + containers():
+        context = container.get("securityContext", {})
+        name = container["name"]
+        assert context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is True, name
+        assert context.get("runAsUser", pod_context.get("runAsUser")) != 0, name
+        assert context.get("readOnlyRootFilesystem") is True, name
+        assert context.get("allowPrivilegeEscalation") is False, name
+        assert "ALL" in context.get("capabilities", {}).get("drop", []), name
+        resources = container.get("resources", {})
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(resources.get(kind, {})), f"{name}: {kind}"
+
+
+def test_proxy_probes_ask_the_admin_port() -> None:
+    admin = proxy_setting("--admin")
+    assert admin and host_of(admin) not in LOOPBACK, f"the kubelet cannot reach {admin}"
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        http_get = proxy()[probe]["httpGet"]
+        assert http_get["path"] == path, probe
+        assert container_port(proxy(), http_get["port"]) == admin_port(), probe
+        assert http_get.get("scheme", "HTTP") == "HTTP", probe
+
+
+def test_admin_listener_requires_a_bearer_secret_from_a_secret() -> None:
+    # Off loopback, the revocation API must ask for its bearer secret.
+    token_env = proxy_setting("--admin-token-env")
+    assert token_env, "AUTHPROXY_ADMIN_TOKEN_ENV is not set"
+    (var,) = [v for v in proxy().get("env", []) if v["name"] == token_env]
+    assert "secretKeyRef" in var.get("valueFrom", {}), f"{token_env} is not from a Secret"
+
+
+def secret_ref(container: dict, name: str | None) -> tuple[str, str] | None:
+    for var in container.get("env", []):
+        if var["name"] == name:
+            ref = var.get("valueFrom", {}).get("secretKeyRef")
+            return (ref["name"], ref["key"]) if ref else None
+    return None
+
+
+def test_backend_and_proxy_share_their_secrets() -> None:
+    # The backend signs refresh tokens with the HMAC secret the proxy verifies them with,
+    # and revokes tokens at this pod's proxy with the admin API's bearer secret.
+    hmac = proxy_setting("--hmac-secret-env") or ""
+    proxy_refresh = secret_ref(proxy(), hmac.rpartition("=")[2])
+    proxy_admin = secret_ref(proxy(), proxy_setting("--admin-token-env"))
+    assert proxy_refresh and proxy_admin
+    for backend in backends():
+        assert secret_ref(backend, arg(backend, "--refresh-secret-env")) == proxy_refresh
+        assert secret_ref(backend, arg(backend, "--proxy-admin-token-env")) == proxy_admin
+        assert arg(backend, "--proxy-admin") == f"http://127.0.0.1:{admin_port()}"
+
+
+def test_metrics_annotations_name_the_admin_port() -> None:
+    annotations = pod()["metadata"].get("annotations", {})
+    assert int(annotations["prometheus.io/port"]) == admin_port()
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_service_targets_the_proxy_never_the_backend() -> None:
+    service = one("Service")
+    assert selects(service["spec"]["selector"], pod()["metadata"]["labels"])
+    ports = service["spec"]["ports"]
+    assert ports
+    for port in ports:
+        target = container_port(proxy(), port.get("targetPort", port["port"]))
+        assert target == listen_port(), f"Service port {port['name']} targets {target}"
+        assert target not in (backend_port(), admin_port())
+        assert port["name"] == "grpc" and port.get("appProtocol") == "grpc", port
+
+
+def test_backend_listens_on_loopback_only() -> None:
+    for backend in backends():
+        listen = arg(backend, "--listen")
+        assert listen, f"{backend['name']}: no --listen argument"
+        assert host_of(listen) == "127.0.0.1", f"{backend['name']} listens on {listen}"
+        assert not backend.get("ports"), f"{backend['name']} declares ports"
+    upstream = proxy_setting("--upstream")
+    assert upstream == f"127.0.0.1:{backend_port()}"
+    assert port_of(upstream) != listen_port()
+
+
+def mounts_of(kind: str) -> Iterator[tuple[dict, dict, dict]]:
+    """(container, mount, volume) for each mount of a `kind` (configMap, secret) volume."""
+    volumes = {v["name"]: v for v in pod()["spec"].get("volumes", [])}
+    for container in containers():
+        for mount in container.get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            if kind in volume:
+                yield container, mount, volume
+
+
+def test_config_and_secret_volumes_are_directory_mounts() -> None:
+    # A subPath mount never sees ConfigMap or Secret updates: no policy hot reload.
+    mounts = [*mounts_of("configMap"), *mounts_of("secret")]
+    assert mounts
+    for container, mount, _ in mounts:
+        assert "subPath" not in mount and "subPathExpr" not in mount, (container["name"], mount)
+        assert mount.get("readOnly") is True, (container["name"], mount)
+
+
+def test_policy_lies_in_the_policy_configmap_directory() -> None:
+    policy = PurePosixPath(proxy_setting("--policy") or "")
+    assert policy.is_absolute(), policy
+    (found,) = [
+        (mount, volume)
+        for container, mount, volume in mounts_of("configMap")
+        if container["name"] == PROXY and policy.parent == PurePosixPath(mount["mountPath"])
+    ]
+    _, volume = found
+    (configmap,) = [
+        c for c in resources("ConfigMap") if c["metadata"]["name"] == volume["configMap"]["name"]
+    ]
+    items = {i["path"]: i["key"] for i in volume["configMap"].get("items", [])}
+    key = items.get(policy.name, policy.name) if items else policy.name
+    assert key in configmap["data"], f"ConfigMap {configmap['metadata']['name']} has no {key}"
+
+
+def test_policy_configmap_is_the_repository_policy() -> None:
+    volume_names = {v["configMap"]["name"] for _, _, v in mounts_of("configMap")}
+    policy_file = PurePosixPath(proxy_setting("--policy") or "").name
+    (configmap,) = [c for c in resources("ConfigMap") if c["metadata"]["name"] in volume_names]
+    assert configmap["data"][policy_file] == (ROOT / "policy.yaml").read_text(), (
+        "deploy/k8s/policy-configmap.yaml differs from policy.yaml: copy policy.yaml into it"
+    )
+
+
+def test_termination_grace_covers_the_drain() -> None:
+    period = pod()["spec"]["terminationGracePeriodSeconds"]
+    drained = pre_stop_sleep(proxy()) + shutdown_grace()
+    assert period > drained, f"terminationGracePeriodSeconds {period} <= preStop + grace {drained}"
+
+
+def test_backend_outlives_the_proxy_drain() -> None:
+    # Both containers get SIGTERM at once; the backend must still answer while the proxy
+    # drains, and stop before the kubelet's deadline.
+    drained = pre_stop_sleep(proxy()) + shutdown_grace()
+    for backend in backends():
+        assert drained <= pre_stop_sleep(backend) < pod()["spec"]["terminationGracePeriodSeconds"]
+
+
+def test_proxy_env_names_are_serve_flags() -> None:
+    names = {v["name"] for v in proxy().get("env", []) if v["name"].startswith(ENV_PREFIX)}
+    unknown = names - serve_env_names()
+    assert not unknown, f"no `authproxy serve` flag reads {sorted(unknown)}"
+
+
+def documented_secrets() -> dict[str, set[str]]:
+    """Secret name -> keys, from the `kubectl create secret generic` commands in the
+    deploy README."""
+    text = DEPLOY_README.read_text().replace("\\\n", " ")
+    found: dict[str, set[str]] = {}
+    for match in re.finditer(r"kubectl (?:-n \S+ )?create secret generic (\S+)([^\n]*)", text):
+        keys = re.findall(r"--from-(?:file|literal)=([\w.-]+)=", match[2])
+        found.setdefault(match[1], set()).update(keys)
+    return found
+
+
+def test_secrets_are_documented_and_never_committed() -> None:
+    # No Secret manifests (placeholders would be one `kubectl apply` from production); every
+    # Secret the pod uses, and every key of it that a container reads, has its
+    # `kubectl create secret` line in deploy/README.md.
+    assert not resources("Secret"), "create Secrets with kubectl; do not commit them"
+    documented = documented_secrets()
+    used: set[tuple[str, str]] = set()
+    for container in containers():
+        for var in container.get("env", []):
+            ref = var.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                used.add((ref["name"], ref["key"]))
+    for container, mount, volume in mounts_of("secret"):
+        values = [
+            *container.get("args", []),
+            *(v.get("value", "") for v in container.get("env", [])),
+        ]
+        root = mount["mountPath"].rstrip("/") + "/"
+        keys = [v.removeprefix(root) for v in values if v.startswith(root)]
+        assert keys, (
+            f"{container['name']} mounts {volume['secret']['secretName']} but reads no file of it"
+        )
+        used.update((volume["secret"]["secretName"], k) for k in keys)
+    assert used
+    for name, key in sorted(used):
+        assert key in documented.get(name, set()), f"deploy/README.md does not create {name}/{key}"
+
+
+def test_network_policy_admits_only_the_proxy() -> None:
+    (policy,) = resources("NetworkPolicy")
+    spec = policy["spec"]
+    assert selects(spec["podSelector"], pod()["metadata"]["labels"])
+    assert "Ingress" in spec["policyTypes"]
+    admitted = set()
+    for rule in spec["ingress"]:
+        ports = {container_port(proxy(), p["port"]) for p in rule.get("ports", [])}
+        assert ports, "an ingress rule without ports admits every port"
+        if admin_port() in ports:
+            assert rule.get("from"), "the admin port is open to everyone"
+        admitted |= ports
+    assert admitted == {listen_port(), admin_port()}, admitted
+
+
+def test_disruption_budget_allows_draining_a_node() -> None:
+    (budget,) = resources("PodDisruptionBudget")
+    assert selects(budget["spec"]["selector"], pod()["metadata"]["labels"])
+    replicas = one("Deployment")["spec"].get("replicas", 1)
+    if "minAvailable" in budget["spec"]:
+        assert int(budget["spec"]["minAvailable"]) < replicas, "no pod could ever be evicted"
+    else:
+        assert int(budget["spec"]["maxUnavailable"]) >= 1
