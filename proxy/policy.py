@@ -51,6 +51,8 @@ class TokenSpec:
     key_ids: frozenset[str] | None = None
     #: The claim that carries the token type.
     type_claim: str = "type"
+    #: Where in the policy file this level's `keys` (or the level) is, for messages.
+    line: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -227,6 +227,7 @@ class _Validator(RateLimitChecks):
                 issuers=level_issuers if level_issuers is not None else issuers,
                 key_ids=key_ids,
                 type_claim=type_claim or "type",
+                line=spec.line_of("keys") if "keys" in spec else line,
             )
         return specs
 

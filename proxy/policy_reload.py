@@ -31,6 +31,8 @@ log = logging.getLogger("authproxy.policy")
 #: Changes within this many milliseconds are taken together (an editor's save, a
 #: ConfigMap swap); a valid edit is live well within a second.
 DEBOUNCE_MS = 150
+#: The watcher wakes this often when nothing changes (its first wake-up means listening).
+IDLE_TIMEOUT_MS = 500
 
 #: Called after a new policy is in place: (old, new).
 OnReload = Callable[[Policy, Policy], Awaitable[None]]
@@ -68,6 +70,8 @@ class PolicyReloader:
             old = self.authorizer.policy
             if hashlib.sha256(data).hexdigest()[:12] == old.version:
                 self.results["unchanged"] += 1
+                self.text = data
+                self.last_error = None  # the file holds the active version again
                 return False
             try:
                 policy = parse_policy(data, self.path)
@@ -116,16 +120,25 @@ class PolicyReloader:
         directory = Path(self.path).absolute().parent
         delay = 0.5
         while not self._stop.is_set():
+            listening = False
             try:
-                async for _ in watchfiles.awatch(
+                async for changes in watchfiles.awatch(
                     directory,
                     watch_filter=None,
                     debounce=DEBOUNCE_MS,
                     step=50,
                     stop_event=self._stop,
                     recursive=True,
+                    yield_on_timeout=True,  # a first (empty) yield once the watch listens
+                    rust_timeout=IDLE_TIMEOUT_MS,
                 ):
-                    await self.reload("file changed")
+                    if not listening:
+                        # Catch an edit made before the watch listened (while the proxy
+                        # started, or while the watch was being re-established).
+                        listening = True
+                        await self.reload("started watching")
+                    elif changes:
+                        await self.reload("file changed")
                     delay = 0.5
             except asyncio.CancelledError:
                 raise

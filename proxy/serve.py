@@ -113,7 +113,8 @@ def check_policy_keys(policy: Policy, keys: KeySet) -> None:
         missing = keys.missing(spec.key_ids or ())
         if missing:
             problems.append(
-                f"{policy.source}: tokens.{spec.level} names key id(s) {', '.join(missing)}, "
+                f"{policy.source}:{spec.line}: tokens.{spec.level} names key id(s)"
+                f" {', '.join(missing)}, "
                 "which no configured key has"
             )
     if policy.tokens and not len(keys):

@@ -111,9 +111,11 @@ class SidecarHandler(grpc.GenericRpcHandler):
                     raise  # the client went away
                 # The guard ended the stream (the relay and the backend call are cancelled).
                 asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                reason, message = watch.ended
+                reason, message, by = watch.ended
+                ending = by or decision  # a new policy's rule and version, when it refused
                 await _deny(
-                    decision._replace(allowed=False, reason=reason, message=message), context
+                    ending._replace(allowed=False, reason=reason, message=message, shadow=False),
+                    context,
                 )
             finally:
                 self.guard.release(watch)

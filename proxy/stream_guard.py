@@ -58,8 +58,9 @@ class Watch:
         self.sub: str | None = None
         self.iat: float | None = None
         self.timer: asyncio.TimerHandle | None = None
-        #: (reason, message) once the guard has ended the stream.
-        self.ended: tuple[Reason, str] | None = None
+        #: (reason, message, the refusing decision of a new policy or None) once the guard
+        #: has ended the stream.
+        self.ended: tuple[Reason, str, Decision | None] | None = None
 
 
 class StreamGuard:
@@ -127,12 +128,14 @@ class StreamGuard:
                     Reason.POLICY_CHANGED,
                     f"policy version {new.version} refuses this stream:"
                     f" {decision.reason}: {decision.message}",
+                    decision,
                 )
 
-    def _end(self, watch: Watch, reason: Reason, message: str) -> None:
+    def _end(self, watch: Watch, reason: Reason, message: str, by: Decision | None = None) -> None:
+        """End one stream; `by`: the new policy's decision that refuses it (if any)."""
         if watch.ended is not None or watch not in self._watches:
             return
-        watch.ended = (reason, message)
+        watch.ended = (reason, message, by)
         self.release(watch)
         self.ended_total[reason] = self.ended_total.get(reason, 0) + 1
         watch.task.cancel()

@@ -1,0 +1,320 @@
+"""Running proxies for the operations tests: an in-process `AuthProxy` (sidecar plus admin
+listener on loopback), a real `python -m proxy serve` process, policy files written the
+way editors and Kubernetes write them, and the admin endpoints read as JSON or as
+Prometheus samples."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.serve import AuthProxy, ServeConfig
+from tests.conftest import REFRESH_ENV, REFRESH_SECRET, Keys, error_info
+from tests.echo_backend import EchoBackend
+
+REPO = Path(__file__).resolve().parents[1]
+OK = (grpc.StatusCode.OK, None)
+
+
+# --- policy files -------------------------------------------------------------------------
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` in one rename, as editors and `kubectl cp` do: a watcher never sees
+    a half-written file."""
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    scratch.write_text(text)
+    os.replace(scratch, path)
+
+
+class ConfigMapMount:
+    """The layout kubelet gives a mounted ConfigMap:
+
+        dir/..2026_x/policy.yaml         the files of one version
+        dir/..data -> ..2026_x           the version in use
+        dir/policy.yaml -> ..data/policy.yaml
+
+    An update writes a new timestamped directory, points a temporary symlink at it,
+    renames that onto `..data` (one atomic step) and removes the old directory."""
+
+    def __init__(self, directory: Path, text: str) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.generation = 0
+        self.current = self._version_dir(text)
+        (self.dir / "..data").symlink_to(self.current.name)
+        (self.dir / "policy.yaml").symlink_to("..data/policy.yaml")
+
+    @property
+    def path(self) -> Path:
+        return self.dir / "policy.yaml"
+
+    def _version_dir(self, text: str) -> Path:
+        self.generation += 1
+        version = self.dir / f"..2026_01_01_00_00_{self.generation:02d}.{self.generation:09d}"
+        version.mkdir()
+        (version / "policy.yaml").write_text(text)
+        return version
+
+    def update(self, text: str) -> None:
+        old = self.current
+        self.current = self._version_dir(text)
+        scratch = self.dir / "..data_tmp"
+        scratch.symlink_to(self.current.name)
+        os.replace(scratch, self.dir / "..data")
+        (old / "policy.yaml").unlink()
+        old.rmdir()
+
+
+# --- the admin endpoints ------------------------------------------------------------------
+
+
+async def http_get(url: str) -> tuple[int, str, str]:
+    """(status, content-type, body) of one GET."""
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, response.headers.get("content-type", ""), await response.text()
+
+
+async def http_json(url: str, method: str = "GET", body: Any = None) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, json=body) as response,
+    ):
+        return response.status, await response.json(content_type=None)
+
+
+@dataclass
+class Sample:
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+def parse_metrics(text: str) -> tuple[set[str], list[Sample]]:
+    """(family names, every sample) of a Prometheus exposition."""
+    families, samples = set(), []
+    for family in text_string_to_metric_families(text):
+        families.add(family.name)
+        samples.extend(Sample(s.name, dict(s.labels), s.value) for s in family.samples)
+    return families, samples
+
+
+def value_of(samples: list[Sample], name: str, **labels: str) -> float | None:
+    """The value of the one sample `name` with exactly these labels (None: no such sample)."""
+    found = [s.value for s in samples if s.name == name and s.labels == labels]
+    assert len(found) <= 1, (name, labels, found)
+    return found[0] if found else None
+
+
+# --- one proxy in the test's event loop ---------------------------------------------------
+
+
+@dataclass
+class Node:
+    proxy: AuthProxy
+    channel: grpc.aio.Channel
+    policy_path: Path
+    stopped: bool = False
+    #: The reloader's counts when the test took over (see `watching`).
+    baseline: dict[str, int] = field(default_factory=dict)
+
+    def reloads(self) -> dict[str, int]:
+        """Reload results since the test took over."""
+        results = self.proxy.reloader.results
+        return {key: n - self.baseline.get(key, 0) for key, n in results.items()}
+
+    @property
+    def admin_base(self) -> str:
+        assert self.proxy.admin is not None
+        return f"http://127.0.0.1:{self.proxy.admin.port}"
+
+    @property
+    def sidecar_port(self) -> int:
+        assert self.proxy.sidecar is not None
+        return self.proxy.sidecar.port
+
+    async def call(
+        self, method: str, token: str | None = None, metadata: tuple = (), timeout: float = 10
+    ) -> tuple[grpc.StatusCode, str | None]:
+        """(status, ErrorInfo reason) of one unary call; OK when it passed."""
+        md = tuple(metadata) + ((("authorization", f"Bearer {token}"),) if token else ())
+        try:
+            await self.channel.unary_unary(method)(b"{}", metadata=md, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            info = error_info(e)
+            return e.code(), info.reason if info is not None else None
+        return OK
+
+    async def report(
+        self, method: str, token: str | None = None, metadata: tuple = ()
+    ) -> dict[str, list[str]]:
+        """The metadata the echo backend received for one call to its Report method."""
+        md = tuple(metadata) + ((("authorization", f"Bearer {token}"),) if token else ())
+        response = await self.channel.unary_unary(method)(b"{}", metadata=md, timeout=10)
+        grouped: dict[str, list[str]] = {}
+        for key, value in json.loads(response)["metadata"]:
+            grouped.setdefault(key, []).append(value)
+        return grouped
+
+    async def policy(self) -> dict[str, Any]:
+        status, body = await http_json(f"{self.admin_base}/policy")
+        assert status == 200, body
+        return body
+
+    async def metrics(self) -> tuple[set[str], list[Sample], str]:
+        status, content_type, text = await http_get(f"{self.admin_base}/metrics")
+        assert status == 200, text
+        assert content_type.startswith("text/plain"), content_type
+        families, samples = parse_metrics(text)
+        return families, samples, text
+
+
+def proxy_config(
+    keys: Keys, policy_path: Path, backend: EchoBackend | None = None, **fields: Any
+) -> ServeConfig:
+    os.environ[REFRESH_ENV] = REFRESH_SECRET.decode()
+    cfg = ServeConfig(
+        policy=str(policy_path),
+        jwks=[str(keys.jwks)],
+        hmac_secret_envs=[f"refresh-hmac={REFRESH_ENV}"],
+        listen="127.0.0.1:0",
+        upstream=f"127.0.0.1:{backend.port}" if backend is not None else None,
+        upstream_reflection=False,
+        admin="127.0.0.1:0",
+        shutdown_grace=0.5,
+    )
+    for key, value in fields.items():
+        assert hasattr(cfg, key), key
+        setattr(cfg, key, value)
+    return cfg
+
+
+async def watching(node: Node, attempts: int = 20) -> None:
+    """Return once the policy watch reports changes: a file is written beside the policy
+    (the policy itself untouched) until two writes in a row are each followed by a
+    reload, counted as `unchanged`. Two, because a proxy may also reload once as its
+    watch starts; writes are spaced past the debounce, so each causes at most one."""
+    probe = node.policy_path.parent / ".watch-probe"
+    results = node.proxy.reloader.results
+    seen = 0
+    for attempt in range(attempts):
+        before = results["unchanged"]
+        probe.write_text(str(attempt))
+        for _ in range(25):
+            await asyncio.sleep(0.02)
+            if results["unchanged"] > before:
+                break
+        seen = seen + 1 if results["unchanged"] > before else 0
+        if seen == 2:
+            node.baseline = dict(results)
+            return
+    raise AssertionError("the policy watch reported no change")
+
+
+@asynccontextmanager
+async def running_proxy(
+    keys: Keys,
+    backend: EchoBackend,
+    policy_path: Path,
+    policy: str | None = None,
+    **fields: Any,
+) -> AsyncIterator[Node]:
+    """An AuthProxy (sidecar in front of `backend`, admin API on loopback, policy watched)
+    on `policy_path`, written first when `policy` is given. With the watch on, it is live
+    before the test starts (`watching`)."""
+    if policy is not None:
+        policy_path.parent.mkdir(parents=True, exist_ok=True)
+        policy_path.write_text(policy)
+    cfg = proxy_config(keys, policy_path, backend, **fields)
+    proxy = AuthProxy(cfg)
+    await proxy.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{proxy.sidecar.port}")  # type: ignore[union-attr]
+    node = Node(proxy, channel, policy_path)
+    try:
+        if cfg.watch_policy:
+            await watching(node)
+        yield node
+    finally:
+        await channel.close()
+        if not node.stopped:
+            await proxy.stop(0)
+
+
+async def poll(probe, until, within: float, every: float = 0.02) -> tuple[Any, float]:
+    """Call `probe()` until `until(result)` or `within` seconds passed; (result, seconds)."""
+    start = time.monotonic()
+    while True:
+        result = await probe()
+        elapsed = time.monotonic() - start
+        if until(result) or elapsed > within:
+            return result, elapsed
+        await asyncio.sleep(every)
+
+
+# --- `python -m proxy serve` as a process -------------------------------------------------
+
+
+@dataclass
+class ServeProcess:
+    proc: asyncio.subprocess.Process
+    lines: list[str] = field(default_factory=list)
+
+    async def wait_for_line(self, needle: str, within: float = 30) -> str:
+        """The next stderr line containing `needle` (earlier lines are kept in `lines`)."""
+
+        async def read() -> str:
+            assert self.proc.stderr is not None
+            while True:
+                raw = await self.proc.stderr.readline()
+                if not raw:
+                    raise AssertionError("authproxy exited early:\n" + "".join(self.lines))
+                line = raw.decode()
+                self.lines.append(line)
+                if needle in line:
+                    return line
+
+        return await asyncio.wait_for(read(), within)
+
+    async def port_of(self, needle: str) -> int:
+        line = await self.wait_for_line(needle)
+        return int(line.split("listening on port ")[1].split(",")[0].split()[0])
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+
+@asynccontextmanager
+async def serve_process(
+    keys: Keys, policy_path: Path, backend: EchoBackend, *flags: str
+) -> AsyncIterator[ServeProcess]:
+    """`python -m proxy serve` in front of `backend`, admin API on a loopback port."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
+    env[REFRESH_ENV] = REFRESH_SECRET.decode()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve",
+        "--policy", str(policy_path), "--listen", "127.0.0.1:0",
+        "--upstream", f"127.0.0.1:{backend.port}", "--no-upstream-reflection",
+        "--admin", "127.0.0.1:0", "--jwks", str(keys.jwks),
+        "--hmac-secret-env", f"refresh-hmac={REFRESH_ENV}", "--decision-log", "off",
+        *flags,
+        cwd=REPO, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        yield ServeProcess(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
