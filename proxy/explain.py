@@ -23,12 +23,15 @@ from .decision import Decision
 from .identity import Identity, identity_of
 from .pipeline import Authorizer, Headers, check_requirements
 from .policy import PUBLIC, Policy, RateLimit, Rule, TokenSpec
-from .policy_file import PolicyError, load_policy
-from .rate_limits import RateLimiter
 from .reasons import Denied, Reason
-from .serve import ConfigError, ServeConfig, check_policy_keys, load_keys
+from .serve import (
+    ServeConfig,
+    assemble_authorizer,
+    check_policy_keys,
+    load_keys,
+    read_policy,
+)
 from .state import MemoryState
-from .state_checks import revocation_check, single_use_check
 from .verify import TokenVerifier, VerifiedToken, check_claims, shown
 
 OK, FAIL, OFFLINE = "ok", "FAIL", "not checked offline"
@@ -66,20 +69,13 @@ def offline_authorizer(
     """An `Authorizer` for `cfg` as `serve` builds one, on `state` (empty: offline) and a
     clock fixed at `now` (so every step sees the same time). `need_keys`: refuse, as
     `serve` does, a policy whose token levels have no key."""
-    try:
-        policy = load_policy(cfg.policy)
-    except PolicyError as e:
-        raise ConfigError(str(e)) from None
+    policy, _ = read_policy(cfg)
     keys = load_keys(cfg)
     if need_keys:
         check_policy_keys(policy, keys)
     fixed = time.time() if now is None else now
-    return Authorizer(
-        policy,
-        TokenVerifier(keys, cache_size=0, clock=lambda: fixed),
-        (revocation_check(state), single_use_check(state)),
-        RateLimiter(state.rate_limit_storage()),
-    )
+    verifier = TokenVerifier(keys, cache_size=0, clock=lambda: fixed)
+    return assemble_authorizer(policy, verifier, state)
 
 
 async def explain_offline(

@@ -68,12 +68,22 @@ class PolicyError(Exception):
 
 def load_policy(path: str | Path) -> Policy:
     """Read, parse and validate a policy file. Raises PolicyError naming file and line."""
-    file = str(path)
+    return parse_policy(read_policy_file(path), str(path))
+
+
+def read_policy_file(path: str | Path) -> bytes:
+    """The policy file's content; PolicyError naming the file when it cannot be read."""
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as e:
-        raise PolicyError([SourceError(file, None, f"cannot read policy: {e.strerror}")]) from None
-    return parse_policy(data, file)
+        raise PolicyError(
+            [SourceError(str(path), None, f"cannot read policy: {e.strerror}")]
+        ) from None
+
+
+def policy_version(data: bytes) -> str:
+    """A policy's version: a prefix of its file content's SHA-256."""
+    return hashlib.sha256(data).hexdigest()[:12]
 
 
 def parse_policy(data: bytes | str, file: str = "<policy>") -> Policy:
@@ -86,7 +96,7 @@ def parse_policy(data: bytes | str, file: str = "<policy>") -> Policy:
         doc = yaml_source.load(text, file)
     except SourceError as e:
         raise PolicyError([e]) from None
-    return _Validator(file).policy(doc, hashlib.sha256(raw).hexdigest()[:12])
+    return _Validator(file).policy(doc, policy_version(raw))
 
 
 class _Validator(RateLimitChecks):

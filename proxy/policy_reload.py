@@ -13,7 +13,6 @@ good version loads.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -24,7 +23,7 @@ import watchfiles
 from .keys import KeySet
 from .pipeline import Authorizer
 from .policy import Policy
-from .policy_file import parse_policy
+from .policy_file import parse_policy, policy_version
 
 log = logging.getLogger("authproxy.policy")
 
@@ -68,7 +67,7 @@ class PolicyReloader:
             except OSError as e:
                 return self._failed(f"{self.path}: cannot read policy: {e.strerror}", why)
             old = self.authorizer.policy
-            if hashlib.sha256(data).hexdigest()[:12] == old.version:
+            if policy_version(data) == old.version:
                 self.results["unchanged"] += 1
                 self.text = data
                 self.last_error = None  # the file holds the active version again

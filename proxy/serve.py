@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from prometheus_client import Histogram
 
@@ -36,7 +35,7 @@ from .lint import uncovered
 from .operations import Operations
 from .pipeline import Authorizer
 from .policy import Policy
-from .policy_file import PolicyError, load_policy
+from .policy_file import PolicyError, parse_policy, read_policy_file
 from .policy_reload import PolicyReloader
 from .rate_limits import RateLimiter
 from .sidecar import SidecarHandler, build_server
@@ -142,20 +141,43 @@ def build_state(cfg: ServeConfig) -> StateStore:
         raise ConfigError(f"--redis: {e}") from None
 
 
-def build_authorizer(cfg: ServeConfig, state: StateStore) -> Authorizer:
+def read_policy(cfg: ServeConfig) -> tuple[Policy, bytes]:
+    """The policy and the file content it was parsed from (read once, so the two always
+    agree); ConfigError naming file and line."""
     try:
-        policy = load_policy(cfg.policy)
+        data = read_policy_file(cfg.policy)
+        return parse_policy(data, cfg.policy), data
     except PolicyError as e:
         raise ConfigError(str(e)) from None
+
+
+def build_authorizer(
+    cfg: ServeConfig, state: StateStore, policy: Policy | None = None
+) -> Authorizer:
+    """`policy`: already read with `read_policy` (default: read it now)."""
+    if policy is None:
+        policy, _ = read_policy(cfg)
     keys = load_keys(cfg)
     check_policy_keys(policy, keys)
     try:
         trusted = TrustedProxies(cfg.trusted_proxies)
     except ValueError as e:
         raise ConfigError(f"--trusted-proxy: {e}") from None
+    verifier = TokenVerifier(keys, cache_size=cfg.token_cache_size)
+    return assemble_authorizer(policy, verifier, state, trusted)
+
+
+def assemble_authorizer(
+    policy: Policy,
+    verifier: TokenVerifier,
+    state: StateStore,
+    trusted: TrustedProxies | None = None,
+) -> Authorizer:
+    """The pipeline's steps on a state store: revocation and single use, then rate limits.
+    `serve` and `explain` both build theirs here."""
     return Authorizer(
         policy,
-        TokenVerifier(keys, cache_size=cfg.token_cache_size),
+        verifier,
         (revocation_check(state), single_use_check(state)),
         RateLimiter(state.rate_limit_storage(), trusted),
     )
@@ -271,12 +293,13 @@ class AuthProxy:
             if value is not None:
                 _check_address(flag, value)
         self.state = build_state(cfg)
-        self.authorizer = build_authorizer(cfg, self.state)
+        policy, policy_text = read_policy(cfg)
+        self.authorizer = build_authorizer(cfg, self.state, policy)
         self.ops = Operations(
             self.authorizer,
             self.state,
             cfg.policy,
-            Path(cfg.policy).read_bytes(),
+            policy_text,
             check_policy_keys,
             cfg.log_allows,
         )
