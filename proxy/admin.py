@@ -10,13 +10,18 @@
                           {"sub": "...", "before": 1234}   revoke every token of sub issued
                                                            before that time ("log out all")
     GET  /v1/revocations  the active revocations
+    GET  /.well-known/jwks.json   the public keys the proxy loaded from local key files
+                          (JWKS; asymmetric keys only, without retire times)
+    GET  /public-key      PEM of the newest of those keys; `?kid=KID` picks one (404 JSON
+                          for an unknown kid or when no asymmetric key is loaded)
 
-The first four are read-only and open (probes and scrapers carry no secrets). The
-revocation API needs `authorization: Bearer <$ENV>` with `--admin-token-env ENV`; on a
-non-loopback address it is refused (403) unless that secret is configured, so a listener
-opened for kubelet probes is never an open revocation endpoint. Errors are JSON
-`{"error", "reason", "message"}` like the ext_authz denies: 400 for bad input, 401
-without the admin token, 403 as above, 503 when the state backend is unavailable.
+The status and key endpoints are read-only and open (probes and scrapers carry no
+secrets; public keys are public). The revocation API needs `authorization: Bearer <$ENV>`
+with `--admin-token-env ENV`; on a non-loopback address it is refused (403) unless that
+secret is configured, so a listener opened for kubelet probes is never an open revocation
+endpoint. Errors are JSON `{"error", "reason", "message"}` like the ext_authz denies: 400
+for bad input, 401 without the admin token, 403 as above, 404 for an unknown key, 503 when
+the state backend is unavailable.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ import math
 import time
 from typing import Any, Protocol
 
+import jwt
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 
 from .http_listener import listen
@@ -40,6 +47,10 @@ log = logging.getLogger("authproxy.admin")
 
 MAX_BODY = 16 * 1024
 MAX_NAME = 512
+#: The published keys change only on a rotation, which keeps the old key published for a
+#: while: caching them for minutes is safe.
+KEYS_CACHE_CONTROL = "public, max-age=300"
+PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 
 
 class AdminStatus(Protocol):
@@ -48,6 +59,7 @@ class AdminStatus(Protocol):
     async def readiness(self) -> tuple[bool, dict[str, str]]: ...
     def policy_status(self) -> dict[str, Any]: ...
     def metrics(self) -> bytes: ...
+    def published_jwks(self) -> dict[str, Any]: ...
 
 
 class AdminServer:
@@ -71,6 +83,8 @@ class AdminServer:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/policy", self.policy)
+        app.router.add_get("/.well-known/jwks.json", self.jwks)
+        app.router.add_get("/public-key", self.public_key)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
 
     async def start(self) -> None:
@@ -143,6 +157,58 @@ class AdminServer:
             raise web.HTTPNotFound()
         return web.json_response(self.status.policy_status())
 
+    # --- published keys ------------------------------------------------------------------
+
+    def _published(self) -> list[dict[str, Any]]:
+        if self.status is None:
+            return []
+        return [
+            _public_only(k) for k in self.status.published_jwks().get("keys", []) if _is_public(k)
+        ]
+
+    async def jwks(self, request: web.Request) -> web.Response:
+        if self.status is None:
+            raise web.HTTPNotFound()
+        return web.json_response(
+            {"keys": self._published()}, headers={"cache-control": KEYS_CACHE_CONTROL}
+        )
+
+    async def public_key(self, request: web.Request) -> web.Response:
+        keys = self._published()
+        kid = request.query.get("kid")
+        if kid is not None:
+            chosen = next((k for k in keys if k.get("kid") == kid), None)
+            if chosen is None:
+                return _error(404, "KEY_NOT_FOUND", f"no published key has kid {kid!r}")
+        elif keys:
+            chosen = keys[-1]  # the newest: keygen adds a key at the end
+        else:
+            return _error(404, "KEY_NOT_FOUND", "no public key is loaded from a key file")
+        try:
+            pem = jwt.PyJWK(chosen).key.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, AttributeError) as e:
+            log.warning("cannot serve key %r as PEM: %s", chosen.get("kid"), e)
+            return _error(404, "KEY_NOT_FOUND", f"key {chosen.get('kid')!r} has no PEM form")
+        headers = {"cache-control": KEYS_CACHE_CONTROL}
+        if chosen.get("kid"):
+            headers["x-key-id"] = str(chosen["kid"])
+        return web.Response(body=pem, content_type="application/x-pem-file", headers=headers)
+
+
+def _is_public(jwk: Any) -> bool:
+    """Only asymmetric public keys are published (never an HMAC secret or private parts)."""
+    return (
+        isinstance(jwk, dict)
+        and jwk.get("kty") in ("RSA", "EC", "OKP")
+        and not any(m in jwk for m in PRIVATE_MEMBERS)
+    )
+
+
+def _public_only(jwk: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in jwk.items() if k != "retire_at"}
+
 
 def _problem(body: Any) -> str | None:
     """What is wrong with a revocation request body, or None."""
@@ -180,6 +246,7 @@ def _error(status: int, reason: str, message: str) -> web.Response:
         400: "invalid_argument",
         401: "unauthenticated",
         403: "permission_denied",
+        404: "not_found",
         503: "unavailable",
     }
     return web.Response(

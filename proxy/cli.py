@@ -18,6 +18,7 @@ from pathlib import Path
 from . import decision_log
 from . import keygen as keygen_mod
 from .issuer import SigningKey, TokenIssuer, hmac_signing_key, load_signing_key
+from .key_sources import FetchSettings
 from .keys import KeyLoadError, secret_from_env, split_kid
 from .policy_file import PolicyError, load_policy
 from .policy_values import parse_duration
@@ -136,15 +137,38 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="CIDR or address of a proxy whose x-forwarded-for is believed, for rate limits"
         " keyed by client address (repeatable)",
     )
+    _add_key_flags(p)
     p.add_argument(
-        "--jwks",
-        action="append",
-        default=None,
-        help="JWKS file with verification keys (repeatable)",
+        "--jwks-timeout",
+        type=_duration,
+        default=_env("--jwks-timeout") or "5s",
+        help="timeout of one key fetch (and how long start waits for the first)",
     )
     p.add_argument(
-        "--public-key", action="append", default=None, help="[KID=]PEM public key file (repeatable)"
+        "--jwks-cache-min",
+        type=_duration,
+        default=_env("--jwks-cache-min") or "1m",
+        help="shortest time a fetched key set is kept, whatever its Cache-Control says",
     )
+    p.add_argument(
+        "--jwks-cache-max",
+        type=_duration,
+        default=_env("--jwks-cache-max") or "24h",
+        help="longest time a fetched key set is kept (default without max-age: 5m)",
+    )
+    p.add_argument(
+        "--jwks-refetch-interval",
+        type=_duration,
+        default=_env("--jwks-refetch-interval") or "30s",
+        help="a token with an unknown kid fetches its key set at most once per this",
+    )
+    p.add_argument(
+        "--no-keys-wait",
+        action="store_true",
+        default=not _env_bool("--keys-wait", True),
+        help="do not hold /readyz until every remote key set has loaded once",
+    )
+    _add_tls_flags(p)
     p.add_argument(
         "--hmac-secret-env",
         action="append",
@@ -200,6 +224,78 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
 
 
+def _add_key_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--jwks",
+        action="append",
+        default=None,
+        help="JWKS file or https:// URL with verification keys (repeatable)",
+    )
+    p.add_argument(
+        "--issuer-jwks",
+        action="append",
+        default=None,
+        metavar="ISSUER=FILE_OR_URL",
+        help="a JWKS whose keys verify only tokens with that iss (repeatable)",
+    )
+    p.add_argument(
+        "--oidc-issuer",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="OpenID Connect issuer: keys from its discovery document's jwks_uri; they"
+        " verify only its tokens (repeatable)",
+    )
+    p.add_argument(
+        "--jwks-ca",
+        default=_env("--jwks-ca"),
+        help="CA file trusted for https key fetches (default: the system roots)",
+    )
+    p.add_argument(
+        "--public-key", action="append", default=None, help="[KID=]PEM public key file (repeatable)"
+    )
+
+
+def _add_tls_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tls-cert", default=_env("--tls-cert"), help="PEM certificate chain: serve TLS"
+    )
+    p.add_argument("--tls-key", default=_env("--tls-key"), help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        default=_env("--tls-client-ca"),
+        help="PEM CA certificates: require client certificates they sign (mTLS)",
+    )
+    p.add_argument(
+        "--upstream-tls",
+        action="store_true",
+        default=_env_bool("--upstream-tls", False),
+        help="connect to the backend with TLS (implied by the other --upstream-* TLS flags)",
+    )
+    p.add_argument("--upstream-ca", default=_env("--upstream-ca"), help="CA file for the backend")
+    p.add_argument(
+        "--upstream-cert", default=_env("--upstream-cert"), help="client certificate (mTLS)"
+    )
+    p.add_argument("--upstream-key", default=_env("--upstream-key"), help="its private key")
+    p.add_argument(
+        "--upstream-server-name",
+        default=_env("--upstream-server-name"),
+        help="name the backend's certificate must carry (when --upstream is an address)",
+    )
+
+
+def _fetch_settings(args: argparse.Namespace) -> FetchSettings:
+    if args.jwks_cache_min > args.jwks_cache_max:
+        raise ConfigError("--jwks-cache-min is longer than --jwks-cache-max")
+    return FetchSettings(
+        timeout=args.jwks_timeout,
+        cache_min=args.jwks_cache_min,
+        cache_max=args.jwks_cache_max,
+        cache_default=min(max(300.0, args.jwks_cache_min), args.jwks_cache_max),
+        refetch_interval=args.jwks_refetch_interval,
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -225,8 +321,21 @@ def _serve(args: argparse.Namespace) -> int:
         admin_token_env=args.admin_token_env,
         trusted_proxies=args.trusted_proxy or _env_list("--trusted-proxy"),
         jwks=args.jwks or _env_list("--jwks"),
+        issuer_jwks=args.issuer_jwks or _env_list("--issuer-jwks"),
+        oidc_issuers=args.oidc_issuer or _env_list("--oidc-issuer"),
         public_keys=args.public_key or _env_list("--public-key"),
         hmac_secret_envs=args.hmac_secret_env or _env_list("--hmac-secret-env"),
+        jwks_fetch=_fetch_settings(args),
+        jwks_ca=args.jwks_ca,
+        keys_wait=not args.no_keys_wait,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        upstream_tls=args.upstream_tls,
+        upstream_ca=args.upstream_ca,
+        upstream_cert=args.upstream_cert,
+        upstream_key=args.upstream_key,
+        upstream_server_name=args.upstream_server_name,
         descriptor_sets=args.descriptor_set or _env_list("--descriptor-set"),
         upstream_reflection=not args.no_upstream_reflection,
         max_message_bytes=args.max_message_bytes,
@@ -318,8 +427,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
         "--token", help="the JWT, or a whole 'Bearer ...' value (visible in the process list)"
     )
     given.add_argument("--token-file", help="file holding the token; - reads standard input")
-    p.add_argument("--jwks", action="append", default=None, help="as for serve (repeatable)")
-    p.add_argument("--public-key", action="append", default=None, help="as for serve")
+    _add_key_flags(p)
     p.add_argument("--hmac-secret-env", action="append", default=None, help="as for serve")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=_explain)
@@ -349,6 +457,9 @@ def _explain(args: argparse.Namespace) -> int:
     cfg = ServeConfig(
         policy=args.policy,
         jwks=args.jwks or _env_list("--jwks"),
+        issuer_jwks=args.issuer_jwks or _env_list("--issuer-jwks"),
+        oidc_issuers=args.oidc_issuer or _env_list("--oidc-issuer"),
+        jwks_ca=args.jwks_ca,
         public_keys=args.public_key or _env_list("--public-key"),
         hmac_secret_envs=args.hmac_secret_env or _env_list("--hmac-secret-env"),
     )
@@ -359,8 +470,40 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    key = keygen_mod.keygen(args.alg, Path(args.private_key), Path(args.jwks), args.kid)
-    print(f"wrote {args.private_key} (private, 0600) and {args.jwks}; kid {key.kid} ({key.alg})")
+    import datetime
+
+    def when(t: int) -> str:
+        return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    private, jwks = Path(args.private_key), Path(args.jwks)
+    if not args.rotate and args.retire_after is not None:
+        raise ConfigError("--retire-after applies only with --rotate")
+    if not (args.rotate or args.force) and private.exists():
+        raise ConfigError(
+            f"{private} exists; use --rotate to replace it with a new key while the old "
+            "one stays published, or --force to overwrite it"
+        )
+    try:
+        if args.rotate:
+            retire_after = 24 * 3600.0 if args.retire_after is None else args.retire_after
+            result = keygen_mod.rotate(args.alg, private, jwks, retire_after, args.kid)
+        else:
+            result = keygen_mod.keygen_run(args.alg, private, jwks, args.kid)
+    except OSError as e:
+        raise ConfigError(f"{e.filename or private}: {e.strerror}") from None
+    key = result.key
+    for kid, at in result.pruned:
+        print(f"pruned {kid} from {jwks} (retired at {when(at)}, {at})")
+    for kid, at in result.retiring:
+        print(f"retiring {kid} at {when(at)} ({at}); published in {jwks} until then")
+    for kid, at in result.still_retiring:
+        print(f"still retiring {kid} at {when(at)} ({at})")
+    if result.unpublished_old_kid is not None:
+        print(
+            f"warning: the key {private} held until now ({result.unpublished_old_kid}) is not "
+            f"in {jwks}; tokens it signed are not verified by this JWKS"
+        )
+    print(f"wrote {private} (private, 0600) and {jwks}; kid {key.kid} ({key.alg})")
     return 0
 
 
@@ -419,6 +562,25 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("--private-key", default="keys/signing.pem", help="private PEM to write (0600)")
     kg.add_argument("--jwks", default="keys/jwks.json", help="JWKS file to create or add to")
     kg.add_argument("--kid", help="key id (default: RFC 7638 thumbprint)")
+    replace = kg.add_mutually_exclusive_group()
+    replace.add_argument(
+        "--rotate",
+        action="store_true",
+        help="replace the existing --private-key with a new key; the other keys in --jwks "
+        "stay published until --retire-after from now (keys past their retire time are "
+        "removed on every run)",
+    )
+    replace.add_argument(
+        "--force", action="store_true", help="overwrite an existing --private-key (no rotation)"
+    )
+    kg.add_argument(
+        "--retire-after",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="with --rotate: how long the old public key(s) stay published (default 24h); "
+        "set it to at least the longest lifetime of tokens signed with the old key",
+    )
     kg.set_defaults(func=_keygen)
 
     token = sub.add_parser("token", help="token tools")

@@ -30,6 +30,8 @@ class Decision(NamedTuple):
     #: Allowed only because the rule is in shadow mode: `reason`/`message` say why it
     #: would have been denied.
     shadow: bool = False
+    #: The verified client certificate's identity (mTLS), when there is one.
+    principal: str | None = None
 
     @property
     def level(self) -> str:

@@ -2,7 +2,7 @@
 
 Every deny and every shadow would-deny is written; allows are sampled (`--log-allows
 RATE`, 0 to 1, default 0). A line holds: time, method, rule, level, decision, reason,
-sub, jti, peer, policy_version, latency_ms (and shadow). Never a token, a header value
+sub, jti, peer, principal, policy_version, latency_ms (and shadow). Never a token, a header value
 or a claim other than `sub` and `jti`.
 """
 
@@ -63,6 +63,8 @@ def record(decision: Decision, seconds: float, peer: str | None) -> dict:
     address = parse_address(peer)
     if address is not None:
         line["peer"] = str(address)
+    if decision.principal is not None:
+        line["principal"] = decision.principal
     line["policy_version"] = decision.policy_version
     line["latency_ms"] = round(seconds * 1000, 3)
     return line

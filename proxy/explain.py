@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from .bearer import extract_bearer
 from .decision import Decision
 from .identity import Identity, identity_of
+from .key_ring import KeyRing, attach
 from .pipeline import Authorizer, Headers, check_requirements
 from .policy import PUBLIC, Policy, RateLimit, Rule, TokenSpec
 from .reasons import Denied, Reason
@@ -64,17 +65,22 @@ class Explanation:
 
 
 def offline_authorizer(
-    cfg: ServeConfig, state: MemoryState, need_keys: bool, now: float | None = None
+    cfg: ServeConfig,
+    state: MemoryState,
+    need_keys: bool,
+    now: float | None = None,
+    keys: KeyRing | None = None,
 ) -> Authorizer:
     """An `Authorizer` for `cfg` as `serve` builds one, on `state` (empty: offline) and a
     clock fixed at `now` (so every step sees the same time). `need_keys`: refuse, as
     `serve` does, a policy whose token levels have no key."""
     policy, _ = read_policy(cfg)
-    keys = load_keys(cfg)
+    keys = keys or load_keys(cfg)
     if need_keys:
         check_policy_keys(policy, keys)
     fixed = time.time() if now is None else now
-    verifier = TokenVerifier(keys, cache_size=0, clock=lambda: fixed)
+    verifier = TokenVerifier(keys.current, cache_size=0, clock=lambda: fixed)
+    attach(keys, verifier)
     return assemble_authorizer(policy, verifier, state)
 
 
@@ -88,12 +94,18 @@ async def explain_offline(
     """`explain` on a fresh `offline_authorizer(cfg)` at time `now` (default: the clock).
     Keys are required, as by `serve`, when there is a token to verify or keys are
     configured; a call without a token never reaches a key."""
-    need_keys = token is not None or bool(cfg.jwks or cfg.public_keys or cfg.hmac_secret_envs)
+    configured = cfg.jwks or cfg.issuer_jwks or cfg.oidc_issuers
+    need_keys = token is not None or bool(configured or cfg.public_keys or cfg.hmac_secret_envs)
     state = MemoryState(subject_ttl=cfg.subject_revocation_ttl)
+    keys = load_keys(cfg)
     try:
-        authorizer = offline_authorizer(cfg, state, need_keys, now)
+        if keys.remote:  # fetch them as serve would
+            await keys.start()
+            await keys.wait_loaded(cfg.jwks_fetch.timeout)
+        authorizer = offline_authorizer(cfg, state, need_keys, now, keys)
         return await explain(authorizer, target, token, http_method)
     finally:
+        await keys.close()
         await state.close()
 
 

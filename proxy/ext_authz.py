@@ -31,7 +31,7 @@ import grpc
 from .bearer import AUTHORIZATION
 from .decision import Decision
 from .grpc_status import DETAILS_KEY, deny_details
-from .identity import BUILTIN_HEADERS, is_identity_header
+from .identity import BUILTIN_HEADERS, PEER, is_identity_header
 from .pipeline import Authorizer
 from .policy import Policy
 from .reasons import Reason
@@ -62,12 +62,14 @@ _GRPC_MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 class CheckRequest(NamedTuple):
     """What both front ends extract from Envoy: method, path (query kept), headers, and
-    the client's address (for rate limits keyed by `peer`)."""
+    the client's address (for rate limits keyed by `peer`), and the client certificate's
+    identity when Envoy verified one (for `peers:`)."""
 
     method: str
     path: str
     headers: Headers
     peer: str | None = None
+    principal: str | None = None
 
     @property
     def grpc(self) -> bool:
@@ -101,7 +103,13 @@ async def answer(authorizer: Authorizer, request: CheckRequest) -> Allow | Deny:
     """Decide an Envoy check and translate the decision: what both front ends call."""
     policy = authorizer.policy  # one snapshot: the reply's header names match the decision
     decision = await authorizer.decide_http(
-        request.method, request.path, request.headers, request.grpc, policy, request.peer
+        request.method,
+        request.path,
+        request.headers,
+        request.grpc,
+        policy,
+        request.peer,
+        request.principal,
     )
     return reply(decision, request, policy)
 
@@ -130,7 +138,13 @@ def reply(decision: Decision, request: CheckRequest, policy: Policy) -> Allow | 
             authorization = True
     identity = decision.identity
     cache = identity.memo if identity is not None else _PUBLIC_ALLOWS
-    key = (decision.rule.pattern, decision.policy_version, authorization, *sorted(incoming))
+    key = (
+        decision.rule.pattern,
+        decision.policy_version,
+        decision.principal,
+        authorization,
+        *sorted(incoming),
+    )
     allow = cache.get(key)
     if allow is None:
         names = set(BUILTIN_HEADERS).union(incoming, (h for h, _ in policy.claim_headers))
@@ -138,6 +152,8 @@ def reply(decision: Decision, request: CheckRequest, policy: Policy) -> Allow | 
             names.add(AUTHORIZATION)
         if identity is not None:
             names.difference_update(name for name, _ in identity.headers)
+        if decision.principal is not None:
+            names.discard(PEER)
         allow = _allow(decision, tuple(sorted(names)))
         if len(cache) < _CACHE_LIMIT:  # odd header sets cannot grow it without bound
             cache[key] = allow
@@ -151,6 +167,8 @@ _CACHE_LIMIT = 64
 def _allow(decision: Decision, remove: tuple[str, ...]) -> Allow:
     identity = decision.identity
     headers = identity.headers if identity is not None else ()
+    if decision.principal is not None:
+        headers = (*headers, (PEER, decision.principal))
     metadata: dict[str, Any] = _decision_metadata(decision)
     if identity is not None:
         metadata.update(

@@ -48,8 +48,13 @@ class CheckService(external_auth_pb2_grpc.AuthorizationServicer):
         self, request: external_auth_pb2.CheckRequest
     ) -> external_auth_pb2.CheckResponse:
         http = request.attributes.request.http
-        source = request.attributes.source.address.socket_address.address
-        check = CheckRequest(http.method, http.path, _headers(http), source or None)
+        source = request.attributes.source
+        address = source.address.socket_address.address
+        # `source.principal`: the client certificate's URI SAN (else subject) as Envoy
+        # verified it on an mTLS listener; empty otherwise.
+        check = CheckRequest(
+            http.method, http.path, _headers(http), address or None, source.principal or None
+        )
         if not request.attributes.request.HasField("http") or not http.path or not http.method:
             result: Allow | Deny = refuse(
                 self.authorizer, check, "the check request has no HTTP method and path"

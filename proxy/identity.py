@@ -21,8 +21,12 @@ SCOPES = "x-auth-scopes"
 JTI = "x-auth-jti"
 ISSUER = "x-auth-issuer"
 CLAIMS = "x-auth-claims"
+#: The verified client certificate's identity (mTLS): its SPIFFE id, else its subject.
+PEER = "x-auth-peer"
 #: Every identity header the proxy itself may set (policies add more via `claim_headers`).
-BUILTIN_HEADERS = frozenset((SUBJECT, TOKEN_TYPE, ROLES, PERMISSIONS, SCOPES, JTI, ISSUER, CLAIMS))
+BUILTIN_HEADERS = frozenset(
+    (SUBJECT, TOKEN_TYPE, ROLES, PERMISSIONS, SCOPES, JTI, ISSUER, CLAIMS, PEER)
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,15 @@
-"""Verification keys: where they come from and which algorithms each one allows.
+"""Verification keys: what one key is, which algorithms it allows, and the set of them.
 
-Keys come only from configuration — JWKS files, PEM public keys, HMAC secrets in
-environment variables — never from a token (`jku`, `x5u`, `jwk`, `x5c` are ignored).
+Keys come only from configuration — JWKS files and URLs, OIDC discovery, PEM public keys,
+HMAC secrets in environment variables (see `key_sources.py`) — never from a token (`jku`,
+`x5u`, `jwk`, `x5c` are ignored).
 Each key's algorithm allowlist derives from the key itself: an RSA key never verifies HS*,
 an HMAC secret never verifies RS*/ES*, and nothing verifies `none`. A key that declares
 `alg` allows only that algorithm. Keys marked `use: enc`, or whose `key_ops` lack
-`verify`, are not used for verification.
+`verify`, are not used for verification. A key bound to an issuer (`--oidc-issuer`,
+`--issuer-jwks`) verifies only tokens whose `iss` is that issuer. A key with a
+`retire_at` member (unix seconds, written by `authproxy keygen --rotate`) stops being used
+at that time.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,8 @@ EC_ALGS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1": "E
 OKP_CURVES = ("Ed25519", "Ed448")
 HMAC_ALGS = {"HS256": 32, "HS384": 48, "HS512": 64}  # alg -> minimum secret bytes (RFC 7518 3.2)
 MIN_RSA_BITS = 2048
+#: JWK member (unix seconds) after which the key is no longer used: `keygen --rotate`.
+RETIRE_AT = "retire_at"
 _PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth")
 _THUMBPRINT_MEMBERS = {
     "RSA": ("e", "kty", "n"),
@@ -53,27 +59,39 @@ class VerificationKey:
     source: str
     #: algorithm name -> PyJWK bound to that algorithm (PyJWT verifies with exactly it)
     algorithms: Mapping[str, jwt.PyJWK]
+    #: Tokens this key verifies must claim this `iss`; None: any issuer the level accepts.
+    issuer: str | None = None
+    #: Unix time after which the key is no longer used (`keygen --rotate`); None: never.
+    retire_at: float | None = None
+    #: The public JWK (kid, kty, key members, alg, use), for publishing; None for HMAC.
+    public: Mapping[str, Any] | None = None
 
 
 class KeySet:
-    """The configured verification keys, looked up by `kid`."""
+    """The verification keys in use, looked up by `kid`. Two issuers may use the same
+    `kid` (each issuer's keys verify only its own tokens); one issuer may not."""
 
     def __init__(self, keys: Iterable[VerificationKey] = ()) -> None:
-        self.by_kid: dict[str, VerificationKey] = {}
+        self.by_kid: dict[str, tuple[VerificationKey, ...]] = {}
         for key in keys:
-            other = self.by_kid.get(key.kid)
-            if other is not None:
-                raise KeyLoadError(
-                    f"{key.source}: key id {key.kid!r} is already used by {other.source}"
-                )
-            self.by_kid[key.kid] = key
+            same = self.by_kid.get(key.kid, ())
+            for other in same:
+                if other.issuer == key.issuer:
+                    raise KeyLoadError(
+                        f"{key.source}: key id {key.kid!r} is already used by {other.source}"
+                    )
+            self.by_kid[key.kid] = (*same, key)
 
     def __len__(self) -> int:
-        return len(self.by_kid)
+        return sum(len(keys) for keys in self.by_kid.values())
+
+    def __iter__(self) -> Iterator[VerificationKey]:
+        for keys in self.by_kid.values():
+            yield from keys
 
     def for_algorithm(self, alg: str) -> list[VerificationKey]:
         """Keys that accept `alg` (used for tokens without a `kid`)."""
-        return [k for k in self.by_kid.values() if alg in k.algorithms]
+        return [k for k in self if alg in k.algorithms]
 
     def missing(self, key_ids: Iterable[str]) -> list[str]:
         return sorted(k for k in key_ids if k not in self.by_kid)
@@ -100,8 +118,11 @@ def b64url_decode(value: str) -> bytes:
     return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
 
 
-def key_from_jwk(jwk: Mapping[str, Any], source: str) -> VerificationKey | None:
-    """Build a verification key from one JWK; None if the JWK is not for verification."""
+def key_from_jwk(
+    jwk: Mapping[str, Any], source: str, issuer: str | None = None
+) -> VerificationKey | None:
+    """Build a verification key from one JWK; None if the JWK is not for verification.
+    `issuer`: the only `iss` the key may verify tokens of (None: any)."""
     if not isinstance(jwk, Mapping):
         raise KeyLoadError(f"{source}: a JWK must be a JSON object")
     kty = jwk.get("kty")
@@ -140,7 +161,26 @@ def key_from_jwk(jwk: Mapping[str, Any], source: str) -> VerificationKey | None:
         raise KeyLoadError(
             f"{where}: RSA key has {sample.key.key_size} bits; at least {MIN_RSA_BITS} are required"
         )
-    return VerificationKey(kid=kid, kty=kty, source=source, algorithms=bound)
+    retire_at = jwk.get(RETIRE_AT)
+    if retire_at is not None and (
+        isinstance(retire_at, bool) or not isinstance(retire_at, int | float)
+    ):
+        raise KeyLoadError(f"{where}: '{RETIRE_AT}' must be a number (unix seconds)")
+    public = None
+    if kty != "oct":
+        public = {m: jwk[m] for m in _THUMBPRINT_MEMBERS[kty]}
+        public.update(kid=kid, use="sig")
+        if len(algs) == 1:
+            public["alg"] = algs[0]
+    return VerificationKey(
+        kid=kid,
+        kty=kty,
+        source=source,
+        algorithms=bound,
+        issuer=issuer,
+        retire_at=None if retire_at is None else float(retire_at),
+        public=public,
+    )
 
 
 def _allowed_algorithms(jwk: Mapping[str, Any], kty: str, where: str) -> tuple[str, ...]:
@@ -181,23 +221,47 @@ def _allowed_algorithms(jwk: Mapping[str, Any], kty: str, where: str) -> tuple[s
     return (declared,)
 
 
-def load_jwks_file(path: str) -> list[VerificationKey]:
-    """Keys from a JWKS document (`{"keys": [...]}`) or a single JWK."""
+def load_jwks_file(path: str, issuer: str | None = None) -> list[VerificationKey]:
+    """Keys from a JWKS document (`{"keys": [...]}`) or a single JWK; every key must be
+    usable (a file is the operator's own: a bad key in it is an error, not skipped)."""
     try:
-        doc = loads_strict(Path(path).read_bytes())
+        data = Path(path).read_bytes()
     except OSError as e:
         raise KeyLoadError(f"{path}: cannot read JWKS: {e.strerror}") from None
+    return keys_from_jwks(data, path, issuer, strict=True)
+
+
+def keys_from_jwks(
+    data: bytes, source: str, issuer: str | None = None, strict: bool = True
+) -> list[VerificationKey]:
+    """Keys from a JWKS document's bytes. `strict`: any unusable JWK is an error; else
+    (a remote set, which may publish keys of types we do not support) unusable JWKs are
+    skipped with a warning, but a set with no usable key at all is still an error."""
+    try:
+        doc = loads_strict(data)
     except ValueError as e:
-        raise KeyLoadError(f"{path}: not a valid JSON document: {e}") from None
+        raise KeyLoadError(f"{source}: not a valid JSON document: {e}") from None
     if isinstance(doc, dict) and "keys" in doc:
         jwks = doc["keys"]
         if not isinstance(jwks, list):
-            raise KeyLoadError(f"{path}: 'keys' must be a list")
-    elif isinstance(doc, dict) and "kty" in doc:
+            raise KeyLoadError(f"{source}: 'keys' must be a list")
+    elif isinstance(doc, dict) and "kty" in doc and strict:
         jwks = [doc]
     else:
-        raise KeyLoadError(f'{path}: expected a JWKS ({{"keys": [...]}}) or a single JWK')
-    keys = [k for i, jwk in enumerate(jwks) if (k := key_from_jwk(jwk, f"{path}[{i}]"))]
+        raise KeyLoadError(f'{source}: expected a JWKS ({{"keys": [...]}}) or a single JWK')
+    keys: list[VerificationKey] = []
+    for i, jwk in enumerate(jwks):
+        try:
+            key = key_from_jwk(jwk, f"{source}[{i}]", issuer)
+        except KeyLoadError as e:
+            if strict:
+                raise
+            log.warning("skipped a key: %s", e)
+            continue
+        if key is not None:
+            keys.append(key)
+    if not strict and not keys:
+        raise KeyLoadError(f"{source}: the key set has no usable verification key")
     return keys
 
 
@@ -212,7 +276,9 @@ def public_jwk(public_key: Any) -> dict[str, Any]:
     raise KeyLoadError(f"unsupported public key type {type(public_key).__name__}")
 
 
-def load_pem_public_key(path: str, kid: str | None = None) -> VerificationKey:
+def load_pem_public_key(
+    path: str, kid: str | None = None, issuer: str | None = None
+) -> VerificationKey:
     """A PEM public key (RSA, EC or Ed25519/Ed448); `kid` defaults to its thumbprint."""
     try:
         data = Path(path).read_bytes()
@@ -226,7 +292,7 @@ def load_pem_public_key(path: str, kid: str | None = None) -> VerificationKey:
         raise KeyLoadError(f"{path}: not a PEM public key: {e}") from None
     jwk = public_jwk(public_key)
     jwk["kid"] = kid or jwk_thumbprint(jwk)
-    key = key_from_jwk(jwk, path)
+    key = key_from_jwk(jwk, path, issuer)
     assert key is not None  # a JWK without use/key_ops is always a verification key
     return key
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from .bearer import AUTHORIZATION
 from .decision import Decision
-from .identity import is_identity_header
+from .identity import PEER, is_identity_header
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
@@ -58,4 +58,6 @@ def upstream_metadata(incoming: Iterable[tuple[str, str | bytes]], decision: Dec
         out.append((k, value))
     if decision.identity is not None:
         out.extend(decision.identity.headers)
+    if decision.principal is not None:
+        out.append((PEER, decision.principal))
     return tuple(out)

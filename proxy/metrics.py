@@ -26,7 +26,8 @@ _DECISION_BUCKETS = (
 )  # fmt: skip
 
 #: What the scrape-time collector reads: name -> (help, kind, read). `read` returns a
-#: number, or a mapping of one label's values to numbers (label name in `labels`).
+#: number, or a mapping of label values to numbers (one label: its value; several,
+#: named "a,b": a tuple of values).
 Reading = Callable[[], float | Mapping[str, float]]
 
 
@@ -65,9 +66,6 @@ class Metrics:
             "authproxy_policy_loaded_timestamp_seconds",
             "When the active policy was loaded",
             registry=r,
-        )
-        self.key_loads = Counter(
-            "authproxy_key_loads", "Verification key set loads by result", ["result"], registry=r
         )
         self._request_children: dict[tuple[str, str, str, str], Any] = {}
         self._readings = _Readings()
@@ -118,9 +116,12 @@ class _Readings:
             family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             value = read()
             if isinstance(value, Mapping):
-                family = family_type(name, help, labels=[label])
+                # One label, or several ("source,result") with tuple keys.
+                names = label.split(",")
+                family = family_type(name, help, labels=names)
                 for label_value, number in sorted(value.items()):
-                    family.add_metric([str(label_value)], number)
+                    values = label_value if isinstance(label_value, tuple) else (label_value,)
+                    family.add_metric([str(v) for v in values], number)
             else:
                 family = family_type(name, help, value=value)
             yield family

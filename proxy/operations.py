@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
-import grpc
-
 from .decision_log import DecisionLog
-from .keys import KeySet
+from .key_ring import KeyRing
 from .metrics import Metrics
 from .pipeline import Authorizer
 from .policy import Policy
@@ -30,19 +29,23 @@ class Operations:
         self,
         authorizer: Authorizer,
         state: StateStore,
+        keys: KeyRing,
         policy_path: str,
         policy_text: bytes,
-        check_keys: Callable[[Policy, KeySet], None],
+        check_keys: Callable[[Policy, KeyRing], None],
         log_allows: float = 0.0,
+        keys_wait: bool = True,
     ) -> None:
         self.authorizer = authorizer
         self.state = state
+        self.keys = keys
+        #: Readiness waits for every remote key set's first load.
+        self.keys_wait = keys_wait
         self.draining = False
-        self.upstream: grpc.aio.Channel | None = None
+        self.upstream: Any = None  # the sidecar's `Upstream`
         self.metrics_registry = metrics = Metrics()
         authorizer.observers.append(metrics.observe)
         authorizer.observers.append(DecisionLog(log_allows))
-        keys: KeySet = authorizer.verifier.keys
         self.reloader = PolicyReloader(policy_path, authorizer, keys, check_keys, policy_text)
         self.reloader.listeners.append(self._policy_loaded)
         metrics.policy_loaded_now(authorizer.policy.version, self.reloader.loaded_at)
@@ -52,9 +55,27 @@ class Operations:
             lambda: dict(self.reloader.results),
             label="result",
         )
-        metrics.key_loads.labels("ok").inc()
         metrics.read(
-            "authproxy_keys_loaded", "Verification keys loaded", lambda: len(keys), "gauge"
+            "authproxy_keys_loaded",
+            "Verification keys in use",
+            lambda: len(keys.current),
+            "gauge",
+        )
+        metrics.read(
+            "authproxy_key_fetches",
+            "Key set loads after start, by source (URL or file) and result (ok, unchanged,"
+            " error, throttled: an unknown-kid fetch refused by the refetch interval)",
+            lambda: {(s.name, result): n for s in keys.sources for result, n in s.results.items()},
+            label="source,result",
+        )
+        metrics.read(
+            "authproxy_key_set_age_seconds",
+            "Seconds since each key source last loaded successfully",
+            lambda: {
+                s.name: time.time() - s.loaded_at for s in keys.sources if s.loaded_at is not None
+            },
+            "gauge",
+            label="source",
         )
         verifier = authorizer.verifier
         metrics.read(
@@ -74,9 +95,10 @@ class Operations:
 
     # --- wiring -------------------------------------------------------------------------
 
-    def watch_sidecar(self, upstream: Any, guard: Any) -> None:
-        """Report the sidecar's upstream errors and ended streams; probe its upstream."""
-        self.upstream = upstream.channel
+    def watch_sidecar(self, upstream: Any, guard: Any, tls: Any = None) -> None:
+        """Report the sidecar's upstream errors, ended streams and certificates (`tls`: its
+        `ServerTls`); probe its upstream."""
+        self.upstream = upstream
         self.metrics_registry.read(
             "authproxy_upstream_errors",
             "Calls the backend could not be reached for, or relayed with an error",
@@ -89,6 +111,27 @@ class Operations:
             label="reason",
         )
         self.reloader.listeners.append(guard.policy_changed)
+        sides = {"inbound": tls, "upstream": upstream.tls}
+        sides = {name: side for name, side in sides.items() if side is not None}
+        if not sides:
+            return
+        self.metrics_registry.read(
+            "authproxy_tls_reloads",
+            "Certificate reloads after start, by listener (inbound, upstream) and result",
+            lambda: {
+                (name, result): n
+                for name, side in sides.items()
+                for result, n in side.reloads.items()
+            },
+            label="listener,result",
+        )
+        self.metrics_registry.read(
+            "authproxy_tls_cert_expiry_timestamp_seconds",
+            "notAfter of the serving certificate (inbound) and the upstream client certificate",
+            lambda: _expiries(sides),
+            "gauge",
+            label="listener",
+        )
 
     def watch_ext_authz(self, mode: str, server: Any) -> None:
         self.metrics_registry.read(
@@ -111,8 +154,7 @@ class Operations:
     async def readiness(self) -> tuple[bool, dict[str, str]]:
         policy = self.authorizer.policy
         checks = {"policy": f"ok (version {policy.version})"}
-        keys = len(self.authorizer.verifier.keys)
-        checks["keys"] = f"ok ({keys} loaded)" if keys or not policy.tokens else "no keys"
+        checks["keys"] = self._keys_check(bool(policy.tokens))
         try:
             self.state.check_fresh()
             checks["state"] = "ok"
@@ -120,7 +162,8 @@ class Operations:
             checks["state"] = str(e)
         if self.upstream is not None:
             try:
-                await asyncio.wait_for(self.upstream.channel_ready(), UPSTREAM_PROBE_TIMEOUT)
+                channel = self.upstream.channel  # the current one (TLS reloads replace it)
+                await asyncio.wait_for(channel.channel_ready(), UPSTREAM_PROBE_TIMEOUT)
                 checks["upstream"] = "ok"
             except TimeoutError:
                 checks["upstream"] = "not reachable"
@@ -128,6 +171,18 @@ class Operations:
             checks["draining"] = "shutting down"
         ready = all(v.startswith("ok") for k, v in checks.items() if k != "draining")
         return ready and not self.draining, checks
+
+    def _keys_check(self, needed: bool) -> str:
+        keys = self.keys
+        waiting = [s for s in keys.remote if not s.loaded]
+        if waiting and self.keys_wait:
+            first = waiting[0]
+            return f"waiting for keys from {first.name} ({first.last_error or 'first fetch'})"
+        count = len(keys.current)
+        return f"ok ({count} loaded)" if count or not needed else "no keys"
+
+    def published_jwks(self) -> dict[str, Any]:
+        return self.keys.published_jwks()
 
     def policy_status(self) -> dict[str, Any]:
         policy = self.authorizer.policy
@@ -144,3 +199,16 @@ class Operations:
 
     def metrics(self) -> bytes:
         return self.metrics_registry.exposition()
+
+
+def _expiries(sides: dict[str, Any]) -> dict[str, float]:
+    """notAfter (unix time) of each side's own certificate, where it has one."""
+    out = {}
+    inbound = sides.get("inbound")
+    if inbound is not None:
+        out["inbound"] = inbound.not_after
+    upstream = sides.get("upstream")
+    cert = upstream.client_cert if upstream is not None else None
+    if cert is not None:
+        out["upstream"] = cert.not_valid_after_utc.timestamp()
+    return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 from time import perf_counter
+from urllib.parse import quote
 
 from .bearer import extract_bearer
 from .decision import Decision
@@ -22,7 +23,7 @@ from .http_routes import split_path
 from .identity import Identity, identity_of
 from .policy import DENY, METHOD_PATH, PUBLIC, Policy, Rule
 from .reasons import Denied, Reason
-from .verify import TokenVerifier, VerifiedToken
+from .verify import TokenVerifier, UnknownKey, VerifiedToken
 
 Headers = Iterable[tuple[str, str | bytes]]
 
@@ -36,6 +37,8 @@ Limiter = Callable[[Rule, str | None, Headers, VerifiedToken | None], Awaitable[
 Observer = Callable[[Decision, float, str | None], None]
 
 _MALFORMED_RULE = Rule("malformed", DENY)
+#: Printable ASCII but "%": what a principal may hold unescaped.
+_PRINTABLE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
 class Authorizer:
@@ -52,21 +55,30 @@ class Authorizer:
         self.limiter = limiter
         self.observers: list[Observer] = []
 
-    async def decide(self, method: str, headers: Headers, peer: str | None = None) -> Decision:
+    async def decide(
+        self,
+        method: str,
+        headers: Headers,
+        peer: str | None = None,
+        principal: str | None = None,
+    ) -> Decision:
         """The decision for a gRPC call to `method` (`/package.Service/Method`); `peer` is
-        the connection's peer (`ipv4:1.2.3.4:5`) for rate limits keyed by client address."""
+        the connection's peer (`ipv4:1.2.3.4:5`) for rate limits keyed by client address;
+        `principal` the verified client certificate's identity (mTLS), for `peers:`."""
         started = perf_counter()
         policy = self.policy
         rule = _method_rule(policy, method)
         if rule is None:
             decision = _malformed_method(policy, method)
         else:
-            decision = await self._evaluate(policy, method, rule, headers, peer)
+            decision = await self._evaluate(policy, method, rule, headers, peer, principal)
         if self.observers:
             self._observe(decision, started, peer)
         return decision
 
-    async def recheck(self, method: str, headers: Headers) -> Decision:
+    async def recheck(
+        self, method: str, headers: Headers, principal: str | None = None
+    ) -> Decision:
         """A call already let through, judged again by the current policy (after a reload):
         rule, token and requirements, without the steps that record anything (single use,
         rate limits) and without revocation (open streams follow it by themselves)."""
@@ -74,7 +86,7 @@ class Authorizer:
         rule = _method_rule(policy, method)
         if rule is None:
             return _malformed_method(policy, method)
-        return await self._evaluate(policy, method, rule, headers, None, recording=False)
+        return await self._evaluate(policy, method, rule, headers, None, principal, recording=False)
 
     def _observe(self, decision: Decision, started: float, peer: str | None) -> None:
         elapsed = perf_counter() - started
@@ -89,6 +101,7 @@ class Authorizer:
         grpc: bool,
         policy: Policy | None = None,
         peer: str | None = None,
+        principal: str | None = None,
     ) -> Decision:
         """The decision for an HTTP request seen through Envoy.
 
@@ -98,11 +111,12 @@ class Authorizer:
         method cannot be reached around its rule by changing the content-type or escaping
         the path. Everything else is judged by the most specific `http:` route, else the
         `default` rule. `policy` is the snapshot to decide with (default: the current one),
-        for callers that need the same snapshot afterwards; `peer` is the client address.
+        for callers that need the same snapshot afterwards; `peer` is the client address,
+        `principal` the client certificate's identity as Envoy verified it.
         """
         started = perf_counter()
         decision = await self._decide_http(
-            http_method, path, headers, grpc, policy or self.policy, peer
+            http_method, path, headers, grpc, policy or self.policy, peer, principal
         )
         if self.observers:
             self._observe(decision, started, peer)
@@ -116,13 +130,14 @@ class Authorizer:
         grpc: bool,
         policy: Policy,
         peer: str | None,
+        principal: str | None,
     ) -> Decision:
         path = path.partition("?")[0].partition("#")[0]
         if grpc:
             rule = _method_rule(policy, path)
             if rule is None:
                 return _malformed_method(policy, path)
-            return await self._evaluate(policy, path, rule, headers, peer)
+            return await self._evaluate(policy, path, rule, headers, peer, principal)
         target = f"{http_method} {path}"
         try:
             segments = split_path(path)
@@ -133,9 +148,9 @@ class Authorizer:
         decoded = "/" + "/".join(segments)
         rule = policy.listed(decoded) if METHOD_PATH.fullmatch(decoded) else None
         if rule is not None:
-            return await self._evaluate(policy, decoded, rule, headers, peer)
+            return await self._evaluate(policy, decoded, rule, headers, peer, principal)
         rule = policy.http.match(http_method, segments) or policy.default
-        return await self._evaluate(policy, target, rule, headers, peer)
+        return await self._evaluate(policy, target, rule, headers, peer, principal)
 
     def malformed(self, target: str, message: str) -> Decision:
         """A deny for a request that cannot be judged at all (no path, no attributes)."""
@@ -150,12 +165,17 @@ class Authorizer:
         rule: Rule,
         headers: Headers,
         peer: str | None,
+        principal: str | None,
         recording: bool = True,
     ) -> Decision:
         """The steps after matching: level, token, shared state, requirements, rate limits.
         With `recording` false, the state steps (which record uses and hits) are skipped."""
-        if rule.level == PUBLIC and not rule.rate_limits:
-            return Decision(True, target, rule, policy.version)
+        if principal is not None and (
+            "%" in principal or not (principal.isascii() and principal.isprintable())
+        ):  # it travels in x-auth-peer: percent-encoded, "%" too, so it stays unambiguous
+            principal = quote(principal, safe=_PRINTABLE)
+        if rule.level == PUBLIC and not rule.rate_limits and not rule.peers:
+            return Decision(True, target, rule, policy.version, principal=principal)
         verified = identity = None
         try:
             if rule.level == DENY:
@@ -163,12 +183,17 @@ class Authorizer:
             if rule.level != PUBLIC:
                 spec = policy.tokens[rule.level]
                 token = extract_bearer(headers, policy.max_token_bytes)
-                verified = self.verifier.verify(token, spec, policy)
+                try:
+                    verified = self.verifier.verify(token, spec, policy)
+                except UnknownKey as unknown:  # keys may have rotated at the issuer
+                    verified = await self.verifier.verify_refreshing(token, spec, policy, unknown)
                 identity = identity_of(verified, spec, policy)
                 if recording:
                     for check in self.state_checks:
                         await check(rule, verified)
                 check_requirements(rule, identity)
+            if not rule.peer_allowed(principal):
+                raise Denied(Reason.PEER_NOT_ALLOWED, _peer_message(rule, principal))
             if rule.rate_limits and recording:
                 if self.limiter is None:
                     raise Denied(Reason.STATE_UNAVAILABLE, "no rate limit storage is configured")
@@ -184,8 +209,9 @@ class Authorizer:
                 identity=identity,  # who was refused (logs); shadow: headers too
                 retry_after=denied.retry_after,
                 shadow=rule.shadow,
+                principal=principal,
             )
-        return Decision(True, target, rule, policy.version, identity=identity)
+        return Decision(True, target, rule, policy.version, identity=identity, principal=principal)
 
 
 def _method_rule(policy: Policy, method: str) -> Rule | None:
@@ -223,3 +249,12 @@ def check_requirements(rule: Rule, identity: Identity) -> None:
 
 def _names(values: frozenset[str]) -> str:
     return ", ".join(sorted(values))
+
+
+def _peer_message(rule: Rule, principal: str | None) -> str:
+    accepted = ", ".join(rule.peers[:5]) + (", ..." if len(rule.peers) > 5 else "")
+    if principal is None:
+        return f"this method needs a client certificate of {accepted}; the connection has none"
+    return (
+        f"this method accepts the peers {accepted}; the client certificate is {principal[:128]!r}"
+    )

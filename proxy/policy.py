@@ -86,7 +86,23 @@ class Rule:
     end_streams: bool = True
     #: Shadow mode: a deny is computed, logged and counted, but the call is allowed.
     shadow: bool = False
+    #: Client-certificate identities (mTLS) accepted, any of: exact, or a prefix ending
+    #: in `*`. Empty: any peer (no certificate needed).
+    peers: tuple[str, ...] = ()
     line: int | None = None
+
+    def peer_allowed(self, principal: str | None) -> bool:
+        if not self.peers:
+            return True
+        if principal is None:
+            return False
+        for pattern in self.peers:
+            if pattern[-1:] == "*":
+                if principal.startswith(pattern[:-1]):
+                    return True
+            elif principal == pattern:
+                return True
+        return False
 
     @property
     def needs_token(self) -> bool:

@@ -52,6 +52,7 @@ RULE_KEYS = (
     "rate_limit",
     "end_streams",
     "mode",
+    "peers",
 )
 MODES = ("enforce", "shadow")
 TOKEN_KEYS = ("type", "audience", "issuer", "keys", "type_claim")
@@ -283,6 +284,7 @@ class _Validator(RateLimitChecks):
             self.error(line, f"{where}: single_use needs a token level, not {level!r}")
         if "revoke_on_reuse" in spec and not single_use:
             self.error(line, f"{where}: revoke_on_reuse only applies with single_use: true")
+        peers = self.peers(spec, where, level)
         end_streams = self.boolean(spec, "end_streams", default=True)
         if "end_streams" in spec and level in (PUBLIC, DENY):
             self.error(line, f"{where}: end_streams needs a token level, not {level!r}")
@@ -298,8 +300,25 @@ class _Validator(RateLimitChecks):
             rate_limits=self.rate_limits(spec, where, level),
             end_streams=end_streams,
             shadow=self.shadow(spec, default=self.shadow_default),
+            peers=peers,
             line=line,
         )
+
+    def peers(self, spec: LineMap, where: str, level: str) -> tuple[str, ...]:
+        """`peers: [spiffe://..., "spiffe://cluster/ns/x/*", "CN=client,O=Example"]`."""
+        values = self.strings(spec, "peers")
+        if values is None:
+            return ()
+        line = spec.line_of("peers")
+        if level == DENY:
+            self.error(line, f"{where}: peers has no effect on a deny rule")
+        for value in sorted(values):
+            if "*" in value[:-1]:
+                self.error(
+                    line,
+                    f"{where}: peer {value!r}: '*' may only end a pattern (a prefix match)",
+                )
+        return tuple(sorted(values))
 
     def shadow(self, m: LineMap, default: bool) -> bool:
         """`mode: enforce | shadow` (at the top: the default of every rule)."""

@@ -18,20 +18,13 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import watchfiles
-
-from .keys import KeySet
+from .file_watch import FileWatch
+from .key_ring import KeyRing
 from .pipeline import Authorizer
 from .policy import Policy
 from .policy_file import parse_policy, policy_version
 
 log = logging.getLogger("authproxy.policy")
-
-#: Changes within this many milliseconds are taken together (an editor's save, a
-#: ConfigMap swap); a valid edit is live well within a second.
-DEBOUNCE_MS = 150
-#: The watcher wakes this often when nothing changes (its first wake-up means listening).
-IDLE_TIMEOUT_MS = 500
 
 #: Called after a new policy is in place: (old, new).
 OnReload = Callable[[Policy, Policy], Awaitable[None]]
@@ -42,8 +35,8 @@ class PolicyReloader:
         self,
         path: str,
         authorizer: Authorizer,
-        keys: KeySet,
-        check_keys: Callable[[Policy, KeySet], None],
+        keys: KeyRing,
+        check_keys: Callable[[Policy, KeyRing], None],
         text: bytes,
     ) -> None:
         self.path = path
@@ -56,8 +49,7 @@ class PolicyReloader:
         self.results = {"ok": 0, "error": 0, "unchanged": 0}
         self.listeners: list[OnReload] = []
         self._lock = asyncio.Lock()
-        self._watcher: asyncio.Task[None] | None = None
-        self._stop = asyncio.Event()
+        self._watch = FileWatch([path], self.reload, "the policy")
 
     async def reload(self, why: str) -> bool:
         """Load the file again; True when a new version was put in place."""
@@ -105,43 +97,7 @@ class PolicyReloader:
         return False
 
     def start(self) -> None:
-        self._watcher = asyncio.create_task(self._watch())
+        self._watch.start()
 
     async def stop(self) -> None:
-        self._stop.set()
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
-
-    async def _watch(self) -> None:
-        # The directory holding the path as given: in a ConfigMap mount the file is a
-        # symlink into `..data`, which the update replaces.
-        directory = Path(self.path).absolute().parent
-        delay = 0.5
-        while not self._stop.is_set():
-            listening = False
-            try:
-                async for changes in watchfiles.awatch(
-                    directory,
-                    watch_filter=None,
-                    debounce=DEBOUNCE_MS,
-                    step=50,
-                    stop_event=self._stop,
-                    recursive=True,
-                    yield_on_timeout=True,  # a first (empty) yield once the watch listens
-                    rust_timeout=IDLE_TIMEOUT_MS,
-                ):
-                    if not listening:
-                        # Catch an edit made before the watch listened (while the proxy
-                        # started, or while the watch was being re-established).
-                        listening = True
-                        await self.reload("started watching")
-                    elif changes:
-                        await self.reload("file changed")
-                    delay = 0.5
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # the directory went away, the watch failed: retry
-                log.warning("watching %s failed (%s); retrying", directory, e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        await self._watch.stop()

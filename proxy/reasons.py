@@ -39,6 +39,8 @@ class Reason(StrEnum):
     INSUFFICIENT_SCOPE = "INSUFFICIENT_SCOPE"
     METHOD_DENIED = "METHOD_DENIED"
     METHOD_MALFORMED = "METHOD_MALFORMED"
+    # The rule names the peers (client certificates) it accepts; this one is not among them.
+    PEER_NOT_ALLOWED = "PEER_NOT_ALLOWED"
     # An open stream that a newly loaded policy version would refuse.
     POLICY_CHANGED = "POLICY_CHANGED"
     # The request itself cannot be judged (gRPC INVALID_ARGUMENT): a path with dot
@@ -49,6 +51,9 @@ class Reason(StrEnum):
     # Shared state (revocation, single use, rate limits) cannot be consulted: fail closed
     # (UNAVAILABLE).
     STATE_UNAVAILABLE = "STATE_UNAVAILABLE"
+    # The verification keys a token needs cannot be had: the remote key set has never
+    # loaded (identity provider down at start): fail closed (UNAVAILABLE).
+    KEYS_UNAVAILABLE = "KEYS_UNAVAILABLE"
 
     @property
     def status(self) -> grpc.StatusCode:
@@ -64,11 +69,13 @@ _STATUS = {
         Reason.METHOD_DENIED,
         Reason.METHOD_MALFORMED,
         Reason.POLICY_CHANGED,
+        Reason.PEER_NOT_ALLOWED,
     )
 }
 _STATUS[Reason.REQUEST_MALFORMED] = grpc.StatusCode.INVALID_ARGUMENT
 _STATUS[Reason.RATE_LIMITED] = grpc.StatusCode.RESOURCE_EXHAUSTED
 _STATUS[Reason.STATE_UNAVAILABLE] = grpc.StatusCode.UNAVAILABLE
+_STATUS[Reason.KEYS_UNAVAILABLE] = grpc.StatusCode.UNAVAILABLE
 
 
 class Denied(Exception):

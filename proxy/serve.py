@@ -13,8 +13,11 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
+import aiohttp
 from prometheus_client import Histogram
 
 from .admin import AdminServer
@@ -22,15 +25,9 @@ from .catalog import CatalogError, MethodCatalog
 from .client_address import TrustedProxies
 from .ext_authz_grpc import CheckServer
 from .ext_authz_http import CheckHttpServer
-from .keys import (
-    KeyLoadError,
-    KeySet,
-    VerificationKey,
-    load_hmac_env,
-    load_jwks_file,
-    load_pem_public_key,
-    split_kid,
-)
+from .key_ring import KeyRing, attach, ssl_context_for
+from .key_sources import FetchSettings, KeyFile, KeySource, OidcJwks, RemoteJwks, SecretKeys
+from .keys import KeyLoadError, split_kid
 from .lint import uncovered
 from .operations import Operations
 from .pipeline import Authorizer
@@ -43,6 +40,7 @@ from .state import DEFAULT_SUBJECT_TTL, MemoryState, StateStore
 from .state_checks import revocation_check, single_use_check
 from .state_redis import DEFAULT_STALENESS, DEFAULT_TIMEOUT, RedisState
 from .stream_guard import StreamGuard
+from .tls import ServerTls, ServerTlsFiles, TlsError, UpstreamTls, UpstreamTlsFiles
 from .upstream import Upstream
 from .verify import TokenVerifier
 
@@ -73,9 +71,25 @@ class ServeConfig:
     admin_token_env: str | None = None  # env var holding the admin API's bearer secret
     #: CIDRs whose x-forwarded-for is believed, for rate limits keyed by client address
     trusted_proxies: list[str] = field(default_factory=list)
-    jwks: list[str] = field(default_factory=list)
+    jwks: list[str] = field(default_factory=list)  # JWKS files or https:// URLs
+    #: ISSUER=FILE_OR_URL: a JWKS whose keys verify only tokens of ISSUER
+    issuer_jwks: list[str] = field(default_factory=list)
+    #: OpenID Connect issuers: keys from discovery, verifying only that issuer's tokens
+    oidc_issuers: list[str] = field(default_factory=list)
     public_keys: list[str] = field(default_factory=list)  # [KID=]PEM
     hmac_secret_envs: list[str] = field(default_factory=list)  # [KID=]ENV
+    jwks_fetch: FetchSettings = field(default_factory=FetchSettings)
+    jwks_ca: str | None = None  # CA file for https key fetches (default: system roots)
+    #: `/readyz` waits for every remote key set's first load.
+    keys_wait: bool = True
+    tls_cert: str | None = None  # serve TLS with this PEM chain ...
+    tls_key: str | None = None  # ... and its key
+    tls_client_ca: str | None = None  # require client certificates these CAs sign (mTLS)
+    upstream_tls: bool = False  # TLS to the backend (implied by the upstream_* files)
+    upstream_ca: str | None = None
+    upstream_cert: str | None = None  # client certificate for upstream mTLS ...
+    upstream_key: str | None = None  # ... and its key
+    upstream_server_name: str | None = None  # name to verify in the backend's certificate
     descriptor_sets: list[str] = field(default_factory=list)
     upstream_reflection: bool = True
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -89,36 +103,76 @@ class ServeConfig:
     log_allows: float = 0.0
 
 
-def load_keys(cfg: ServeConfig) -> KeySet:
-    keys: list[VerificationKey] = []
+def load_keys(cfg: ServeConfig) -> KeyRing:
+    """The key sources the configuration names, merged in a `KeyRing` (not started: remote
+    sets are fetched once it is). ConfigError for a bad file, URL or secret."""
+    sources: list[KeySource] = []
     try:
-        for path in cfg.jwks:
-            keys.extend(load_jwks_file(path))
+        context = ssl_context_for(cfg.jwks_ca)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"--jwks-ca {cfg.jwks_ca}: cannot load CA certificates: {e}") from None
+    ring: KeyRing | None = None
+
+    def session() -> aiohttp.ClientSession:
+        assert ring is not None
+        return ring.session()
+
+    def source(location: str, issuer: str | None) -> KeySource:
+        if location.startswith(("https://", "http://")):
+            _check_url("--jwks", location)
+            return RemoteJwks(location, issuer, cfg.jwks_fetch, session)
+        return KeyFile(location, issuer)
+
+    try:
+        sources.extend(source(location, None) for location in cfg.jwks)
+        for spec in cfg.issuer_jwks:
+            issuer, sep, location = spec.partition("=")
+            if not sep or not issuer or not location:
+                raise ConfigError(f"--issuer-jwks {spec!r}: expected ISSUER=FILE_OR_URL")
+            sources.append(source(location, issuer))
+        for issuer in cfg.oidc_issuers:
+            _check_url("--oidc-issuer", issuer)
+            sources.append(OidcJwks(issuer, cfg.jwks_fetch, session))
         for spec in cfg.public_keys:
             kid, path = split_kid(spec)
-            keys.append(load_pem_public_key(path, kid))
+            sources.append(KeyFile(path, pem=True, pem_kid=kid))
         for spec in cfg.hmac_secret_envs:
             kid, env = split_kid(spec)
-            keys.append(load_hmac_env(env, kid))
-        return KeySet(keys)
+            sources.append(SecretKeys(env, kid))
+        ring = KeyRing(sources, context)
     except KeyLoadError as e:
         raise ConfigError(str(e)) from None
+    return ring
 
 
-def check_policy_keys(policy: Policy, keys: KeySet) -> None:
-    """The keys a policy names must exist, and token levels need at least one key."""
+def _check_url(flag: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(f"{flag} {url!r}: expected an https:// URL")
+    if parts.scheme == "http":
+        log.warning(
+            "%s %s: keys fetched over plain HTTP can be replaced by anyone on the path; use https",
+            flag,
+            url,
+        )
+
+
+def check_policy_keys(policy: Policy, keys: KeyRing) -> None:
+    """The keys a policy names must exist (unless remote key sets may bring them), and
+    token levels need at least one key source."""
     problems = []
     for spec in policy.tokens.values():
-        missing = keys.missing(spec.key_ids or ())
-        if missing:
+        missing = keys.current.missing(spec.key_ids or ())
+        if missing and not keys.remote:
             problems.append(
                 f"{policy.source}:{spec.line}: tokens.{spec.level} names key id(s)"
                 f" {', '.join(missing)}, "
                 "which no configured key has"
             )
-    if policy.tokens and not len(keys):
+    if policy.tokens and not keys.sources:
         problems.append(
-            "no verification keys configured: use --jwks, --public-key or --hmac-secret-env"
+            "no verification keys configured: use --jwks, --oidc-issuer, --public-key"
+            " or --hmac-secret-env"
         )
     if problems:
         raise ConfigError("\n".join(problems))
@@ -152,18 +206,24 @@ def read_policy(cfg: ServeConfig) -> tuple[Policy, bytes]:
 
 
 def build_authorizer(
-    cfg: ServeConfig, state: StateStore, policy: Policy | None = None
+    cfg: ServeConfig,
+    state: StateStore,
+    policy: Policy | None = None,
+    keys: KeyRing | None = None,
 ) -> Authorizer:
-    """`policy`: already read with `read_policy` (default: read it now)."""
+    """`policy`: already read with `read_policy` (default: read it now); `keys`: from
+    `load_keys` (default: load them now; remote sets are fetched once the ring starts)."""
     if policy is None:
         policy, _ = read_policy(cfg)
-    keys = load_keys(cfg)
+    if keys is None:
+        keys = load_keys(cfg)
     check_policy_keys(policy, keys)
     try:
         trusted = TrustedProxies(cfg.trusted_proxies)
     except ValueError as e:
         raise ConfigError(f"--trusted-proxy: {e}") from None
-    verifier = TokenVerifier(keys, cache_size=cfg.token_cache_size)
+    verifier = TokenVerifier(keys.current, cache_size=cfg.token_cache_size)
+    attach(keys, verifier)
     return assemble_authorizer(policy, verifier, state, trusted)
 
 
@@ -181,6 +241,32 @@ def assemble_authorizer(
         (revocation_check(state), single_use_check(state)),
         RateLimiter(state.rate_limit_storage(), trusted),
     )
+
+
+def tls_from(cfg: ServeConfig) -> tuple[ServerTls | None, UpstreamTls | None]:
+    """The sidecar's TLS (inbound, upstream) from the configuration; ConfigError naming
+    the flag and file when a certificate or key cannot be used."""
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if cfg.tls_client_ca and not cfg.tls_cert:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS)")
+    if bool(cfg.upstream_cert) != bool(cfg.upstream_key):
+        raise ConfigError("--upstream-cert and --upstream-key go together")
+    upstream_files = (cfg.upstream_ca, cfg.upstream_cert, cfg.upstream_server_name)
+    try:
+        server = None
+        if cfg.tls_cert and cfg.tls_key:
+            server = ServerTls(ServerTlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
+        upstream = None
+        if cfg.upstream_tls or any(upstream_files):
+            upstream = UpstreamTls(
+                UpstreamTlsFiles(
+                    cfg.upstream_ca, cfg.upstream_cert, cfg.upstream_key, cfg.upstream_server_name
+                )
+            )
+    except TlsError as e:
+        raise ConfigError(str(e)) from None
+    return server, upstream
 
 
 def _check_address(flag: str, value: str) -> None:
@@ -219,18 +305,29 @@ class Sidecar:
                 self.catalog.add_descriptor_set(path)
         except CatalogError as e:
             raise ConfigError(str(e)) from None
-        self.upstream = Upstream(cfg.upstream, cfg.max_message_bytes)
+        self.tls, upstream_tls = tls_from(cfg)
+        self.upstream = Upstream(cfg.upstream, cfg.max_message_bytes, upstream_tls)
         handler = SidecarHandler(
-            self.authorizer, self.upstream, self.catalog, self.guard, upstream_seconds
+            self.authorizer,
+            self.upstream,
+            self.catalog,
+            self.guard,
+            upstream_seconds,
+            peer_identity=bool(cfg.tls_client_ca),
         )
         try:
-            self.server, self.port = build_server(handler, cfg.listen, cfg.max_message_bytes)
+            self.server, self.port = build_server(
+                handler, cfg.listen, cfg.max_message_bytes, self.tls
+            )
         except (OSError, RuntimeError) as e:
             raise ConfigError(f"--listen {cfg.listen}: {e}") from None
         self._learning: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.server.start()
+        if self.tls is not None:
+            self.tls.start()
+        self.upstream.start()
         if self.cfg.upstream_reflection:
             self._learning = asyncio.create_task(self._learn_methods())
         policy = self.authorizer.policy
@@ -272,6 +369,8 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._learning
         await self.server.stop(self.cfg.shutdown_grace if grace is None else grace)
+        if self.tls is not None:
+            await self.tls.stop()
         await self.upstream.close()
         if self.guard is not None:
             await self.guard.close()
@@ -294,21 +393,24 @@ class AuthProxy:
                 _check_address(flag, value)
         self.state = build_state(cfg)
         policy, policy_text = read_policy(cfg)
-        self.authorizer = build_authorizer(cfg, self.state, policy)
+        self.keys = load_keys(cfg)
+        self.authorizer = build_authorizer(cfg, self.state, policy, self.keys)
         self.ops = Operations(
             self.authorizer,
             self.state,
+            self.keys,
             cfg.policy,
             policy_text,
             check_policy_keys,
             cfg.log_allows,
+            cfg.keys_wait,
         )
         self.sidecar = None
         if cfg.upstream:
             self.sidecar = Sidecar(
                 cfg, self.authorizer, self.state, self.ops.metrics_registry.upstream_seconds
             )
-            self.ops.watch_sidecar(self.sidecar.upstream, self.sidecar.guard)
+            self.ops.watch_sidecar(self.sidecar.upstream, self.sidecar.guard, self.sidecar.tls)
         self.admin: AdminServer | None = None
         if cfg.admin:
             _check_address("--admin", cfg.admin)
@@ -343,11 +445,15 @@ class AuthProxy:
 
     async def start(self) -> None:
         await self.state.start()
+        await self.keys.start()
+        if self.keys.remote:  # a moment for the first fetches; readiness waits for them anyway
+            await self.keys.wait_loaded(self.cfg.jwks_fetch.timeout)
         if self.admin is not None:
             try:
                 await self.admin.start()
             except OSError as e:
                 await self.state.close()
+                await self.keys.close()
                 raise ConfigError(f"--admin {self.cfg.admin}: {e}") from None
             log.info("admin API listening on port %d", self.admin.port)
         if self.sidecar is not None:
@@ -376,6 +482,7 @@ class AuthProxy:
         await asyncio.gather(*(front.stop(grace) for front in fronts if front is not None))
         if self.admin is not None:
             await self.admin.stop()
+        await self.keys.close()
         await self.state.close()
 
 

@@ -6,6 +6,9 @@ and the request metadata; on deny, end the call with the decision's status, mess
 methods (known from the `MethodCatalog`) take the unary path; everything else takes the
 generic stream path, which carries all four kinds. Streams authorized with a token are
 watched by the `StreamGuard`, which ends them when the token expires or is revoked.
+
+The listener is h2c, or TLS with a `tls.ServerTls` (mTLS when it has a client CA; then
+each call's client-certificate identity, `tls.peer_principal`, goes to the pipeline).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .grpc_status import deny_details
 from .metadata import InvalidMetadata, Metadata, upstream_metadata
 from .pipeline import Authorizer
 from .stream_guard import StreamGuard
+from .tls import ServerTls, peer_principal
 from .upstream import Upstream
 
 log = logging.getLogger("authproxy.sidecar")
@@ -47,8 +51,13 @@ class SidecarHandler(grpc.GenericRpcHandler):
         catalog: MethodCatalog,
         guard: StreamGuard | None = None,
         upstream_seconds: Histogram | None = None,
+        peer_identity: bool = False,
     ) -> None:
+        """`peer_identity`: the listener verifies client certificates (mTLS); each call's
+        certificate identity goes to the pipeline as its principal (`peers:` rules,
+        `x-auth-peer`)."""
         self.authorizer = authorizer
+        self.peer_identity = peer_identity
         self.upstream = upstream
         self.catalog = catalog
         self.guard = guard
@@ -77,7 +86,12 @@ class SidecarHandler(grpc.GenericRpcHandler):
         """Decide; abort the call on deny, else return the decision and the metadata for
         the backend."""
         incoming = context.invocation_metadata() or ()
-        decision = await self.authorizer.decide(method, incoming, context.peer())
+        if self.peer_identity:
+            decision = await self.authorizer.decide(
+                method, incoming, context.peer(), principal=peer_principal(context)
+            )
+        else:
+            decision = await self.authorizer.decide(method, incoming, context.peer())
         if not decision.allowed:
             await _deny(decision, context)
         try:
@@ -134,12 +148,16 @@ async def _deny(decision: Decision, context: grpc.aio.ServicerContext) -> None:
 
 
 def build_server(
-    handler: SidecarHandler, listen: str, max_message_bytes: int
+    handler: SidecarHandler, listen: str, max_message_bytes: int, tls: ServerTls | None = None
 ) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server (h2c) with the sidecar handler bound to `listen`; returns the port."""
+    """A grpc.aio server with the sidecar handler bound to `listen`: h2c, or with `tls`
+    TLS (h2 by ALPN; mTLS when `tls` has a client CA). Returns the port."""
     server = grpc.aio.server(options=server_options(max_message_bytes))
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port(listen)
+    if tls is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, tls.server_credentials())
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     return server, port

@@ -46,12 +46,16 @@ DEFAULT_INTERVAL = 0.25
 class Watch:
     """One open stream: its call, its token, and why it was ended (if it was)."""
 
-    __slots__ = ("ended", "headers", "iat", "jti", "method", "sub", "task", "timer")
+    __slots__ = ("ended", "headers", "iat", "jti", "method", "principal", "sub", "task", "timer")
 
-    def __init__(self, method: str, headers: Headers, task: asyncio.Task) -> None:
+    def __init__(
+        self, method: str, headers: Headers, task: asyncio.Task, principal: str | None = None
+    ) -> None:
         self.method = method
         self.headers = headers
         self.task = task
+        #: The client certificate's identity, for re-judging `peers:` after a reload.
+        self.principal = principal
         #: The token's revocation keys; `sub` is None when the stream is not held to its
         #: token (public rules, `end_streams: false`).
         self.jti: str | None = None
@@ -87,7 +91,8 @@ class StreamGuard:
 
     def watch(self, decision: Decision, method: str, headers: Headers) -> Watch:
         """Start watching the stream the current task relays (until `release`)."""
-        watch = Watch(method, headers, asyncio.current_task())  # type: ignore[arg-type]
+        task = asyncio.current_task()
+        watch = Watch(method, headers, task, decision.principal)  # type: ignore[arg-type]
         self._watches.add(watch)
         identity = decision.identity
         if identity is None or not decision.rule.end_streams:
@@ -121,7 +126,7 @@ class StreamGuard:
         if not self.reload_ends_streams:
             return
         for watch in list(self._watches):
-            decision = await self.authorizer.recheck(watch.method, watch.headers)
+            decision = await self.authorizer.recheck(watch.method, watch.headers, watch.principal)
             if not decision.allowed:
                 self._end(
                     watch,

@@ -4,6 +4,9 @@ Messages travel as raw bytes (no serializers), so the proxy needs no proto knowl
 Everything else is relayed faithfully: response headers, trailers, status code and
 details (including `grpc-status-details-bin`), the remaining deadline, cancellation, and
 half-close on client streams.
+
+The channel is h2c, or TLS/mTLS with a `tls.UpstreamTls`; when its files change a new
+channel takes the new calls and the old one is closed after its calls end.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from .file_watch import FileWatch
 from .metadata import Metadata
+from .tls import UpstreamTls
 
 log = logging.getLogger("authproxy.upstream")
 
@@ -44,13 +49,73 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+#: How long a channel replaced after a TLS reload may keep serving the calls and streams
+#: that were already on it; calls still open after this are cancelled.
+DRAIN_SECONDS = 24 * 3600.0
+
+
 class Upstream:
-    def __init__(self, target: str, max_message_bytes: int) -> None:
+    """The backend channel. With `tls`, the channel is TLS (or mTLS) and is rebuilt when
+    the TLS files change: new calls use the new channel at once, calls in flight finish on
+    the old one, which is closed when they have (at most `DRAIN_SECONDS`)."""
+
+    def __init__(self, target: str, max_message_bytes: int, tls: UpstreamTls | None = None) -> None:
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        self.tls = tls
+        self._options = channel_options(max_message_bytes)
+        #: The current channel: every new call reads it, so a swap applies to the next call.
+        self.channel = self._new_channel()
         self.errors_total = 0
+        self.channel_swaps = 0
+        self._watch: FileWatch | None = None
+        self._draining: set[asyncio.Task[None]] = set()
+        self._old_channels: set[grpc.aio.Channel] = set()
+
+    def _new_channel(self) -> grpc.aio.Channel:
+        if self.tls is None:
+            return grpc.aio.insecure_channel(self.target, options=self._options)
+        return grpc.aio.secure_channel(
+            self.target,
+            self.tls.channel_credentials(),
+            options=[*self._options, *self.tls.channel_options()],
+        )
+
+    def start(self) -> None:
+        """Follow the TLS files (needs a running event loop); without TLS files, nothing."""
+        if self.tls is not None and self.tls.paths and self._watch is None:
+            self._watch = FileWatch(self.tls.paths, self._tls_files_changed, "upstream TLS files")
+            self._watch.start()
+
+    async def _tls_files_changed(self, _why: str) -> None:
+        if self.tls is not None and self.tls.changed():
+            self.swap_channel()
+
+    def swap_channel(self) -> None:
+        """Build a channel from the current TLS files and use it for new calls; the old
+        one is closed once its calls are done."""
+        old, self.channel = self.channel, self._new_channel()
+        self.channel_swaps += 1
+        log.info("upstream %s: new channel with the reloaded TLS files", self.target)
+        self._old_channels.add(old)
+        task = asyncio.create_task(self._drain(old))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    async def _drain(self, old: grpc.aio.Channel) -> None:
+        await old.close(DRAIN_SECONDS)  # waits for its calls, then closes
+        self._old_channels.discard(old)  # (when cancelled, `close` closes it)
+        log.info("upstream %s: the channel replaced after a TLS reload is closed", self.target)
 
     async def close(self) -> None:
+        if self._watch is not None:
+            await self._watch.stop()
+            self._watch = None
+        for task in list(self._draining):
+            task.cancel()
+        await asyncio.gather(*self._draining, return_exceptions=True)
+        for old in list(self._old_channels):  # interrupted drains: close them now
+            await old.close()
+        self._old_channels.clear()
         await self.channel.close()
 
     async def unary(

@@ -19,7 +19,7 @@ import math
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import jwt
@@ -38,6 +38,43 @@ _REFUSED_HEADER_PARAMS = ("crit", "b64")
 HEADER_SAFE = re.compile(r"[\x20-\x7e]*")
 _LEVEL_NAMES = {TWO_FA: "a 2FA", REFRESH: "a refresh", ACCESS: "an access"}
 _JWS = jwt.PyJWS(options={"enforce_minimum_key_length": True})
+
+
+class UnknownKey(Denied):
+    """No key has the token's `kid` (KEY_NOT_FOUND). Remote key sets may have rotated:
+    `TokenVerifier.verify_refreshing` fetches them again (throttled) and retries once."""
+
+    def __init__(self, kid: str, payload_b64: str) -> None:
+        super().__init__(Reason.KEY_NOT_FOUND, f"no configured key has kid {shown(kid)}")
+        self.kid = kid
+        self.payload_b64 = payload_b64
+
+    def claimed_issuer(self) -> str | None:
+        """The `iss` the token claims (unverified: used only to pick which key set to
+        fetch again, never to accept anything)."""
+        return _claimed_issuer(self.payload_b64)
+
+
+def _claimed_issuer(payload_b64: str) -> str | None:
+    try:
+        iss = loads_strict(b64url_decode(payload_b64)).get("iss")
+    except (ValueError, AttributeError):
+        return None
+    return iss if isinstance(iss, str) else None
+
+
+def _only_other_issuers(keys: Iterable[VerificationKey], payload_b64: str) -> bool:
+    """Every key is bound to an issuer other than the one the token claims: the kid is
+    known, but not for this token's issuer (two issuers may use one kid), so the key the
+    token names is unknown — its issuer may just have started using that kid."""
+    claimed = _claimed_issuer(payload_b64)
+    return all(key.issuer is not None and key.issuer != claimed for key in keys)
+
+
+#: Asked for fresh keys when a token names an unknown `kid`: (kid, claimed iss) -> whether
+#: the key set changed (`key_ring.KeyRing.refresh_for`). It raises `Denied` itself when the
+#: keys cannot be had at all (KEYS_UNAVAILABLE).
+Refresher = Callable[[str, str | None], Awaitable[bool]]
 
 
 class VerifiedToken:
@@ -68,7 +105,10 @@ class TokenVerifier:
     def __init__(
         self, keys: KeySet, cache_size: int = 10_000, clock: Callable[[], float] = time.time
     ) -> None:
+        #: The keys in use; a `KeyRing` replaces the set when keys change (and clears the cache).
         self.keys = keys
+        #: Set by a `KeyRing` with remote key sets.
+        self.refresher: Refresher | None = None
         self.clock = clock
         self.cache_size = cache_size
         self._cache: OrderedDict[str, VerifiedToken] = OrderedDict()
@@ -90,6 +130,21 @@ class TokenVerifier:
         check_claims(verified, spec, policy, now)
         return verified
 
+    async def verify_refreshing(
+        self, token: str, spec: TokenSpec, policy: Policy, unknown: UnknownKey
+    ) -> VerifiedToken:
+        """After `verify` raised `UnknownKey`: ask for fresh keys, then verify once more."""
+        if self.refresher is None or not await self.refresher(
+            unknown.kid, unknown.claimed_issuer()
+        ):
+            raise unknown
+        return self.verify(token, spec, policy)
+
+    def keys_changed(self, keys: KeySet) -> None:
+        """Use a new key set; tokens verified with the old one are checked again."""
+        self.keys = keys
+        self._cache.clear()
+
     # --- layer 1: the signature --------------------------------------------------------
 
     def signature(self, token: str) -> VerifiedToken:
@@ -110,15 +165,28 @@ class TokenVerifier:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise Denied(Reason.TOKEN_MALFORMED, "token header 'kid' must be a string")
-        for key in self._candidates(kid, alg):
+        foreign: VerificationKey | None = None
+        candidates = self._candidates(kid, alg, payload_b64)
+        for key in candidates:
             if self._signature_ok(token, key, alg):
                 claims = _json_segment(payload_b64, "payload")
+                if key.issuer is not None and claims.get("iss") != key.issuer:
+                    foreign = key  # a genuine signature, but by another issuer's key
+                    continue
                 exp = _require_time(claims, "exp", required=True)
                 assert exp is not None  # required=True raises instead
                 return VerifiedToken(token, header, claims, key, exp)
+        if foreign is not None:
+            raise Denied(
+                Reason.WRONG_ISSUER,
+                f"key {shown(foreign.kid)} verifies only tokens of issuer "
+                f"{shown(foreign.issuer)}; this token claims another issuer",
+            )
+        if kid is not None and _only_other_issuers(candidates, payload_b64):
+            raise UnknownKey(kid, payload_b64)
         raise Denied(Reason.BAD_SIGNATURE, "token signature does not verify")
 
-    def _candidates(self, kid: str | None, alg: str) -> list[VerificationKey]:
+    def _candidates(self, kid: str | None, alg: str, payload_b64: str) -> list[VerificationKey]:
         if kid is None:
             keys = self.keys.for_algorithm(alg)
             if not keys:
@@ -127,16 +195,19 @@ class TokenVerifier:
                     f"no configured key accepts algorithm {shown(alg)}",
                 )
             return keys
-        key = self.keys.by_kid.get(kid)
-        if key is None:
-            raise Denied(Reason.KEY_NOT_FOUND, f"no configured key has kid {shown(kid)}")
-        if alg not in key.algorithms:
+        keys = self.keys.by_kid.get(kid)
+        if keys is None:
+            raise UnknownKey(kid, payload_b64)
+        accepting = [key for key in keys if alg in key.algorithms]
+        if not accepting and _only_other_issuers(keys, payload_b64):
+            raise UnknownKey(kid, payload_b64)
+        if not accepting:
             raise Denied(
                 Reason.ALGORITHM_NOT_ALLOWED,
                 f"key {shown(kid)} does not accept algorithm {shown(alg)} "
-                f"(accepts {', '.join(key.algorithms)})",
+                f"(accepts {', '.join(keys[0].algorithms)})",
             )
-        return [key]
+        return accepting
 
     @staticmethod
     def _signature_ok(token: str, key: VerificationKey, alg: str) -> bool:

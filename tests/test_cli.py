@@ -102,7 +102,7 @@ def test_keygen_adds_to_jwks_and_tightens_mode(tmp_path: Path) -> None:
     pem.write_text("old")
     pem.chmod(0o644)
     for kid in ("one", "two"):
-        args = ["keygen", "--private-key", str(pem), "--jwks", str(jwks), "--kid", kid]
+        args = ["keygen", "--private-key", str(pem), "--jwks", str(jwks), "--kid", kid, "--force"]
         assert run(*args, cwd=tmp_path).returncode == 0
     assert stat.S_IMODE(pem.stat().st_mode) == 0o600
     assert [k.kid for k in load_jwks_file(str(jwks))] == ["one", "two"]

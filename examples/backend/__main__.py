@@ -40,7 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--listen", required=True, metavar="HOST:PORT")
     parser.add_argument("--policy", required=True, help="the proxy's policy.yaml")
     parser.add_argument(
-        "--signing-key", required=True, metavar="PEM", help="private key for access/2FA tokens"
+        "--signing-key",
+        required=True,
+        metavar="PEM",
+        help="private key for access/2FA tokens; reloaded when the file changes (authproxy "
+        "keygen --rotate)",
     )
     parser.add_argument(
         "--refresh-secret-env",
@@ -122,6 +126,7 @@ def build_config(args: argparse.Namespace) -> BackendConfig:
         access_ttl=args.access_ttl,
         proxy_admin=args.proxy_admin,
         proxy_admin_token=proxy_admin_token,
+        signing_key_path=args.signing_key,
     )
 
 

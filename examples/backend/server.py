@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from examples.backend.api.v1 import api_pb2, api_pb2_grpc
 from examples.backend.auth_service import AuthService
 from examples.backend.data_service import DataService
+from examples.backend.key_reload import SigningKeyReload
 from examples.backend.passwords import Passwords
 from examples.backend.revocations import DEFAULT_TIMEOUT, ProxyRevocations
 from examples.backend.sessions import SessionLedger
@@ -44,6 +45,9 @@ class BackendConfig:
     #: The admin API's bearer secret, if it needs one.
     proxy_admin_token: str | None = field(default=None, repr=False)
     proxy_admin_timeout: float = DEFAULT_TIMEOUT
+    #: The PEM file `signing_key` came from: when it changes (`authproxy keygen --rotate`),
+    #: new access and 2FA tokens are signed with the key it then holds. None: never reloaded.
+    signing_key_path: str | None = None
 
 
 @dataclass(slots=True)
@@ -54,8 +58,12 @@ class Backend:
     ledger: SessionLedger
     health: health.aio.HealthServicer
     auth: AuthService = field(repr=False)
+    #: Follows `BackendConfig.signing_key_path`, if one was given.
+    signing_key_reload: SigningKeyReload | None = field(default=None, repr=False)
 
     async def stop(self, grace: float | None = 1.0) -> None:
+        if self.signing_key_reload is not None:
+            await self.signing_key_reload.stop()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         if self.auth.revocations is not None:
@@ -104,7 +112,11 @@ async def start_backend(
     await server.start()
     for name in ("", *service_names()[: len(SERVICES)]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Backend(server, port, store, ledger, health_servicer, auth)
+    key_reload = None
+    if config.signing_key_path is not None:
+        key_reload = SigningKeyReload(issuer, config.signing_key_path, config.signing_key)
+        key_reload.start()
+    return Backend(server, port, store, ledger, health_servicer, auth, key_reload)
 
 
 def _bind(server: grpc.aio.Server, listen: str) -> int:

@@ -1,0 +1,490 @@
+"""TLS for the sidecar: the listener's certificate (and client certificates for mTLS), the
+backend connection's trust roots and client certificate, reloads when the files change,
+and the client certificate's identity (the principal) for `peers:` rules.
+
+Every file is read and checked with `cryptography` before gRPC sees it: certificates
+parse, the key is unencrypted and matches the first certificate (the leaf), a CA file
+holds certificates. A problem is one `TlsError` line naming the flag, the file and what
+is wrong. gRPC is then given the certificates and key re-encoded as plain PEM, exactly
+what was checked.
+
+Reloads. The listener uses gRPC's dynamic server credentials: before each new TLS
+handshake the core asks for the current certificate configuration, so a reloaded set is
+used by new connections while established ones keep theirs (nothing is dropped). The
+files are watched (`FileWatch`: Secret `..data` symlink swaps, cert-manager rewrites);
+a new set is used only when it is complete and consistent — a key that does not (yet)
+match its certificate is logged and counted, and the previous set keeps serving. The
+backend side (`UpstreamTls`) reloads the same way; `Upstream` then swaps in a new
+channel and lets calls on the old one finish.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from .file_watch import FileWatch
+
+log = logging.getLogger("authproxy.tls")
+
+#: PEM files larger than this are refused unread (a mistaken path to a big file).
+MAX_PEM_BYTES = 1024 * 1024
+_BEGIN_CERT = b"-----BEGIN CERTIFICATE-----"
+_PRIVATE_KEY = b"PRIVATE KEY-----"
+
+
+class TlsError(Exception):
+    """A TLS file the proxy cannot use: one line naming the flag, the file and the problem."""
+
+
+# -- reading and checking files ---------------------------------------------------------
+
+
+def _read(flag: str, path: str) -> bytes:
+    try:
+        p = Path(path)
+        if p.stat().st_size > MAX_PEM_BYTES:
+            raise TlsError(f"{flag} {path}: larger than {MAX_PEM_BYTES} bytes; not a PEM file")
+        return p.read_bytes()
+    except OSError as e:
+        raise TlsError(f"{flag} {path}: cannot read it: {e.strerror or e}") from None
+
+
+def _certificates(flag: str, path: str, data: bytes) -> list[x509.Certificate]:
+    if _BEGIN_CERT not in data:
+        if _PRIVATE_KEY in data:
+            raise TlsError(f"{flag} {path}: holds a private key, not a PEM certificate")
+        raise TlsError(f"{flag} {path}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it")
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise TlsError(f"{flag} {path}: a PEM certificate in it cannot be parsed ({e})") from None
+
+
+def _private_key(flag: str, path: str, data: bytes):
+    if _PRIVATE_KEY not in data:
+        if _BEGIN_CERT in data:
+            raise TlsError(f"{flag} {path}: holds a certificate, not a PEM private key")
+        raise TlsError(f"{flag} {path}: no PEM private key (-----BEGIN ... PRIVATE KEY-----) in it")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:  # "Password was not given but private key is encrypted"
+        raise TlsError(
+            f"{flag} {path}: the private key is encrypted; give an unencrypted key"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise TlsError(f"{flag} {path}: the private key cannot be parsed ({e})") from None
+    if not isinstance(
+        key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+    ):
+        raise TlsError(
+            f"{flag} {path}: a {type(key).__name__} key; TLS needs an RSA, EC or Ed25519 key"
+        )
+    return key
+
+
+def _spki(public_key) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _pem(certs: Iterable[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """A checked certificate chain and its key, re-encoded for gRPC."""
+
+    chain: tuple[x509.Certificate, ...]
+    chain_pem: bytes
+    key_pem: bytes
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+
+def _pair(cert_flag: str, cert_path: str, cert: bytes, key_flag: str, key_path: str, key: bytes):
+    chain = _certificates(cert_flag, cert_path, cert)
+    private = _private_key(key_flag, key_path, key)
+    public = _spki(private.public_key())
+    if public != _spki(chain[0].public_key()):
+        order = [i for i, c in enumerate(chain) if _spki(c.public_key()) == public]
+        raise TlsError(
+            f"{key_flag} {key_path}: does not match the certificate in {cert_flag} {cert_path}"
+            + (f" (it matches certificate {order[0] + 1}; put the leaf first)" if order else "")
+        )
+    key_pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return _Pair(tuple(chain), _pem(chain), key_pem)
+
+
+def _roots(flag: str, path: str, data: bytes) -> bytes:
+    if _BEGIN_CERT not in data:
+        raise TlsError(f"{flag} {path}: contains no PEM certificates (-----BEGIN CERTIFICATE-----)")
+    return _pem(_certificates(flag, path, data))
+
+
+def _describe(cert: x509.Certificate) -> str:
+    return (
+        f"subject {cert.subject.rfc4514_string()!r}, serial {cert.serial_number:x},"
+        f" valid until {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
+    )
+
+
+def _warn_validity(flag: str, path: str, cert: x509.Certificate) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    if now > cert.not_valid_after_utc:
+        log.warning(
+            "%s %s: the certificate expired at %s; using it anyway (peers will refuse it)",
+            flag,
+            path,
+            f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}",
+        )
+    elif now < cert.not_valid_before_utc:
+        log.warning(
+            "%s %s: the certificate is not valid before %s; using it anyway",
+            flag,
+            path,
+            f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}",
+        )
+
+
+def _digest(contents: Iterable[bytes | None]) -> bytes:
+    h = hashlib.sha256()
+    for data in contents:
+        if data is None:
+            h.update(b"\x00none")
+        else:
+            h.update(len(data).to_bytes(8, "big"))
+            h.update(data)
+    return h.digest()
+
+
+class _Reloading:
+    """What both sides share: the files as flag -> path, reading them all, and the
+    bookkeeping that makes a reload happen once per distinct content."""
+
+    what = "TLS files"
+
+    def __init__(self, files: dict[str, str | None]) -> None:
+        self._files = {flag: path for flag, path in files.items() if path is not None}
+        self.reloads = {"ok": 0, "error": 0}
+        self._loaded_digest = b""
+        self._rejected: bytes | None = None
+        self._lock = threading.Lock()
+        self._watch: FileWatch | None = None
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self._files.values())
+
+    def _read_all(self) -> dict[str, bytes]:
+        return {flag: _read(flag, path) for flag, path in self._files.items()}
+
+    def _load(self, raw: dict[str, bytes]) -> None:  # checks raw, installs it or raises
+        raise NotImplementedError
+
+    def _first_load(self) -> None:
+        raw = self._read_all()
+        self._load(raw)
+        self._loaded_digest = _digest(raw.values())
+
+    def _reload(self) -> bool:
+        """Read the files; load them when they differ from the loaded set. A bad set is
+        logged and counted once (per content), and the loaded set stays."""
+        with self._lock:  # a watch callback and a direct call never interleave
+            try:
+                raw = self._read_all()
+                digest = _digest(raw.values())
+            except TlsError as e:
+                raw, digest = None, _digest((str(e).encode(),))
+                problem: TlsError | None = e
+            else:
+                if digest == self._loaded_digest:
+                    self._rejected = None  # back to the loaded set: a later bad set is news
+                    return False
+                problem = None
+            if digest == self._rejected:
+                return False  # already reported
+            if raw is not None:
+                try:
+                    self._load(raw)
+                except TlsError as e:
+                    problem = e
+            if problem is not None:
+                self._rejected = digest
+                self.reloads["error"] += 1
+                log.error("%s; still using the previously loaded %s", problem, self.what)
+                return False
+            self._loaded_digest = digest
+            self._rejected = None
+            self.reloads["ok"] += 1
+            return True
+
+    def _start_watch(self, on_change) -> None:
+        if self._watch is None and self._files:
+            self._watch = FileWatch(self.paths, on_change, self.what)
+            self._watch.start()
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            await self._watch.stop()
+            self._watch = None
+
+
+# -- the listener -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerTlsFiles:
+    cert: str  # --tls-cert, PEM chain (leaf first)
+    key: str  # --tls-key, PEM private key (unencrypted)
+    client_ca: str | None = None  # --tls-client-ca: require and verify client certs (mTLS)
+
+
+class ServerTls(_Reloading):
+    """The listener's TLS: certificate, key and (mTLS) the client CA, reloaded on change."""
+
+    what = "server certificate"
+
+    def __init__(self, files: ServerTlsFiles) -> None:
+        super().__init__(
+            {"--tls-cert": files.cert, "--tls-key": files.key, "--tls-client-ca": files.client_ca}
+        )
+        self.files = files
+        self.requires_client_cert = files.client_ca is not None
+        #: (generation, configuration): replaced in one assignment, read by gRPC's threads.
+        self._serving: tuple[int, grpc.ServerCertificateConfiguration] | None = None
+        self._pair: _Pair | None = None
+        self._first_load()
+        log.info("TLS listener: %s", _describe(self.leaf))
+
+    def _load(self, raw: dict[str, bytes]) -> None:
+        f = self.files
+        pair = _pair("--tls-cert", f.cert, raw["--tls-cert"], "--tls-key", f.key, raw["--tls-key"])
+        roots = None
+        if f.client_ca is not None:
+            roots = _roots("--tls-client-ca", f.client_ca, raw["--tls-client-ca"])
+        _warn_validity("--tls-cert", f.cert, pair.leaf)
+        config = grpc.ssl_server_certificate_configuration(
+            [(pair.key_pem, pair.chain_pem)], root_certificates=roots
+        )
+        generation = self._serving[0] + 1 if self._serving else 0
+        self._pair = pair
+        self._serving = (generation, config)
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        assert self._pair is not None
+        return self._pair.leaf
+
+    @property
+    def not_after(self) -> float:
+        """The serving leaf certificate's notAfter, as unix time."""
+        return self.leaf.not_valid_after_utc.timestamp()
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Credentials for `add_secure_port`. gRPC calls the fetcher (on its own threads)
+        before every new handshake; it hands over a reloaded configuration once, else
+        None ("keep yours"), so a handshake costs no rebuild of the TLS context."""
+        assert self._serving is not None
+        generation, initial = self._serving
+        given = [generation]  # what this credentials object was last given
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            try:
+                serving = self._serving
+                if serving is None or serving[0] == given[0]:
+                    return None
+                given[0] = serving[0]
+                return serving[1]
+            except Exception:  # never fail a handshake from here
+                return None
+
+        return grpc.dynamic_ssl_server_credentials(
+            initial, fetch, require_client_authentication=self.requires_client_cert
+        )
+
+    def check(self) -> bool:
+        """Re-read the files; True when a new (valid) set was loaded and is now used for
+        new connections."""
+        if not self._reload():
+            return False
+        log.info(
+            "TLS listener: reloaded the certificate; new connections get %s",
+            _describe(self.leaf),
+        )
+        return True
+
+    def start(self) -> None:
+        """Follow the files (needs a running event loop)."""
+
+        async def on_change(_why: str) -> None:
+            self.check()
+
+        self._start_watch(on_change)
+
+
+# -- the client certificate's identity --------------------------------------------------
+
+_PRINCIPALS: dict[bytes, str | None] = {}
+_PRINCIPALS_MAX = 1024
+
+
+def peer_principal(context: grpc.aio.ServicerContext) -> str | None:
+    """The verified client certificate's identity: its `spiffe://` URI SAN (an X.509-SVID),
+    else its subject as an RFC 4514 string; None when the connection has no client
+    certificate. Only meaningful on a listener that requires and verifies client
+    certificates (`ServerTls` with a client CA): there gRPC completes no handshake without
+    a certificate that chains to the CA. Nothing the client sends in metadata counts."""
+    auth = context.auth_context()
+    if auth.get("transport_security_type") != [b"ssl"]:
+        return None
+    pems = auth.get("x509_pem_cert")
+    if not pems:
+        return None
+    pem = pems[0]
+    try:
+        return _PRINCIPALS[pem]
+    except KeyError:
+        pass
+    principal = principal_of(pem)
+    if len(_PRINCIPALS) >= _PRINCIPALS_MAX:
+        del _PRINCIPALS[next(iter(_PRINCIPALS))]  # the oldest entry
+    _PRINCIPALS[pem] = principal
+    return principal
+
+
+def principal_of(pem: bytes) -> str | None:
+    """A certificate's principal (see `peer_principal`). A certificate with more than one
+    `spiffe://` URI SAN names no single identity: None (and logged)."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        log.warning("a client certificate gRPC accepted cannot be parsed; no principal")
+        return None
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    spiffe = [u for u in uris if u[:9].lower() == "spiffe://"]
+    if len(spiffe) == 1:
+        return spiffe[0]
+    if spiffe:
+        log.warning(
+            "client certificate %r has %d SPIFFE ids; it names no single identity",
+            cert.subject.rfc4514_string(),
+            len(spiffe),
+        )
+        return None
+    subject = cert.subject.rfc4514_string()
+    return subject or None
+
+
+# -- the backend connection --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpstreamTlsFiles:
+    #: --upstream-ca. None: gRPC's default roots, which are the Mozilla bundle shipped in
+    #: grpcio (not the OS store) unless GRPC_DEFAULT_SSL_ROOTS_FILE_PATH names a file.
+    ca: str | None = None
+    cert: str | None = None  # --upstream-cert: client certificate for upstream mTLS
+    key: str | None = None  # --upstream-key
+    server_name: str | None = None  # --upstream-server-name: the name the backend's cert has
+
+
+class UpstreamTls(_Reloading):
+    """TLS to the backend: trust roots, optional client certificate, the name to verify."""
+
+    what = "upstream TLS files"
+
+    def __init__(self, files: UpstreamTlsFiles) -> None:
+        if (files.cert is None) != (files.key is None):
+            given, missing = (
+                ("--upstream-cert", "--upstream-key")
+                if files.key is None
+                else ("--upstream-key", "--upstream-cert")
+            )
+            path = files.cert if files.key is None else files.key
+            raise TlsError(
+                f"{given} {path}: needs {missing} too (a client certificate and its key)"
+            )
+        name = files.server_name
+        if name is not None and (not name or any(c.isspace() or c in "/:@" for c in name)):
+            raise TlsError(f"--upstream-server-name {name!r}: not a host name")
+        super().__init__(
+            {"--upstream-ca": files.ca, "--upstream-cert": files.cert, "--upstream-key": files.key}
+        )
+        self.files = files
+        self._credentials: grpc.ChannelCredentials | None = None
+        self._pair: _Pair | None = None
+        self._first_load()
+
+    def _load(self, raw: dict[str, bytes]) -> None:
+        f = self.files
+        roots = None
+        if f.ca is not None:
+            roots = _roots("--upstream-ca", f.ca, raw["--upstream-ca"])
+        pair = None
+        if f.cert is not None and f.key is not None:
+            pair = _pair(
+                "--upstream-cert",
+                f.cert,
+                raw["--upstream-cert"],
+                "--upstream-key",
+                f.key,
+                raw["--upstream-key"],
+            )
+            _warn_validity("--upstream-cert", f.cert, pair.leaf)
+        self._credentials = grpc.ssl_channel_credentials(
+            root_certificates=roots,
+            private_key=pair.key_pem if pair else None,
+            certificate_chain=pair.chain_pem if pair else None,
+        )
+        self._pair = pair
+
+    @property
+    def client_cert(self) -> x509.Certificate | None:
+        return self._pair.leaf if self._pair else None
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Credentials for the current set of files."""
+        assert self._credentials is not None
+        return self._credentials
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        """With a server name: verify it in the backend's certificate, send it as SNI and
+        as the `:authority` (the dial address may be an IP or a Service's name)."""
+        name = self.files.server_name
+        if name is None:
+            return []
+        return [("grpc.ssl_target_name_override", name), ("grpc.default_authority", name)]
+
+    def changed(self) -> bool:
+        """Re-read the files; True when a new valid set was loaded (build a new channel)."""
+        if not self._reload():
+            return False
+        log.info(
+            "upstream TLS: reloaded %s",
+            ", ".join(f"{flag} {path}" for flag, path in self._files.items()),
+        )
+        return True
