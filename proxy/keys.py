@@ -251,6 +251,10 @@ def keys_from_jwks(
         raise KeyLoadError(f'{source}: expected a JWKS ({{"keys": [...]}}) or a single JWK')
     keys: list[VerificationKey] = []
     for i, jwk in enumerate(jwks):
+        if not strict and isinstance(jwk, Mapping) and jwk.get("kty") == "oct":
+            # A secret in a published set is no secret: anyone could sign with it.
+            log.warning("skipped a key: %s[%d] is a symmetric (oct) key in a remote set", source, i)
+            continue
         try:
             key = key_from_jwk(jwk, f"{source}[{i}]", issuer)
         except KeyLoadError as e:

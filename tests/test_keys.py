@@ -19,6 +19,7 @@ from proxy.keys import (
     hmac_key,
     jwk_thumbprint,
     key_from_jwk,
+    keys_from_jwks,
     load_hmac_env,
     load_jwks_file,
     load_pem_public_key,
@@ -399,3 +400,35 @@ def test_hmac_env_too_short(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_split_kid(spec: str, expected: tuple[str | None, str]) -> None:
     assert split_kid(spec) == expected
+
+
+def _ec_jwk(kid: str) -> dict:
+    return {**public_jwk(ec.generate_private_key(ec.SECP256R1()).public_key()), "kid": kid}
+
+
+def test_a_remote_set_never_yields_a_symmetric_key() -> None:
+    """An `oct` key in a published key set is a secret everyone can read: a token signed
+    with it proves nothing, so remote sets skip it (local files may hold HMAC keys)."""
+    doc = {"keys": [{"kty": "oct", "k": b64url(b"s" * 32), "kid": "shared"}, _ec_jwk("ec")]}
+    data = json.dumps(doc).encode()
+    remote = keys_from_jwks(data, "https://idp/jwks", strict=False)
+    assert [k.kid for k in remote] == ["ec"]
+    local = keys_from_jwks(data, "jwks.json", strict=True)
+    assert sorted(k.kid for k in local) == ["ec", "shared"]
+
+
+def test_a_remote_set_skips_unusable_keys_but_needs_one_usable() -> None:
+    private = {**_ec_jwk("leaky"), "d": "AAAA"}
+    data = json.dumps({"keys": [private, {"kty": "XYZ"}, _ec_jwk("good")]}).encode()
+    assert [k.kid for k in keys_from_jwks(data, "https://idp/jwks", strict=False)] == ["good"]
+    with pytest.raises(KeyLoadError, match="contains private key material"):
+        keys_from_jwks(data, "jwks.json", strict=True)
+    only_bad = json.dumps({"keys": [private]}).encode()
+    with pytest.raises(KeyLoadError, match="no usable verification key"):
+        keys_from_jwks(only_bad, "https://idp/jwks", strict=False)
+
+
+def test_retire_at_must_be_a_number() -> None:
+    with pytest.raises(KeyLoadError, match="'retire_at' must be a number"):
+        key_from_jwk({**_ec_jwk("k"), "retire_at": "tomorrow"}, "jwks.json")
+    assert key_from_jwk({**_ec_jwk("k"), "retire_at": 5}, "jwks.json").retire_at == 5.0
