@@ -133,6 +133,8 @@ class KeyRing:
 
     async def close(self) -> None:
         await self._watch.stop()
+        for source in self.remote:
+            source.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

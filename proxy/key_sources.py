@@ -204,6 +204,11 @@ class RemoteJwks(KeySource):
     def _fetched(self, task: asyncio.Task[bool]) -> None:
         self._inflight = None
 
+    def cancel(self) -> None:
+        """Stop a fetch in progress (the proxy is stopping)."""
+        if self._inflight is not None:
+            self._inflight.cancel()
+
     async def _fetch(self, why: str) -> bool:
         self._last_attempt = self.clock()
         try:

@@ -175,10 +175,12 @@ class Operations:
     def _keys_check(self, needed: bool) -> str:
         keys = self.keys
         waiting = [s for s in keys.remote if not s.loaded]
-        if waiting and self.keys_wait:
-            first = waiting[0]
-            return f"waiting for keys from {first.name} ({first.last_error or 'first fetch'})"
         count = len(keys.current)
+        if waiting:
+            first = waiting[0]
+            why = f"keys from {first.name} ({first.last_error or 'first fetch'})"
+            # --no-keys-wait: ready anyway (calls needing those keys: KEYS_UNAVAILABLE)
+            return f"waiting for {why}" if self.keys_wait else f"ok ({count} loaded; no {why})"
         return f"ok ({count} loaded)" if count or not needed else "no keys"
 
     def published_jwks(self) -> dict[str, Any]:
