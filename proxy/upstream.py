@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 
@@ -160,10 +160,10 @@ class Upstream:
         try:
             initial = await call.initial_metadata()
             if initial:
-                await context.send_initial_metadata(initial)
+                await _complete(context.send_initial_metadata(initial))
                 headers_sent = True
             async for response in call:
-                await context.write(response)
+                await _complete(context.write(response))
             trailing = await call.trailing_metadata()
             if trailing:
                 context.set_trailing_metadata(trailing)
@@ -199,6 +199,20 @@ class Upstream:
         self.errors_total += 1
         log.error("relaying to upstream %s failed: %r", self.target, error)
         await context.abort(grpc.StatusCode.INTERNAL, "the proxy could not relay this call")
+
+
+async def _complete(operation: Awaitable[None]) -> None:
+    """Send to the client, finishing the send even when the handler is cancelled meanwhile
+    (the stream guard ending the stream): the cancellation is raised once the send is
+    done, so the deny that follows is the call's only pending operation (gRPC refuses a
+    second send batch while one is in flight, and the call would hang)."""
+    send = asyncio.ensure_future(operation)
+    try:
+        await asyncio.shield(send)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await send
+        raise
 
 
 async def _pump(requests: AsyncIterator[bytes], call: grpc.aio.StreamStreamCall) -> None:

@@ -268,3 +268,40 @@ async def test_open_streams_fail_closed_when_redis_is_gone(
         assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, Reason.STATE_UNAVAILABLE)
         assert when - killed <= FAIL_CLOSED_BOUND
         redis_server.restart()
+
+
+async def test_streams_ended_mid_send_all_get_their_status(
+    tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
+):
+    """The guard ends 24 streams whose relays are busy sending to clients that do not
+    read: each still gets its TOKEN_REVOKED status instead of hanging until its deadline.
+    (The relay finishes a send it is cancelled in before the deny is sent: gRPC refuses
+    a second send batch while one is in flight. That race is rare; this test exercises
+    the path, it does not force the race every time.)"""
+    async with running_node(tmp_path, keys, backend, "a", POLICY) as node:
+        minted = issuer.mint("access", "carol", ttl=300)
+        md = (("authorization", f"Bearer {minted.token}"),)
+        calls = [
+            node.channel.unary_stream(COUNT)(b'{"n": 100000000}', metadata=md, timeout=20)
+            for _ in range(24)
+        ]
+        for call in calls:  # every stream is flowing
+            assert await call.read() == b"0"
+
+        async def drain(call) -> tuple[grpc.StatusCode, str | None]:
+            try:
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            except grpc.aio.AioRpcError as e:
+                info = error_info(e)
+                return e.code(), info.reason if info is not None else None
+            return grpc.StatusCode.OK, None
+
+        # Nobody reads: flow control stops each relay inside a send to its client. The
+        # guard ends the streams there.
+        await asyncio.sleep(0.3)
+        status, _, _ = await admin(node.admin_url, body={"sub": "carol", "before": time.time() + 1})
+        assert status == 201
+        await asyncio.sleep(0.3)
+        results = await asyncio.gather(*(drain(call) for call in calls))
+        assert set(results) == {(grpc.StatusCode.UNAUTHENTICATED, Reason.TOKEN_REVOKED)}
