@@ -25,9 +25,10 @@ from .catalog import Kind, MethodCatalog
 from .decision import Decision
 from .grpc_status import deny_details
 from .metadata import InvalidMetadata, Metadata, upstream_metadata
+from .peer_identity import peer_principal
 from .pipeline import Authorizer
 from .stream_guard import StreamGuard
-from .tls import ServerTls, peer_principal
+from .tls import ServerTls
 from .upstream import Upstream
 
 log = logging.getLogger("authproxy.sidecar")

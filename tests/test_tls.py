@@ -18,6 +18,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from proxy.peer_identity import principal_of
 from proxy.serve import AuthProxy, ConfigError, Sidecar
 from proxy.tls import (
     ServerTls,
@@ -25,7 +26,6 @@ from proxy.tls import (
     TlsError,
     UpstreamTls,
     UpstreamTlsFiles,
-    principal_of,
 )
 from proxy.upstream import Upstream
 from tests.certs import CA, Leaf, make_ca

@@ -1,0 +1,65 @@
+"""The client certificate's identity (its principal) on an mTLS connection, for `peers:`
+rules and `x-auth-peer`: the `spiffe://` URI SAN of an X.509-SVID, else the subject."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from cryptography import x509
+
+log = logging.getLogger("authproxy.tls")
+
+_PRINCIPALS: dict[bytes, str | None] = {}
+_PRINCIPALS_MAX = 1024
+
+
+def peer_principal(context: grpc.aio.ServicerContext) -> str | None:
+    """The verified client certificate's identity: its `spiffe://` URI SAN (an X.509-SVID),
+    else its subject as an RFC 4514 string; None when the connection has no client
+    certificate. Only meaningful on a listener that requires and verifies client
+    certificates (`ServerTls` with a client CA): there gRPC completes no handshake without
+    a certificate that chains to the CA. Nothing the client sends in metadata counts."""
+    auth = context.auth_context()
+    if auth.get("transport_security_type") != [b"ssl"]:
+        return None
+    pems = auth.get("x509_pem_cert")
+    if not pems:
+        return None
+    pem = pems[0]
+    try:
+        return _PRINCIPALS[pem]
+    except KeyError:
+        pass
+    principal = principal_of(pem)
+    if len(_PRINCIPALS) >= _PRINCIPALS_MAX:
+        del _PRINCIPALS[next(iter(_PRINCIPALS))]  # the oldest entry
+    _PRINCIPALS[pem] = principal
+    return principal
+
+
+def principal_of(pem: bytes) -> str | None:
+    """A certificate's principal (see `peer_principal`). A certificate with more than one
+    `spiffe://` URI SAN names no single identity: None (and logged)."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        log.warning("a client certificate gRPC accepted cannot be parsed; no principal")
+        return None
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    spiffe = [u for u in uris if u[:9].lower() == "spiffe://"]
+    if len(spiffe) == 1:
+        return spiffe[0]
+    if spiffe:
+        log.warning(
+            "client certificate %r has %d SPIFFE ids; it names no single identity",
+            cert.subject.rfc4514_string(),
+            len(spiffe),
+        )
+        return None
+    subject = cert.subject.rfc4514_string()
+    return subject or None
