@@ -10,8 +10,6 @@ import ssl
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from .key_ring import KeyRing, ssl_context_for
 from .key_sources import FetchSettings, KeyFile, KeySource, OidcJwks, RemoteJwks, SecretKeys
 from .keys import KeyLoadError, split_kid
@@ -88,16 +86,11 @@ def load_keys(cfg: ServeConfig) -> KeyRing:
         context = ssl_context_for(cfg.jwks_ca)
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"--jwks-ca {cfg.jwks_ca}: cannot load CA certificates: {e}") from None
-    ring: KeyRing | None = None
-
-    def session() -> aiohttp.ClientSession:
-        assert ring is not None
-        return ring.session()
 
     def source(location: str, issuer: str | None) -> KeySource:
         if location.startswith(("https://", "http://")):
             check_url("--jwks", location)
-            return RemoteJwks(location, issuer, cfg.jwks_fetch, session)
+            return RemoteJwks(location, issuer, cfg.jwks_fetch)
         return KeyFile(location, issuer)
 
     try:
@@ -109,17 +102,16 @@ def load_keys(cfg: ServeConfig) -> KeyRing:
             sources.append(source(location, issuer))
         for issuer in cfg.oidc_issuers:
             check_url("--oidc-issuer", issuer)
-            sources.append(OidcJwks(issuer, cfg.jwks_fetch, session))
+            sources.append(OidcJwks(issuer, cfg.jwks_fetch))
         for spec in cfg.public_keys:
             kid, path = split_kid(spec)
             sources.append(KeyFile(path, pem=True, pem_kid=kid))
         for spec in cfg.hmac_secret_envs:
             kid, env = split_kid(spec)
             sources.append(SecretKeys(env, kid))
-        ring = KeyRing(sources, context)
+        return KeyRing(sources, context)
     except KeyLoadError as e:
         raise ConfigError(str(e)) from None
-    return ring
 
 
 def check_url(flag: str, url: str) -> None:

@@ -52,6 +52,8 @@ class KeyRing:
         self._retire_timer: asyncio.TimerHandle | None = None
         for source in self.sources:
             source.on_change = self.rebuild
+        for remote in self.remote:
+            remote.session = self.session
 
     # --- the set -----------------------------------------------------------------------
 

@@ -68,8 +68,6 @@ class FetchError(Exception):
 class KeySource:
     """One origin of keys. `keys` is the last good set; `results` counts loads."""
 
-    remote = False
-
     def __init__(self, name: str, issuer: str | None) -> None:
         self.name = name
         self.issuer = issuer
@@ -142,20 +140,18 @@ class KeyFile(KeySource):
 
 
 class RemoteJwks(KeySource):
-    remote = True
-
     def __init__(
         self,
         url: str,
         issuer: str | None,
         settings: FetchSettings,
-        session: Callable[[], aiohttp.ClientSession],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(url, issuer)
         self.url = url
         self.settings = settings
-        self._session = session
+        #: The HTTP client to fetch with, set by the `KeyRing` (one pool for every set).
+        self.session: Callable[[], aiohttp.ClientSession] | None = None
         self.clock = clock
         self._digest = b""
         self._fresh_until = 0.0  # clock(): when the cached set should be fetched again
@@ -285,7 +281,8 @@ class RemoteJwks(KeySource):
         """The body of a 200 answer and its max-age; FetchError otherwise."""
         limit = self.settings.max_bytes
         try:
-            async with self._session().get(
+            assert self.session is not None, "a KeyRing supplies the session"
+            async with self.session().get(
                 url,
                 allow_redirects=False,
                 headers={"accept": "application/json, application/jwk-set+json"},
@@ -317,10 +314,9 @@ class OidcJwks(RemoteJwks):
         self,
         issuer: str,
         settings: FetchSettings,
-        session: Callable[[], aiohttp.ClientSession],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(discovery_url(issuer), issuer, settings, session, clock)
+        super().__init__(discovery_url(issuer), issuer, settings, clock)
         self._jwks_uri: str | None = None
 
     async def jwks_url(self) -> str:

@@ -147,8 +147,6 @@ def key_from_jwk(
     if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
         log.warning("%s: skipped, 'key_ops' %r does not include 'verify'", where, key_ops)
         return None
-    if kty != "oct" and any(m in jwk for m in _PRIVATE_MEMBERS):
-        raise KeyLoadError(f"{where}: contains private key material; configure only the public key")
     algs = _allowed_algorithms(jwk, kty, where)
     bound: dict[str, jwt.PyJWK] = {}
     for alg in algs:

@@ -34,7 +34,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from .file_watch import FileWatch
+from .file_watch import FileWatch, OnChange
 
 log = logging.getLogger("authproxy.tls")
 
@@ -238,7 +238,9 @@ class _Reloading:
             self.reloads["ok"] += 1
             return True
 
-    def _start_watch(self, on_change) -> None:
+    def watch(self, on_change: OnChange) -> None:
+        """Follow the files (needs a running event loop): `on_change` runs when they may
+        have changed; `stop` ends it."""
         if self._watch is None and self._files:
             self._watch = FileWatch(self.paths, on_change, self.what)
             self._watch.start()
@@ -339,7 +341,7 @@ class ServerTls(_Reloading):
         async def on_change(_why: str) -> None:
             self.check()
 
-        self._start_watch(on_change)
+        self.watch(on_change)
 
 
 # -- the backend connection --------------------------------------------------------------

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 
-from .file_watch import FileWatch
 from .metadata import Metadata
 from .tls import UpstreamTls
 
@@ -66,8 +65,6 @@ class Upstream:
         #: The current channel: every new call reads it, so a swap applies to the next call.
         self.channel = self._new_channel()
         self.errors_total = 0
-        self.channel_swaps = 0
-        self._watch: FileWatch | None = None
         self._draining: set[asyncio.Task[None]] = set()
         self._old_channels: set[grpc.aio.Channel] = set()
 
@@ -82,9 +79,8 @@ class Upstream:
 
     def start(self) -> None:
         """Follow the TLS files (needs a running event loop); without TLS files, nothing."""
-        if self.tls is not None and self.tls.paths and self._watch is None:
-            self._watch = FileWatch(self.tls.paths, self._tls_files_changed, "upstream TLS files")
-            self._watch.start()
+        if self.tls is not None:
+            self.tls.watch(self._tls_files_changed)
 
     async def _tls_files_changed(self, _why: str) -> None:
         if self.tls is not None and self.tls.changed():
@@ -94,7 +90,6 @@ class Upstream:
         """Build a channel from the current TLS files and use it for new calls; the old
         one is closed once its calls are done."""
         old, self.channel = self.channel, self._new_channel()
-        self.channel_swaps += 1
         log.info("upstream %s: new channel with the reloaded TLS files", self.target)
         self._old_channels.add(old)
         task = asyncio.create_task(self._drain(old))
@@ -107,9 +102,8 @@ class Upstream:
         log.info("upstream %s: the channel replaced after a TLS reload is closed", self.target)
 
     async def close(self) -> None:
-        if self._watch is not None:
-            await self._watch.stop()
-            self._watch = None
+        if self.tls is not None:
+            await self.tls.stop()
         for task in list(self._draining):
             task.cancel()
         await asyncio.gather(*self._draining, return_exceptions=True)

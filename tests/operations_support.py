@@ -253,8 +253,9 @@ async def running_proxy(
             await proxy.stop(0)
 
 
-async def poll(probe, until, within: float, every: float = 0.02) -> tuple[Any, float]:
-    """Call `probe()` until `until(result)` or `within` seconds passed; (result, seconds)."""
+async def poll(probe, until, within: float, every: float = 0.01) -> tuple[Any, float]:
+    """Call `probe()` every `every` s until `until(result)`; (last result, seconds taken).
+    Gives up after `within` seconds (the caller asserts on the result)."""
     start = time.monotonic()
     while True:
         result = await probe()

@@ -5,6 +5,7 @@ TLS connection itself) is covered in test_tls.py."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -200,12 +201,5 @@ def test_two_issuers_may_share_a_kid_but_one_issuer_may_not():
     b = hmac_key(b"b" * 32, "k1", "$B")
     with pytest.raises(KeyLoadError, match="already used"):
         KeySet([a, b])
-    bound = [
-        a.__class__(**{**_fields(a), "issuer": "https://one"}),
-        b.__class__(**{**_fields(b), "issuer": "https://two"}),
-    ]
+    bound = [replace(a, issuer="https://one"), replace(b, issuer="https://two")]
     assert len(KeySet(bound).by_kid["k1"]) == 2
-
-
-def _fields(key) -> dict:
-    return {name: getattr(key, name) for name in key.__dataclass_fields__}

@@ -44,13 +44,14 @@ from tests.ext_authz_support import (
     running_ext_authz,
     unpadded_b64decode,
 )
+from tests.operations_support import poll
 from tests.redis_server import (  # noqa: F401
     RedisServer,
     redis_server,
     redis_url,
     running_state,
 )
-from tests.test_state_shared import OK, STATE_DOWN, poll, running_node
+from tests.test_state_shared import OK, STATE_DOWN, running_node
 
 FIVE = "/rl.Five/Echo"  # public, 5/minute, key peer (the default)
 OTHER = "/rl.Other/Echo"  # public, 5/minute, key peer (written out)

@@ -39,6 +39,7 @@ from tests.conftest import (
 )
 from tests.echo_backend import EchoBackend
 from tests.ext_authz_support import check_path, metadata, outcome
+from tests.operations_support import poll
 from tests.redis_server import RedisServer, finish_closing, redis_server, redis_url  # noqa: F401
 
 ACCESS = "/test.Access/Echo"
@@ -151,18 +152,6 @@ async def admin(
         session.request(method, url, json=body, data=data, headers=headers) as response,
     ):
         return response.status, dict(response.headers), await response.json(content_type=None)
-
-
-async def poll(probe, until, within: float, every: float = 0.01) -> tuple[Any, float]:
-    """Call `probe()` every `every` s until `until(result)`; (last result, seconds taken).
-    Gives up after `within` seconds (the caller asserts on the result)."""
-    start = time.monotonic()
-    while True:
-        result = await probe()
-        elapsed = time.monotonic() - start
-        if until(result) or elapsed > within:
-            return result, elapsed
-        await asyncio.sleep(every)
 
 
 def mint(issuer: TokenIssuer, level: str, sub: str) -> MintedToken:
