@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from . import decision_log
+from . import decision_log, workers
 from .key_sources import FetchSettings
 from .policy_values import parse_duration
 from .serve import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, ConfigError, ServeConfig, run
@@ -55,6 +55,14 @@ def duration(value: str) -> float:
 
 
 duration.__name__ = "duration"  # argparse names the type in its error message
+
+
+def count(value: str) -> int:
+    """A whole number >= 1 (argparse turns ValueError into a usage error)."""
+    number = int(value)
+    if number < 1:
+        raise ValueError(value)
+    return number
 
 
 def admin_address(value: str) -> str:
@@ -186,6 +194,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     # one-line usage error (exit 2), and only for the command that reads it.
     p.add_argument("--token-cache-size", type=int, default=env("--token-cache-size") or "10000")
     p.add_argument("--shutdown-grace", type=float, default=env("--shutdown-grace") or "10")
+    p.add_argument(
+        "--workers",
+        type=count,
+        default=env("--workers") or "1",
+        help="worker processes sharing the listeners (SO_REUSEPORT); above 1 needs --redis",
+    )
+    # Internal: how the supervisor starts worker I (`workers.py`); no environment variable.
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--log-level", default=env("--log-level") or "info")
     p.add_argument(
         "--decision-log",
@@ -291,9 +307,17 @@ def serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     decision_log.log_to(args.decision_log)
+    cfg = serve_config(args)
+    if cfg.workers > 1 or args.worker_index is not None:
+        return workers.main(cfg, args.worker_index)
+    asyncio.run(run(cfg))
+    return 0
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
     if args.listen and not args.upstream:
         raise ConfigError("--listen is the sidecar's listener: it needs --upstream HOST:PORT")
-    cfg = ServeConfig(
+    return ServeConfig(
         policy=args.policy,
         listen=args.listen or DEFAULT_LISTEN,
         upstream=args.upstream,
@@ -332,6 +356,5 @@ def serve(args: argparse.Namespace) -> int:
         watch_policy=not args.no_policy_watch,
         reload_ends_streams=not args.no_reload_ends_streams,
         log_allows=args.log_allows,
+        workers=args.workers,
     )
-    asyncio.run(run(cfg))
-    return 0

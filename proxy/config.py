@@ -76,6 +76,8 @@ class ServeConfig:
     reload_ends_streams: bool = True
     #: Share of allowed decisions written to the decision log (denies always are).
     log_allows: float = 0.0
+    #: Worker processes (`workers.py`); above 1 every listener is opened with SO_REUSEPORT.
+    workers: int = 1
 
 
 def load_keys(cfg: ServeConfig) -> KeyRing:

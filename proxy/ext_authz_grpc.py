@@ -111,8 +111,9 @@ def _options(headers: Headers) -> list[base_pb2.HeaderValueOption]:
 class CheckServer:
     """The ext_authz gRPC listener: Check plus gRPC health (for Envoy's health checks)."""
 
-    def __init__(self, authorizer: Authorizer, listen: str) -> None:
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    def __init__(self, authorizer: Authorizer, listen: str, reuse_port: bool = False) -> None:
+        """`reuse_port`: SO_REUSEPORT, so several worker processes share the port."""
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
         self.service = CheckService(authorizer)
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.service, self.server)
         self.health = health.aio.HealthServicer()
@@ -120,6 +121,11 @@ class CheckServer:
         self.port = self.server.add_insecure_port(listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {listen}")
+
+    @property
+    def errors_total(self) -> int:
+        """Checks that failed unexpectedly (what `/metrics` reports)."""
+        return self.service.errors_total
 
     async def start(self) -> None:
         await self.server.start()

@@ -33,13 +33,17 @@ MAX_FIELD = 64 * 1024 + 64
 
 
 class CheckHttpServer:
-    def __init__(self, authorizer: Authorizer, address: str, path_prefix: str = "") -> None:
+    def __init__(
+        self, authorizer: Authorizer, address: str, path_prefix: str = "", reuse_port: bool = False
+    ) -> None:
+        """`reuse_port`: SO_REUSEPORT, so several worker processes share the port."""
         if path_prefix and (not path_prefix.startswith("/") or path_prefix.endswith("/")):
             raise ValueError(
                 f"--ext-authz-http-path-prefix {path_prefix!r} must start with '/' and not end"
                 " with '/' (Envoy's path_prefix, like /check)"
             )
         self.address = address
+        self.reuse_port = reuse_port
         self.port = 0  # known once started
         self.authorizer = authorizer
         self.path_prefix = path_prefix
@@ -55,7 +59,16 @@ class CheckHttpServer:
         )
 
     async def start(self) -> None:
-        self.port = await listen(self._runner, self.address)
+        if not self.reuse_port:
+            self.port = await listen(self._runner, self.address)
+            return
+        host, _, port = self.address.rpartition(":")
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner, host.strip("[]"), int(port), reuse_address=True, reuse_port=True
+        )
+        await site.start()
+        self.port = self._runner.addresses[0][1]
 
     async def stop(self, grace: float) -> None:
         await self._runner.shutdown()

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 
+import grpc
 from prometheus_client import Histogram
 
 from .admin import AdminServer
@@ -56,6 +57,7 @@ __all__ = [
     "assemble_authorizer",
     "build_authorizer",
     "build_state",
+    "check",
     "check_policy_keys",
     "load_keys",
     "read_policy",
@@ -112,9 +114,11 @@ class Sidecar:
         authorizer: Authorizer | None = None,
         state: StateStore | None = None,
         upstream_seconds: Histogram | None = None,
+        listen: bool = True,
     ) -> None:
         """With no `authorizer`, one is built on `state` (default: in memory); the
-        `StreamGuard` watches streams against `state`."""
+        `StreamGuard` watches streams against `state`. `listen=False` builds everything
+        but the listener (a configuration check: it cannot be started)."""
         if cfg.upstream is None:
             raise ConfigError("the sidecar needs --upstream HOST:PORT")
         check_address("--listen", cfg.listen)
@@ -143,15 +147,20 @@ class Sidecar:
             upstream_seconds,
             peer_identity=bool(cfg.tls_client_ca),
         )
-        try:
-            self.server, self.port = build_server(
-                handler, cfg.listen, cfg.max_message_bytes, self.tls
-            )
-        except (OSError, RuntimeError) as e:
-            raise ConfigError(f"--listen {cfg.listen}: {e}") from None
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        if listen:
+            try:
+                self.server, self.port = build_server(
+                    handler, cfg.listen, cfg.max_message_bytes, self.tls, cfg.workers > 1
+                )
+            except (OSError, RuntimeError) as e:
+                raise ConfigError(f"--listen {cfg.listen}: {e}") from None
         self._learning: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        if self.server is None:
+            raise RuntimeError("a sidecar built with listen=False cannot start")
         await self.server.start()
         if self.tls is not None:
             self.tls.start()
@@ -196,7 +205,8 @@ class Sidecar:
             self._learning.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._learning
-        await self.server.stop(self.cfg.shutdown_grace if grace is None else grace)
+        if self.server is not None:
+            await self.server.stop(self.cfg.shutdown_grace if grace is None else grace)
         if self.tls is not None:
             await self.tls.stop()
         await self.upstream.close()
@@ -207,7 +217,9 @@ class Sidecar:
 class AuthProxy:
     """The whole process: one authorizer, and each front end the configuration asks for."""
 
-    def __init__(self, cfg: ServeConfig) -> None:
+    def __init__(self, cfg: ServeConfig, listen: bool = True) -> None:
+        """`listen=False` builds everything but the gRPC listeners, which bind at once
+        (a configuration check: such a proxy cannot be started)."""
         if not (cfg.upstream or cfg.ext_authz_grpc or cfg.ext_authz_http):
             raise ConfigError(
                 "nothing to serve: give --upstream (the sidecar) and/or --ext-authz-grpc"
@@ -236,7 +248,11 @@ class AuthProxy:
         self.sidecar = None
         if cfg.upstream:
             self.sidecar = Sidecar(
-                cfg, self.authorizer, self.state, self.ops.metrics_registry.upstream_seconds
+                cfg,
+                self.authorizer,
+                self.state,
+                self.ops.metrics_registry.upstream_seconds,
+                listen,
             )
             self.ops.watch_sidecar(self.sidecar.upstream, self.sidecar.guard, self.sidecar.tls)
         self.admin: AdminServer | None = None
@@ -254,11 +270,12 @@ class AuthProxy:
         self.check_grpc: CheckServer | None = None
         self.check_http: CheckHttpServer | None = None
         try:
-            if cfg.ext_authz_grpc:
-                self.check_grpc = CheckServer(self.authorizer, cfg.ext_authz_grpc)
+            shared = cfg.workers > 1  # every worker listens on the same ports
+            if cfg.ext_authz_grpc and listen:
+                self.check_grpc = CheckServer(self.authorizer, cfg.ext_authz_grpc, shared)
             if cfg.ext_authz_http:
                 self.check_http = CheckHttpServer(
-                    self.authorizer, cfg.ext_authz_http, cfg.ext_authz_http_path_prefix
+                    self.authorizer, cfg.ext_authz_http, cfg.ext_authz_http_path_prefix, shared
                 )
         except (OSError, RuntimeError, ValueError) as e:
             raise ConfigError(str(e)) from None
@@ -314,11 +331,21 @@ class AuthProxy:
         await self.state.close()
 
 
-async def run(cfg: ServeConfig) -> None:
-    """Serve until SIGTERM/SIGINT, then drain in-flight calls for up to the grace period."""
+async def check(cfg: ServeConfig) -> None:
+    """Build everything `run` would from `cfg` but the listeners, without starting it: a
+    configuration problem raises the `ConfigError` `run` would (the workers' supervisor
+    checks this way before it starts any worker; a port it cannot bind, a worker finds)."""
+    proxy = AuthProxy(cfg, listen=False)
+    await proxy.stop(0)
+
+
+async def run(cfg: ServeConfig, stopping: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or until `stopping` is set), then drain in-flight calls
+    for up to the grace period."""
     proxy = AuthProxy(cfg)
     await proxy.start()
-    stopping = asyncio.Event()
+    if stopping is None:
+        stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
@@ -330,6 +357,9 @@ async def run(cfg: ServeConfig) -> None:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+    # A worker starts with SIGHUP blocked (`workers.py`): a reload asked for while it was
+    # starting waits until now instead of ending it.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     await stopping.wait()
     log.info("shutting down (grace %.0fs)", cfg.shutdown_grace)
     await proxy.stop()

@@ -34,13 +34,15 @@ from .upstream import Upstream
 log = logging.getLogger("authproxy.sidecar")
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def server_options(max_message_bytes: int, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """`reuse_port`: SO_REUSEPORT, so several worker processes listen on one port (the
+    kernel spreads the connections); off, a port another process holds is an error."""
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # Let oversized tokens reach the pipeline (TOKEN_TOO_LARGE) instead of a core error.
         ("grpc.max_metadata_size", 64 * 1024),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
 
 
@@ -149,11 +151,16 @@ async def _deny(decision: Decision, context: grpc.aio.ServicerContext) -> None:
 
 
 def build_server(
-    handler: SidecarHandler, listen: str, max_message_bytes: int, tls: ServerTls | None = None
+    handler: SidecarHandler,
+    listen: str,
+    max_message_bytes: int,
+    tls: ServerTls | None = None,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server with the sidecar handler bound to `listen`: h2c, or with `tls`
-    TLS (h2 by ALPN; mTLS when `tls` has a client CA). Returns the port."""
-    server = grpc.aio.server(options=server_options(max_message_bytes))
+    TLS (h2 by ALPN; mTLS when `tls` has a client CA). Returns the port. `reuse_port`:
+    see `server_options`."""
+    server = grpc.aio.server(options=server_options(max_message_bytes, reuse_port))
     server.add_generic_rpc_handlers((handler,))
     if tls is None:
         port = server.add_insecure_port(listen)
