@@ -15,11 +15,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import unquote
 
+import aiohttp
 import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.issuer import TokenIssuer
 from tests.conftest import ExtAuthz, Keys
@@ -813,3 +815,29 @@ async def test_overlong_path_is_request_malformed(routes: ExtAuthz):
     assert summary(response) == ("REQUEST_MALFORMED", 3, 400)
     message = json.loads(response.denied_response.body)["message"]
     assert message.startswith(f"path is {len(path)} ") and message.endswith("limit 8192")
+
+
+async def test_metrics_are_served_with_both_ext_authz_listeners_and_count_their_checks(
+    tmp_path: Path, keys: Keys, issuer: TokenIssuer
+):
+    async with running_ext_authz(tmp_path, keys, admin="127.0.0.1:0") as running:
+        allowed = await check_path(running, "/test.Access/Report", token=token(issuer))
+        denied = await check_path(running, "/test.Access/Report")
+        assert (outcome(allowed), outcome(denied)) == (ALLOW, "TOKEN_MISSING")
+        admin = f"http://127.0.0.1:{running.proxy.admin.port}/metrics"  # type: ignore[union-attr]
+        async with aiohttp.ClientSession() as session, session.get(admin) as response:
+            assert response.status == 200
+            text = await response.text()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("authproxy_ext_authz_grpc_errors_total", ())] == 0
+    assert samples[("authproxy_ext_authz_http_errors_total", ())] == 0
+    decisions = {
+        labels: value for (name, labels), value in samples.items()
+        if name == "authproxy_requests_total"
+    }  # fmt: skip
+    by_decision = {dict(labels)["decision"]: value for labels, value in decisions.items()}
+    assert by_decision == {"allow": 1, "deny": 1}
