@@ -64,7 +64,12 @@ def load(text: str, file: str) -> Any:
         loader.dispose()
 
 
-class _Loader(yaml.SafeLoader):
+#: libyaml's parser when PyYAML has it (about twice as fast on a large policy; the same
+#: documents, marks and errors), else the pure-Python one.
+_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_SafeLoader):  # type: ignore[misc, valid-type]
     file: str = "<policy>"
 
 
