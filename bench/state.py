@@ -1,128 +1,113 @@
-"""Benchmark shared state: the sidecar with in-memory state vs Redis-backed state, in one run.
+"""Shared state: the sidecar with Redis state against the same sidecar with in-memory
+state, in front of the same echo backend, alternating, medians of the rounds.
 
-    .venv/bin/python -m bench.state [--seconds 3] [--concurrency 16]
+- revocation: access tokens; every call checks revocation in the local view (Redis keeps
+  it fresh by pub/sub: no round trip per call). h2load.
+- rate limit: a `rate_limit` every call is counted in but never reaches (the `limits`
+  moving window: one Lua script per call in Redis). h2load.
+- single use: a `single_use` rule, so every call needs a fresh token (one Redis `SET NX`
+  per call). h2load sends one header set, so this row uses a grpc.aio client with tokens
+  minted ahead; its absolute rate is bounded by that client, its ratio is still fair.
 
-Both proxies run the full pipeline with the revocation check (a local view in both
-cases: Redis keeps it fresh by pub/sub, so no round trip per call) in front of the echo
-backend; the same Python client load drives each, alternating, medians of three rounds.
-Two more rows: single-use tokens (one Redis `SET NX` per call) and a rate limit (the
-`limits` moving window: one Lua script per call in Redis) against memory.
-Needs `redis-server` (apt-get install redis-server); the benchmark starts its own.
+Needs `redis-server`; the benchmark starts its own on a free port.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
+import shutil
 import statistics
-import tempfile
 from pathlib import Path
 
 import grpc
 
-from bench.policies import AUTH_POLICY
-from bench.run import drive, sidecar_config
-from proxy.issuer import TokenIssuer
-from proxy.keygen import keygen
-from proxy.policy_file import parse_policy
-from proxy.serve import AuthProxy
-from tests.echo_backend import start_echo_backend
 from tests.redis_server import RedisServer
 
-ROUNDS = 3
-SINGLE_USE = AUTH_POLICY.replace(
-    "/bench.Svc/*: access", "/bench.Svc/*: {level: access, single_use: true}"
-)
-#: Counted on every call, never reached at these rates.
-RATE_LIMITED = AUTH_POLICY.replace(
-    "/bench.Svc/*: access",
-    "/bench.Svc/*: {level: access, rate_limit: {limit: 10000/second, key: subject}}",
-)
+from . import load, procs
+from .fixtures import AUTH_POLICY, PAYLOAD, Fixtures
+from .servers import UNARY_METHOD
+
+RULE = "/bench.Svc/*: access"
+POLICIES = {
+    "revocation": AUTH_POLICY,
+    "rate limit": AUTH_POLICY.replace(
+        RULE, "/bench.Svc/*: {level: access, rate_limit: {limit: 10000/second, key: subject}}"
+    ),
+    "single use": AUTH_POLICY.replace(RULE, "/bench.Svc/*: {level: access, single_use: true}"),
+}
+CLIENT_CONCURRENCY = 16
 
 
-async def start(tmp: Path, policy: str, upstream: int, redis: str | None) -> AuthProxy:
-    proxy = AuthProxy(sidecar_config(tmp, policy, upstream, redis=redis))
-    await proxy.start()
-    return proxy
+def available() -> bool:
+    return shutil.which("redis-server") is not None
 
 
-async def single_use_rate(proxy: AuthProxy, issuer: TokenIssuer, seconds: float, n: int) -> float:
-    """Calls/s when every call presents a fresh single-use token (minted ahead of time)."""
-    tokens = [issuer.mint("access", f"u{i}", ttl=3600).token for i in range(int(2500 * seconds))]
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{proxy.sidecar.port}")  # type: ignore[union-attr]
-    call = channel.unary_unary("/bench.Svc/Echo")
+class StateBench:
+    def __init__(self, fx: Fixtures, logs: Path, backend_port: int) -> None:
+        self.fx = fx
+        self.logs = logs
+        self.redis = RedisServer(logs / "redis")
+        self.redis.start()
+        upstream = ["--upstream", f"127.0.0.1:{backend_port}"]
+        self.proxies: dict[tuple[str, str], procs.Server] = {}
+        for row, policy in POLICIES.items():
+            for store in ("memory", "redis"):
+                flags = [*upstream, *fx.proxy_flags(policy)]
+                if store == "redis":
+                    flags += ["--redis", self.redis.url]
+                name = f"state-{row.replace(' ', '-')}-{store}"
+                self.proxies[row, store] = procs.proxy(name, flags, logs)
+        self.body = logs / "state-body.grpc"
+        self.body.write_bytes(load.grpc_frames([PAYLOAD]))
+
+    async def start(self) -> None:
+        for server in self.proxies.values():
+            await server.wait_listening()
+
+    def stop(self) -> None:
+        for server in self.proxies.values():
+            server.stop()
+        self.redis.stop()
+
+    async def _rate(self, row: str, store: str, seconds: float) -> float:
+        server = self.proxies[row, store]
+        if row == "single use":
+            return await single_use_rate(server.port, self.fx, seconds)
+        url = f"http://127.0.0.1:{server.port}{UNARY_METHOD}"
+        args = ["-d", str(self.body), *load.grpc_headers(self.fx.token)]
+        await load.warm_up(url, args, self.logs / "warm.log")
+        return (await load.saturate(url, args, seconds, self.logs / "h2load.log")).rps
+
+    async def measure(self, seconds: float, rounds: int) -> dict[str, dict[str, float]]:
+        runs: dict[tuple[str, str], list[float]] = {pair: [] for pair in self.proxies}
+        for _ in range(rounds):
+            for row, store in self.proxies:
+                runs[row, store].append(await self._rate(row, store, seconds))
+        result = {}
+        for row in POLICIES:
+            memory = statistics.median(runs[row, "memory"])
+            redis = statistics.median(runs[row, "redis"])
+            result[row] = {"memory_rps": memory, "redis_rps": redis, "ratio": redis / memory}
+        return result
+
+
+async def single_use_rate(port: int, fx: Fixtures, seconds: float) -> float:
+    """Calls/s when every call presents a fresh single-use token; every call must pass."""
+    tokens = iter(fx.fresh_tokens(int(3000 * seconds) + 100))
     loop = asyncio.get_running_loop()
-    it = iter(tokens)
     done = 0
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(UNARY_METHOD)
 
-    async def worker() -> None:
-        nonlocal done
-        for token in it:
-            await call(b"x" * 64, metadata=(("authorization", f"Bearer {token}"),))
-            done += 1
-            if loop.time() > deadline:
-                return
+        async def worker() -> None:
+            nonlocal done
+            for token in tokens:
+                await call(PAYLOAD, metadata=(("authorization", f"Bearer {token}"),))
+                done += 1
+                if loop.time() > deadline:
+                    return
 
-    deadline = loop.time() + seconds
-    start = loop.time()
-    await asyncio.gather(*(worker() for _ in range(n)))
-    elapsed = loop.time() - start
-    await channel.close()
-    return done / elapsed
-
-
-async def main(seconds: float, concurrency: int) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="authproxy-bench-"))
-    key = keygen("ES256", tmp / "k.pem", tmp / "jwks.json")
-    issuer = TokenIssuer(parse_policy(AUTH_POLICY, "bench"), {"access": key})
-    token = issuer.mint("access", "bench-user", ttl=3600).token
-    server = RedisServer(tmp / "redis")
-    server.start()
-    backend = await start_echo_backend()
-    # (row, policy, single-use driver?) x (memory, Redis)
-    cases = (("revocation", AUTH_POLICY, False), ("single use", SINGLE_USE, True))
-    cases += (("rate limit", RATE_LIMITED, False),)
-    proxies = {
-        (case, store): await start(tmp, policy, backend.port, url)
-        for case, policy, _ in cases
-        for store, url in (("memory", None), ("redis", server.url))
-    }
-    runs: dict[tuple[str, str], list[float]] = {pair: [] for pair in proxies}
-    try:
-        for _ in range(ROUNDS):
-            for case, _, once in cases:
-                for store in ("memory", "redis"):
-                    proxy = proxies[case, store]
-                    if once:
-                        rate = await single_use_rate(proxy, issuer, seconds, concurrency)
-                    else:
-                        target = f"127.0.0.1:{proxy.sidecar.port}"  # type: ignore[union-attr]
-                        rate = await drive(target, seconds, concurrency, token)
-                    runs[case, store].append(rate)
-    finally:
-        for proxy in proxies.values():
-            await proxy.stop(0)
-        await backend.server.stop(None)
-        server.stop()
-    rate = {pair: statistics.median(values) for pair, values in runs.items()}
-    print(
-        f"shared state, sidecar with access tokens, median of {ROUNDS} alternating {seconds:g}s runs:"
-    )
-    print(f"  {'':34} {'memory':>9} {'Redis':>9}  Redis / memory")
-    for case, what in (
-        ("revocation", "revocation checked (local view)"),
-        ("single use", "single-use tokens (SET NX)"),
-        ("rate limit", "rate limit (moving window)"),
-    ):
-        memory, redis = rate[case, "memory"], rate[case, "redis"]
-        print(f"  {what:34} {memory:7.0f}/s {redis:7.0f}/s  = {redis / memory:.2f}")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--concurrency", type=int, default=16)
-    args = parser.parse_args()
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    asyncio.run(main(args.seconds, args.concurrency))
+        deadline = loop.time() + seconds
+        start = loop.time()
+        await asyncio.gather(*(worker() for _ in range(CLIENT_CONCURRENCY)))
+        return done / (loop.time() - start)

@@ -1,40 +1,39 @@
-"""The benchmark command keeps working (it prints ratios; no thresholds here: timings on
-shared machines are noise, so figures are read from `python -m bench.run`, not tests)."""
+"""The benchmark command keeps working: `python -m bench --quick` runs every part and
+writes every headline figure. No thresholds here: timings on a shared machine are noise,
+so figures are read from a full run (docs/performance.md), not from tests."""
 
 from __future__ import annotations
 
-import re
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+from bench.report import TARGETS_TABLE
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_benchmark_runs_and_prints_its_ratios():
+def test_the_quick_benchmark_runs_every_part_and_writes_the_headline_figures(tmp_path: Path):
+    out = tmp_path / "figures.json"
     done = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--seconds", "0.3", "--concurrency", "2"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    for label in (
-        "proxied (no auth) / direct",
-        "proxied (auth)    / direct",
-        "auth / no auth (proxied)",
-    ):
-        assert re.search(re.escape(label) + r"\s+=\s+\d+\.\d\d", done.stdout), done.stdout
-    assert re.search(r"cached token\s+\d+\.\d µs/decision", done.stdout), done.stdout
-    for label in (
-        "Check / bare Check server",
-        "HTTP mode / bare aiohttp",
-    ):
-        assert re.search(re.escape(label) + r"\s+=\s+\d+\.\d\d", done.stdout), done.stdout
-    for row in (
-        "revocation checked (local view)",
-        "single-use tokens (SET NX)",
-        "rate limit (moving window)",
-    ):
-        ratio = re.escape(row) + r"\s+\d+/s\s+\d+/s\s+=\s+\d+\.\d\d"
-        assert re.search(ratio, done.stdout), done.stdout
-    for name in ("Check", "bare Check", "HTTP mode", "bare aiohttp"):
-        assert re.search(rf"{name}\s+p50 \d+\.\d\d ms\s+p99 \d+\.\d\d ms", done.stdout), done.stdout
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads(out.read_text())
+    for key, _, _ in TARGETS_TABLE:  # the keys the docs quote, all measured
+        assert math.isfinite(figures[key]) and figures[key] > 0, (key, figures.get(key))
+        assert key in done.stdout
+    for kind in ("unary", "stream"):
+        for target in ("direct", "passthrough", "proxy", "proxy, cold verify"):
+            row = figures["sidecar"][kind][target]
+            assert row["rps"] > 0 and row["cpu_us"] > 0, (kind, target, row)
+    assert set(figures["micro"]["cold_verify"]["algorithms"]) == {
+        "RS256",
+        "ES256",
+        "EdDSA",
+        "HS256",
+    }
+    assert set(figures["state"]) == {"revocation", "rate limit", "single use"}

@@ -1,0 +1,124 @@
+"""The benchmark: every figure measured in one run, on loopback, as ratios.
+
+    .venv/bin/python -m bench [--quick] [--json PATH] [--plot PATH] [--workers N]
+
+Starts everything itself, each server in its own process: the echo backend, a bare
+passthrough (the proxy's forwarding, no auth), the proxy (cached token and cold
+verification), bare no-op ext_authz servers and ours, Redis-backed and in-memory
+sidecars (when `redis-server` is installed). h2load drives the load. Prints a table; with
+`--json` writes the figures; with `--plot` draws latency against offered load.
+`--quick` (under a minute) keeps the benchmark working in CI: its figures are noisier,
+and nothing checks them against targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from . import load, micro, report
+from . import state as state_bench
+from .ext_authz import ExtAuthzBench
+from .fixtures import make_fixtures
+from .sidecar import Results, SidecarBench
+
+#: The fixed offered load for latency percentiles (checks or calls per second).
+RATE = 1000
+#: Offered loads for the latency plot.
+SWEEP = (250, 500, 1000, 1500, 2000, 2500, 3000)
+
+
+def _options(args: argparse.Namespace) -> dict:
+    if args.quick:
+        return {"seconds": 0.8, "rounds": 1, "latency_seconds": 1.0, "warm": 0.2}
+    return {"seconds": args.seconds, "rounds": args.rounds, "latency_seconds": 4.0, "warm": 0.5}
+
+
+async def measure(args: argparse.Namespace, tmp: Path) -> dict:
+    opts = _options(args)
+    load.WARM_SECONDS = opts["warm"]
+    (tmp / "config").mkdir()
+    logs = tmp / "logs"  # apart from the config: the proxy watches its files' directory
+    logs.mkdir()
+    fx = make_fixtures(tmp / "config")
+    figures: dict = {"quick": args.quick, "workers": args.workers}
+    redis = None
+    if state_bench.available():
+        redis = state_bench.RedisServer(logs / "redis-workers")
+        redis.start()
+    elif args.workers > 1:
+        raise SystemExit("--workers needs redis-server (the workers share state in Redis)")
+
+    sidecar = SidecarBench(fx, logs, args.workers, redis.url if redis else None)
+    try:
+        await sidecar.start()
+        results = Results()
+        await sidecar.measure(results, opts["seconds"], opts["rounds"])
+        await sidecar.latency(results, RATE, opts["latency_seconds"])
+        if args.plot:
+            for rate in SWEEP:
+                await sidecar.latency(results, rate, opts["latency_seconds"])
+        figures["sidecar"] = report.sidecar_figures(results, RATE)
+        if args.plot:
+            report.plot(results, SWEEP, args.plot)
+    finally:
+        sidecar.stop()
+
+    ext = ExtAuthzBench(fx, logs)
+    try:
+        await ext.start()
+        figures["ext_authz"] = await ext.measure(opts["seconds"], opts["rounds"])
+        latency = await ext.latency(RATE, opts["latency_seconds"])
+        figures["ext_authz_latency"] = {t: report.percentiles(ld) for t, ld in latency.items()}
+    finally:
+        ext.stop()
+
+    if state_bench.available():
+        backend = state_bench.procs.baseline("state-backend", "backend", logs)
+        state = state_bench.StateBench(fx, logs, backend.port)
+        try:
+            await backend.wait_listening()
+            await state.start()
+            figures["state"] = await state.measure(opts["seconds"], opts["rounds"])
+        finally:
+            state.stop()
+            backend.stop()
+    if redis is not None:
+        redis.stop()
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute")
+    parser.add_argument("--seconds", type=float, default=4.0, help="each throughput run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians)")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--plot", type=Path, help="draw latency vs offered load (PNG)")
+    parser.add_argument("--workers", type=int, default=1, help="the proxy's --workers")
+    args = parser.parse_args(argv)
+    if shutil.which("h2load") is None:
+        print("bench: needs h2load (apt-get install nghttp2-client)", file=sys.stderr)
+        return 2
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    tmp = Path(tempfile.mkdtemp(prefix="authproxy-bench-"))
+    try:
+        figures = asyncio.run(measure(args, tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    figures["micro"] = micro.run(quick=args.quick)  # in-process: no event loop running
+    figures.update(report.headline(figures))
+    report.print_table(figures)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The sidecar against its floors: the echo backend called directly, the same forwarding
+with no auth (bench.servers passthrough), the proxy with a cached token, and the proxy
+verifying every call's token (`--token-cache-size 0`: h2load sends one header set, so a
+fresh token per call is a cache that never hits — the same verification work).
+
+Each server is its own process. Throughput runs alternate the four targets for a number
+of rounds and keep medians, so a slow moment on the shared machine hits every target,
+not one; each run reads the servers' CPU time before and after (CPU µs per request).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import load, procs
+from .fixtures import PAYLOAD, Fixtures, check_calls, decision_counts
+from .servers import STREAM_METHOD, UNARY_METHOD
+
+#: Messages per bidi call: h2load sends them all, half-closes and reads the echoes.
+STREAM_MESSAGES = 50
+TARGETS = ("direct", "passthrough", "proxy", "proxy, cold verify")
+
+
+@dataclass
+class Run:
+    rps: float  # calls (unary) or messages (bidi) per second
+    cpu_us: dict[str, float]  # server name -> CPU µs per call or message
+
+
+@dataclass
+class Results:
+    runs: dict[tuple[str, str], list[Run]] = field(default_factory=dict)  # (kind, target)
+    latency: dict[tuple[str, int], load.Load] = field(default_factory=dict)  # (target, rate)
+
+    def rps(self, kind: str, target: str) -> float:
+        return statistics.median(r.rps for r in self.runs[kind, target])
+
+    def cpu_us(self, kind: str, target: str, server: str) -> float:
+        return statistics.median(r.cpu_us[server] for r in self.runs[kind, target])
+
+
+class SidecarBench:
+    def __init__(self, fx: Fixtures, logs: Path, workers: int = 1, redis: str | None = None):
+        self.fx = fx
+        self.logs = logs
+        self.backend = procs.baseline("backend", "backend", logs)
+        self.passthrough = procs.baseline("passthrough", "passthrough", logs, self.backend.port)
+        extra = ["--upstream", f"127.0.0.1:{self.backend.port}", *fx.proxy_flags()]
+        if workers > 1:
+            extra += ["--workers", str(workers), "--redis", str(redis)]
+        self.admin = {"proxy": procs.free_port(), "proxy, cold verify": procs.free_port()}
+        self.proxy = procs.proxy("proxy", [*extra, "--admin", str(self.admin["proxy"])], logs)
+        self.cold = procs.proxy(
+            "proxy-cold",
+            [*extra, "--admin", str(self.admin["proxy, cold verify"]), "--token-cache-size", "0"],
+            logs,
+        )
+        self.servers = {
+            "direct": self.backend,
+            "passthrough": self.passthrough,
+            "proxy": self.proxy,
+            "proxy, cold verify": self.cold,
+        }
+
+    async def start(self) -> None:
+        for server in self.servers.values():
+            await server.wait_listening()
+        for target, server in self.servers.items():
+            await check_calls(server.port, self._token(target), STREAM_MESSAGES)
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+
+    def _token(self, target: str) -> str | None:
+        return self.fx.token if target.startswith("proxy") else None
+
+    def _args(self, kind: str, target: str) -> tuple[str, list[str]]:
+        server = self.servers[target]
+        if kind == "unary":
+            body, method = [PAYLOAD], UNARY_METHOD
+        else:
+            body, method = [PAYLOAD] * STREAM_MESSAGES, STREAM_METHOD
+        path = self.logs / f"body-{kind}.grpc"
+        if not path.exists():
+            path.write_bytes(load.grpc_frames(body))
+        url = f"http://127.0.0.1:{server.port}{method}"
+        return url, ["-d", str(path), *load.grpc_headers(self._token(target))]
+
+    async def throughput(self, kind: str, target: str, seconds: float) -> Run:
+        url, args = self._args(kind, target)
+        streams = 4 if kind == "unary" else 1  # a bidi call is already 50 messages in flight
+        await load.warm_up(url, args, self.logs / "warm.log", streams)
+        counted = target in self.admin
+        before = await decision_counts(self.admin[target]) if counted else {}
+        cpu_before = {name: s.cpu() for name, s in self.servers.items()}
+        result = await load.saturate(url, args, seconds, self.logs / "h2load.log", streams)
+        cpu_after = {name: s.cpu() for name, s in self.servers.items()}
+        if counted:
+            after = await decision_counts(self.admin[target])
+            _check_counts(target, result.requests, before, after)
+        per = STREAM_MESSAGES if kind == "stream" else 1
+        served = result.requests * per
+        cpu_us = {n: (cpu_after[n] - cpu_before[n]) / served * 1e6 for n in self.servers}
+        return Run(served / result.seconds, cpu_us)
+
+    async def measure(self, results: Results, seconds: float, rounds: int) -> None:
+        for kind in ("unary", "stream"):
+            for _ in range(rounds):
+                for target in TARGETS:
+                    run = await self.throughput(kind, target, seconds)
+                    results.runs.setdefault((kind, target), []).append(run)
+
+    async def latency(self, results: Results, rate: int, seconds: float, targets=TARGETS[:3]):
+        for target in targets:
+            url, args = self._args("unary", target)
+            log = self.logs / "h2load.log"
+            results.latency[target, rate] = await load.fixed_rate(url, rate, args, seconds, log)
+
+
+def _check_counts(target: str, requests: int, before: dict, after: dict) -> None:
+    """Every request h2load counted was an allow (calls cut at the end may add a few)."""
+    allowed = after["allow"] - before["allow"]
+    denied = after.get("deny", 0) - before.get("deny", 0)
+    if denied or allowed < requests:
+        raise RuntimeError(f"{target}: {requests} requests but {allowed} allows, {denied} denies")
