@@ -65,8 +65,6 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict:
             for rate in SWEEP:
                 await sidecar.latency(results, rate, opts["latency_seconds"])
         figures["sidecar"] = report.sidecar_figures(results, RATE)
-        if args.plot:
-            report.plot(results, SWEEP, args.plot)
     finally:
         sidecar.stop()
 
@@ -114,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     figures["micro"] = micro.run(quick=args.quick)  # in-process: no event loop running
     figures.update(report.headline(figures))
+    if args.plot:
+        report.plot(figures, SWEEP, args.plot)
     report.print_table(figures)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")

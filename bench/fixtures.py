@@ -95,11 +95,14 @@ async def check_calls(port: int, token: str | None, stream_messages: int) -> Non
             raise RuntimeError(f"port {port}: the stream echoed {len(answers)} messages")
 
 
-async def decision_counts(admin_port: int) -> dict[str, float]:
-    """The proxy's decisions so far by decision (allow/deny), from its /metrics."""
-    url = f"http://127.0.0.1:{admin_port}/metrics"
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        text = await response.text()
+async def decision_counts(admin_port: int, workers: int = 1) -> dict[str, float]:
+    """The proxy's decisions so far by decision (allow/deny), from its /metrics (worker I
+    of `--workers N` serves its own on the admin port + I)."""
+    text = ""
+    async with aiohttp.ClientSession() as session:
+        for port in range(admin_port, admin_port + workers):
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                text += await response.text()
     counts: dict[str, float] = {"allow": 0.0, "deny": 0.0}
     for match in re.finditer(r"^authproxy_requests_total\{([^}]*)\} (\S+)$", text, re.M):
         decision = re.search(r'decision="([^"]+)"', match.group(1))

@@ -131,31 +131,48 @@ def print_table(f: dict) -> None:
             print(f"  {key:34} {f[key]:8.3f}   target {sign} {target:<5}  {verdict}")
 
 
-def plot(results: Results, rates: tuple[int, ...], path: Path) -> None:
-    """p50 and p99 latency against offered load for direct, passthrough and proxy."""
-    import matplotlib
+def plot(figures: dict, rates: tuple[int, ...], path: Path) -> None:
+    """p50 and p99 latency against offered load for direct, passthrough and proxy, from
+    the figures' latency runs. A hollow marker: the target did not keep up (it served
+    under 90 % of the offered load), so its latency includes queueing in h2load."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install -e '.[bench]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    latency = figures["sidecar"]["latency"]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for target, colour in (
         ("direct", "tab:green"),
         ("passthrough", "tab:blue"),
         ("proxy", "tab:red"),
     ):
-        loads = [results.latency[target, r] for r in rates if (target, r) in results.latency]
-        achieved = [ld.rps for ld in loads]
-        ax.plot(achieved, [ld.percentile(50) for ld in loads], "o-", color=colour,
-                label=f"{target} p50")  # fmt: skip
-        ax.plot(achieved, [ld.percentile(99) for ld in loads], "s--", color=colour,
-                label=f"{target} p99", alpha=0.6)  # fmt: skip
-    ax.set_xlabel("achieved load (unary calls/s; offered: " + ", ".join(map(str, rates)) + ")")
-    ax.set_ylabel("latency (ms)")
+        runs = [(r, latency[f"{target}@{r}"]) for r in rates if f"{target}@{r}" in latency]
+        for q, style, alpha in (("p50_ms", "-", 1.0), ("p99_ms", "--", 0.55)):
+            ax.plot([r for r, _ in runs], [v[q] for _, v in runs], style, color=colour,
+                    alpha=alpha, label=f"{target} {q[:3]}")  # fmt: skip
+            for r, v in runs:
+                kept_up = v["rps"] >= 0.9 * r
+                ax.plot(r, v[q], "o", color=colour, alpha=alpha,
+                        markerfacecolor=colour if kept_up else "white")  # fmt: skip
+    ax.set_xlabel("offered load (unary calls/s); hollow: under 90 % of it served")
+    ax.set_ylabel("latency (ms, log scale)")
     ax.set_yscale("log")
-    ax.set_title("Unary call latency vs load, loopback, 2 cores")
+    ax.set_title("Unary call latency vs offered load (h2load, loopback, 2 cores)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(ncol=3, fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # redraw a plot from a run's JSON: python -m bench.report IN OUT
+    import json
+    import sys
+
+    data = json.loads(Path(sys.argv[1]).read_text())
+    offered = sorted({int(k.rpartition("@")[2]) for k in data["sidecar"]["latency"]})
+    plot(data, tuple(offered), Path(sys.argv[2]))

@@ -45,6 +45,7 @@ class SidecarBench:
     def __init__(self, fx: Fixtures, logs: Path, workers: int = 1, redis: str | None = None):
         self.fx = fx
         self.logs = logs
+        self.workers = workers
         self.backend = procs.baseline("backend", "backend", logs)
         self.passthrough = procs.baseline("passthrough", "passthrough", logs, self.backend.port)
         extra = ["--upstream", f"127.0.0.1:{self.backend.port}", *fx.proxy_flags()]
@@ -94,12 +95,12 @@ class SidecarBench:
         streams = 4 if kind == "unary" else 1  # a bidi call is already 50 messages in flight
         await load.warm_up(url, args, self.logs / "warm.log", streams)
         counted = target in self.admin
-        before = await decision_counts(self.admin[target]) if counted else {}
+        before = await decision_counts(self.admin[target], self.workers) if counted else {}
         cpu_before = {name: s.cpu() for name, s in self.servers.items()}
         result = await load.saturate(url, args, seconds, self.logs / "h2load.log", streams)
         cpu_after = {name: s.cpu() for name, s in self.servers.items()}
         if counted:
-            after = await decision_counts(self.admin[target])
+            after = await decision_counts(self.admin[target], self.workers)
             _check_counts(target, result.requests, before, after)
         per = STREAM_MESSAGES if kind == "stream" else 1
         served = result.requests * per
