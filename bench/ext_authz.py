@@ -17,8 +17,8 @@ from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from . import load, procs
-from .fixtures import Fixtures, decision_counts
-from .sidecar import Run, _check_counts
+from .fixtures import Fixtures, check_allowed, decision_counts
+from .sidecar import Run
 
 CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
 HTTP_PATH = "/api/items/42"
@@ -98,7 +98,7 @@ class ExtAuthzBench:
         result = await load.saturate(url, args, seconds, self.logs / "h2load.log")
         cpu_us = (server.cpu() - cpu) / result.requests * 1e6
         if ours:
-            _check_counts(target, result.requests, before, await decision_counts(self.admin_port))
+            check_allowed(target, result.requests, before, await decision_counts(self.admin_port))
         return Run(result.rps, {target: cpu_us})
 
     async def measure(self, seconds: float, rounds: int) -> dict[str, dict[str, float]]:

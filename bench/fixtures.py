@@ -109,3 +109,11 @@ async def decision_counts(admin_port: int, workers: int = 1) -> dict[str, float]
         if decision:
             counts[decision.group(1)] = counts.get(decision.group(1), 0.0) + float(match.group(2))
     return counts
+
+
+def check_allowed(target: str, requests: int, before: dict, after: dict) -> None:
+    """Every request h2load counted was an allow (calls cut at the end may add a few)."""
+    allowed = after["allow"] - before["allow"]
+    denied = after.get("deny", 0) - before.get("deny", 0)
+    if denied or allowed < requests:
+        raise RuntimeError(f"{target}: {requests} requests but {allowed} allows, {denied} denies")

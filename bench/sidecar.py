@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import load, procs
-from .fixtures import PAYLOAD, Fixtures, check_calls, decision_counts
+from .fixtures import PAYLOAD, Fixtures, check_allowed, check_calls, decision_counts
 from .servers import STREAM_METHOD, UNARY_METHOD
 
 #: Messages per bidi call: h2load sends them all, half-closes and reads the echoes.
@@ -101,7 +101,7 @@ class SidecarBench:
         cpu_after = {name: s.cpu() for name, s in self.servers.items()}
         if counted:
             after = await decision_counts(self.admin[target], self.workers)
-            _check_counts(target, result.requests, before, after)
+            check_allowed(target, result.requests, before, after)
         per = STREAM_MESSAGES if kind == "stream" else 1
         served = result.requests * per
         cpu_us = {n: (cpu_after[n] - cpu_before[n]) / served * 1e6 for n in self.servers}
@@ -119,11 +119,3 @@ class SidecarBench:
             url, args = self._args("unary", target)
             log = self.logs / "h2load.log"
             results.latency[target, rate] = await load.fixed_rate(url, rate, args, seconds, log)
-
-
-def _check_counts(target: str, requests: int, before: dict, after: dict) -> None:
-    """Every request h2load counted was an allow (calls cut at the end may add a few)."""
-    allowed = after["allow"] - before["allow"]
-    denied = after.get("deny", 0) - before.get("deny", 0)
-    if denied or allowed < requests:
-        raise RuntimeError(f"{target}: {requests} requests but {allowed} allows, {denied} denies")

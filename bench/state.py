@@ -24,7 +24,7 @@ import grpc
 from tests.redis_server import RedisServer
 
 from . import load, procs
-from .fixtures import AUTH_POLICY, PAYLOAD, Fixtures
+from .fixtures import AUTH_POLICY, PAYLOAD, Fixtures, check_allowed, decision_counts
 from .servers import UNARY_METHOD
 
 RULE = "/bench.Svc/*: access"
@@ -50,11 +50,14 @@ class StateBench:
         self.redis.start()
         upstream = ["--upstream", f"127.0.0.1:{backend_port}"]
         self.proxies: dict[tuple[str, str], procs.Server] = {}
+        self.admin: dict[tuple[str, str], int] = {}
         for row, policy in POLICIES.items():
             for store in ("memory", "redis"):
                 flags = [*upstream, *fx.proxy_flags(policy)]
                 if store == "redis":
                     flags += ["--redis", self.redis.url]
+                self.admin[row, store] = procs.free_port()
+                flags += ["--admin", str(self.admin[row, store])]
                 name = f"state-{row.replace(' ', '-')}-{store}"
                 self.proxies[row, store] = procs.proxy(name, flags, logs)
         self.body = logs / "state-body.grpc"
@@ -76,7 +79,11 @@ class StateBench:
         url = f"http://127.0.0.1:{server.port}{UNARY_METHOD}"
         args = ["-d", str(self.body), *load.grpc_headers(self.fx.token)]
         await load.warm_up(url, args, self.logs / "warm.log")
-        return (await load.saturate(url, args, seconds, self.logs / "h2load.log")).rps
+        before = await decision_counts(self.admin[row, store])
+        result = await load.saturate(url, args, seconds, self.logs / "h2load.log")
+        after = await decision_counts(self.admin[row, store])
+        check_allowed(f"{row}, {store}", result.requests, before, after)
+        return result.rps
 
     async def measure(self, seconds: float, rounds: int) -> dict[str, dict[str, float]]:
         runs: dict[tuple[str, str], list[float]] = {pair: [] for pair in self.proxies}
