@@ -3,10 +3,16 @@
 Every method needs an access token (policy.yaml: `/api.v1.DataService/*: access`); the
 proxy checks it. Someone else's record is answered as NOT_FOUND, so record ids of other
 users cannot be probed.
+
+WatchRecords streams the caller's records as they change (`Store.watch`): the existing ones
+first when asked, then each create and update, until the client cancels or the server
+stops. A watcher that falls `Store.watch_buffer` changes behind ends with
+RESOURCE_EXHAUSTED (it may watch again, with include_existing, to catch up).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import NoReturn
 
 import grpc
@@ -17,6 +23,8 @@ from examples.backend.api.v1 import api_pb2, api_pb2_grpc
 from examples.backend.identity import abort, require_caller
 from examples.backend.store import Store
 from examples.backend.validation import record_problem
+
+WATCH_FELL_BEHIND = "the watch fell too far behind the changes; watch again"
 
 
 class DataService(api_pb2_grpc.DataServiceServicer):
@@ -65,6 +73,23 @@ class DataService(api_pb2_grpc.DataServiceServicer):
         return api_pb2.ListRecordsResponse(
             records=[messages.record(r) for r in records], total_count=total
         )
+
+    async def WatchRecords(
+        self, request: api_pb2.WatchRecordsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[api_pb2.Record]:
+        caller = await require_caller(context)
+        with self.store.watch(caller.subject) as changes:
+            # Converted now, with no await since subscribing: later changes are queued.
+            existing = (
+                [messages.record(r) for r in self.store.records_of(caller.subject)]
+                if request.include_existing
+                else []
+            )
+            for message in existing:
+                yield message
+            while (record := await changes.get()) is not None:
+                yield messages.record(record)
+        await abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, WATCH_FELL_BEHIND)
 
 
 async def _check_data(context: grpc.aio.ServicerContext, data: str) -> None:

@@ -7,7 +7,7 @@ method's kind (unary or streaming).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -80,8 +80,13 @@ async def start_backend(
     config: BackendConfig,
     listen: str = "127.0.0.1:0",
     passwords: Passwords | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> Backend:
-    """Build, bind and start the server; `Backend.port` is the port it got."""
+    """Build, bind and start the server; `Backend.port` is the port it got.
+
+    `passwords`: how passwords are hashed (None: argon2-cffi's defaults). `interceptors`:
+    server interceptors for every call the backend receives, first one outermost (tests
+    use them to see what reaches the backend)."""
     issuer = build_issuer(config.policy, config.signing_key, config.refresh_key)
     tokens = Tokens(issuer, config.access_ttl)
     store = Store()
@@ -100,7 +105,7 @@ async def start_backend(
         revocations=revocations,
     )
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=list(interceptors))
     api_pb2_grpc.add_AuthServiceServicer_to_server(auth, server)
     api_pb2_grpc.add_UserServiceServicer_to_server(UserService(store), server)
     api_pb2_grpc.add_DataServiceServicer_to_server(DataService(store), server)

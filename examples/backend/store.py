@@ -2,13 +2,19 @@
 
 Everything lives in dictionaries and is gone when the process stops. The methods never
 await, so calls from one asyncio event loop cannot interleave and need no lock.
+
+`Store.watch` subscribes to one owner's record changes (DataService.WatchRecords): each
+subscriber is an `asyncio.Queue` that creating or updating a record of that owner feeds.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -16,6 +22,8 @@ T = TypeVar("T")
 
 DEFAULT_PAGE = 20
 MAX_PAGE = 100
+#: Changes a watcher may have waiting before it is dropped as too slow.
+WATCH_BUFFER = 1000
 
 
 class AlreadyExists(Exception):
@@ -48,12 +56,20 @@ class Record:
     updated_at: float
 
 
+#: A watcher's queue: record snapshots in the order they changed; None: it fell more than
+#: `Store.watch_buffer` changes behind and was dropped (nothing more will come).
+Changes = asyncio.Queue[Record | None]
+
+
 @dataclass(slots=True)
 class Store:
     clock: Callable[[], float] = time.time
     users: dict[str, User] = field(default_factory=dict)
     records: dict[str, Record] = field(default_factory=dict)
+    watch_buffer: int = WATCH_BUFFER
     _by_email: dict[str, str] = field(default_factory=dict)
+    #: owner -> the queues of its watchers
+    _watchers: dict[str, set[Changes]] = field(default_factory=dict)
 
     # --- users -------------------------------------------------------------------------
 
@@ -114,6 +130,7 @@ class Store:
         now = self.clock()
         record = Record(str(uuid.uuid4()), owner, data, now, now)
         self.records[record.id] = record
+        self._changed(record)
         return record
 
     def record(self, owner: str, record_id: str) -> Record | None:
@@ -126,6 +143,7 @@ class Store:
         if record is not None:
             record.data = data
             record.updated_at = self.clock()
+            self._changed(record)
         return record
 
     def delete_record(self, owner: str, record_id: str) -> bool:
@@ -135,8 +153,52 @@ class Store:
         return True
 
     def list_records(self, owner: str, limit: int, offset: int) -> tuple[list[Record], int]:
-        own = [r for r in self.records.values() if r.owner == owner]
+        own = self.records_of(owner)
         return page(own, limit, offset), len(own)
+
+    def records_of(self, owner: str) -> list[Record]:
+        """Every record `owner` owns, oldest first."""
+        return [r for r in self.records.values() if r.owner == owner]
+
+    # --- watching records --------------------------------------------------------------
+
+    @contextmanager
+    def watch(self, owner: str) -> Iterator[Changes]:
+        """Subscribe to `owner`'s record changes for the block.
+
+        The queue gets a snapshot of every record of `owner` created or updated from now
+        on, in order (deletions are not reported). Nothing awaits between subscribing and
+        a `records_of` call right after it, so together they miss and repeat nothing.
+        """
+        queue: Changes = asyncio.Queue()  # `_changed` keeps it within watch_buffer
+        self._watchers.setdefault(owner, set()).add(queue)
+        try:
+            yield queue
+        finally:
+            self._unwatch(owner, queue)
+
+    def watcher_count(self, owner: str | None = None) -> int:
+        """Open watches of `owner`, or of everyone when None."""
+        if owner is not None:
+            return len(self._watchers.get(owner, ()))
+        return sum(len(queues) for queues in self._watchers.values())
+
+    def _changed(self, record: Record) -> None:
+        for queue in list(self._watchers.get(record.owner, ())):
+            if queue.qsize() < self.watch_buffer:
+                queue.put_nowait(dataclasses.replace(record))  # a snapshot: records mutate
+            else:  # too slow: drop its backlog, tell it, feed it no more
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(None)
+                self._unwatch(record.owner, queue)
+
+    def _unwatch(self, owner: str, queue: Changes) -> None:
+        queues = self._watchers.get(owner)
+        if queues is not None:
+            queues.discard(queue)
+            if not queues:
+                del self._watchers[owner]
 
 
 def normalize_email(email: str) -> str:

@@ -253,3 +253,9 @@ class ListRecordsResponse(_message.Message):
     records: _containers.RepeatedCompositeFieldContainer[Record]
     total_count: int
     def __init__(self, records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ..., total_count: _Optional[int] = ...) -> None: ...
+
+class WatchRecordsRequest(_message.Message):
+    __slots__ = ("include_existing",)
+    INCLUDE_EXISTING_FIELD_NUMBER: _ClassVar[int]
+    include_existing: bool
+    def __init__(self, include_existing: _Optional[bool] = ...) -> None: ...

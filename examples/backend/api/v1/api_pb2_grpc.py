@@ -748,6 +748,11 @@ class DataServiceStub:
                 request_serializer=examples_dot_backend_dot_api_dot_v1_dot_api__pb2.ListRecordsRequest.SerializeToString,
                 response_deserializer=examples_dot_backend_dot_api_dot_v1_dot_api__pb2.ListRecordsResponse.FromString,
                 _registered_method=True)
+        self.WatchRecords = channel.unary_stream(
+                '/api.v1.DataService/WatchRecords',
+                request_serializer=examples_dot_backend_dot_api_dot_v1_dot_api__pb2.WatchRecordsRequest.SerializeToString,
+                response_deserializer=examples_dot_backend_dot_api_dot_v1_dot_api__pb2.Record.FromString,
+                _registered_method=True)
 
 
 class DataServiceServicer:
@@ -786,6 +791,15 @@ class DataServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRecords(self, request, context):
+        """The caller's records as they change: first the existing ones (when include_existing),
+        then every record the caller creates or updates, until the client cancels or the
+        server stops. Deletions are not streamed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DataServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -813,6 +827,11 @@ def add_DataServiceServicer_to_server(servicer, server):
                     servicer.ListRecords,
                     request_deserializer=examples_dot_backend_dot_api_dot_v1_dot_api__pb2.ListRecordsRequest.FromString,
                     response_serializer=examples_dot_backend_dot_api_dot_v1_dot_api__pb2.ListRecordsResponse.SerializeToString,
+            ),
+            'WatchRecords': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRecords,
+                    request_deserializer=examples_dot_backend_dot_api_dot_v1_dot_api__pb2.WatchRecordsRequest.FromString,
+                    response_serializer=examples_dot_backend_dot_api_dot_v1_dot_api__pb2.Record.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -953,6 +972,33 @@ class DataService:
             '/api.v1.DataService/ListRecords',
             examples_dot_backend_dot_api_dot_v1_dot_api__pb2.ListRecordsRequest.SerializeToString,
             examples_dot_backend_dot_api_dot_v1_dot_api__pb2.ListRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/api.v1.DataService/WatchRecords',
+            examples_dot_backend_dot_api_dot_v1_dot_api__pb2.WatchRecordsRequest.SerializeToString,
+            examples_dot_backend_dot_api_dot_v1_dot_api__pb2.Record.FromString,
             options,
             channel_credentials,
             insecure,
