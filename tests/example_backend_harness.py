@@ -16,7 +16,7 @@ import json
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,9 +109,14 @@ def cheap_hasher() -> PasswordHasher:
 
 @asynccontextmanager
 async def _example(
-    tmp_path: Path, secret: bytes, fields: dict[str, Any], passwords: Passwords | None = None
+    tmp_path: Path,
+    secret: bytes,
+    fields: dict[str, Any],
+    passwords: Passwords | None = None,
+    policy_path: Path = POLICY,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> AsyncIterator[Example]:
-    policy = load_policy(POLICY)
+    policy = load_policy(policy_path)
     signing_key = keygen("ES256", tmp_path / "signing.pem", tmp_path / "jwks.json")
     config = BackendConfig(
         policy=policy,
@@ -121,7 +126,9 @@ async def _example(
         **fields,
     )
     passwords = passwords or Passwords(cheap_hasher())
-    backend = await start_backend(config, "127.0.0.1:0", passwords=passwords)
+    backend = await start_backend(
+        config, "127.0.0.1:0", passwords=passwords, interceptors=interceptors
+    )
     keyset = KeySet(
         [
             *load_jwks_file(str(tmp_path / "jwks.json")),
@@ -194,6 +201,8 @@ async def running_behind_proxy(
     tmp_path: Path,
     admin_token: str | None = ADMIN_SECRET,
     backend_admin_token: str | None = ADMIN_SECRET,
+    policy: Path = POLICY,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     **config: Any,
 ) -> AsyncIterator[Proxied]:
     """The backend and, in front of it, the proxy with its admin API on loopback.
@@ -201,6 +210,8 @@ async def running_behind_proxy(
     `admin_token`: the secret the admin API requires (None: none); `backend_admin_token`:
     the one the backend sends. The backend must know the admin API's address before the
     proxy (which needs the backend's) starts, so the admin port is picked free first.
+    `policy`: the file both use (default policy.yaml); `interceptors`: the backend's
+    server interceptors (tests record what reaches it).
     """
     secret = secrets.token_urlsafe(32)
     for attempt in range(5):
@@ -210,9 +221,11 @@ async def running_behind_proxy(
             "proxy_admin_token": backend_admin_token,
             **config,
         }
-        async with _example(tmp_path, secret.encode(), fields) as example:
+        async with _example(
+            tmp_path, secret.encode(), fields, policy_path=policy, interceptors=interceptors
+        ) as example:
             cfg = ServeConfig(
-                policy=str(POLICY),
+                policy=str(policy),
                 listen="127.0.0.1:0",
                 upstream=f"127.0.0.1:{example.backend.port}",
                 admin=f"127.0.0.1:{admin_port}",

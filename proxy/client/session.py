@@ -1,0 +1,225 @@
+"""Sessions: a channel whose calls carry the right token, plus the login flow of the seed
+`api.v1.AuthService` (Login → Verify2FA → RefreshToken → Logout).
+
+`AuthSession` is for sync channels (thread-safe); `AsyncAuthSession` for grpc.aio (one
+event loop). Both take the method levels from the policy the proxy enforces, so the
+client attaches exactly the token the proxy will ask for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2
+
+from examples.backend.api.v1 import api_pb2
+
+from ..bearer import AUTHORIZATION
+from ..policy import ACCESS, TWO_FA
+from .interceptors import SyncInterceptor, TokenChooser, aio_interceptors
+from .levels import MethodLevels
+from .refresh import DEFAULT_SKEW, Refresher
+from .tokens import TokenStore
+
+DEFAULT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class AuthMethods:
+    """The auth calls the session makes (the seed's `api.v1.AuthService` messages)."""
+
+    login: str = "/api.v1.AuthService/Login"
+    verify_2fa: str = "/api.v1.AuthService/Verify2FA"
+    resend_code: str = "/api.v1.AuthService/ResendCode"
+    refresh: str = "/api.v1.AuthService/RefreshToken"
+    logout: str = "/api.v1.AuthService/Logout"
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    #: True: the session holds a 2FA token; call `verify_2fa(code)` next.
+    requires_2fa: bool
+    #: Seconds the 2FA token (requires_2fa) or the access token is valid, per the server.
+    expires_in: int
+
+
+def _rpc(channel: Any, method: str, response: type) -> Any:
+    return channel.unary_unary(
+        method,
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=response.FromString,
+    )
+
+
+def _bearer(token: str) -> tuple[tuple[str, str]]:
+    return ((AUTHORIZATION, f"Bearer {token}"),)
+
+
+class _Session:
+    """What both sessions share: the store, the refresher, and what a login answer means."""
+
+    def __init__(
+        self,
+        levels: MethodLevels,
+        skew: float,
+        methods: AuthMethods,
+        store: TokenStore | None,
+        timeout: float,
+    ) -> None:
+        self.levels = levels
+        self.methods = methods
+        self.timeout = timeout
+        self.store = store or TokenStore()
+        self.refresher = Refresher(self.store, skew)
+        self.chooser = TokenChooser(levels, self.store, self.refresher)
+
+    def _logged_in(self, answer: Any) -> LoginResult:
+        if answer.requires_2fa:
+            self.store.clear()
+            self.store.set(TWO_FA, answer.temp_token)
+        else:
+            self.store.set_pair(answer.access_token, answer.refresh_token)
+        return LoginResult(answer.requires_2fa, answer.expires_in)
+
+    @property
+    def logged_in(self) -> bool:
+        """The session holds an access or a refresh token."""
+        return self.store.get(ACCESS) is not None or self.store.get("refresh") is not None
+
+
+class AuthSession(_Session):
+    """A sync session: `session.channel` is a `grpc.Channel` for your stubs."""
+
+    def __init__(
+        self,
+        target: str,
+        levels: MethodLevels,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        skew: float = DEFAULT_SKEW,
+        methods: AuthMethods = AuthMethods(),
+        store: TokenStore | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        super().__init__(levels, skew, methods, store, timeout)
+        if credentials is None:
+            self._raw = grpc.insecure_channel(target, options=options)
+        else:
+            self._raw = grpc.secure_channel(target, credentials, options=options)
+        self.channel = grpc.intercept_channel(
+            self._raw, SyncInterceptor(self.chooser, self._refresh_call)
+        )
+
+    def _refresh_call(self, refresh_token: str) -> tuple[str, str]:
+        call = _rpc(self.channel, self.methods.refresh, api_pb2.TokenResponse)
+        answer = call(
+            api_pb2.RefreshTokenRequest(), metadata=_bearer(refresh_token), timeout=self.timeout
+        )
+        return answer.access_token, answer.refresh_token
+
+    def login(self, email: str, password: str) -> LoginResult:
+        call = _rpc(self.channel, self.methods.login, api_pb2.LoginResponse)
+        request = api_pb2.LoginRequest(email=email, password=password)
+        return self._logged_in(call(request, timeout=self.timeout))
+
+    def verify_2fa(self, code: str) -> None:
+        """Send the code with the 2FA token; keep the access and refresh tokens."""
+        call = _rpc(self.channel, self.methods.verify_2fa, api_pb2.TokenResponse)
+        answer = call(api_pb2.Verify2FARequest(code=code), timeout=self.timeout)
+        self.store.set_pair(answer.access_token, answer.refresh_token)
+
+    def resend_code(self) -> str:
+        call = _rpc(self.channel, self.methods.resend_code, api_pb2.ResendCodeResponse)
+        return call(api_pb2.ResendCodeRequest(), timeout=self.timeout).message
+
+    def refresh(self) -> None:
+        """Refresh now, whatever the access token's expiry."""
+        self.refresher.refresh(self.store.get(ACCESS), self._refresh_call)
+
+    def logout(self, all_devices: bool = False) -> None:
+        """Log out at the server, and forget every token (also when the call fails)."""
+        call = _rpc(self.channel, self.methods.logout, empty_pb2.Empty)
+        try:
+            call(api_pb2.LogoutRequest(all_devices=all_devices), timeout=self.timeout)
+        finally:
+            self.store.clear()
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def __enter__(self) -> AuthSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncAuthSession(_Session):
+    """A grpc.aio session: `session.channel` is a `grpc.aio.Channel` for your stubs."""
+
+    def __init__(
+        self,
+        target: str,
+        levels: MethodLevels,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        skew: float = DEFAULT_SKEW,
+        methods: AuthMethods = AuthMethods(),
+        store: TokenStore | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        super().__init__(levels, skew, methods, store, timeout)
+        interceptors = aio_interceptors(self.chooser, self._refresh_call)
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(
+                target, options=options, interceptors=interceptors
+            )
+        else:
+            self.channel = grpc.aio.secure_channel(
+                target, credentials, options=options, interceptors=interceptors
+            )
+
+    async def _refresh_call(self, refresh_token: str) -> tuple[str, str]:
+        call = _rpc(self.channel, self.methods.refresh, api_pb2.TokenResponse)
+        answer = await call(
+            api_pb2.RefreshTokenRequest(), metadata=_bearer(refresh_token), timeout=self.timeout
+        )
+        return answer.access_token, answer.refresh_token
+
+    async def login(self, email: str, password: str) -> LoginResult:
+        call = _rpc(self.channel, self.methods.login, api_pb2.LoginResponse)
+        request = api_pb2.LoginRequest(email=email, password=password)
+        return self._logged_in(await call(request, timeout=self.timeout))
+
+    async def verify_2fa(self, code: str) -> None:
+        call = _rpc(self.channel, self.methods.verify_2fa, api_pb2.TokenResponse)
+        answer = await call(api_pb2.Verify2FARequest(code=code), timeout=self.timeout)
+        self.store.set_pair(answer.access_token, answer.refresh_token)
+
+    async def resend_code(self) -> str:
+        call = _rpc(self.channel, self.methods.resend_code, api_pb2.ResendCodeResponse)
+        return (await call(api_pb2.ResendCodeRequest(), timeout=self.timeout)).message
+
+    async def refresh(self) -> None:
+        await self.refresher.refresh_async(self.store.get(ACCESS), self._refresh_call)
+
+    async def logout(self, all_devices: bool = False) -> None:
+        call = _rpc(self.channel, self.methods.logout, empty_pb2.Empty)
+        try:
+            await call(api_pb2.LogoutRequest(all_devices=all_devices), timeout=self.timeout)
+        finally:
+            self.store.clear()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncAuthSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
