@@ -25,7 +25,6 @@ from typing import Any, NoReturn
 
 import grpc
 import pyotp
-from google.rpc import error_details_pb2, status_pb2
 
 from examples.backend.api.v1 import api_pb2, api_pb2_grpc
 from examples.demo_children import (
@@ -37,6 +36,7 @@ from examples.demo_children import (
     wait_for_backend,
     wait_for_proxy,
 )
+from proxy.client import AuthSession, ClientAuthError, MethodLevels, denial_reason
 from proxy.keygen import keygen
 
 POLICY = REPO / "policy.yaml"
@@ -46,10 +46,11 @@ SECRET_ENV = "DEMO_REFRESH_SECRET"
 ADMIN_TOKEN_ENV = "DEMO_PROXY_ADMIN_TOKEN"
 ADMIN_EMAIL = "admin@example.com"
 CALL_TIMEOUT = 10.0
-DETAILS_KEY = "grpc-status-details-bin"
 OK = grpc.StatusCode.OK
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 DENIED = grpc.StatusCode.PERMISSION_DENIED
+#: The client library refused a call locally (no token for the method's level).
+LOCAL = "LOCAL"
 
 
 def _markers() -> tuple[str, str]:
@@ -68,7 +69,7 @@ PASS, FAIL = _markers()
 
 @dataclass
 class Outcome:
-    code: grpc.StatusCode
+    code: grpc.StatusCode | str  # or LOCAL: the client library raised
     details: str
     #: `ErrorInfo.reason` from the proxy's status details; None when the backend answered.
     reason: str | None
@@ -77,6 +78,8 @@ class Outcome:
     def describe(self) -> str:
         if self.code == OK:
             return "OK"
+        if self.code == LOCAL:
+            return f"{self.reason} before sending: {self.details}"
         if not self.reason:
             return f"{self.code.name}: {self.details}"
         message = self.details.removeprefix(f"{self.reason}: ")
@@ -89,26 +92,26 @@ def call(
     token: str | None = None,
     metadata: Sequence[tuple[str, str]] = (),
 ) -> Outcome:
+    """One call; `token`: sent as it is (the session leaves a call that carries its own
+    `authorization` alone), to show what the proxy does with the wrong token."""
     md = [*metadata, *([("authorization", f"Bearer {token}")] if token else [])]
     try:
         response, _ = method.with_call(request, metadata=md, timeout=CALL_TIMEOUT)
     except grpc.RpcError as e:
-        return Outcome(e.code(), e.details() or "", error_reason(e))
+        return Outcome(e.code(), e.details() or "", denial_reason(e))
+    except ClientAuthError as e:  # the client library refused before sending anything
+        return Outcome(LOCAL, str(e), type(e).__name__)
     return Outcome(OK, "", None, response)
 
 
-def error_reason(error: grpc.RpcError) -> str | None:
-    """`ErrorInfo.reason` (domain authproxy) from the trailing `grpc-status-details-bin`."""
-    for key, value in error.trailing_metadata() or ():
-        if key != DETAILS_KEY or not isinstance(value, bytes):
-            continue
-        status = status_pb2.Status.FromString(value)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                return info.reason if info.domain == "authproxy" else f"{info.domain}/{info.reason}"
-    return None
+def done(action: Callable[[], Any]) -> Outcome:
+    """A session operation (login, verify_2fa, refresh, logout) as an outcome."""
+    try:
+        return Outcome(OK, "", None, action())
+    except grpc.RpcError as e:
+        return Outcome(e.code(), e.details() or "", denial_reason(e))
+    except ClientAuthError as e:
+        return Outcome(LOCAL, str(e), type(e).__name__)
 
 
 class StepFailed(Exception):
@@ -123,7 +126,7 @@ class Steps:
         self,
         title: str,
         outcome: Outcome,
-        code: grpc.StatusCode = OK,
+        code: grpc.StatusCode | str = OK,
         reason: str | None = None,
         details: str | None = None,
         show: Callable[[Any], str] | None = None,
@@ -132,7 +135,7 @@ class Steps:
         self.number += 1
         problem = None
         if outcome.code != code:
-            problem = f"expected {code.name}, got {outcome.describe()}"
+            problem = f"expected {getattr(code, 'name', code)}, got {outcome.describe()}"
         elif reason is not None and outcome.reason != reason:
             problem = f"expected reason {reason}, got {outcome.reason or 'none'}"
         elif details is not None and details not in outcome.details:
@@ -155,11 +158,18 @@ class Steps:
 # --- the tour --------------------------------------------------------------------------
 
 
-def tour(target: str) -> None:
-    with grpc.insecure_channel(target) as channel:
+def tour(target: str, admin: str) -> None:
+    """The tour. Good clients use the client library (`proxy.client`): an `AuthSession`
+    whose channel attaches, for each method, the token the proxy's own policy asks for
+    (fetched from the proxy's admin API). Calls with a hand-picked token show what the
+    proxy does with the wrong one."""
+    levels = MethodLevels.from_admin(f"http://{admin}")
+    with AuthSession(target, levels, timeout=CALL_TIMEOUT) as session:
+        channel = session.channel
         auth = api_pb2_grpc.AuthServiceStub(channel)
         users = api_pb2_grpc.UserServiceStub(channel)
         data = api_pb2_grpc.DataServiceStub(channel)
+        tokens = session.store
         step = Steps().expect
         email, password = "alice@example.com", secrets.token_urlsafe(12)
 
@@ -169,11 +179,18 @@ def tour(target: str) -> None:
             show=lambda r: f"{r.total_count} users",
         )
         step(
-            "GetProfile without a token",
+            "GetProfile through the client library before logging in",
             call(users.GetProfile, api_pb2.GetProfileRequest()),
-            UNAUTH,
-            "TOKEN_MISSING",
+            LOCAL,
+            "NoTokenError",
         )
+        with grpc.insecure_channel(target) as plain:  # a client without the library
+            step(
+                "GetProfile without a token",
+                call(api_pb2_grpc.UserServiceStub(plain).GetProfile, api_pb2.GetProfileRequest()),
+                UNAUTH,
+                "TOKEN_MISSING",
+            )
         signup = api_pb2.SignUpRequest(
             email=email, password=password, username="alice", enable_2fa=True
         )
@@ -182,39 +199,40 @@ def tour(target: str) -> None:
             call(auth.SignUp, signup),
             show=lambda r: _need(r.otpauth_uri, "no otpauth URI") or f"user_id={r.user_id}",
         )
-        login = step(
+        step(
             "Login with the password",
-            call(auth.Login, api_pb2.LoginRequest(email=email, password=password)),
+            done(lambda: session.login(email, password)),
             show=lambda r: (
-                _need(r.requires_2fa and r.temp_token, "no 2FA token")
-                or f"requires_2fa=true, 2FA token valid {r.expires_in}s"
+                _need(r.requires_2fa and tokens.get("2fa"), "no 2FA token")
+                or f"requires_2fa=true, the session keeps the 2FA token ({r.expires_in}s)"
             ),
         )
+        two_fa = tokens.get("2fa").value
         step(
             "GetProfile with the 2FA token",
-            call(users.GetProfile, api_pb2.GetProfileRequest(), login.temp_token),
+            call(users.GetProfile, api_pb2.GetProfileRequest(), two_fa),
             UNAUTH,
             "WRONG_TOKEN_TYPE",
         )
         code = pyotp.parse_uri(created.otpauth_uri).now()
-        pair = step(
-            f"Verify2FA with TOTP code {code} and the 2FA token",
-            call(auth.Verify2FA, api_pb2.Verify2FARequest(code=code), login.temp_token),
-            show=lambda r: (
-                _need(r.access_token and r.refresh_token, "no tokens")
-                or f"access token ({r.expires_in}s) + refresh token"
+        step(
+            f"Verify2FA with TOTP code {code} (the session sends the 2FA token)",
+            done(lambda: session.verify_2fa(code)),
+            show=lambda _: (
+                _need(tokens.get("access") and not tokens.get("2fa"), "no access token")
+                or "the session now holds an access token + a refresh token"
             ),
         )
         saw = f"backend saw x-auth-subject={created.user_id}"
         step(
             "GetProfile with the access token",
-            call(users.GetProfile, api_pb2.GetProfileRequest(), pair.access_token),
+            call(users.GetProfile, api_pb2.GetProfileRequest()),
             show=lambda r: _need(r.user_id == created.user_id, "wrong profile") or saw,
         )
         forged = [("x-auth-subject", "root"), ("x-auth-roles", "admin")]
         step(
             "GetProfile with forged x-auth-subject/x-auth-roles headers",
-            call(users.GetProfile, api_pb2.GetProfileRequest(), pair.access_token, forged),
+            call(users.GetProfile, api_pb2.GetProfileRequest(), metadata=forged),
             show=lambda r: (
                 _need(r.user_id == created.user_id, "forged identity got through")
                 or f"stripped by the proxy; {saw}"
@@ -222,34 +240,33 @@ def tour(target: str) -> None:
         )
         step(
             "ListUsers as a non-admin (policy: role admin)",
-            call(users.ListUsers, api_pb2.ListUsersRequest(), pair.access_token),
+            call(users.ListUsers, api_pb2.ListUsersRequest()),
             DENIED,
             "INSUFFICIENT_ROLE",
         )
+        first_access, first_refresh = tokens.get("access").value, tokens.get("refresh").value
         step(
             "RefreshToken with the access token",
-            call(auth.RefreshToken, api_pb2.RefreshTokenRequest(), pair.access_token),
+            call(auth.RefreshToken, api_pb2.RefreshTokenRequest(), first_access),
             UNAUTH,
             "WRONG_TOKEN_TYPE",
         )
-        rotated = step(
-            "RefreshToken with the refresh token",
-            call(auth.RefreshToken, api_pb2.RefreshTokenRequest(), pair.refresh_token),
-            show=lambda r: (
-                _need(r.refresh_token != pair.refresh_token, "not rotated")
-                or "new access token + new refresh token (rotated)"
+        step(
+            "RefreshToken with the refresh token (session.refresh)",
+            done(session.refresh),
+            show=lambda _: (
+                _need(tokens.get("refresh").value != first_refresh, "not rotated")
+                or "new access token + new refresh token (rotated), kept by the session"
             ),
         )
         step(
             "GetProfile with the new access token",
-            call(users.GetProfile, api_pb2.GetProfileRequest(), rotated.access_token),
+            call(users.GetProfile, api_pb2.GetProfileRequest()),
             show=lambda r: _need(r.user_id == created.user_id, "wrong profile") or saw,
         )
         record = step(
             "CreateRecord",
-            call(
-                data.CreateRecord, api_pb2.CreateRecordRequest(data="hello"), rotated.access_token
-            ),
+            call(data.CreateRecord, api_pb2.CreateRecordRequest(data="hello")),
             show=lambda r: (
                 _need(r.owner == created.user_id, "wrong owner")
                 or f"record {r.id} owned by {r.owner}"
@@ -257,7 +274,7 @@ def tour(target: str) -> None:
         )
         step(
             "ListRecords",
-            call(data.ListRecords, api_pb2.ListRecordsRequest(), rotated.access_token),
+            call(data.ListRecords, api_pb2.ListRecordsRequest()),
             show=lambda r: (
                 _need([x.id for x in r.records] == [record.id], "wrong records")
                 or f"{r.total_count} record(s), all owned by the caller"
@@ -265,71 +282,29 @@ def tour(target: str) -> None:
         )
         step(
             "RefreshToken with the first, already used refresh token",
-            call(auth.RefreshToken, api_pb2.RefreshTokenRequest(), pair.refresh_token),
+            call(auth.RefreshToken, api_pb2.RefreshTokenRequest(), first_refresh),
             UNAUTH,
             details="refresh token already used",
         )
         step(
-            "/admin.v1.Ops/Shutdown (policy: deny)",
-            call(channel.unary_unary("/admin.v1.Ops/Shutdown"), b"", rotated.access_token),
+            "/admin.v1.Ops/Shutdown (policy: deny; the session sends no token)",
+            call(channel.unary_unary("/admin.v1.Ops/Shutdown"), b""),
             DENIED,
             "METHOD_DENIED",
         )
+        last_access = tokens.get("access").value
         step(
             "Logout (the backend revokes the access token at the proxy's admin API)",
-            call(auth.Logout, api_pb2.LogoutRequest(), rotated.access_token),
+            done(session.logout),
+            show=lambda _: _need(not session.logged_in, "tokens kept") or "the session is empty",
         )
         step(
             "GetProfile with the logged-out access token",
-            call(users.GetProfile, api_pb2.GetProfileRequest(), rotated.access_token),
+            call(users.GetProfile, api_pb2.GetProfileRequest(), last_access),
             UNAUTH,
             "TOKEN_REVOKED",
         )
-        admin_password = secrets.token_urlsafe(12)
-        step(
-            f"SignUp {ADMIN_EMAIL} without 2FA (an --admin-email)",
-            call(auth.SignUp, api_pb2.SignUpRequest(email=ADMIN_EMAIL, password=admin_password)),
-            show=lambda r: f"user_id={r.user_id}",
-        )
-        admin = step(
-            "Login as the admin",
-            call(auth.Login, api_pb2.LoginRequest(email=ADMIN_EMAIL, password=admin_password)),
-            show=lambda r: (
-                _need(r.access_token and not r.requires_2fa, "no access token")
-                or "access token + refresh token right away (no 2FA)"
-            ),
-        )
-        step(
-            "ListUsers as the admin",
-            call(users.ListUsers, api_pb2.ListUsersRequest(), admin.access_token),
-            show=lambda r: f"{r.total_count} users, requested_by={r.requested_by}",
-        )
-        admin_login = api_pb2.LoginRequest(email=ADMIN_EMAIL, password=admin_password)
-        second = step(
-            "Login as the admin on a second device",
-            call(auth.Login, admin_login),
-            show=lambda r: _need(r.access_token, "no access token") or "another access token",
-        )
-        step(
-            "Logout on all devices (every token of the admin is revoked at the proxy)",
-            call(auth.Logout, api_pb2.LogoutRequest(all_devices=True), admin.access_token),
-        )
-        step(
-            "ListUsers with the second device's access token",
-            call(users.ListUsers, api_pb2.ListUsersRequest(), second.access_token),
-            UNAUTH,
-            "TOKEN_REVOKED",
-        )
-        again = step(
-            "Login as the admin again, right away",
-            call(auth.Login, admin_login),
-            show=lambda r: _need(r.access_token, "no access token") or "a new access token",
-        )
-        step(
-            "ListUsers with the new access token",
-            call(users.ListUsers, api_pb2.ListUsersRequest(), again.access_token),
-            show=lambda r: f"{r.total_count} users (issued after the logout: accepted)",
-        )
+        _admin_steps(target, levels, step)
 
         # Login is rate limited per client address (policy: 10/minute). Wrong passwords
         # count too: the proxy counts calls it lets through, whatever the backend answers.
@@ -345,6 +320,62 @@ def tour(target: str) -> None:
             outcome,
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "RATE_LIMITED",
+        )
+
+
+def _admin_steps(target: str, levels: MethodLevels, step: Callable[..., Any]) -> None:
+    """An admin on two devices (two sessions), and logging out on all of them."""
+    admin_password = secrets.token_urlsafe(12)
+    with (
+        AuthSession(target, levels, timeout=CALL_TIMEOUT) as admin,
+        AuthSession(target, levels, timeout=CALL_TIMEOUT) as second,
+    ):
+        auth = api_pb2_grpc.AuthServiceStub(admin.channel)
+        users = api_pb2_grpc.UserServiceStub(admin.channel)
+        second_users = api_pb2_grpc.UserServiceStub(second.channel)
+        signup = api_pb2.SignUpRequest(email=ADMIN_EMAIL, password=admin_password)
+        step(
+            f"SignUp {ADMIN_EMAIL} without 2FA (an --admin-email)",
+            call(auth.SignUp, signup),
+            show=lambda r: f"user_id={r.user_id}",
+        )
+        step(
+            "Login as the admin",
+            done(lambda: admin.login(ADMIN_EMAIL, admin_password)),
+            show=lambda r: (
+                _need(not r.requires_2fa and admin.store.get("access"), "no access token")
+                or "access token + refresh token right away (no 2FA)"
+            ),
+        )
+        step(
+            "ListUsers as the admin",
+            call(users.ListUsers, api_pb2.ListUsersRequest()),
+            show=lambda r: f"{r.total_count} users, requested_by={r.requested_by}",
+        )
+        step(
+            "Login as the admin on a second device",
+            done(lambda: second.login(ADMIN_EMAIL, admin_password)),
+            show=lambda _: _need(second.logged_in, "no access token") or "another access token",
+        )
+        step(
+            "Logout on all devices (every token of the admin is revoked at the proxy)",
+            done(lambda: admin.logout(all_devices=True)),
+        )
+        step(
+            "ListUsers with the second device's access token",
+            call(second_users.ListUsers, api_pb2.ListUsersRequest()),
+            UNAUTH,
+            "TOKEN_REVOKED",
+        )
+        step(
+            "Login as the admin again, right away",
+            done(lambda: admin.login(ADMIN_EMAIL, admin_password)),
+            show=lambda _: _need(admin.logged_in, "no access token") or "a new access token",
+        )
+        step(
+            "ListUsers with the new access token",
+            call(users.ListUsers, api_pb2.ListUsersRequest()),
+            show=lambda r: f"{r.total_count} users (issued after the logout: accepted)",
         )
 
 
@@ -406,7 +437,7 @@ def _run(children: Children, workdir: Path, keep_running: bool) -> int:
         flush=True,
     )
     try:
-        tour(target)
+        tour(target, admin)
     except StepFailed as e:
         print(f"\ndemo: FAILED at {e}", file=sys.stderr)
         report = children.report()

@@ -37,6 +37,10 @@ def test_demo_runs_every_step_through_the_proxy_and_exits_zero():
         assert len(found) == 1, (title, out)
         return found[0]
 
+    # The client library (proxy.client) sends nothing for a method it holds no token for.
+    local = line("GetProfile through the client library before logging in")
+    assert "NoTokenError before sending" in local
+    assert "needs a token of level 'access'" in local
     assert "UNAUTHENTICATED [TOKEN_MISSING]" in line("GetProfile without a token")
     assert "requires_2fa=true" in line("Login with the password")
     wrong_type = line("GetProfile with the 2FA token")
@@ -49,13 +53,15 @@ def test_demo_runs_every_step_through_the_proxy_and_exits_zero():
         "ListUsers as a non-admin (policy: role admin)"
     )
     assert "UNAUTHENTICATED [WRONG_TOKEN_TYPE]" in line("RefreshToken with the access token")
-    assert "rotated" in line("RefreshToken with the refresh token")
+    assert "rotated" in line("RefreshToken with the refresh token (session.refresh)")
     assert f"x-auth-subject={subject}" in line("GetProfile with the new access token")
     assert f"owned by {subject}" in line("CreateRecord")
     assert "refresh token already used" in line(
         "RefreshToken with the first, already used refresh token"
     )
-    assert "PERMISSION_DENIED [METHOD_DENIED]" in line("/admin.v1.Ops/Shutdown (policy: deny)")
+    assert "PERMISSION_DENIED [METHOD_DENIED]" in line(
+        "/admin.v1.Ops/Shutdown (policy: deny; the session sends no token)"
+    )
 
     def number(title: str) -> int:
         found = re.search(r"(\d+)\. ", line(title))
@@ -64,7 +70,7 @@ def test_demo_runs_every_step_through_the_proxy_and_exits_zero():
 
     logout = "Logout (the backend revokes the access token at the proxy's admin API)"
     revoked = "GetProfile with the logged-out access token"
-    assert line(logout).endswith("→ OK")
+    assert line(logout).endswith("→ OK: the session is empty")
     assert "UNAUTHENTICATED [TOKEN_REVOKED]" in line(revoked)
     assert number(revoked) == number(logout) + 1
     assert "2 users" in line("ListUsers as the admin")
