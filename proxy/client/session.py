@@ -63,18 +63,34 @@ class _Session:
 
     def __init__(
         self,
+        target: str,
         levels: MethodLevels,
-        skew: float,
-        methods: AuthMethods,
-        store: TokenStore | None,
-        timeout: float,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        skew: float = DEFAULT_SKEW,
+        methods: AuthMethods = AuthMethods(),
+        store: TokenStore | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
+        """`credentials`: TLS (None: plaintext h2c, as to a sidecar on loopback); `skew`:
+        refresh when the access token has less than this many seconds left; `store`: to
+        share or restore tokens; `timeout`: of the session's own auth calls."""
         self.levels = levels
         self.methods = methods
         self.timeout = timeout
         self.store = store or TokenStore()
         self.refresher = Refresher(self.store, skew)
         self.chooser = TokenChooser(levels, self.store, self.refresher)
+        self._open(target, credentials, options)
+
+    def _open(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None,
+        options: Sequence[tuple[str, Any]],
+    ) -> None:
+        raise NotImplementedError
 
     def _logged_in(self, answer: Any) -> LoginResult:
         if answer.requires_2fa:
@@ -93,19 +109,12 @@ class _Session:
 class AuthSession(_Session):
     """A sync session: `session.channel` is a `grpc.Channel` for your stubs."""
 
-    def __init__(
+    def _open(
         self,
         target: str,
-        levels: MethodLevels,
-        *,
-        credentials: grpc.ChannelCredentials | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-        skew: float = DEFAULT_SKEW,
-        methods: AuthMethods = AuthMethods(),
-        store: TokenStore | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        credentials: grpc.ChannelCredentials | None,
+        options: Sequence[tuple[str, Any]],
     ) -> None:
-        super().__init__(levels, skew, methods, store, timeout)
         if credentials is None:
             self._raw = grpc.insecure_channel(target, options=options)
         else:
@@ -161,19 +170,12 @@ class AuthSession(_Session):
 class AsyncAuthSession(_Session):
     """A grpc.aio session: `session.channel` is a `grpc.aio.Channel` for your stubs."""
 
-    def __init__(
+    def _open(
         self,
         target: str,
-        levels: MethodLevels,
-        *,
-        credentials: grpc.ChannelCredentials | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-        skew: float = DEFAULT_SKEW,
-        methods: AuthMethods = AuthMethods(),
-        store: TokenStore | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        credentials: grpc.ChannelCredentials | None,
+        options: Sequence[tuple[str, Any]],
     ) -> None:
-        super().__init__(levels, skew, methods, store, timeout)
         interceptors = aio_interceptors(self.chooser, self._refresh_call)
         if credentials is None:
             self.channel = grpc.aio.insecure_channel(
