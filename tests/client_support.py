@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 
+from examples.backend.api.v1 import api_pb2
 from tests.example_backend_harness import PASSWORD, POLICY, Proxied, decoded
 
 REFRESH = "/api.v1.AuthService/RefreshToken"
@@ -69,7 +70,5 @@ def target(proxied: Proxied) -> str:
 
 
 async def signed_up(proxied: Proxied, email: str, enable_2fa: bool = False) -> Any:
-    from examples.backend.api.v1 import api_pb2
-
     request = api_pb2.SignUpRequest(email=email, password=PASSWORD, enable_2fa=enable_2fa)
     return await proxied.auth.SignUp(request)

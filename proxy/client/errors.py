@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
@@ -45,12 +43,7 @@ def denial_reason(error: grpc.RpcError) -> str | None:
     `grpc-status-details-bin`; `domain/REASON` for another domain's ErrorInfo; None when
     there is none (for example, when the backend answered)."""
     trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    return reason_in(trailing)
-
-
-def reason_in(trailing_metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
-    """`denial_reason`, from a call's trailing metadata."""
-    for key, value in trailing_metadata or ():
+    for key, value in trailing or ():
         if key != DETAILS_KEY or not isinstance(value, bytes):
             continue
         try:

@@ -23,14 +23,14 @@ from typing import Any, NamedTuple
 import grpc
 
 from ..bearer import AUTHORIZATION
-from ..policy import ACCESS, DENY, PUBLIC, REFRESH
-from .errors import TOKEN_EXPIRED, NoTokenError, is_token_expired, reason_in
+from ..policy import ACCESS, DENY, PUBLIC, REFRESH, TWO_FA
+from .errors import NoTokenError, is_token_expired
 from .levels import MethodLevels
 from .refresh import AsyncRefreshCall, Refresher, SyncRefreshCall
 from .tokens import StoredToken, TokenStore
 
 _HINTS = {
-    "2fa": "log in first: login() keeps the 2FA token when the account has two-factor auth",
+    TWO_FA: "log in first: login() keeps the 2FA token when the account has two-factor auth",
     REFRESH: "log in first",
     ACCESS: "log in first",
 }
@@ -59,7 +59,7 @@ class TokenChooser:
             return token
         token = self.store.get(level)
         if token is None:
-            raise NoTokenError(method, level, _HINTS.get(level, "log in first"))
+            raise NoTokenError(method, level, _HINTS[level])
         return token
 
     def token(self, method: str, level: str, refresh: SyncRefreshCall) -> StoredToken | None:
@@ -124,12 +124,13 @@ class AioUnaryUnary(_AioBase, grpc.aio.UnaryUnaryClientInterceptor):
         call = await continuation(details, request)
         if level != ACCESS or token is None:
             return call
-        if await call.code() != grpc.StatusCode.UNAUTHENTICATED:
-            return call
-        if reason_in(await call.trailing_metadata()) != TOKEN_EXPIRED:
-            return call
-        fresh = await self.chooser.refresher.refresh_async(token, self.refresh)
-        return await continuation(_aio_details(client_call_details, fresh), request)
+        try:
+            await call
+        except grpc.aio.AioRpcError as error:
+            if is_token_expired(error):
+                fresh = await self.chooser.refresher.refresh_async(token, self.refresh)
+                return await continuation(_aio_details(client_call_details, fresh), request)
+        return call
 
 
 class AioUnaryStream(_AioBase, grpc.aio.UnaryStreamClientInterceptor):

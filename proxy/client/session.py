@@ -18,7 +18,7 @@ from google.protobuf import empty_pb2
 from examples.backend.api.v1 import api_pb2
 
 from ..bearer import AUTHORIZATION
-from ..policy import ACCESS, TWO_FA
+from ..policy import ACCESS, REFRESH, TWO_FA
 from .interceptors import SyncInterceptor, TokenChooser, aio_interceptors
 from .levels import MethodLevels
 from .refresh import DEFAULT_SKEW, Refresher
@@ -103,7 +103,7 @@ class _Session:
     @property
     def logged_in(self) -> bool:
         """The session holds an access or a refresh token."""
-        return self.store.get(ACCESS) is not None or self.store.get("refresh") is not None
+        return self.store.get(ACCESS) is not None or self.store.get(REFRESH) is not None
 
 
 class AuthSession(_Session):
