@@ -139,6 +139,8 @@ def _steps(verifier: TokenVerifier, policy: Policy, rule: Rule, headers: Headers
         return []  # deny, or no rule at all: the verdict says why
     if rule.rate_limits and steps[-1].outcome != FAIL:
         steps.append(Step("rate limits", OFFLINE, "; ".join(map(rate_text, rule.rate_limits))))
+    if rule.single_use and steps[-1].outcome != FAIL:  # recorded last: only an allowed call
+        steps.append(Step("single use", OFFLINE, "needs a 'jti'; no token has been used yet"))
     return steps
 
 
@@ -165,8 +167,6 @@ def _token_steps(
         return
     yield Step("identity", OK, _identity(identity))
     yield Step("revocation", OFFLINE, "nothing is revoked in an empty state")
-    if rule.single_use:
-        yield Step("single use", OFFLINE, "needs a 'jti'; no token has been used yet")
     try:
         check_requirements(rule, identity)
     except Denied as d:

@@ -1,7 +1,12 @@
 """The decision pipeline every front end calls.
 
     match the method's rule -> extract the token -> verify it for the rule's level
-    -> check shared state -> check requirements -> count rate limits -> Decision
+    -> check shared state -> check requirements -> count rate limits
+    -> record single use -> Decision
+
+Only calls that pass every other step are counted or recorded: the rate limit counts a
+call that passed the requirements, and a single-use token is spent (recorded) last, so a
+call refused for any reason — rate limit, role, peer — leaves it usable for a retry.
 
 `decide` takes a gRPC method path (the sidecar, and gRPC calls seen through Envoy);
 `decide_http` takes an HTTP request seen through Envoy ext_authz and picks the rule by
@@ -27,8 +32,12 @@ from .verify import TokenVerifier, UnknownKey, VerifiedToken
 
 Headers = Iterable[tuple[str, str | bytes]]
 
-#: A shared-state check (revocation, single use): raise `Denied` to refuse.
+#: A shared-state check (revocation, "already used?"): raise `Denied` to refuse. Checks
+#: record nothing.
 StateCheck = Callable[[Rule, VerifiedToken], Awaitable[None]]
+#: A step that records the call in shared state (single use), run last, after every other
+#: step let the call through; raise `Denied` to refuse (a concurrent use won).
+Recorder = Callable[[Rule, VerifiedToken], Awaitable[None]]
 #: The rate-limit step (`rate_limits.RateLimiter`): (rule, peer, headers, verified token or
 #: None for a public rule); raise `Denied` to refuse.
 Limiter = Callable[[Rule, str | None, Headers, VerifiedToken | None], Awaitable[None]]
@@ -48,11 +57,13 @@ class Authorizer:
         verifier: TokenVerifier,
         state_checks: Iterable[StateCheck] = (),
         limiter: Limiter | None = None,
+        recorders: Iterable[Recorder] = (),
     ) -> None:
         self.policy = policy
         self.verifier = verifier
         self.state_checks = tuple(state_checks)
         self.limiter = limiter
+        self.recorders = tuple(recorders)
         self.observers: list[Observer] = []
 
     async def decide(
@@ -168,8 +179,9 @@ class Authorizer:
         principal: str | None,
         recording: bool = True,
     ) -> Decision:
-        """The steps after matching: level, token, shared state, requirements, rate limits.
-        With `recording` false, the state steps (which record uses and hits) are skipped."""
+        """The steps after matching: level, token, shared state, requirements, peers, rate
+        limits, then the recorders (single use), which run only for a call every other step
+        let through. With `recording` false, the state steps are skipped."""
         if principal is not None and (
             "%" in principal or not (principal.isascii() and principal.isprintable())
         ):  # it travels in x-auth-peer: percent-encoded, "%" too, so it stays unambiguous
@@ -198,6 +210,9 @@ class Authorizer:
                 if self.limiter is None:
                     raise Denied(Reason.STATE_UNAVAILABLE, "no rate limit storage is configured")
                 await self.limiter(rule, peer, headers, verified)
+            if verified is not None and recording:
+                for record in self.recorders:
+                    await record(rule, verified)
         except Denied as denied:
             return Decision(
                 rule.shadow,  # shadow mode: computed and reported, but allowed

@@ -41,7 +41,7 @@ from .policy_reload import PolicyReloader
 from .rate_limits import RateLimiter
 from .sidecar import SidecarHandler, build_server
 from .state import MemoryState, StateStore
-from .state_checks import revocation_check, single_use_check
+from .state_checks import SingleUse, revocation_check
 from .stream_guard import StreamGuard
 from .upstream import Upstream
 from .verify import TokenVerifier
@@ -95,13 +95,16 @@ def assemble_authorizer(
     state: StateStore,
     trusted: TrustedProxies | None = None,
 ) -> Authorizer:
-    """The pipeline's steps on a state store: revocation and single use, then rate limits.
+    """The pipeline's steps on a state store: revocation and "already used?", then rate
+    limits, then the single-use record (last: only a call let through spends its token).
     `serve` and `explain` both build theirs here."""
+    single_use = SingleUse(state)
     return Authorizer(
         policy,
         verifier,
-        (revocation_check(state), single_use_check(state)),
+        (revocation_check(state), single_use.check),
         RateLimiter(state.rate_limit_storage(), trusted),
+        recorders=(single_use.record,),
     )
 
 

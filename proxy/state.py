@@ -67,6 +67,10 @@ class StateStore(Protocol):
         """Raise StateUnavailable when the local view may be missing revocations."""
 
     def revoked(self, jti: str | None, sub: str, iat: float | None) -> bool: ...
+    async def used(self, jti: str) -> bool:
+        """Whether a jti was recorded as used (reads only)."""
+        ...
+
     async def first_use(self, jti: str, exp: float) -> bool:
         """Record a jti as used; True for the first presentation only (atomic)."""
         ...
@@ -175,6 +179,10 @@ class MemoryState:
 
     def revoked(self, jti: str | None, sub: str, iat: float | None) -> bool:
         return self.view.revoked(jti, sub, iat)
+
+    async def used(self, jti: str) -> bool:
+        seen = self._used.get(jti)
+        return seen is not None and seen > self.clock()
 
     async def first_use(self, jti: str, exp: float) -> bool:
         now = self.clock()

@@ -2,13 +2,15 @@
 
 Both run on every call at a token level, after the token verified (cached or not), so
 the verified-token cache can never serve a revoked or reused token. Both fail closed:
-when the state cannot be consulted the call is refused with STATE_UNAVAILABLE.
+when the state cannot be consulted the call is refused with STATE_UNAVAILABLE. A use is
+recorded only by the pipeline's last step (`SingleUse.record`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from .pipeline import StateCheck
 from .policy import Rule
@@ -34,36 +36,59 @@ def revocation_check(store: StateStore) -> StateCheck:
     return check
 
 
-def single_use_check(store: StateStore, clock=time.time) -> StateCheck:
-    async def check(rule: Rule, verified: VerifiedToken) -> None:
+class SingleUse:
+    """`single_use: true`: each token (`jti`) passes once. Two steps of the pipeline:
+
+    `check` (a state check, before requirements and rate limits) refuses a token already
+    used, so a replay is never counted against a rate limit; `record` (the last step, run
+    only when every other step let the call through) spends the token atomically (`SET
+    NX`): of concurrent first presentations exactly one wins. A call refused by a later
+    step (rate limit, role, peer) leaves the token unspent for a retry.
+    """
+
+    def __init__(self, store: StateStore, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+
+    async def check(self, rule: Rule, verified: VerifiedToken) -> None:
         if not rule.single_use:
             return
-        jti = verified.claims.get("jti")  # a non-empty string when present (claims layer)
-        if jti is None:
-            raise Denied(
-                Reason.MISSING_CLAIM, "this method accepts each token once: it needs a 'jti'"
-            )
+        jti = _jti(verified)
         try:
-            first = await store.first_use(jti, verified.exp)
+            used = await self.store.used(jti)
         except StateUnavailable as e:
             raise Denied(Reason.STATE_UNAVAILABLE, str(e)) from None
-        if first:
+        if used:
+            await self._reused(rule, verified, jti)
+
+    async def record(self, rule: Rule, verified: VerifiedToken) -> None:
+        if not rule.single_use:
             return
-        subject = verified.claims["sub"]
-        if rule.revoke_on_reuse and not rule.shadow:  # shadow mode changes nothing
+        jti = _jti(verified)
+        try:
+            first = await self.store.first_use(jti, verified.exp)
+        except StateUnavailable as e:
+            raise Denied(Reason.STATE_UNAVAILABLE, str(e)) from None
+        if not first:  # a concurrent presentation won between check and record
+            await self._reused(rule, verified, jti)
+
+    async def _reused(self, rule: Rule, verified: VerifiedToken, jti: str) -> None:
+        revoke = rule.revoke_on_reuse and not rule.shadow  # shadow mode changes nothing
+        if revoke:
             try:
-                await store.revoke_subject(subject, clock())
+                await self.store.revoke_subject(verified.claims["sub"], self.clock())
                 log.warning("reuse of single-use token %s: revoked every token of its subject", jti)
             except StateUnavailable:
                 log.error("reuse of single-use token %s: could not revoke its subject", jti)
         raise Denied(
             Reason.REFRESH_REUSED,
             "this token was already used"
-            + (
-                "; every session of its subject is revoked"
-                if rule.revoke_on_reuse and not rule.shadow
-                else ""
-            ),
+            + ("; every session of its subject is revoked" if revoke else ""),
         )
 
-    return check
+
+def _jti(verified: VerifiedToken) -> str:
+    jti = verified.claims.get("jti")  # a non-empty string when present (claims layer)
+    if jti is None:
+        raise Denied(Reason.MISSING_CLAIM, "this method accepts each token once: it needs a 'jti'")
+    return jti

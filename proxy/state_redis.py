@@ -159,6 +159,10 @@ class RedisState:
 
     # --- single use -----------------------------------------------------------------------
 
+    async def used(self, jti: str) -> bool:
+        async with self._guard("read a token use"):
+            return bool(await self.client.exists(f"{self.ns}:used:{jti}"))
+
     async def first_use(self, jti: str, exp: float) -> bool:
         async with self._guard("record a token use"):
             return bool(
