@@ -158,12 +158,12 @@ class Steps:
 # --- the tour --------------------------------------------------------------------------
 
 
-def tour(target: str, admin: str) -> None:
+def tour(target: str, admin: str, admin_token: str) -> None:
     """The tour. Good clients use the client library (`proxy.client`): an `AuthSession`
     whose channel attaches, for each method, the token the proxy's own policy asks for
-    (fetched from the proxy's admin API). Calls with a hand-picked token show what the
-    proxy does with the wrong one."""
-    levels = MethodLevels.from_admin(f"http://{admin}")
+    (fetched from the proxy's admin API, with its admin secret). Calls with a hand-picked
+    token show what the proxy does with the wrong one."""
+    levels = MethodLevels.from_admin(f"http://{admin}", admin_token=admin_token)
     with AuthSession(target, levels, timeout=CALL_TIMEOUT) as session:
         channel = session.channel
         auth = api_pb2_grpc.AuthServiceStub(channel)
@@ -437,7 +437,7 @@ def _run(children: Children, workdir: Path, keep_running: bool) -> int:
         flush=True,
     )
     try:
-        tour(target, admin)
+        tour(target, admin, children.env[ADMIN_TOKEN_ENV])
     except StepFailed as e:
         print(f"\ndemo: FAILED at {e}", file=sys.stderr)
         report = children.report()

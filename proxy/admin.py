@@ -15,11 +15,14 @@
     GET  /public-key      PEM of the newest of those keys; `?kid=KID` picks one (404 JSON
                           for an unknown kid or when no asymmetric key is loaded)
 
-The status and key endpoints are read-only and open (probes and scrapers carry no
-secrets; public keys are public). The revocation API needs `authorization: Bearer <$ENV>`
-with `--admin-token-env ENV`; on a non-loopback address it is refused (403) unless that
-secret is configured, so a listener opened for kubelet probes is never an open revocation
-endpoint. Errors are JSON `{"error", "reason", "message"}` like the ext_authz denies: 400
+Every route is registered with its access class (`Access`); a route registered without
+one, and any unknown path, is treated as `PRIVATE`, so a route added later is closed until
+someone opens it on purpose. With `--admin-token-env ENV` every route but the probes
+(`/healthz`, `/readyz`), the published public keys and `/metrics` needs `authorization:
+Bearer <$ENV>`, and `--admin-metrics-auth` puts `/metrics` behind it too. Without the secret, the read-only
+routes are open and the private ones (the revocation API) answer only on a loopback
+address (403 elsewhere), so a listener opened for kubelet probes is never an open
+revocation endpoint. Errors are JSON `{"error", "reason", "message"}` like the ext_authz denies: 400
 for bad input, 401 without the admin token, 403 as above, 404 for an unknown key, 503 when
 the state backend is unavailable.
 """
@@ -32,6 +35,7 @@ import json
 import logging
 import math
 import time
+from enum import Enum
 from typing import Any, Protocol
 
 import jwt
@@ -62,6 +66,22 @@ class AdminStatus(Protocol):
     def published_jwks(self) -> dict[str, Any]: ...
 
 
+class Access(Enum):
+    """Who may call a route."""
+
+    #: Liveness and readiness: always open (kubelet probes carry no secrets).
+    PROBE = "probe"
+    #: Prometheus exposition: open, or behind the admin token with `--admin-metrics-auth`.
+    METRICS = "metrics"
+    #: Published public keys: always open, like any identity provider's JWKS (other
+    #: services and proxies fetch them with `--jwks URL`, which sends no secret).
+    KEYS = "keys"
+    #: Read-only status and published keys: behind the admin token when one is configured.
+    READ = "read"
+    #: Revocations: behind the admin token; without one, only on a loopback address.
+    PRIVATE = "private"
+
+
 class AdminServer:
     def __init__(
         self,
@@ -69,23 +89,33 @@ class AdminServer:
         address: str,
         token: str | None = None,
         status: AdminStatus | None = None,
+        metrics_auth: bool = False,
     ) -> None:
         self.address = address
         self.port = 0  # known once started
         self.store = store
         self.status = status
         self._token = token.encode() if token else None
-        self._writes_open = token is not None or _is_loopback(address)
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._guard])
-        app.router.add_post("/v1/revocations", self.revoke)
-        app.router.add_get("/v1/revocations", self.list_revocations)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/metrics", self.metrics)
-        app.router.add_get("/policy", self.policy)
-        app.router.add_get("/.well-known/jwks.json", self.jwks)
-        app.router.add_get("/public-key", self.public_key)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._private_open = token is not None or _is_loopback(address)
+        self._metrics_auth = metrics_auth
+        self.app = web.Application(client_max_size=MAX_BODY, middlewares=[self._guard])
+        #: Each route's resource and its access class; anything else is PRIVATE.
+        self.access: dict[web.AbstractResource, Access] = {}
+        self._route("POST", "/v1/revocations", self.revoke, Access.PRIVATE)
+        self._route("GET", "/v1/revocations", self.list_revocations, Access.PRIVATE)
+        self._route("GET", "/healthz", self.healthz, Access.PROBE)
+        self._route("GET", "/readyz", self.readyz, Access.PROBE)
+        self._route("GET", "/metrics", self.metrics, Access.METRICS)
+        self._route("GET", "/policy", self.policy, Access.READ)
+        self._route("GET", "/.well-known/jwks.json", self.jwks, Access.KEYS)
+        self._route("GET", "/public-key", self.public_key, Access.KEYS)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+
+    def _route(self, method: str, path: str, handler, access: Access) -> None:
+        route = self.app.router.add_route(method, path, handler)
+        assert route.resource is not None
+        known = self.access.setdefault(route.resource, access)
+        assert known is access, f"{path}: one path, one access class"
 
     async def start(self) -> None:
         self.port = await listen(self._runner, self.address)
@@ -93,11 +123,20 @@ class AdminServer:
     async def stop(self, grace: float = 0) -> None:
         await self._runner.cleanup()
 
+    def access_of(self, request: web.Request) -> Access:
+        """The route's access class; PRIVATE for a route registered without one and for
+        a path no route serves."""
+        resource = request.match_info.route.resource
+        return self.access.get(resource, Access.PRIVATE) if resource else Access.PRIVATE
+
     @web.middleware
     async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
-        if not request.path.startswith("/v1/"):
-            return await handler(request)  # the read-only status endpoints
-        if not self._writes_open:
+        access = self.access_of(request)
+        if access in (Access.PROBE, Access.KEYS) or (
+            access is Access.METRICS and not self._metrics_auth
+        ):
+            return await handler(request)
+        if access is Access.PRIVATE and not self._private_open:
             return _error(
                 403,
                 "FORBIDDEN",
@@ -109,6 +148,8 @@ class AdminServer:
                 response = _error(401, "UNAUTHENTICATED", "the admin API needs its bearer token")
                 response.headers["www-authenticate"] = "Bearer"
                 return response
+        elif access is Access.METRICS:  # --admin-metrics-auth without a secret: refused
+            return _error(403, "FORBIDDEN", "--admin-metrics-auth needs --admin-token-env")
         try:
             return await handler(request)
         except StateUnavailable as e:

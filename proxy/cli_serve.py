@@ -126,7 +126,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--admin-token-env",
         default=env("--admin-token-env"),
-        help="ENV holding a bearer secret the admin API requires",
+        help="ENV holding a bearer secret every admin route but the probes, /metrics and"
+        " the public keys requires",
+    )
+    p.add_argument(
+        "--admin-metrics-auth",
+        action="store_true",
+        default=env_bool("--admin-metrics-auth", False),
+        help="/metrics needs the admin token too (with --admin-token-env)",
     )
     p.add_argument(
         "--trusted-proxy",
@@ -331,6 +338,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         state_timeout=args.state_timeout,
         admin=args.admin,
         admin_token_env=args.admin_token_env,
+        admin_metrics_auth=args.admin_metrics_auth,
         trusted_proxies=args.trusted_proxy or env_list("--trusted-proxy"),
         jwks=args.jwks or env_list("--jwks"),
         issuer_jwks=args.issuer_jwks or env_list("--issuer-jwks"),

@@ -44,6 +44,7 @@ class ServeConfig:
     state_timeout: float = DEFAULT_TIMEOUT
     admin: str | None = None  # HOST:PORT of the admin API (revocations)
     admin_token_env: str | None = None  # env var holding the admin API's bearer secret
+    admin_metrics_auth: bool = False  # /metrics needs the admin token too
     #: CIDRs whose x-forwarded-for is believed, for rate limits keyed by client address
     trusted_proxies: list[str] = field(default_factory=list)
     jwks: list[str] = field(default_factory=list)  # JWKS files or https:// URLs

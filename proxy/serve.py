@@ -269,7 +269,9 @@ class AuthProxy:
                         f"--admin-token-env {cfg.admin_token_env}: the variable must hold a"
                         " secret of at least 16 characters"
                     )
-            self.admin = AdminServer(self.state, cfg.admin, token, self.ops)
+            if cfg.admin_metrics_auth and token is None:
+                raise ConfigError("--admin-metrics-auth needs --admin-token-env")
+            self.admin = AdminServer(self.state, cfg.admin, token, self.ops, cfg.admin_metrics_auth)
         self.check_grpc: CheckServer | None = None
         self.check_http: CheckHttpServer | None = None
         try:

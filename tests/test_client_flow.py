@@ -23,14 +23,20 @@ from tests.client_support import (
     target,
 )
 from tests.echo_backend import start_echo_backend
-from tests.example_backend_harness import PASSWORD, POLICY, decoded, running_behind_proxy
+from tests.example_backend_harness import (
+    ADMIN_SECRET,
+    PASSWORD,
+    POLICY,
+    decoded,
+    running_behind_proxy,
+)
 
 
 async def test_full_flow_login_2fa_access_refresh_logout(tmp_path):
     recorder = Recorder()
     async with running_behind_proxy(tmp_path, interceptors=[recorder]) as proxied:
         created = await signed_up(proxied, "flow@example.com", enable_2fa=True)
-        levels = await MethodLevels.from_admin_async(proxied.admin_url)
+        levels = await MethodLevels.from_admin_async(proxied.admin_url, admin_token=ADMIN_SECRET)
         async with AsyncAuthSession(target(proxied), levels) as session:
             users = api_pb2_grpc.UserServiceStub(session.channel)
             data = api_pb2_grpc.DataServiceStub(session.channel)
@@ -199,7 +205,9 @@ async def test_a_call_with_its_own_authorization_is_left_alone(tmp_path):
 
 async def test_levels_from_the_file_and_from_the_admin_api_agree(tmp_path):
     async with running_behind_proxy(tmp_path) as proxied:
-        from_admin = await MethodLevels.from_admin_async(proxied.admin_url)
+        from_admin = await MethodLevels.from_admin_async(
+            proxied.admin_url, admin_token=ADMIN_SECRET
+        )
     from_file = MethodLevels.from_file(POLICY)
     assert from_admin.policy.version == from_file.policy.version
     for method in (

@@ -23,19 +23,26 @@ class MethodLevels:
         return cls(load_policy(path))
 
     @classmethod
-    def from_admin(cls, url: str, timeout: float = 5.0) -> MethodLevels:
-        """Fetch the policy the proxy is running from its admin API (`GET {url}/policy`,
-        a read-only endpoint that needs no admin token). Blocking: from asyncio, use
-        `from_admin_async`."""
+    def from_admin(
+        cls, url: str, timeout: float = 5.0, admin_token: str | None = None
+    ) -> MethodLevels:
+        """Fetch the policy the proxy is running from its admin API (`GET {url}/policy`;
+        `admin_token` is the proxy's `--admin-token-env` secret, which the endpoint needs
+        when the proxy has one). Blocking: from asyncio, use `from_admin_async`."""
         endpoint = url.rstrip("/") + "/policy"
-        with urllib.request.urlopen(endpoint, timeout=timeout) as response:
+        request = urllib.request.Request(endpoint)
+        if admin_token is not None:
+            request.add_header("Authorization", f"Bearer {admin_token}")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             status = json.load(response)
         return cls(parse_policy(status["text"], endpoint))
 
     @classmethod
-    async def from_admin_async(cls, url: str, timeout: float = 5.0) -> MethodLevels:
+    async def from_admin_async(
+        cls, url: str, timeout: float = 5.0, admin_token: str | None = None
+    ) -> MethodLevels:
         """`from_admin`, in a thread, so the event loop keeps running."""
-        return await asyncio.to_thread(cls.from_admin, url, timeout)
+        return await asyncio.to_thread(cls.from_admin, url, timeout, admin_token)
 
     def level(self, method: str) -> str:
         """The level of a method path (`/pkg.Service/Method`): exact rule, service
