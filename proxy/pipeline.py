@@ -26,9 +26,10 @@ from .bearer import extract_bearer
 from .decision import Decision
 from .http_routes import split_path
 from .identity import Identity, identity_of
+from .key_selection import UnknownKey
 from .policy import DENY, METHOD_PATH, PUBLIC, Policy, Rule
 from .reasons import Denied, Reason
-from .verify import TokenVerifier, UnknownKey, VerifiedToken
+from .verify import TokenVerifier, VerifiedToken
 
 Headers = Iterable[tuple[str, str | bytes]]
 

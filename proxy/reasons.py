@@ -8,6 +8,7 @@ map the same reason to an HTTP status (see `ext_authz.py`). The reason strings a
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 import grpc
 
@@ -87,3 +88,10 @@ class Denied(Exception):
         self.message = message
         #: Seconds after which the same call may succeed (rate limits).
         self.retry_after = retry_after
+
+
+def shown(value: Any, limit: int = 64) -> str:
+    """`repr(value)`, cut to `limit` characters: deny messages never echo attacker input
+    at length (trailers have size limits, and logs should stay readable)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

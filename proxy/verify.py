@@ -3,8 +3,8 @@
 Two layers:
 
 1. `signature` — size bound, strict compact-JWS structure, strict header (no duplicate
-   keys, no `alg: none`, no `crit`/`b64`), key selection by `kid` from configuration only,
-   then PyJWT's JWS layer checks the signature with an algorithm bound to the key. The
+   keys, no `alg: none`, no `crit`/`b64`), key selection by `kid` from configuration only
+   (`key_selection.py`; bounded for tokens without `kid`), then PyJWT's JWS layer checks the signature with an algorithm bound to the key. The
    result (header, claims, which key) is cached until the token's `exp`, so a hot token
    costs a dictionary lookup instead of a signature check.
 2. `check_claims` — runs on every request, cached or not: key allowed for the level,
@@ -19,15 +19,17 @@ import math
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import jwt
 
 from .jsonstrict import loads_strict
+from .key_selection import UnknownKey, only_other_issuers
+from .key_selection import candidates as key_candidates
 from .keys import KeySet, VerificationKey, b64url_decode
 from .policy import ACCESS, REFRESH, TWO_FA, Policy, TokenSpec
-from .reasons import Denied, Reason
+from .reasons import Denied, Reason, shown
 
 log = logging.getLogger("authproxy.verify")
 
@@ -38,37 +40,6 @@ _REFUSED_HEADER_PARAMS = ("crit", "b64")
 HEADER_SAFE = re.compile(r"[\x20-\x7e]*")
 _LEVEL_NAMES = {TWO_FA: "a 2FA", REFRESH: "a refresh", ACCESS: "an access"}
 _JWS = jwt.PyJWS(options={"enforce_minimum_key_length": True})
-
-
-class UnknownKey(Denied):
-    """No key has the token's `kid` (KEY_NOT_FOUND). Remote key sets may have rotated:
-    `TokenVerifier.verify_refreshing` fetches them again (throttled) and retries once."""
-
-    def __init__(self, kid: str, payload_b64: str) -> None:
-        super().__init__(Reason.KEY_NOT_FOUND, f"no configured key has kid {shown(kid)}")
-        self.kid = kid
-        self.payload_b64 = payload_b64
-
-    def claimed_issuer(self) -> str | None:
-        """The `iss` the token claims (unverified: used only to pick which key set to
-        fetch again, never to accept anything)."""
-        return _claimed_issuer(self.payload_b64)
-
-
-def _claimed_issuer(payload_b64: str) -> str | None:
-    try:
-        iss = loads_strict(b64url_decode(payload_b64)).get("iss")
-    except (ValueError, AttributeError):
-        return None
-    return iss if isinstance(iss, str) else None
-
-
-def _only_other_issuers(keys: Iterable[VerificationKey], payload_b64: str) -> bool:
-    """Every key is bound to an issuer other than the one the token claims: the kid is
-    known, but not for this token's issuer (two issuers may use one kid), so the key the
-    token names is unknown — its issuer may just have started using that kid."""
-    claimed = _claimed_issuer(payload_b64)
-    return all(key.issuer is not None and key.issuer != claimed for key in keys)
 
 
 #: Asked for fresh keys when a token names an unknown `kid`: (kid, claimed iss) -> whether
@@ -166,7 +137,7 @@ class TokenVerifier:
         if kid is not None and not isinstance(kid, str):
             raise Denied(Reason.TOKEN_MALFORMED, "token header 'kid' must be a string")
         foreign: VerificationKey | None = None
-        candidates = self._candidates(kid, alg, payload_b64)
+        candidates = key_candidates(self.keys, kid, alg, payload_b64)
         for key in candidates:
             if self._signature_ok(token, key, alg):
                 claims = _json_segment(payload_b64, "payload")
@@ -182,32 +153,9 @@ class TokenVerifier:
                 f"key {shown(foreign.kid)} verifies only tokens of issuer "
                 f"{shown(foreign.issuer)}; this token claims another issuer",
             )
-        if kid is not None and _only_other_issuers(candidates, payload_b64):
+        if kid is not None and only_other_issuers(candidates, payload_b64):
             raise UnknownKey(kid, payload_b64)
         raise Denied(Reason.BAD_SIGNATURE, "token signature does not verify")
-
-    def _candidates(self, kid: str | None, alg: str, payload_b64: str) -> list[VerificationKey]:
-        if kid is None:
-            keys = self.keys.for_algorithm(alg)
-            if not keys:
-                raise Denied(
-                    Reason.ALGORITHM_NOT_ALLOWED,
-                    f"no configured key accepts algorithm {shown(alg)}",
-                )
-            return keys
-        keys = self.keys.by_kid.get(kid)
-        if keys is None:
-            raise UnknownKey(kid, payload_b64)
-        accepting = [key for key in keys if alg in key.algorithms]
-        if not accepting and _only_other_issuers(keys, payload_b64):
-            raise UnknownKey(kid, payload_b64)
-        if not accepting:
-            raise Denied(
-                Reason.ALGORITHM_NOT_ALLOWED,
-                f"key {shown(kid)} does not accept algorithm {shown(alg)} "
-                f"(accepts {', '.join(keys[0].algorithms)})",
-            )
-        return accepting
 
     @staticmethod
     def _signature_ok(token: str, key: VerificationKey, alg: str) -> bool:
@@ -375,13 +323,6 @@ def _describe_type(token_type: Any, policy: Policy) -> str:
 
 def _quote(values: frozenset[str]) -> str:
     return ", ".join(shown(v) for v in sorted(values)[:5]) + (", ..." if len(values) > 5 else "")
-
-
-def shown(value: Any, limit: int = 64) -> str:
-    """`repr(value)`, cut to `limit` characters: deny messages never echo attacker input
-    at length (trailers have size limits, and logs should stay readable)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _segments(token: str) -> tuple[str, str, str]:
