@@ -15,6 +15,7 @@ import os
 import sys
 
 from . import decision_log, workers
+from .config import DEFAULT_MAX_CONCURRENT_STREAMS
 from .key_sources import FetchSettings
 from .policy_values import parse_duration
 from .serve import DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES, ConfigError, ServeConfig, run
@@ -98,6 +99,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         default=env("--redis"),
         help="redis:// or rediss:// URL for shared state (default: in memory, this process)",
     )
+    p.add_argument(
+        "--state-file",
+        default=env("--state-file"),
+        help="without --redis: keep revocations and single-use records in this file, so a"
+        " restart does not forget them",
+    )
     p.add_argument("--state-namespace", default=env("--state-namespace") or "authproxy")
     p.add_argument(
         "--subject-revocation-ttl",
@@ -114,7 +121,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--state-timeout",
         type=duration,
-        default=env("--state-timeout") or "500ms",
+        default=env("--state-timeout") or "1s",
         help="Redis: timeout of each state operation",
     )
     p.add_argument(
@@ -196,6 +203,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "--max-message-bytes",
         type=int,
         default=env("--max-message-bytes") or str(DEFAULT_MAX_MESSAGE_BYTES),
+    )
+    p.add_argument(
+        "--max-concurrent-streams",
+        type=count,
+        default=env("--max-concurrent-streams") or str(DEFAULT_MAX_CONCURRENT_STREAMS),
+        help="streams one client connection may have open on the sidecar (HTTP/2"
+        f" SETTINGS_MAX_CONCURRENT_STREAMS; default {DEFAULT_MAX_CONCURRENT_STREAMS}); clients"
+        " queue calls beyond it",
     )
     # String defaults go through `type` like flags do, so a bad AUTHPROXY_* value is a
     # one-line usage error (exit 2), and only for the command that reads it.
@@ -336,6 +351,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         subject_revocation_ttl=args.subject_revocation_ttl,
         state_staleness=args.state_staleness,
         state_timeout=args.state_timeout,
+        state_file=args.state_file,
         admin=args.admin,
         admin_token_env=args.admin_token_env,
         admin_metrics_auth=args.admin_metrics_auth,
@@ -359,6 +375,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         descriptor_sets=args.descriptor_set or env_list("--descriptor-set"),
         upstream_reflection=not args.no_upstream_reflection,
         max_message_bytes=args.max_message_bytes,
+        max_concurrent_streams=args.max_concurrent_streams,
         token_cache_size=args.token_cache_size,
         shutdown_grace=args.shutdown_grace,
         watch_policy=not args.no_policy_watch,

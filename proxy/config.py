@@ -16,6 +16,7 @@ from .keys import KeyLoadError, split_kid
 from .policy import Policy
 from .policy_file import PolicyError, parse_policy, read_policy_file
 from .state import DEFAULT_SUBJECT_TTL, MemoryState, StateStore
+from .state_file import FileState, StateFileError
 from .state_redis import DEFAULT_STALENESS, DEFAULT_TIMEOUT, RedisState
 from .tls import ServerTls, ServerTlsFiles, TlsError, UpstreamTls, UpstreamTlsFiles
 
@@ -23,6 +24,9 @@ log = logging.getLogger("authproxy")
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_LISTEN = "0.0.0.0:8080"
+#: Streams one client connection may have open on the sidecar (Envoy's and nghttp2's
+#: default too); clients queue calls beyond it.
+DEFAULT_MAX_CONCURRENT_STREAMS = 100
 
 
 class ConfigError(Exception):
@@ -42,6 +46,8 @@ class ServeConfig:
     subject_revocation_ttl: float = DEFAULT_SUBJECT_TTL
     state_staleness: float = DEFAULT_STALENESS
     state_timeout: float = DEFAULT_TIMEOUT
+    #: In-memory state: keep revocations and single-use records in this file across restarts.
+    state_file: str | None = None
     admin: str | None = None  # HOST:PORT of the admin API (revocations)
     admin_token_env: str | None = None  # env var holding the admin API's bearer secret
     admin_metrics_auth: bool = False  # /metrics needs the admin token too
@@ -69,6 +75,8 @@ class ServeConfig:
     descriptor_sets: list[str] = field(default_factory=list)
     upstream_reflection: bool = True
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    #: SETTINGS_MAX_CONCURRENT_STREAMS of the sidecar's listener, per client connection.
+    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
     token_cache_size: int = 10_000
     shutdown_grace: float = 10.0
     #: Follow the policy file and reload it when it changes (SIGHUP reloads either way).
@@ -151,8 +159,18 @@ def check_policy_keys(policy: Policy, keys: KeyRing) -> None:
 
 
 def build_state(cfg: ServeConfig) -> StateStore:
+    if cfg.redis is None and cfg.state_file is not None:
+        try:
+            return FileState(cfg.state_file, subject_ttl=cfg.subject_revocation_ttl)
+        except StateFileError as e:
+            raise ConfigError(str(e)) from None
     if cfg.redis is None:
         return MemoryState(subject_ttl=cfg.subject_revocation_ttl)
+    if cfg.state_file is not None:
+        raise ConfigError(
+            "--state-file keeps in-memory state across restarts; with --redis the state"
+            " lives in Redis: give one of them"
+        )
     if not cfg.redis.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"--redis {cfg.redis!r}: expected redis://, rediss:// or unix:// URL")
     try:
@@ -165,6 +183,17 @@ def build_state(cfg: ServeConfig) -> StateStore:
         )
     except ValueError as e:
         raise ConfigError(f"--redis: {e}") from None
+
+
+def warn_volatile_state(cfg: ServeConfig, policy: Policy) -> None:
+    """In memory without --state-file, a restart forgets every revocation and use: say so
+    when they can matter (the policy has token levels, or the admin API can revoke)."""
+    if cfg.redis is None and cfg.state_file is None and (policy.tokens or cfg.admin):
+        log.warning(
+            "revocations and single-use records are kept in memory only: a restart forgets"
+            " them (a revoked token is accepted again, a used refresh token can be used"
+            " again, until they expire); give --state-file PATH (one proxy) or --redis URL"
+        )
 
 
 def read_policy(cfg: ServeConfig) -> tuple[Policy, bytes]:

@@ -3,8 +3,10 @@
 
 Allow (`Allow`): the identity headers are *set* on the upstream request (overwrite, never
 append); every other identity header name — the ones this policy can set, plus every
-`x-auth-*` the client sent — and `authorization` (unless the rule forwards it) are
-removed. Envoy applies removals after sets, so a removed name is never one we set.
+`x-auth-*` the client sent — the policy's `strip_headers` (every exact name, seen or not,
+and the names the client sent that a prefix matches) and `authorization` (unless the rule
+forwards it) are removed. Envoy applies removals after sets, so a removed name is never
+one we set.
 
 Deny (`Deny`): 401 with an RFC 6750 `www-authenticate` challenge when the caller is not
 authenticated, 403 when it is not allowed, 400 for a request that cannot be judged, 429
@@ -128,6 +130,7 @@ def reply(decision: Decision, request: CheckRequest, policy: Policy) -> Allow | 
     # must go, so equal inputs share one `Allow` (and the front ends' rendering of it). The
     # cache lives on the identity, which lives as long as its token in the verifier's cache.
     forward = decision.forward_token
+    strip = policy.strip_headers
     incoming: list[str] = []
     authorization = False
     for name, _ in request.headers:
@@ -136,6 +139,10 @@ def reply(decision: Decision, request: CheckRequest, policy: Policy) -> Allow | 
             incoming.append(name.lower())
         elif first in "aA" and not forward and name.lower() == AUTHORIZATION:
             authorization = True
+        elif first in strip.initials:
+            lower = name.lower()
+            if lower not in strip.names and strip.matches(lower):  # prefix, or `_` spelling
+                incoming.append(lower)
     identity = decision.identity
     cache = identity.memo if identity is not None else _PUBLIC_ALLOWS
     key = (
@@ -147,7 +154,9 @@ def reply(decision: Decision, request: CheckRequest, policy: Policy) -> Allow | 
     )
     allow = cache.get(key)
     if allow is None:
-        names = set(BUILTIN_HEADERS).union(incoming, (h for h, _ in policy.claim_headers))
+        names = set(BUILTIN_HEADERS).union(
+            incoming, strip.names, (h for h, _ in policy.claim_headers)
+        )
         if authorization:
             names.add(AUTHORIZATION)
         if identity is not None:

@@ -108,12 +108,25 @@ def _options(headers: Headers) -> list[base_pb2.HeaderValueOption]:
     ]
 
 
+_QUEUE_LIMIT = 2**31 - 1
+
+
 class CheckServer:
     """The ext_authz gRPC listener: Check plus gRPC health (for Envoy's health checks)."""
 
     def __init__(self, authorizer: Authorizer, listen: str, reuse_port: bool = False) -> None:
         """`reuse_port`: SO_REUSEPORT, so several worker processes share the port."""
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", int(reuse_port)),
+                # grpc core cancels (CANCELLED) a random share of the calls queued for a
+                # grpc.aio server above 1,000 and all above 3,000: a burst from Envoy would
+                # become failed Checks. Envoy bounds its own concurrent streams per
+                # connection; the queue is not bounded again here.
+                ("grpc.server.max_pending_requests", _QUEUE_LIMIT),
+                ("grpc.server.max_pending_requests_hard_limit", _QUEUE_LIMIT),
+            ]
+        )
         self.service = CheckService(authorizer)
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.service, self.server)
         self.health = health.aio.HealthServicer()

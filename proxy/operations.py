@@ -92,6 +92,12 @@ class Operations:
             self._state_failures,
             label="part",
         )
+        metrics.read(
+            "authproxy_state_resets",
+            "Times Redis was found emptied (restart without persistence, failover, flush)"
+            " and this replica wrote back the records it holds",
+            lambda: getattr(state, "resets_total", 0),
+        )
 
     # --- wiring -------------------------------------------------------------------------
 

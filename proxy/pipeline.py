@@ -29,6 +29,7 @@ from .identity import Identity, identity_of
 from .key_selection import UnknownKey
 from .policy import DENY, METHOD_PATH, PUBLIC, Policy, Rule
 from .reasons import Denied, Reason
+from .strip_headers import override_problem
 from .verify import TokenVerifier, VerifiedToken
 
 Headers = Iterable[tuple[str, str | bytes]]
@@ -144,12 +145,24 @@ class Authorizer:
         peer: str | None,
         principal: str | None,
     ) -> Decision:
-        path = path.partition("?")[0].partition("#")[0]
-        if grpc:
+        problem = override_problem(http_method, path, headers)
+        if problem is not None:  # X-HTTP-Method-Override, X-Original-URL, ... (refused)
+            return Decision(
+                False,
+                f"{http_method} {path}"[:256],
+                _MALFORMED_RULE,
+                policy.version,
+                Reason.REQUEST_MALFORMED,
+                problem,
+            )
+        if grpc:  # as in the sidecar: a method path has no query or fragment
+            if "?" in path or "#" in path:
+                return _malformed_method(policy, path)
             rule = _method_rule(policy, path)
             if rule is None:
                 return _malformed_method(policy, path)
             return await self._evaluate(policy, path, rule, headers, peer, principal)
+        path = path.partition("?")[0].partition("#")[0]
         target = f"{http_method} {path}"
         try:
             segments = split_path(path)

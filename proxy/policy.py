@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from limits import RateLimitItem
 
 from .http_routes import HttpRoutes
+from .strip_headers import DEFAULT_STRIP, StripHeaders
 
 PUBLIC = "public"
 TWO_FA = "2fa"
@@ -124,6 +125,8 @@ class Policy:
     #: Route rules for plain HTTP requests seen through Envoy ext_authz.
     http: HttpRoutes = field(default_factory=HttpRoutes)
     rule_count: int = field(default=0)
+    #: Headers removed on every call besides `x-auth-*` (`strip_headers:`, `strip_headers.py`).
+    strip_headers: StripHeaders = DEFAULT_STRIP
 
     def match(self, method: str) -> Rule:
         """The rule for a method path: exact, then `/pkg.Service/*`, then the default."""

@@ -26,6 +26,7 @@ from .policy import (
     TokenSpec,
 )
 from .policy_limits import RateLimitChecks
+from .policy_strip import StripHeaderChecks
 from .yaml_source import LineMap, SourceError
 
 TOP_KEYS = (
@@ -40,6 +41,7 @@ TOP_KEYS = (
     "methods",
     "http",
     "mode",
+    "strip_headers",
 )
 RULE_KEYS = (
     "level",
@@ -100,7 +102,7 @@ def parse_policy(data: bytes | str, file: str = "<policy>") -> Policy:
     return _Validator(file).policy(doc, policy_version(raw))
 
 
-class _Validator(RateLimitChecks):
+class _Validator(RateLimitChecks, StripHeaderChecks):
     shadow_default = False
     # --- the document ------------------------------------------------------------------
 
@@ -124,6 +126,7 @@ class _Validator(RateLimitChecks):
         forward = self.boolean(doc, "forward_token", default=False)
         self.shadow_default = self.shadow(doc, default=False)
         claim_headers = self.claim_headers(doc)
+        strip_headers = self.strip_headers(doc)
         tokens = self.tokens(doc, issuers)
 
         default = Rule("default", DENY, line=doc.line_of("default"))
@@ -170,6 +173,7 @@ class _Validator(RateLimitChecks):
             claim_headers=claim_headers,
             http=HttpRoutes(routes),
             rule_count=len(exact) + len(services) + len(routes),
+            strip_headers=strip_headers,
         )
 
     def http_routes(self, doc: LineMap, tokens: dict[str, TokenSpec], forward: bool) -> list:

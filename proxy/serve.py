@@ -29,6 +29,7 @@ from .config import (
     load_keys,
     read_policy,
     tls_from,
+    warn_volatile_state,
 )
 from .ext_authz_grpc import CheckServer
 from .ext_authz_http import CheckHttpServer
@@ -142,7 +143,7 @@ class Sidecar:
             raise ConfigError(str(e)) from None
         self.tls, upstream_tls = tls_from(cfg)
         self.upstream = Upstream(cfg.upstream, cfg.max_message_bytes, upstream_tls)
-        handler = SidecarHandler(
+        self.handler = handler = SidecarHandler(
             self.authorizer,
             self.upstream,
             self.catalog,
@@ -155,7 +156,12 @@ class Sidecar:
         if listen:
             try:
                 self.server, self.port = build_server(
-                    handler, cfg.listen, cfg.max_message_bytes, self.tls, cfg.workers > 1
+                    handler,
+                    cfg.listen,
+                    cfg.max_message_bytes,
+                    self.tls,
+                    cfg.workers > 1,
+                    cfg.max_concurrent_streams,
                 )
             except (OSError, RuntimeError) as e:
                 raise ConfigError(f"--listen {cfg.listen}: {e}") from None
@@ -208,8 +214,9 @@ class Sidecar:
             self._learning.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._learning
-        if self.server is not None:
-            await self.server.stop(self.cfg.shutdown_grace if grace is None else grace)
+        if self.server is not None:  # calls racing the stop end UNAVAILABLE (`drain.py`)
+            grace = self.cfg.shutdown_grace if grace is None else grace
+            await self.handler.drain.stop(self.server, grace)
         if self.tls is not None:
             await self.tls.stop()
         await self.upstream.close()
@@ -236,6 +243,7 @@ class AuthProxy:
                 check_address(flag, value)
         self.state = build_state(cfg)
         policy, policy_text = read_policy(cfg)
+        warn_volatile_state(cfg, policy)
         self.keys = load_keys(cfg)
         self.authorizer = build_authorizer(cfg, self.state, policy, self.keys)
         self.ops = Operations(

@@ -23,6 +23,7 @@ from prometheus_client import Histogram
 
 from .catalog import Kind, MethodCatalog
 from .decision import Decision
+from .drain import Drain
 from .grpc_status import deny_details
 from .metadata import InvalidMetadata, Metadata, upstream_metadata
 from .peer_identity import peer_principal
@@ -34,16 +35,36 @@ from .upstream import Upstream
 log = logging.getLogger("authproxy.sidecar")
 
 
-def server_options(max_message_bytes: int, reuse_port: bool = False) -> list[tuple[str, int]]:
+#: grpc core cancels (CANCELLED, not retried) calls at random once more than 1000 wait in
+#: the server's queue for the application to take them, and all above 3000; a grpc.aio
+#: server takes them one at a time, so a burst fills it. The queue is bounded instead by
+#: the streams each connection may open (`max_concurrent_streams`).
+_QUEUE_LIMIT = 2**31 - 1
+
+
+def server_options(
+    max_message_bytes: int, reuse_port: bool = False, max_concurrent_streams: int | None = None
+) -> list[tuple[str, int]]:
     """`reuse_port`: SO_REUSEPORT, so several worker processes listen on one port (the
-    kernel spreads the connections); off, a port another process holds is an error."""
-    return [
+    kernel spreads the connections); off, a port another process holds is an error.
+    `max_concurrent_streams`: advertised in SETTINGS_MAX_CONCURRENT_STREAMS; gRPC clients
+    queue calls beyond it, and a stream opened anyway is reset with REFUSED_STREAM, which
+    clients retry (None: no limit)."""
+    options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # Let oversized tokens reach the pipeline (TOKEN_TOO_LARGE) instead of a core error.
         ("grpc.max_metadata_size", 64 * 1024),
         ("grpc.so_reuseport", int(reuse_port)),
+        ("grpc.server.max_pending_requests", _QUEUE_LIMIT),
+        ("grpc.server.max_pending_requests_hard_limit", _QUEUE_LIMIT),
     ]
+    if max_concurrent_streams is not None:
+        options.append(("grpc.max_concurrent_streams", max_concurrent_streams))
+        # Count open HTTP/2 streams, as the client does: with core's default (streams the
+        # application still holds), a client keeping to the limit is refused at random.
+        options.append(("grpc.http.overload_protection", 0))
+    return options
 
 
 class SidecarHandler(grpc.GenericRpcHandler):
@@ -68,17 +89,25 @@ class SidecarHandler(grpc.GenericRpcHandler):
         self._unary_seconds = upstream_seconds.labels("unary") if upstream_seconds else None
         self._stream_seconds = upstream_seconds.labels("stream") if upstream_seconds else None
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        #: Stopping the listener (`drain.py`): refuses new calls, counts the running ones.
+        self.drain = Drain()
+        self._refused = grpc.stream_stream_rpc_method_handler(
+            self.drain.counted(self.drain.refused)
+        )
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        if self.drain.refusing:
+            return self._refused
         method: str = details.method  # type: ignore[attr-defined]
         handler = self._handlers.get(method)
         if handler is not None:
             return handler
         kind = self.catalog.kinds.get(method)
+        counted = self.drain.counted
         if kind is Kind.UNARY:
-            handler = grpc.unary_unary_rpc_method_handler(self._unary_for(method))
+            handler = grpc.unary_unary_rpc_method_handler(counted(self._unary_for(method)))
         else:
-            handler = grpc.stream_stream_rpc_method_handler(self._stream_for(method))
+            handler = grpc.stream_stream_rpc_method_handler(counted(self._stream_for(method)))
         if kind is not None:  # cache only methods the backend serves: bounded by its API
             self._handlers[method] = handler
         return handler
@@ -98,7 +127,10 @@ class SidecarHandler(grpc.GenericRpcHandler):
         if not decision.allowed:
             await _deny(decision, context)
         try:
-            return decision, upstream_metadata(incoming, decision)
+            # The current policy's strip list (a reload in between only changes which
+            # extra headers are removed, never the decision).
+            strip = self.authorizer.policy.strip_headers
+            return decision, upstream_metadata(incoming, decision, strip)
         except InvalidMetadata as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise  # unreachable: abort raises
@@ -156,11 +188,13 @@ def build_server(
     max_message_bytes: int,
     tls: ServerTls | None = None,
     reuse_port: bool = False,
+    max_concurrent_streams: int | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server with the sidecar handler bound to `listen`: h2c, or with `tls`
-    TLS (h2 by ALPN; mTLS when `tls` has a client CA). Returns the port. `reuse_port`:
-    see `server_options`."""
-    server = grpc.aio.server(options=server_options(max_message_bytes, reuse_port))
+    TLS (h2 by ALPN; mTLS when `tls` has a client CA). Returns the port. `reuse_port`,
+    `max_concurrent_streams`: see `server_options`. Stop it with `handler.drain.stop`."""
+    options = server_options(max_message_bytes, reuse_port, max_concurrent_streams)
+    server = handler.drain.watch(lambda: grpc.aio.server(options=options))
     server.add_generic_rpc_handlers((handler,))
     if tls is None:
         port = server.add_insecure_port(listen)

@@ -177,7 +177,12 @@ class Upstream:
     async def relay_error(
         self, error: grpc.aio.AioRpcError, context: grpc.aio.ServicerContext, headers_sent: bool
     ) -> None:
-        """End the client's call with the backend's status, details, headers and trailers."""
+        """End the client's call with the backend's status, details, headers and trailers.
+
+        CANCELLED becomes UNAVAILABLE: the client did not cancel (that ends the relay
+        before it gets here), so the backend's side did: grpc core drops calls a busy
+        server has queued too long or holds when it stops (grpc/grpc#41785), or the
+        channel closed. Clients retry UNAVAILABLE; CANCELLED they would not."""
         initial = error.initial_metadata()
         if initial and not headers_sent:
             await context.send_initial_metadata(initial)
@@ -187,6 +192,13 @@ class Upstream:
             self.errors_total += 1
             log.warning("upstream %s unavailable: %s", self.target, details)
             details = f"upstream {self.target} is unavailable: {details}"
+        elif code == grpc.StatusCode.CANCELLED:
+            self.errors_total += 1  # counted; not logged one by one (a burst makes many)
+            log.debug("upstream %s cancelled a call: %s", self.target, details)
+            code = grpc.StatusCode.UNAVAILABLE
+            details = (
+                f"upstream {self.target} cancelled the call (overloaded or stopping): {details}"
+            )
         await context.abort(code, details, trailing_metadata=tuple(error.trailing_metadata() or ()))
 
     async def relay_failure(self, error: Exception, context: grpc.aio.ServicerContext) -> None:

@@ -204,6 +204,13 @@ async def finish_closing(
     return not hung
 
 
+#: RedisState settings for tests whose property is not about timing (exact counts under
+#: concurrency, what is stored): a busy machine must not turn them into timeouts. The
+#: defaults (0.5 s per operation and per pooled connect, 1 s staleness) are production
+#: bounds; 100 concurrent calls opening 64 connections on a starved CPU can exceed them.
+PATIENT: dict[str, Any] = {"timeout": 10.0, "staleness": 10.0}
+
+
 @asynccontextmanager
 async def running_state(url: str, **kwargs: Any) -> AsyncIterator[RedisState]:
     """A started RedisState, closed (with a bound) on exit."""

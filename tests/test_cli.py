@@ -349,3 +349,38 @@ def test_serve_admin_token_env_must_hold_a_secret(tmp_path: Path, jwks: str) -> 
     result = serve(tmp_path, "--policy", POLICY, "--jwks", jwks, *KEYS, *ADDRESSES,
                    "--admin", "0", "--admin-token-env", "CLI_NO_SUCH_ADMIN_TOKEN")  # fmt: skip
     assert_config_error(result, "--admin-token-env CLI_NO_SUCH_ADMIN_TOKEN")
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b'{"version": 1, "tokens": {"j": 1', "not a state file this proxy can read"),
+        (b'{"version": 1, "tokens": {"j": "soon"}}', "'soon' is not a time"),
+        (b"\xff\xfe", "not a state file this proxy can read"),
+        (None, "cannot read it"),  # a directory where the file should be
+    ],
+    ids=["truncated", "bad-time", "binary", "unreadable"],
+)
+@pytest.mark.parametrize("via_env", [False, True], ids=["flag", "env"])
+def test_serve_refuses_to_start_on_a_bad_state_file(
+    tmp_path: Path, jwks: str, content: bytes | None, words: str, via_env: bool
+) -> None:
+    """Never a silent start without the revocations the file held."""
+    state = tmp_path / "state.json"
+    if content is None:
+        state.mkdir()
+    else:
+        state.write_bytes(content)
+    args = ["--policy", POLICY, "--jwks", jwks, *KEYS, *ADDRESSES]
+    if via_env:
+        result = serve(tmp_path, *args, env={"AUTHPROXY_STATE_FILE": str(state)})
+    else:
+        result = serve(tmp_path, *args, "--state-file", str(state))
+    line = assert_config_error(result, words)
+    assert f"--state-file {state}:" in line
+
+
+def test_serve_state_file_and_redis_is_a_config_error(tmp_path: Path, jwks: str) -> None:
+    result = serve(tmp_path, "--policy", POLICY, "--jwks", jwks, *KEYS, *ADDRESSES,
+                   "--state-file", "state.json", "--redis", "redis://127.0.0.1:1")  # fmt: skip
+    assert_config_error(result, "--state-file keeps in-memory state across restarts")

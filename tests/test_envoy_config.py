@@ -19,6 +19,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import json_format
 
 from proxy.ext_authz_grpc import SERVICE_NAME
+from proxy.strip_headers import DEFAULT_STRIP, OVERRIDE_HEADERS
 
 ENVOY_YAML = Path(__file__).resolve().parent.parent / "examples" / "envoy" / "envoy.yaml"
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -133,6 +134,10 @@ def test_the_commented_http_mode_variant_is_valid(
     }
     assert ("exact", "content-type") in allowed  # tells gRPC from plain HTTP
     assert ("prefix", "x-auth-") in allowed  # so spoofed identity headers are seen
+    # Override headers reach authproxy (refused when they name another method or URL), and
+    # so do names under the default strip prefixes (only names seen can be removed).
+    assert {("exact", name) for name in OVERRIDE_HEADERS} <= allowed
+    assert {("prefix", prefix) for prefix in DEFAULT_STRIP.prefixes} <= allowed
     upstream = [
         (p.WhichOneof("match_pattern"), getattr(p, p.WhichOneof("match_pattern")))
         for p in service.authorization_response.allowed_upstream_headers.patterns

@@ -24,7 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.issuer import TokenIssuer
-from tests.conftest import ExtAuthz, Keys
+from proxy.strip_headers import DEFAULT_STRIP, OVERRIDE_HEADERS
+from tests.conftest import TEST_POLICY, ExtAuthz, Keys
 from tests.ext_authz_support import (
     HTTP_CODE,
     ROUTES_POLICY,
@@ -303,6 +304,111 @@ async def test_public_method_still_strips_an_authorization_header_it_was_sent(
     assert list(response.ok_response.headers) == []
 
 
+# --- identity headers of other proxies, method and URL overrides -------------------------
+
+#: Identity-looking headers of other auth proxies a client may forge, as sent.
+FOREIGN_IDENTITY = (
+    ("x-forwarded-user", "root"),
+    ("X-Forwarded-Groups", "admins"),
+    ("remote-user", "root"),
+    ("x-remote-user", "root"),
+    ("x-pomerium-claim-email", "root@example.com"),  # a default prefix: listed when seen
+    ("x_forwarded_email", "root@example.com"),  # an underscore spelling: listed as sent
+)
+OTHER_HEADERS = (("x-forwarded-for", "10.0.0.1"), ("x-request-id", "r1"))
+
+
+@pytest.mark.parametrize("service", ["Public", "Access"])
+@pytest.mark.parametrize("grpc_request", [True, False], ids=["grpc", "plain-http"])
+async def test_every_allow_removes_foreign_identity_and_override_headers(
+    ext_authz: ExtAuthz, issuer: TokenIssuer, service: str, grpc_request: bool
+):
+    response = await check_path(
+        ext_authz,
+        f"/test.{service}/Echo",
+        token=token(issuer) if service == "Access" else None,
+        headers=FOREIGN_IDENTITY + OTHER_HEADERS,
+        grpc=grpc_request,
+    )
+    assert outcome(response) == ALLOW
+    remove = list(response.ok_response.headers_to_remove)
+    assert len(remove) == len(set(remove))
+    # Every exact default name and every override header, whether Envoy sent it or not
+    # (in HTTP mode Envoy sends only the headers `allowed_headers` lets through)...
+    assert DEFAULT_STRIP.names <= set(remove)
+    assert set(remove) >= OVERRIDE_HEADERS
+    # ...and the ones a prefix or an underscore spelling matches, as they were sent.
+    assert {"x-pomerium-claim-email", "x_forwarded_email"} <= set(remove)
+    assert not {"x-forwarded-for", "x-request-id", "content-type"} & set(remove)
+    assert not set(remove) & set(set_headers(response))
+
+
+async def test_strip_headers_in_the_policy_add_and_keep_names(
+    tmp_path: Path, keys: Keys, issuer: TokenIssuer
+):
+    policy = TEST_POLICY + "strip_headers:\n  add: [x-tenant, x-legacy-*]\n  keep: [x-email]\n"
+    async with running_ext_authz(tmp_path, keys, policy=policy) as running:
+        response = await check_path(
+            running,
+            "/test.Access/Echo",
+            token=token(issuer),
+            headers=(("x-legacy-user", "root"), ("x-email", "a@example.com")),
+        )
+    assert outcome(response) == ALLOW
+    remove = set(response.ok_response.headers_to_remove)
+    assert {"x-tenant", "x-legacy-user", "x-forwarded-user", "x-http-method-override"} <= remove
+    assert "x-email" not in remove
+
+
+#: Override header -> (a value naming another method or URL, the request's own).
+OVERRIDES = {
+    "X-HTTP-Method-Override": ("DELETE", "get"),
+    "x-http-method": ("DELETE", "GET"),
+    "X-Method-Override": ("PUT", "GET"),
+    "x-original-method": ("DELETE", "GET"),
+    "X-Original-URL": ("/api/admin/users", "/api/public/docs"),
+    "x-original-uri": ("/api/admin/users", "/api/public/docs?page=2"),
+    "X-Rewrite-URL": ("/api/admin/users", "/api/public/docs"),
+    "x_http_method_override": ("DELETE", "GET"),  # underscore spelling
+}
+
+
+@pytest.mark.parametrize("form", ["headers", "raw"])
+@pytest.mark.parametrize("header", list(OVERRIDES))
+async def test_override_header_naming_another_method_or_url_is_refused(
+    routes: ExtAuthz, header: str, form: str
+):
+    # `GET /api/public/**` is public; DELETE there is denied and /api/admin/** needs admin.
+    # A backend honouring the override would run what was never authorized: refuse.
+    other, own = OVERRIDES[header]
+    path = "/api/public/docs?page=2"
+    plain = await check_path(routes, path, method="GET", grpc=False, form=form)
+    assert outcome(plain) == ALLOW
+    refused = await check_path(
+        routes, path, method="GET", grpc=False, form=form, headers=((header, other),)
+    )
+    assert summary(refused) == ("REQUEST_MALFORMED", 3, 400)
+    body = json.loads(refused.denied_response.body)
+    assert body["reason"] == "REQUEST_MALFORMED"
+    assert header.lower() in body["message"] and "override" in body["message"]
+    # The request's own method or URL changes nothing: allowed, and still removed.
+    same = await check_path(
+        routes, path, method="GET", grpc=False, form=form, headers=((header, own),)
+    )
+    assert outcome(same) == ALLOW
+    assert header.lower().replace("_", "-") in same.ok_response.headers_to_remove
+
+
+async def test_override_header_on_a_grpc_request_is_refused(ext_authz: ExtAuthz):
+    for header, value in (
+        ("x-original-url", "/test.Admin/Echo"),
+        ("x-http-method-override", "GET"),
+    ):
+        response = await check_path(ext_authz, "/test.Public/Echo", headers=((header, value),))
+        assert summary(response) == ("REQUEST_MALFORMED", 3, 400)
+        assert denied_headers(response)["grpc-status"] == "3"
+
+
 # --- the deny response -------------------------------------------------------------------
 
 
@@ -458,30 +564,37 @@ async def test_deny_status_codes_match_the_reason(
 # --- what the request looks like ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("grpc_request", [True, False], ids=["grpc", "plain-http"])
-async def test_query_string_is_not_part_of_the_method(
-    ext_authz: ExtAuthz, issuer: TokenIssuer, grpc_request: bool
+#: path -> outcome for a plain HTTP request: the query (or fragment) is not part of the method.
+QUERY_PATHS = {
+    "/test.Access/Echo?x=1": ALLOW,
+    "/test.Admin/Echo?role=admin": "INSUFFICIENT_ROLE",
+    "/test.Public/Echo?a=b&c=d": ALLOW,
+    "/test.Denied/Echo?/test.Public/Echo": "METHOD_DENIED",
+    "/test.Admin/Echo#/test.Public/Echo": "INSUFFICIENT_ROLE",
+}
+
+
+async def test_query_string_is_not_part_of_the_method_of_a_plain_http_request(
+    ext_authz: ExtAuthz, issuer: TokenIssuer
 ):
     bearer = token(issuer)
-    got = await outcomes(
-        ext_authz,
-        {
-            "access": check_request("/test.Access/Echo?x=1", token=bearer, grpc=grpc_request),
-            "admin": check_request("/test.Admin/Echo?role=admin", token=bearer, grpc=grpc_request),
-            "public": check_request("/test.Public/Echo?a=b&c=d", grpc=grpc_request),
-            "denied": check_request(
-                "/test.Denied/Echo?/test.Public/Echo", token=bearer, grpc=grpc_request
-            ),
-        },
-    )
-    assert got == {
-        "access": ALLOW,
-        "admin": "INSUFFICIENT_ROLE",
-        "public": ALLOW,
-        "denied": "METHOD_DENIED",
-    }
-    response = await check_path(ext_authz, "/test.Access/Echo?x=1", token=bearer)
+    requests = {path: check_request(path, token=bearer, grpc=False) for path in QUERY_PATHS}
+    assert await outcomes(ext_authz, requests) == QUERY_PATHS
+    response = await check_path(ext_authz, "/test.Access/Echo?x=1", token=bearer, grpc=False)
     assert metadata(response)["rule"] == "/test.Access/*"
+
+
+async def test_grpc_request_with_a_query_or_fragment_is_method_malformed_like_the_sidecar(
+    ext_authz: ExtAuthz, issuer: TokenIssuer
+):
+    # The sidecar refuses such a path (not '/package.Service/Method'); Envoy's Check must
+    # not judge it by the part before '?' instead (here: Public, for a path naming Admin).
+    bearer = token(issuer)
+    paths = [*QUERY_PATHS, "/test.Public/Echo?x=/test.Admin/Echo", "/test.Public/Echo?"]
+    requests = {path: check_request(path, token=bearer) for path in paths}
+    assert await outcomes(ext_authz, requests) == dict.fromkeys(paths, "METHOD_MALFORMED")
+    response = await check_path(ext_authz, "/test.Public/Echo?x=/test.Admin/Echo")
+    assert summary(response) == ("METHOD_MALFORMED", 7, 403)
 
 
 async def test_headers_and_header_map_give_the_same_decision(

@@ -21,6 +21,7 @@ import pytest
 from yarl import URL
 
 from proxy.issuer import TokenIssuer
+from proxy.strip_headers import DEFAULT_STRIP
 from tests.conftest import TEST_POLICY, ExtAuthz, Keys
 from tests.ext_authz_support import (
     ROUTES_POLICY,
@@ -175,6 +176,65 @@ async def test_public_request_gets_no_identity_and_spoofed_headers_removed(
     assert answer.status == 200
     assert answer.identity() == {}
     assert {"x-auth-subject", "x_auth_roles"} <= set(answer.to_remove)
+
+
+@pytest.mark.parametrize("path", ["/test.Public/Echo", "/test.Access/Echo"])
+async def test_every_allow_removes_foreign_identity_and_override_headers(
+    ext_authz: ExtAuthz, session, issuer: TokenIssuer, path: str
+):
+    headers = {
+        **bearer(token(issuer)),
+        "X-Forwarded-User": "root",
+        "remote-user": "root",
+        "x-pomerium-claim-email": "root@example.com",
+        "x_remote_user": "root",
+        "x-forwarded-for": "10.0.0.1",
+    }
+    answer = await ask(session, ext_authz, path, headers=headers)
+    assert answer.status == 200
+    remove = set(answer.to_remove)
+    # Every exact default name and override header, whether Envoy forwarded it or not.
+    assert DEFAULT_STRIP.names <= remove
+    assert {"x-http-method-override", "x-original-url"} <= remove
+    assert {"x-pomerium-claim-email", "x_remote_user"} <= remove  # seen: prefix, underscore
+    assert "x-forwarded-for" not in remove
+    assert not remove & set(answer.identity())
+
+
+async def test_strip_headers_in_the_policy_add_and_keep_names(
+    tmp_path: Path, keys: Keys, session, issuer: TokenIssuer
+):
+    policy = TEST_POLICY + "strip_headers: {add: [x-tenant], keep: [x-forwarded-email]}\n"
+    async with running_ext_authz(tmp_path, keys, policy=policy) as running:
+        answer = await ask(session, running, "/test.Public/Echo")
+    assert answer.status == 200
+    assert {"x-tenant", "x-forwarded-user"} <= set(answer.to_remove)
+    assert "x-forwarded-email" not in answer.to_remove
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("X-HTTP-Method-Override", "DELETE"),
+        ("X-Method-Override", "DELETE"),
+        ("X-Original-Method", "DELETE"),
+        ("X-Original-URL", "/api/admin/users"),
+        ("X-Rewrite-URL", "/api/admin/users"),
+    ],
+)
+async def test_override_header_naming_another_method_or_url_is_refused(
+    routes: ExtAuthz, session, header: str, value: str
+):
+    path = "/api/public/docs"  # `GET /api/public/**` is public; DELETE there is denied
+    plain = await ask(session, routes, path, method="GET")
+    assert plain.status == 200
+    refused = await ask(session, routes, path, method="GET", headers={header: value})
+    assert (refused.status, refused.json["reason"]) == (400, "REQUEST_MALFORMED")
+    assert header.lower() in refused.json["message"]
+    own = "GET" if "Method" in header else path
+    same = await ask(session, routes, path, method="GET", headers={header: own})
+    assert same.status == 200
+    assert header.lower() in same.to_remove
 
 
 # --- what is judged ----------------------------------------------------------------------

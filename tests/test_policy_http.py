@@ -291,7 +291,7 @@ def test_http_policy_parses(policy: Policy) -> None:
 
 
 async def test_grpc_request_is_judged_by_methods(auth: Authorizer, issuer: TokenIssuer) -> None:
-    path = "/test.Admin/Echo?x=1"
+    path = "/test.Admin/Echo"
     plain = await auth.decide_http("POST", path, bearer(issuer, roles=["user"]), grpc=True)
     assert (plain.allowed, plain.reason, plain.method) == (
         False,
@@ -306,6 +306,29 @@ async def test_grpc_request_is_judged_by_methods(auth: Authorizer, issuer: Token
         "/test.Admin/*",
     )
     assert admin.identity is not None and admin.identity.subject == "alice"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/test.Admin/Echo?x=1",
+        "/test.Public/Echo?x=/test.Admin/Echo",
+        "/test.Public/Echo#/a",
+        "/test.Public/Echo?",
+    ],
+)
+async def test_grpc_request_with_a_query_or_fragment_is_method_malformed_as_in_the_sidecar(
+    auth: Authorizer, issuer: TokenIssuer, path: str
+) -> None:
+    decision = await auth.decide_http("POST", path, bearer(issuer, roles=["admin"]), grpc=True)
+    assert (decision.allowed, decision.reason, decision.method) == (
+        False,
+        Reason.METHOD_MALFORMED,
+        path,
+    )
+    # The same path as plain HTTP keeps its query handling: the method's rule, query removed.
+    plain = await auth.decide_http("POST", path, bearer(issuer, roles=["admin"]), grpc=False)
+    assert plain.allowed and plain.method == path.partition("?")[0].partition("#")[0]
 
 
 async def test_grpc_request_ignores_http_routes(auth: Authorizer) -> None:

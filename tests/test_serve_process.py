@@ -61,10 +61,12 @@ async def test_serve_process_serves_and_drains_on_sigterm(tmp_path: Path, keys: 
             hang = channel.unary_unary("/test.Access/Hang")(b"{}", metadata=md, timeout=30)
             await asyncio.wait_for(backend.hang_started.wait(), 10)
             proc.send_signal(signal.SIGTERM)
-            # The in-flight call is given the grace period, then cancelled; the process exits 0.
+            # The in-flight call is given the grace period, then ended with a status the
+            # client retries (never CANCELLED); the process exits 0.
             assert await asyncio.wait_for(proc.wait(), 20) == 0
-            with pytest.raises(grpc.aio.AioRpcError):
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
                 await hang
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         rest = (await proc.stderr.read()).decode()
         assert "shutting down" in "".join(seen) + rest
     finally:

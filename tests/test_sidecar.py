@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from proxy.issuer import TokenIssuer
-from tests.conftest import Running, error_info
+from tests.conftest import TEST_POLICY, Keys, Running, error_info, start_sidecar
 from tests.echo_backend import EchoBackend
 
 
@@ -66,6 +66,61 @@ async def test_forged_identity_headers_never_reach_backend(proxy: Running, issue
         assert "x-auth-roles" not in md  # the token has no roles; the forged one is gone
         assert not (forged_keys - {"x-auth-subject", "x-auth-roles"}) & set(md)
     assert "authorization" not in md
+
+
+#: Identity headers of other auth proxies, and method/URL overrides, as a client might send
+#: them (underscore spellings too; gRPC clients send lowercase keys).
+FOREIGN = (
+    ("x-forwarded-user", "root"),
+    ("x-forwarded-groups", "admins"),
+    ("x-forwarded-access-token", "ey"),
+    ("remote-user", "root"),
+    ("x-remote-group", "system:masters"),
+    ("x-remote-extra-scopes", "all"),
+    ("x-pomerium-claim-email", "root@example.com"),
+    ("x-user", "root"),
+    ("x_forwarded_email", "root@example.com"),
+    ("x-http-method-override", "DELETE"),
+    ("x-original-url", "/admin"),
+    ("x_rewrite_url", "/admin"),
+)
+
+
+@pytest.mark.parametrize("service", ["Public", "Access"])
+async def test_foreign_identity_and_override_headers_never_reach_backend(
+    proxy: Running, issuer, service
+):
+    token = access(issuer) if service == "Access" else None
+    metadata = (*FOREIGN, ("x-forwarded-for", "10.0.0.1"), ("x-custom", "kept"))
+    report = await proxy.report(f"/test.{service}/Report", token=token, metadata=metadata)
+    md = report["md"]
+    assert not {key.lower() for key, _ in FOREIGN} & set(md)
+    assert (md["x-forwarded-for"], md["x-custom"]) == (["10.0.0.1"], ["kept"])
+
+
+async def test_strip_headers_in_the_policy_add_and_keep_names(
+    tmp_path, backend: EchoBackend, keys: Keys, issuer
+):
+    policy = TEST_POLICY + "strip_headers:\n  add: [x-tenant, x-legacy-*]\n  keep: [x-email]\n"
+    running = await start_sidecar(tmp_path, backend.port, keys, policy=policy)
+    try:
+        report = await running.report(
+            "/test.Access/Report",
+            token=access(issuer),
+            metadata=(
+                ("x-tenant", "t1"),
+                ("x-legacy-user", "root"),
+                ("x-email", "alice@example.com"),
+                ("x-forwarded-user", "root"),
+            ),
+        )
+    finally:
+        await running.channel.close()
+        await running.sidecar.stop(0)
+    md = report["md"]
+    assert md["x-email"] == ["alice@example.com"]
+    assert not {"x-tenant", "x-legacy-user", "x-forwarded-user"} & set(md)
+    assert md["x-auth-subject"] == ["alice"]
 
 
 async def test_public_method_needs_no_token_and_gets_no_identity(proxy: Running):

@@ -19,8 +19,9 @@ import pytest
 import redis.asyncio as redis
 
 from proxy.state import EXPIRY_GRACE, MemoryState, Revocation, StateStore, StateUnavailable
-from proxy.state_redis import RedisState
+from proxy.state_redis import EPOCH_TTL, RedisState
 from tests.redis_server import (  # noqa: F401
+    PATIENT,
     RedisServer,
     finish_closing,
     redis_server,
@@ -74,7 +75,7 @@ async def state_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend
         url = request.getfixturevalue("redis_url")
 
         async def make(namespace: str = "authproxy", subject_ttl: float = SUBJECT_TTL):
-            store = RedisState(url, namespace=namespace, subject_ttl=subject_ttl)
+            store = RedisState(url, namespace=namespace, subject_ttl=subject_ttl, **PATIENT)
             made.append(store)
             await store.start()
             store.check_fresh()  # started means loaded: the view is current
@@ -256,7 +257,7 @@ async def test_exactly_one_of_100_concurrent_first_uses_wins(
 
 async def test_exactly_one_first_use_wins_across_two_redis_states(redis_url: str):  # noqa: F811
     """Two proxies (two RedisState instances) sharing one Redis race on one jti."""
-    async with running_state(redis_url) as a, running_state(redis_url) as b:
+    async with running_state(redis_url, **PATIENT) as a, running_state(redis_url, **PATIENT) as b:
         exp = math.floor(time.time()) + 300
         for round_ in range(3):
             jti = f"shared-{round_}"
@@ -281,9 +282,15 @@ async def test_every_redis_record_expires(redis_url: str):  # noqa: F811
             await state.revoke_subject("alice", now)
             assert await state.first_use("refresh-1", exp)
         keys = sorted([k async for k in raw.scan_iter(match="ttl:*")])
-        assert keys == ["ttl:revoked:jti:jti-1", "ttl:revoked:sub:alice", "ttl:used:refresh-1"]
+        assert keys == [
+            "ttl:epoch",
+            "ttl:revoked:jti:jti-1",
+            "ttl:revoked:sub:alice",
+            "ttl:used:refresh-1",
+        ]
         ttls = {k: await raw.ttl(k) for k in keys}
         assert all(t > 0 for t in ttls.values()), f"a record without expiry: {ttls}"
+        assert ttls["ttl:epoch"] <= EPOCH_TTL
         assert ttls["ttl:revoked:jti:jti-1"] <= 121 + EXPIRY_GRACE
         assert ttls["ttl:used:refresh-1"] <= 121 + EXPIRY_GRACE
         assert subject_ttl - 5 <= ttls["ttl:revoked:sub:alice"] <= subject_ttl + 1
@@ -370,7 +377,9 @@ async def test_a_healthy_redis_state_stays_current_for_many_staleness_periods(
     redis_url: str,  # noqa: F811
 ):
     """The heartbeat keeps the view trusted while Redis is up: idle, and with the event
-    loop busy serving (16 tasks burning CPU in 0.5 ms slices)."""
+    loop busy serving (16 tasks burning CPU in 0.5 ms slices). Staleness 2 s (heartbeats
+    every 0.5 s): three periods per phase prove the renewal, and the 1.5 s slack keeps a
+    busy machine's scheduling delays out of it (at 0.4 s they failed it)."""
 
     async def burn() -> None:
         while True:
@@ -379,11 +388,12 @@ async def test_a_healthy_redis_state_stays_current_for_many_staleness_periods(
                 pass
             await asyncio.sleep(0)
 
-    async with running_state(redis_url, staleness=0.4) as state:
+    staleness = 2.0
+    async with running_state(redis_url, staleness=staleness, timeout=staleness) as state:
         for phase in ("idle", "busy"):
             burners = [asyncio.create_task(burn()) for _ in range(16 if phase == "busy" else 0)]
             try:
-                deadline = time.monotonic() + 5 * 0.4
+                deadline = time.monotonic() + 3 * staleness
                 while time.monotonic() < deadline:
                     state.check_fresh()  # raises StateUnavailable if the view went stale
                     await asyncio.sleep(0.02)
