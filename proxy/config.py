@@ -188,6 +188,8 @@ def build_state(cfg: ServeConfig) -> StateStore:
 def warn_volatile_state(cfg: ServeConfig, policy: Policy) -> None:
     """In memory without --state-file, a restart forgets every revocation and use: say so
     when they can matter (the policy has token levels, or the admin API can revoke)."""
+    if cfg.workers > 1:  # refused without --redis anyway, with its own error
+        return
     if cfg.redis is None and cfg.state_file is None and (policy.tokens or cfg.admin):
         log.warning(
             "revocations and single-use records are kept in memory only: a restart forgets"

@@ -243,7 +243,6 @@ class AuthProxy:
                 check_address(flag, value)
         self.state = build_state(cfg)
         policy, policy_text = read_policy(cfg)
-        warn_volatile_state(cfg, policy)
         self.keys = load_keys(cfg)
         self.authorizer = build_authorizer(cfg, self.state, policy, self.keys)
         self.ops = Operations(
@@ -302,6 +301,9 @@ class AuthProxy:
         return self.ops.reloader
 
     async def start(self) -> None:
+        # Said once the configuration has passed every check (a refused one gets only
+        # its error).
+        warn_volatile_state(self.cfg, self.authorizer.policy)
         await self.state.start()
         await self.keys.start()
         if self.keys.remote:  # a moment for the first fetches; readiness waits for them anyway

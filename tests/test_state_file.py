@@ -210,6 +210,7 @@ async def test_a_warning_says_revocations_are_lost_on_restart(
     cfg = config_for(tmp_path, keys, policy, ext_authz_grpc="127.0.0.1:0", admin=admin)
     if state_file:
         cfg.state_file = str(tmp_path / "state.json")
-    proxy = AuthProxy(cfg, listen=False)
+    proxy = AuthProxy(cfg)
+    await proxy.start()  # said at start, once every configuration check passed
     await proxy.stop(0)
     assert (VOLATILE in caplog.text) is warned, caplog.text
