@@ -13,11 +13,8 @@ is published before anything can sign with the new private key.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +24,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from .atomic_file import write_atomically
 from .issuer import SigningKey, load_signing_key
 from .jsonstrict import loads_strict
 from .keys import KeyLoadError, jwk_thumbprint, public_jwk
@@ -65,31 +63,13 @@ def generate_private_key(alg: str) -> Any:
     raise ValueError(f"unsupported algorithm {alg!r} (choose from {', '.join(ALGORITHMS)})")
 
 
-def write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` with `data` in one rename: a temporary file (created with `mode`) in
-    the same directory, flushed to disk, then `os.replace`. Readers see the old file or
-    the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)  # mkstemp creates 0600; the mode is set before any data
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(scratch, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(scratch)
-        raise
-
-
 def write_private_pem(private_key: Any, path: Path) -> None:
     pem = private_key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, pem, 0o600)
 
 
@@ -125,6 +105,7 @@ def write_jwks(jwks_path: Path, keys: list[Any]) -> None:
         mode = jwks_path.stat().st_mode & 0o777  # keep the mode of the file replaced
     except FileNotFoundError:
         mode = JWKS_MODE
+    jwks_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(jwks_path, (json.dumps({"keys": keys}, indent=2) + "\n").encode(), mode)
 
 

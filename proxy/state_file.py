@@ -29,13 +29,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .atomic_file import write_atomically
 from .state import DEFAULT_SUBJECT_TTL, EXPIRY_GRACE, MemoryState, Revocation, StateUnavailable
 
 log = logging.getLogger("authproxy.state")
@@ -176,27 +176,6 @@ class FileState(MemoryState):
             len(self._used),
             len(revocations) - len(kept) + len(used) - len(self._used),
         )
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`: temporary file, fsync, rename, fsync of the directory."""
-    directory = path.parent
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _mapping(data: dict[str, Any], key: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import jwt
 import pytest
 
 from examples.backend.api.v1 import api_pb2
-from proxy import cli
+from proxy import atomic_file, cli
 from proxy import keygen as keygen_mod
 from proxy.admin import AdminServer
 from proxy.issuer import SigningKey, TokenIssuer, load_signing_key
@@ -161,7 +161,7 @@ def test_files_are_replaced_atomically_and_the_key_stays_0600(tmp_path, monkeypa
         replaced.append((src, dst, stat.S_IMODE(src.stat().st_mode), src.read_bytes()))
         return real_replace(src, dst)
 
-    monkeypatch.setattr(keygen_mod.os, "replace", spy)
+    monkeypatch.setattr(atomic_file.os, "replace", spy)
     assert run_cli("keygen", "--rotate", "--private-key", str(pem), "--jwks", str(jwks)) == 0
 
     # The JWKS first (the new public key is published before anything signs with it),
@@ -184,7 +184,7 @@ def test_a_failed_write_leaves_the_old_files_and_no_temporary_file(tmp_path, mon
     def broken(src, dst):
         raise OSError(28, "No space left on device", str(dst))
 
-    monkeypatch.setattr(keygen_mod.os, "replace", broken)
+    monkeypatch.setattr(atomic_file.os, "replace", broken)
     assert run_cli("keygen", "--rotate", "--private-key", str(pem), "--jwks", str(jwks)) == 2
     assert (pem.read_bytes(), jwks.read_bytes()) == (old_pem, old_jwks)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jwks.json", "signing.pem"]
