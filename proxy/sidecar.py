@@ -30,7 +30,7 @@ from .peer_identity import peer_principal
 from .pipeline import Authorizer
 from .stream_guard import StreamGuard
 from .tls import ServerTls
-from .upstream import Upstream
+from .upstream import Ended, Upstream
 
 log = logging.getLogger("authproxy.sidecar")
 
@@ -156,12 +156,13 @@ class SidecarHandler(grpc.GenericRpcHandler):
                 return
             watch = self.guard.watch(decision, method, context.invocation_metadata() or ())
             try:
-                await self.upstream.stream(method, requests, metadata, context)
-            except asyncio.CancelledError:
+                await self.upstream.stream(method, requests, metadata, context, progress=watch)
+            except (asyncio.CancelledError, Ended) as stopped:
                 if watch.ended is None:
                     raise  # the client went away
                 # The guard ended the stream (the relay and the backend call are cancelled).
-                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                if isinstance(stopped, asyncio.CancelledError):
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
                 reason, message, by = watch.ended
                 ending = by or decision  # a new policy's rule and version, when it refused
                 await _deny(

@@ -21,6 +21,14 @@ And every stream, token or not, follows the policy:
   (rule, token, requirements; nothing is recorded); one it would refuse ends with
   PERMISSION_DENIED / POLICY_CHANGED (`--no-reload-ends-streams` keeps them).
 
+A call whose request is complete and whose answer has not started yet gets a short
+grace, `ANSWER_GRACE`: a unary call the proxy relays as a stream because the backend's
+reflection did not tell its kind (a logout that revokes its own token is the common
+case) still receives its answer, as a unary call would. Within the grace the answer's
+first message and its trailers pass; a second message is never relayed, and the ending
+applies when the grace is over. So after an ending at most the one answer to an already
+accepted request reaches the client, and only if it comes at once.
+
 Ending a stream cancels the task that relays it; the front end turns that into the
 status (see `sidecar.py`).
 """
@@ -41,16 +49,44 @@ from .state import StateStore, StateUnavailable
 log = logging.getLogger("authproxy.streams")
 
 DEFAULT_INTERVAL = 0.25
+#: How long a call awaiting its answer may still receive it (one message and trailers)
+#: once its stream is ended (see the module doc).
+ANSWER_GRACE = 1.0
+
+#: Why and by what a stream was ended: (reason, message, the refusing decision of a new
+#: policy or None).
+Ending = tuple[Reason, str, Decision | None]
 
 
 class Watch:
     """One open stream: its call, its token, and why it was ended (if it was)."""
 
-    __slots__ = ("ended", "headers", "iat", "jti", "method", "principal", "sub", "task", "timer")
+    __slots__ = (
+        "_guard",
+        "deferred",
+        "ended",
+        "grace",
+        "headers",
+        "iat",
+        "jti",
+        "method",
+        "principal",
+        "requests_ended",
+        "responses",
+        "sub",
+        "task",
+        "timer",
+    )
 
     def __init__(
-        self, method: str, headers: Headers, task: asyncio.Task, principal: str | None = None
+        self,
+        guard: StreamGuard,
+        method: str,
+        headers: Headers,
+        task: asyncio.Task,
+        principal: str | None = None,
     ) -> None:
+        self._guard = guard
         self.method = method
         self.headers = headers
         self.task = task
@@ -62,9 +98,29 @@ class Watch:
         self.sub: str | None = None
         self.iat: float | None = None
         self.timer: asyncio.TimerHandle | None = None
-        #: (reason, message, the refusing decision of a new policy or None) once the guard
-        #: has ended the stream.
-        self.ended: tuple[Reason, str, Decision | None] | None = None
+        #: Set once the guard has ended the stream.
+        self.ended: Ending | None = None
+        #: An ending held back while the call awaits its answer (see the module doc).
+        self.deferred: Ending | None = None
+        self.grace: asyncio.TimerHandle | None = None
+        self.requests_ended = False
+        self.responses = 0
+
+    def awaiting_answer(self) -> bool:
+        return self.requests_ended and self.responses == 0
+
+    # `upstream.Progress`: the relay tells where the call is.
+    def requests_done(self) -> None:
+        self.requests_ended = True
+
+    def may_respond(self) -> bool:
+        if self.deferred is not None and self.responses > 0:
+            self._guard.finish(self, *self.deferred, cancel=False)
+            return False
+        return True
+
+    def responded(self) -> None:
+        self.responses += 1
 
 
 class StreamGuard:
@@ -92,7 +148,7 @@ class StreamGuard:
     def watch(self, decision: Decision, method: str, headers: Headers) -> Watch:
         """Start watching the stream the current task relays (until `release`)."""
         task = asyncio.current_task()
-        watch = Watch(method, headers, task, decision.principal)  # type: ignore[arg-type]
+        watch = Watch(self, method, headers, task, decision.principal)  # type: ignore[arg-type]
         self._watches.add(watch)
         identity = decision.identity
         if identity is None or not decision.rule.end_streams:
@@ -112,8 +168,9 @@ class StreamGuard:
     def release(self, watch: Watch) -> None:
         """The stream finished: stop watching it."""
         self._watches.discard(watch)
-        if watch.timer is not None:
-            watch.timer.cancel()
+        for timer in (watch.timer, watch.grace):
+            if timer is not None:
+                timer.cancel()
 
     async def close(self) -> None:
         if self._ticker is not None:
@@ -137,13 +194,35 @@ class StreamGuard:
                 )
 
     def _end(self, watch: Watch, reason: Reason, message: str, by: Decision | None = None) -> None:
-        """End one stream; `by`: the new policy's decision that refuses it (if any)."""
+        """End one stream, or defer the ending while it awaits its answer; `by`: the new
+        policy's decision that refuses it (if any)."""
+        if watch.ended is not None or watch not in self._watches:
+            return
+        if watch.awaiting_answer():
+            if watch.deferred is None:
+                watch.deferred = (reason, message, by)
+                watch.grace = asyncio.get_running_loop().call_later(
+                    ANSWER_GRACE, self.finish, watch, reason, message, by
+                )
+            return
+        self.finish(watch, reason, message, by)
+
+    def finish(
+        self,
+        watch: Watch,
+        reason: Reason,
+        message: str,
+        by: Decision | None = None,
+        cancel: bool = True,
+    ) -> None:
+        """End one stream now; `cancel=False` when its relay stops by itself."""
         if watch.ended is not None or watch not in self._watches:
             return
         watch.ended = (reason, message, by)
         self.release(watch)
         self.ended_total[reason] = self.ended_total.get(reason, 0) + 1
-        watch.task.cancel()
+        if cancel:
+            watch.task.cancel()
 
     def _revocations_changed(self) -> None:
         for watch in list(self._watches):

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
+from typing import Protocol
 
 import grpc
 
@@ -22,6 +23,25 @@ from .metadata import Metadata
 from .tls import UpstreamTls
 
 log = logging.getLogger("authproxy.upstream")
+
+
+class Ended(Exception):
+    """The stream's `Progress` ended it before a response message was relayed."""
+
+
+class Progress(Protocol):
+    """Told where a relayed stream is (the stream guard's `Watch`)."""
+
+    def requests_done(self) -> None:
+        """The client half-closed and every request message reached the backend."""
+
+    def may_respond(self) -> bool:
+        """Before relaying a response message: False ends the stream without it."""
+        ...
+
+    def responded(self) -> None:
+        """A response message was relayed."""
+
 
 #: Core messages for failures to reach the backend at all (connect, reset, DNS).
 _CONNECT_FAILURES = (
@@ -130,7 +150,7 @@ class Upstream:
         except grpc.aio.AioRpcError as error:
             await self.relay_error(error, context, headers_sent=False)
             raise  # unreachable: relay_error aborts
-        except (grpc.aio.AbortError, asyncio.CancelledError):
+        except (grpc.aio.AbortError, asyncio.CancelledError, Ended):
             raise
         except Exception as error:  # e.g. the gRPC core refusing to send: never hang the client
             await self.relay_failure(error, context)
@@ -145,11 +165,14 @@ class Upstream:
         requests: AsyncIterator[bytes],
         metadata: Metadata,
         context: grpc.aio.ServicerContext,
+        progress: Progress | None = None,
     ) -> None:
+        """Relay a call of any kind as a stream; `progress` is told how far it got and may
+        end it before a response message (raising `Ended`)."""
         call = self.channel.stream_stream(method)(
             metadata=metadata, timeout=context.time_remaining()
         )
-        pump = asyncio.create_task(_pump(requests, call))
+        pump = asyncio.create_task(_pump(requests, call, progress))
         headers_sent = False
         try:
             initial = await call.initial_metadata()
@@ -157,13 +180,17 @@ class Upstream:
                 await _complete(context.send_initial_metadata(initial))
                 headers_sent = True
             async for response in call:
+                if progress is not None and not progress.may_respond():
+                    raise Ended
                 await _complete(context.write(response))
+                if progress is not None:
+                    progress.responded()
             trailing = await call.trailing_metadata()
             if trailing:
                 context.set_trailing_metadata(trailing)
         except grpc.aio.AioRpcError as error:
             await self.relay_error(error, context, headers_sent)
-        except (grpc.aio.AbortError, asyncio.CancelledError):
+        except (grpc.aio.AbortError, asyncio.CancelledError, Ended):
             raise
         except Exception as error:  # e.g. the gRPC core refusing to send: never hang the client
             await self.relay_failure(error, context)
@@ -221,12 +248,16 @@ async def _complete(operation: Awaitable[None]) -> None:
         raise
 
 
-async def _pump(requests: AsyncIterator[bytes], call: grpc.aio.StreamStreamCall) -> None:
+async def _pump(
+    requests: AsyncIterator[bytes], call: grpc.aio.StreamStreamCall, progress: Progress | None
+) -> None:
     """Copy client messages to the backend, then half-close."""
     try:
         async for message in requests:
             await call.write(message)
         await call.done_writing()
+        if progress is not None:
+            progress.requests_done()
     except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
         pass  # the backend ended the call; the response side reports its status
 

@@ -11,6 +11,8 @@ Methods:
 - Fail     (unary)   request JSON {"code": "NOT_FOUND", "message": ...} -> that status, with a
                      response header, a custom trailer, a -bin trailer and status details
 - Hang     (unary)   waits until cancelled; records the cancellation
+- Held     (unary)   waits for `release`, then answers b"held"
+- HeldCount (server streaming) waits for `release`, then sends b"0", b"1"
 - Compressed (unary) -> the request bytes, gzip-compressed by the backend
 """
 
@@ -23,7 +25,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-UNARY = ("Report", "Echo", "Fail", "Hang", "Compressed")
+UNARY = ("Report", "Echo", "Fail", "Hang", "Held", "Compressed")
 
 
 def _text(value: str | bytes) -> str:
@@ -35,6 +37,8 @@ class EchoBackend(grpc.GenericRpcHandler):
         self.calls: list[tuple[str, tuple[tuple[str, str | bytes], ...]]] = []
         self.cancelled = asyncio.Event()
         self.hang_started = asyncio.Event()
+        self.held = asyncio.Event()
+        self.release = asyncio.Event()
         self.server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -45,7 +49,7 @@ class EchoBackend(grpc.GenericRpcHandler):
         if behaviour is None:
             return None
         self.calls.append((method, tuple(details.invocation_metadata or ())))  # type: ignore[attr-defined]
-        if name == "Count":
+        if name in ("Count", "HeldCount"):
             return grpc.unary_stream_rpc_method_handler(behaviour)
         if name == "Sum":
             return grpc.stream_unary_rpc_method_handler(behaviour)
@@ -121,6 +125,17 @@ class EchoBackend(grpc.GenericRpcHandler):
             self.cancelled.set()
             raise
         return b""
+
+    async def _held(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.held.set()
+        await self.release.wait()
+        return b"held"
+
+    async def _heldcount(self, request: bytes, context: grpc.aio.ServicerContext):
+        self.held.set()
+        await self.release.wait()
+        for i in range(2):
+            yield str(i).encode()
 
 
 async def start_echo_backend(port: int = 0, max_message_bytes: int = 64 * 1024 * 1024):

@@ -227,6 +227,49 @@ async def test_a_call_of_unknown_kind_is_watched_like_a_stream(
         await asyncio.wait_for(backend.cancelled.wait(), 5)  # the backend call is cancelled
 
 
+async def test_a_call_of_unknown_kind_revoked_while_awaiting_its_answer_still_gets_it(
+    tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
+):
+    """A unary call relayed as a stream whose token is revoked while the backend works on
+    it (a logout revoking its own token) gets the backend's answer, as a unary call would:
+    the request was accepted before the revocation."""
+    async with running_node(tmp_path, keys, backend, "a", POLICY) as node:
+        token = issuer.mint("access", "alice", ttl=300)
+        md = (("authorization", f"Bearer {token.token}"),)
+        call = node.channel.unary_unary("/test.Access/Held")(b"{}", metadata=md, timeout=30)
+        await asyncio.wait_for(backend.held.wait(), 10)
+        await node.proxy.state.revoke_token(token.jti, token.exp)
+        backend.release.set()
+        assert await asyncio.wait_for(call, 10) == b"held"
+        # A new call with the token is refused.
+        again = node.channel.unary_unary("/test.Access/Echo")(b"x", metadata=md, timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await again
+        assert error_info(caught.value).reason == Reason.TOKEN_REVOKED
+
+
+async def test_a_stream_revoked_while_awaiting_its_answer_gets_one_message_at_most(
+    tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
+):
+    """A server stream whose request was accepted before the revocation: the answer's
+    first message passes, the second is not relayed and the stream ends TOKEN_REVOKED."""
+    async with running_node(tmp_path, keys, backend, "a", POLICY) as node:
+        token = issuer.mint("access", "alice", ttl=300)
+        md = (("authorization", f"Bearer {token.token}"),)
+        call = node.channel.unary_stream("/test.Access/HeldCount")(b"{}", metadata=md, timeout=30)
+        await asyncio.wait_for(backend.held.wait(), 10)
+        await node.proxy.state.revoke_token(token.jti, token.exp)
+        backend.release.set()
+        received = []
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async with asyncio.timeout(10):
+                async for message in call:
+                    received.append(message)
+        assert received == [b"0"]
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert error_info(caught.value).reason == Reason.TOKEN_REVOKED
+
+
 # --- shared state -----------------------------------------------------------------------------
 
 
