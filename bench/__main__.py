@@ -5,7 +5,9 @@
 Starts everything itself, each server in its own process: the echo backend, a bare
 passthrough (the proxy's forwarding, no auth), the proxy (cached token and cold
 verification), bare no-op ext_authz servers and ours, Redis-backed and in-memory
-sidecars (when `redis-server` is installed). h2load drives the load. Prints a table; with
+sidecars (when `redis-server` is installed). h2load drives the saturation runs;
+bench.h2gen (our raw HTTP/2 client) the evenly spaced latency runs at 100, 1,000 and
+3,000 calls/s, bidi ping-pong and the connections held for memory. Prints a table; with
 `--json` writes the figures; with `--plot` draws latency against offered load.
 `--quick` (under a minute) keeps the benchmark working in CI: its figures are noisier,
 and nothing checks them against targets.
@@ -22,22 +24,40 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import load, micro, report
+from . import load, memory, micro, report
 from . import state as state_bench
 from .ext_authz import ExtAuthzBench
 from .fixtures import make_fixtures
-from .sidecar import Results, SidecarBench
+from .sidecar import TARGETS, Results, SidecarBench
 
-#: The fixed offered load for latency percentiles (checks or calls per second).
+#: Offered loads for latency percentiles (calls or checks per second): the shape of
+#: OPA-Envoy's published latency table.
+RATES = (100, 1000, 3000)
+#: The offered load the headline latency figures and ratios use.
 RATE = 1000
 #: Offered loads for the latency plot.
 SWEEP = (250, 500, 1000, 1500, 2000, 2500, 3000)
+#: Memory: idle connections held, then open streams on them (figures per 1,000). Under
+#: 800 streams: the proxy's upstream pool opens at most 8 connections of 100 streams to
+#: a backend, and further calls wait for a free stream.
+MEMORY_CONNECTIONS = 1000
+MEMORY_STREAMS = 500
 
 
 def _options(args: argparse.Namespace) -> dict:
+    """Run lengths. A latency run at rate R lasts `latency[R]` seconds after the warm-up
+    (per round, a full run has 400 calls at 100/s, 4,000 at 1,000/s, 4,500 at 3,000/s)."""
     if args.quick:
-        return {"seconds": 0.8, "rounds": 1, "latency_seconds": 1.0, "warm": 0.2}
-    return {"seconds": args.seconds, "rounds": args.rounds, "latency_seconds": 4.0, "warm": 0.5}
+        return {
+            "seconds": 0.8, "bidi_seconds": 0.5, "rounds": 1, "warm": 0.2,
+            "latency": {100: 0.6, 1000: 0.3, 3000: 0.2}, "sweep_seconds": 0.5,
+            "memory": (500, 300),
+        }  # fmt: skip
+    return {
+        "seconds": args.seconds, "bidi_seconds": args.seconds, "rounds": args.rounds,
+        "warm": 0.5, "latency": {100: 4.0, 1000: 2.0, 3000: 1.5}, "sweep_seconds": 2.0,
+        "memory": (MEMORY_CONNECTIONS, MEMORY_STREAMS),
+    }  # fmt: skip
 
 
 async def measure(args: argparse.Namespace, tmp: Path) -> dict:
@@ -47,7 +67,9 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict:
     logs = tmp / "logs"  # apart from the config: the proxy watches its files' directory
     logs.mkdir()
     fx = make_fixtures(tmp / "config")
-    figures: dict = {"quick": args.quick, "workers": args.workers}
+    figures: dict = {"quick": args.quick, "workers": args.workers, "rounds": opts["rounds"]}
+    # Before any server starts (they inherit it): room for the held connections.
+    held = memory.fd_room(opts["memory"][0])
     redis = None
     if state_bench.available():
         redis = state_bench.RedisServer(logs / "redis-workers")
@@ -55,40 +77,48 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict:
     elif args.workers > 1:
         raise SystemExit("--workers needs redis-server (the workers share state in Redis)")
 
-    sidecar = SidecarBench(fx, logs, args.workers, redis.url if redis else None)
     try:
-        await sidecar.start()
-        results = Results()
-        await sidecar.measure(results, opts["seconds"], opts["rounds"])
-        await sidecar.latency(results, RATE, opts["latency_seconds"])
-        if args.plot:
-            for rate in SWEEP:
-                await sidecar.latency(results, rate, opts["latency_seconds"])
-        figures["sidecar"] = report.sidecar_figures(results, RATE)
-    finally:
-        sidecar.stop()
-
-    ext = ExtAuthzBench(fx, logs)
-    try:
-        await ext.start()
-        figures["ext_authz"] = await ext.measure(opts["seconds"], opts["rounds"])
-        latency = await ext.latency(RATE, opts["latency_seconds"])
-        figures["ext_authz_latency"] = {t: report.percentiles(ld) for t, ld in latency.items()}
-    finally:
-        ext.stop()
-
-    if state_bench.available():
-        backend = state_bench.procs.baseline("state-backend", "backend", logs)
-        state = state_bench.StateBench(fx, logs, backend.port)
+        sidecar = SidecarBench(fx, logs, args.workers, redis.url if redis else None)
         try:
-            await backend.wait_listening()
-            await state.start()
-            figures["state"] = await state.measure(opts["seconds"], opts["rounds"])
+            await sidecar.start()
+            results = Results()
+            await sidecar.measure(results, opts["seconds"], opts["rounds"], opts["bidi_seconds"])
+            await sidecar.latency(results.latency, RATES, opts["latency"], opts["rounds"])
+            if args.plot:
+                sweep = dict.fromkeys(SWEEP, opts["sweep_seconds"])
+                await sidecar.latency(results.sweep, SWEEP, sweep, 1, TARGETS[:3])
+            figures["sidecar"] = report.sidecar_figures(results, RATE)
         finally:
-            state.stop()
-            backend.stop()
-    if redis is not None:
-        redis.stop()
+            sidecar.stop()
+
+        ext = ExtAuthzBench(fx, logs)
+        try:
+            await ext.start()
+            figures["ext_authz"] = await ext.measure(opts["seconds"], opts["rounds"])
+            latency = await ext.latency(RATES, opts["latency"], opts["rounds"])
+            figures["ext_authz_latency"] = {
+                f"{t}@{r}": report.latency_figures(runs) for (t, r), runs in latency.items()
+            }
+        finally:
+            ext.stop()
+
+        if held:
+            streams = min(opts["memory"][1], held * 100)
+            figures["memory"] = await memory.measure(fx, logs, held, streams)
+
+        if state_bench.available():
+            backend = state_bench.procs.baseline("state-backend", "backend", logs)
+            state = state_bench.StateBench(fx, logs, backend.port)
+            try:
+                await backend.wait_listening()
+                await state.start()
+                figures["state"] = await state.measure(opts["seconds"], opts["rounds"])
+            finally:
+                state.stop()
+                backend.stop()
+    finally:
+        if redis is not None:
+            redis.stop()
     return figures
 
 
@@ -112,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     figures["micro"] = micro.run(quick=args.quick)  # in-process: no event loop running
     figures.update(report.headline(figures))
+    figures["ratio_rounds"] = report.ratio_rounds(figures)
     if args.plot:
         report.plot(figures, SWEEP, args.plot)
     report.print_table(figures)

@@ -4,7 +4,8 @@ aiohttp low-level server answering 200. Every request carries a valid ES256 acce
 token, so ours runs the whole decision; its metrics prove every check was an allow.
 
 Throughput: h2load at saturation, ours and bare alternating, medians of the rounds, with
-CPU µs per check. Latency: each at a fixed offered load (h2load's per-request log).
+CPU µs per check. Latency (the gRPC Check only: bench.h2gen speaks gRPC): bench.h2gen
+open loop, evenly spaced checks at fixed rates, ours and bare alternating, rounds pooled.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from . import load, procs
-from .fixtures import Fixtures, check_allowed, decision_counts
+from .fixtures import Fixtures, check_allowed, check_answers_allowed, decision_counts
 from .sidecar import Run
 
 CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
 HTTP_PATH = "/api/items/42"
 TARGETS = ("check", "bare check", "http", "bare http")
+LATENCY_TARGETS = ("check", "bare check")
 
 
 def check_request(token: str) -> external_auth_pb2.CheckRequest:
@@ -67,6 +69,10 @@ class ExtAuthzBench:
         body = logs / "check.grpc"
         body.write_bytes(load.grpc_frames([self.frame]))
         grpc_args = ["-d", str(body), *load.grpc_headers()]
+        self.check_targets = {
+            "check": load.Target(self.ours.port, CHECK_PATH, body),
+            "bare check": load.Target(self.noop_check.port, CHECK_PATH, body),
+        }
         http_args = ["--h1", "-H", f"authorization: Bearer {fx.token}"]
         self.targets = {
             "check": (self.ours, f"{self.ours.port}{CHECK_PATH}", grpc_args),
@@ -101,7 +107,7 @@ class ExtAuthzBench:
             check_allowed(target, result.requests, before, await decision_counts(self.admin_port))
         return Run(result.rps, {target: cpu_us})
 
-    async def measure(self, seconds: float, rounds: int) -> dict[str, dict[str, float]]:
+    async def measure(self, seconds: float, rounds: int) -> dict[str, dict]:
         runs: dict[str, list[Run]] = {t: [] for t in TARGETS}
         for _ in range(rounds):
             for target in TARGETS:
@@ -110,14 +116,25 @@ class ExtAuthzBench:
             t: {
                 "rps": statistics.median(r.rps for r in rs),
                 "cpu_us": statistics.median(r.cpu_us[t] for r in rs),
+                "rps_rounds": [r.rps for r in rs],
+                "cpu_us_rounds": [r.cpu_us[t] for r in rs],
             }
             for t, rs in runs.items()
         }
 
-    async def latency(self, rate: int, seconds: float) -> dict[str, load.Load]:
-        result = {}
-        for target in TARGETS:
-            _, where, args = self.targets[target]
-            url = f"http://127.0.0.1:{where}"
-            result[target] = await load.fixed_rate(url, rate, args, seconds, self.logs / "l.log")
+    async def latency(
+        self, rates: tuple[int, ...], seconds: dict[int, float], rounds: int
+    ) -> dict[tuple[str, int], list[load.OpenLoop]]:
+        """Open-loop Check runs at each rate, ours and bare alternating, `rounds` times."""
+        result: dict[tuple[str, int], list[load.OpenLoop]] = {}
+        for rate in rates:
+            for _ in range(rounds):
+                for target in LATENCY_TARGETS:
+                    ours = target == "check"
+                    before = await decision_counts(self.admin_port) if ours else {}
+                    run = await load.open_loop(self.check_targets[target], rate, seconds[rate])
+                    if ours:
+                        after = await decision_counts(self.admin_port)
+                        check_answers_allowed(target, len(run.latencies_us), before, after)
+                    result.setdefault((target, rate), []).append(run)
         return result

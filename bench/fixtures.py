@@ -117,3 +117,11 @@ def check_allowed(target: str, requests: int, before: dict, after: dict) -> None
     denied = after.get("deny", 0) - before.get("deny", 0)
     if denied or allowed < requests:
         raise RuntimeError(f"{target}: {requests} requests but {allowed} allows, {denied} denies")
+
+
+def check_answers_allowed(target: str, answered: int, before: dict, after: dict) -> None:
+    """Every call answered with a message in a latency run was an allow (calls shed
+    under overload are not answered with a message, so they are not counted)."""
+    allowed = after["allow"] - before["allow"]
+    if allowed < answered:
+        raise RuntimeError(f"{target}: {answered} calls answered but only {allowed} allows")

@@ -6,6 +6,12 @@ fresh token per call is a cache that never hits — the same verification work).
 Each server is its own process. Throughput runs alternate the four targets for a number
 of rounds and keep medians, so a slow moment on the shared machine hits every target,
 not one; each run reads the servers' CPU time before and after (CPU µs per request).
+
+Kinds of run: `unary` and `stream` (h2load at saturation: a bidi call that sends 50
+messages, half-closes and reads the echoes) and `bidi` (bench.h2gen ping-pong: 64 streams
+over 16 connections, each sending its next message when the last one's echo is back;
+CPU µs per message). Latency: bench.h2gen open loop, evenly spaced calls at fixed rates,
+direct and proxy alternating, rounds pooled.
 """
 
 from __future__ import annotations
@@ -15,12 +21,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import load, procs
-from .fixtures import PAYLOAD, Fixtures, check_allowed, check_calls, decision_counts
+from .fixtures import (
+    PAYLOAD,
+    Fixtures,
+    check_allowed,
+    check_answers_allowed,
+    check_calls,
+    decision_counts,
+)
 from .servers import STREAM_METHOD, UNARY_METHOD
 
 #: Messages per bidi call: h2load sends them all, half-closes and reads the echoes.
 STREAM_MESSAGES = 50
 TARGETS = ("direct", "passthrough", "proxy", "proxy, cold verify")
+#: Ping-pong bidi: a token is verified once per stream, so no "cold verify" row.
+BIDI_TARGETS = TARGETS[:3]
+BIDI_STREAMS = 64
+LATENCY_TARGETS = ("direct", "proxy")
 
 
 @dataclass
@@ -32,13 +49,20 @@ class Run:
 @dataclass
 class Results:
     runs: dict[tuple[str, str], list[Run]] = field(default_factory=dict)  # (kind, target)
-    latency: dict[tuple[str, int], load.Load] = field(default_factory=dict)  # (target, rate)
+    #: (target, rate) -> one open-loop run per round
+    latency: dict[tuple[str, int], list[load.OpenLoop]] = field(default_factory=dict)
+    sweep: dict[tuple[str, int], list[load.OpenLoop]] = field(default_factory=dict)  # --plot
 
     def rps(self, kind: str, target: str) -> float:
         return statistics.median(r.rps for r in self.runs[kind, target])
 
     def cpu_us(self, kind: str, target: str, server: str) -> float:
         return statistics.median(r.cpu_us[server] for r in self.runs[kind, target])
+
+    def rounds(self, kind: str, target: str, server: str | None = None) -> list[float]:
+        """Per-round figures in round order: calls/s, or a server's CPU µs per call."""
+        runs = self.runs[kind, target]
+        return [r.rps if server is None else r.cpu_us[server] for r in runs]
 
 
 class SidecarBench:
@@ -78,6 +102,14 @@ class SidecarBench:
     def _token(self, target: str) -> str | None:
         return self.fx.token if target.startswith("proxy") else None
 
+    def _target(self, target: str) -> load.Target:
+        """bench.h2gen's target: one message, to the unary or the bidi method."""
+        body = self.logs / "body-one.grpc"
+        if not body.exists():
+            body.write_bytes(load.grpc_frames([PAYLOAD]))
+        port = self.servers[target].port
+        return load.Target(port, UNARY_METHOD, body, load.token_headers(self._token(target)))
+
     def _args(self, kind: str, target: str) -> tuple[str, list[str]]:
         server = self.servers[target]
         if kind == "unary":
@@ -107,15 +139,60 @@ class SidecarBench:
         cpu_us = {n: (cpu_after[n] - cpu_before[n]) / served * 1e6 for n in self.servers}
         return Run(served / result.seconds, cpu_us)
 
-    async def measure(self, results: Results, seconds: float, rounds: int) -> None:
-        for kind in ("unary", "stream"):
+    async def bidi(self, target: str, seconds: float) -> Run:
+        """Ping-pong messages/s and CPU µs per message, read at h2gen's start/stop marks."""
+        cpu: dict[str, dict[str, float]] = {}
+
+        async def mark(line: str) -> None:
+            cpu[line] = {name: s.cpu() for name, s in self.servers.items()}
+
+        counted = target in self.admin
+        before = await decision_counts(self.admin[target], self.workers) if counted else {}
+        aim = self._target(target)
+        aim.path = STREAM_METHOD
+        result = await load.pingpong(aim, BIDI_STREAMS, seconds, mark)
+        if counted:  # one decision per stream
+            after = await decision_counts(self.admin[target], self.workers)
+            check_allowed(target, BIDI_STREAMS, before, after)
+        echoes = result["echoes"]
+        if not echoes or set(cpu) != {"start", "stop"}:
+            raise RuntimeError(f"bidi {target}: {echoes} echoes, marks {sorted(cpu)}")
+        cpu_us = {n: (cpu["stop"][n] - cpu["start"][n]) / echoes * 1e6 for n in self.servers}
+        cpu_us["generator"] = result["cpu_us_per_echo"]
+        return Run(echoes / result["seconds"], cpu_us)
+
+    async def measure(
+        self, results: Results, seconds: float, rounds: int, bidi_seconds: float | None = None
+    ) -> None:
+        for kind in ("unary", "stream", "bidi"):
             for _ in range(rounds):
-                for target in TARGETS:
-                    run = await self.throughput(kind, target, seconds)
+                for target in BIDI_TARGETS if kind == "bidi" else TARGETS:
+                    if kind == "bidi":
+                        run = await self.bidi(target, bidi_seconds or seconds)
+                    else:
+                        run = await self.throughput(kind, target, seconds)
                     results.runs.setdefault((kind, target), []).append(run)
 
-    async def latency(self, results: Results, rate: int, seconds: float, targets=TARGETS[:3]):
-        for target in targets:
-            url, args = self._args("unary", target)
-            log = self.logs / "h2load.log"
-            results.latency[target, rate] = await load.fixed_rate(url, rate, args, seconds, log)
+    async def open_loop(self, target: str, rate: int, seconds: float) -> load.OpenLoop:
+        counted = target in self.admin
+        before = await decision_counts(self.admin[target], self.workers) if counted else {}
+        run = await load.open_loop(self._target(target), rate, seconds)
+        if counted:
+            after = await decision_counts(self.admin[target], self.workers)
+            check_answers_allowed(target, len(run.latencies_us), before, after)
+        return run
+
+    async def latency(
+        self,
+        into: dict[tuple[str, int], list[load.OpenLoop]],
+        rates: tuple[int, ...],
+        seconds: dict[int, float],
+        rounds: int,
+        targets: tuple[str, ...] = LATENCY_TARGETS,
+    ) -> None:
+        """Open-loop runs at each rate: the targets alternating, `rounds` times."""
+        for rate in rates:
+            for _ in range(rounds):
+                for target in targets:
+                    run = await self.open_loop(target, rate, seconds[rate])
+                    into.setdefault((target, rate), []).append(run)

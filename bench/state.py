@@ -15,16 +15,14 @@ Needs `redis-server`; the benchmark starts its own on a free port.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import statistics
 from pathlib import Path
 
 import grpc
 
-from tests.redis_server import RedisServer
-
-from . import load, procs
+from . import load, procs, redis_server
 from .fixtures import AUTH_POLICY, PAYLOAD, Fixtures, check_allowed, decision_counts
+from .redis_server import RedisServer
 from .servers import UNARY_METHOD
 
 RULE = "/bench.Svc/*: access"
@@ -39,7 +37,7 @@ CLIENT_CONCURRENCY = 16
 
 
 def available() -> bool:
-    return shutil.which("redis-server") is not None
+    return redis_server.binary() is not None
 
 
 class StateBench:

@@ -175,7 +175,7 @@ class Throttle:
 
 
 def parent(args: argparse.Namespace) -> None:
-    from tests.redis_server import RedisServer
+    from bench.redis_server import RedisServer
 
     server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-")))
     server.start()

@@ -16,7 +16,7 @@ def extract_bearer(headers: Iterable[tuple[str, str | bytes]], max_bytes: int) -
     Header names compare case-insensitively; the scheme is case-insensitive too. Two or
     more `authorization` headers are refused rather than guessing which one counts.
     """
-    values = [v for k, v in headers if k.lower() == AUTHORIZATION]
+    values = [v for k, v in headers if len(k) == 13 and k.lower() == AUTHORIZATION]
     if not values:
         raise Denied(Reason.TOKEN_MISSING, "no authorization header with a bearer token")
     if len(values) > 1:

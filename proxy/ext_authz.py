@@ -77,7 +77,7 @@ class CheckRequest(NamedTuple):
     def grpc(self) -> bool:
         """A gRPC request: its content-type is `application/grpc` or `application/grpc+...`."""
         for key, value in self.headers:
-            if key.lower() == "content-type":
+            if len(key) == 12 and key.lower() == "content-type":
                 return value.lower().startswith(GRPC_CONTENT_TYPE)
         return False
 
@@ -145,13 +145,9 @@ def reply(decision: Decision, request: CheckRequest, policy: Policy) -> Allow | 
                 incoming.append(lower)
     identity = decision.identity
     cache = identity.memo if identity is not None else _PUBLIC_ALLOWS
-    key = (
-        decision.rule.pattern,
-        decision.policy_version,
-        decision.principal,
-        authorization,
-        *sorted(incoming),
-    )
+    key: tuple = (decision.rule.pattern, decision.policy_version, decision.principal, authorization)
+    if incoming:
+        key = (*key, *sorted(incoming))
     allow = cache.get(key)
     if allow is None:
         names = set(BUILTIN_HEADERS).union(

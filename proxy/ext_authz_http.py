@@ -1,4 +1,4 @@
-"""The Envoy ext_authz HTTP front end (Envoy's `http_service` mode), on aiohttp.
+"""The Envoy ext_authz HTTP front end (Envoy's `http_service` mode).
 
 Envoy sends the original method, `path_prefix` + the original path (query included) and
 the headers its `allowed_headers` lets through. We answer 200 to allow — with the
@@ -7,36 +7,49 @@ upstream request, overwriting) and `x-envoy-auth-headers-to-remove` — or 401/4
 to deny, with the body and headers `ext_authz.reply` builds. An unexpected failure
 answers 500, which Envoy treats as an authorization *error* (`failure_mode_allow`,
 `status_on_error`), never as an allow.
+
+HTTP/1.1 itself (keep-alive, pipelining, limits, timeouts) is `ext_authz_http_protocol`.
+An allow's answer is rendered once and kept with the `Allow` (which `ext_authz.reply`
+shares between equal requests), so a repeated allow is answered from ready bytes.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
 import logging
+import re
+from time import monotonic
 
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
-
-from .ext_authz import Allow, CheckRequest, Deny, answer, refuse
-from .http_listener import listen
+from .ext_authz import Allow, CheckRequest, Deny, Headers, refuse, reply
+from .ext_authz_http_protocol import SERVER_LINE, HttpConnection, HttpLimits, Reply
+from .http_listener import split_address
 from .pipeline import Authorizer
 
 log = logging.getLogger("authproxy.ext_authz")
 
 HEADERS_TO_REMOVE = "x-envoy-auth-headers-to-remove"
-#: Replaces aiohttp's default `Server` header (which names library versions).
-SERVER = ("server", "authproxy")
-#: Request line and header limits: room for long paths and for tokens up to the policy's
-#: `max_token_bytes` limit (64 KiB at most), so the pipeline, not the parser, refuses them.
-MAX_LINE = 16 * 1024
-MAX_FIELD = 64 * 1024 + 64
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_ERROR = Reply(
+    500,
+    SERVER_LINE + b"content-type: text/plain; charset=utf-8\r\ncontent-length: 26\r\n",
+    b"authorization check failed",
+)
+#: The `Allow.rendered` key of this front end's answer.
+_RENDERED = "http1"
 
 
 class CheckHttpServer:
     def __init__(
-        self, authorizer: Authorizer, address: str, path_prefix: str = "", reuse_port: bool = False
+        self,
+        authorizer: Authorizer,
+        address: str,
+        path_prefix: str = "",
+        reuse_port: bool = False,
+        limits: HttpLimits | None = None,
     ) -> None:
-        """`reuse_port`: SO_REUSEPORT, so several worker processes share the port."""
+        """`reuse_port`: SO_REUSEPORT, so several worker processes share the port;
+        `limits`: sizes and timeouts (read when a connection opens)."""
         if path_prefix and (not path_prefix.startswith("/") or path_prefix.endswith("/")):
             raise ValueError(
                 f"--ext-authz-http-path-prefix {path_prefix!r} must start with '/' and not end"
@@ -47,100 +60,118 @@ class CheckHttpServer:
         self.port = 0  # known once started
         self.authorizer = authorizer
         self.path_prefix = path_prefix
+        self.limits = limits or HttpLimits()
         self.errors_total = 0
-        self._runner = web.ServerRunner(
-            _Server(
-                self.handle,
-                access_log=None,
-                max_line_size=MAX_LINE,
-                max_field_size=MAX_FIELD,
-            ),
-            handle_signals=False,
-        )
+        self.connections: set[HttpConnection] = set()
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._all_closed: asyncio.Event | None = None
 
     async def start(self) -> None:
-        if not self.reuse_port:
-            self.port = await listen(self._runner, self.address)
-            return
-        host, _, port = self.address.rpartition(":")
-        await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, host.strip("[]"), int(port), reuse_address=True, reuse_port=True
+        host, port = split_address(self.address)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._connection,
+            host or None,
+            port,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,
+            backlog=1024,
         )
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._sweep()
 
     async def stop(self, grace: float) -> None:
-        await self._runner.shutdown()
-        await self._runner.cleanup()
+        """Stop listening; let requests being read or decided finish (answered with
+        `connection: close`) for up to `grace` seconds, then close what is left."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._server is None:
+            return
+        self._server.close()
+        self._all_closed = asyncio.Event()
+        for connection in tuple(self.connections):
+            connection.drain()
+        if self.connections and grace > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), grace)
+        for connection in tuple(self.connections):
+            connection.abort()
+        await self._server.wait_closed()
+        self._server = None
 
-    async def handle(self, request: web.BaseRequest) -> web.Response:
+    def _connection(self) -> HttpConnection:
+        connection = HttpConnection(self.check, self.limits, self._closed)
+        self.connections.add(connection)
+        return connection
+
+    def _closed(self, connection: HttpConnection) -> None:
+        self.connections.discard(connection)
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()
+
+    def _sweep(self) -> None:
+        """Close connections whose request is overdue or that idled too long."""
+        if self.connections:
+            now = monotonic()
+            for connection in tuple(self.connections):
+                connection.expire(now)
+        limits = self.limits
+        every = min(1.0, max(0.05, min(limits.request_timeout, limits.idle_timeout) / 4))
+        self._sweeper = asyncio.get_running_loop().call_later(every, self._sweep)
+
+    async def check(self, method: str, path: str, headers: Headers, peer: str | None) -> Reply:
+        """The answer to one check: `path` as sent (not decoded, query included), `peer`
+        the client's address (Envoy: list it in --trusted-proxy to use x-forwarded-for)."""
         try:
-            return await self._check(request)
+            authorizer = self.authorizer
+            prefix = self.path_prefix
+            if prefix and not (
+                path.startswith(prefix) and path[len(prefix) : len(prefix) + 1] == "/"
+            ):
+                result: Allow | Deny = refuse(
+                    authorizer,
+                    CheckRequest(method, path, headers, peer),
+                    f"the check path does not start with the path prefix {prefix}/",
+                )
+            else:
+                request = CheckRequest(method, path[len(prefix) :], headers, peer)
+                policy = authorizer.policy  # one snapshot: header names match the decision
+                decision = await authorizer.decide_http(
+                    method, request.path, headers, request.grpc, policy, peer
+                )
+                result = reply(decision, request, policy)
+            if isinstance(result, Allow):
+                rendered = result.rendered.get(_RENDERED)
+                if rendered is None:
+                    rendered = result.rendered[_RENDERED] = _allow_reply(result)
+                return rendered
+            return _deny_reply(result)
         except Exception:
             self.errors_total += 1
             log.exception("ext_authz check failed; answering 500 (an error for Envoy)")
-            return web.Response(status=500, text="authorization check failed", headers=(SERVER,))
-
-    async def _check(self, request: web.BaseRequest) -> web.Response:
-        headers = tuple(request.headers.items())
-        peer = request.remote  # Envoy: list it in --trusted-proxy to use x-forwarded-for
-        path = request.raw_path  # as sent: not decoded, query included
-        prefix = self.path_prefix
-        if prefix and not (path.startswith(prefix) and path[len(prefix) : len(prefix) + 1] == "/"):
-            result: Allow | Deny = refuse(
-                self.authorizer,
-                CheckRequest(request.method, path, headers, peer),
-                f"the check path does not start with the path prefix {prefix}/",
-            )
-        else:
-            result = await answer(
-                self.authorizer, CheckRequest(request.method, path[len(prefix) :], headers, peer)
-            )
-        if isinstance(result, Allow):
-            out = result.rendered.get("http")
-            if out is None:
-                out = result.rendered["http"] = (
-                    *result.headers,
-                    SERVER,
-                    *((HEADERS_TO_REMOVE, ",".join(result.remove)),) * bool(result.remove),
-                )
-            return web.Response(status=200, headers=out)
-        return web.Response(
-            status=result.status, headers=(*result.headers, SERVER), body=result.body.encode()
-        )
+            return _ERROR
 
 
-class _Protocol(RequestHandler):
-    """aiohttp's connection handler, with our answer for requests its parser refuses
-    (garbage, over-long lines or headers): a JSON 400 like every other refusal, no
-    library versions in `server`, no echo of the input, one log line instead of a
-    traceback per request."""
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        log.info("refused an unreadable HTTP request (%d): %s", status, type(exc).__name__)
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; cannot send an error")
-        body = {
-            "error": "invalid_argument" if status < 500 else "internal",
-            "reason": "REQUEST_MALFORMED" if status < 500 else "INTERNAL",
-            "message": "the HTTP request could not be read",
-        }
-        response = web.Response(
-            status=status,
-            headers=(SERVER, ("content-type", "application/json")),
-            body=json.dumps(body).encode(),
-        )
-        response.force_close()
-        return response
+def _allow_reply(allow: Allow) -> Reply:
+    headers = allow.headers
+    if allow.remove:
+        headers = (*headers, (HEADERS_TO_REMOVE, ",".join(allow.remove)))
+    return Reply(200, SERVER_LINE + _lines(headers) + b"content-length: 0\r\n")
 
 
-class _Server(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _Protocol(self, loop=self._loop, **self._kwargs)
+def _deny_reply(deny: Deny) -> Reply:
+    body = deny.body.encode()
+    lines = _lines(deny.headers) + SERVER_LINE + b"content-length: %d\r\n" % len(body)
+    return Reply(deny.status, lines, body)
+
+
+def _lines(headers: Headers) -> bytes:
+    """Header lines; ValueError (a 500) for a name or value that would break the message."""
+    out = []
+    for name, value in headers:
+        if not _TOKEN.fullmatch(name) or "\r" in value or "\n" in value or "\0" in value:
+            raise ValueError(f"header {name[:64]!r} cannot be sent")
+        out.append(f"{name}: {value}\r\n")
+    return "".join(out).encode("utf-8")

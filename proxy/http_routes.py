@@ -35,6 +35,9 @@ _PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 # RFC 3986 pchar without "%" (patterns hold decoded text) and without ";" (refused below).
 _LITERAL = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@]+")
 _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+#: A path `split_path` accepts as it is: segments of unreserved characters and sub-delims
+#: (no "%", ";", "\\", controls or non-ASCII), none of them "." or "..", no empty ones.
+_PLAIN_PATH = re.compile(r"(?:/(?!\.\.?(?:/|$))[A-Za-z0-9\-._~!$&'()*+,=:@]+)+/?")
 #: Longest request path considered; Envoy's default limit for all headers is 60 KiB.
 MAX_PATH = 8192
 
@@ -71,18 +74,38 @@ class HttpRoute:
 
 
 class HttpRoutes:
-    """The `http:` routes of a policy, tried from most to least specific."""
+    """The `http:` routes of a policy, tried from most to least specific.
+
+    A route of literal segments only is the most specific route for the one path it
+    matches (every other route that matches it has a wildcard or `**` where it has text,
+    or continues where it ends), so those are looked up by (method, path) first — a named
+    method before `*`, as the order below has it — and only the rest are tried in order.
+    """
 
     def __init__(self, routes: Iterable[HttpRoute] = ()) -> None:
         self.routes = tuple(
             sorted(routes, key=lambda r: (r.rank, r.method != ANY_METHOD), reverse=True)
         )
+        self._exact: dict[tuple[str, tuple[str, ...]], Rule] = {}
+        patterns = []
+        for route in self.routes:
+            if ONE in route.segments or REST in route.segments:
+                patterns.append(route)
+            else:
+                self._exact.setdefault((route.method, route.segments), route.rule)
+        self._patterns = tuple(patterns)
 
     def __len__(self) -> int:
         return len(self.routes)
 
     def match(self, method: str, path: tuple[str, ...]) -> Rule | None:
-        for route in self.routes:
+        if self._exact:
+            rule = self._exact.get((method, path))
+            if rule is None:
+                rule = self._exact.get((ANY_METHOD, path))
+            if rule is not None:
+                return rule
+        for route in self._patterns:
             if route.matches(method, path):
                 return route.rule
         return None
@@ -130,6 +153,8 @@ def split_path(path: str) -> tuple[str, ...]:
         raise _malformed("path must start with '/'")
     if path == "/":
         return ()
+    if _PLAIN_PATH.fullmatch(path):  # nothing to decode or refuse
+        return tuple(path[1:].removesuffix("/").split("/"))
     if "\\" in path or ";" in path:
         raise _malformed("path must not contain '\\' or ';'")
     if _ESCAPE.search(path):

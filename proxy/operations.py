@@ -4,7 +4,6 @@ the `AdminStatus` that `admin.py` reports)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -167,12 +166,8 @@ class Operations:
         except StateUnavailable as e:
             checks["state"] = str(e)
         if self.upstream is not None:
-            try:
-                channel = self.upstream.channel  # the current one (TLS reloads replace it)
-                await asyncio.wait_for(channel.channel_ready(), UPSTREAM_PROBE_TIMEOUT)
-                checks["upstream"] = "ok"
-            except TimeoutError:
-                checks["upstream"] = "not reachable"
+            ready = await self.upstream.ready(UPSTREAM_PROBE_TIMEOUT)
+            checks["upstream"] = "ok" if ready else "not reachable"
         if self.draining:
             checks["draining"] = "shutting down"
         ready = all(v.startswith("ok") for k, v in checks.items() if k != "draining")

@@ -3,7 +3,9 @@ rules and `x-auth-peer`: the `spiffe://` URI SAN of an X.509-SVID, else the subj
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import ssl
 
 import grpc
 from cryptography import x509
@@ -26,7 +28,23 @@ def peer_principal(context: grpc.aio.ServicerContext) -> str | None:
     pems = auth.get("x509_pem_cert")
     if not pems:
         return None
-    pem = pems[0]
+    return _principal(pems[0])
+
+
+def transport_principal(transport: asyncio.BaseTransport) -> str | None:
+    """`peer_principal` for a TLS connection of the frame relay (its listener requires a
+    verified client certificate when it has a client CA)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        return None
+    return _principal(ssl.DER_cert_to_PEM_cert(der).encode("ascii"))
+
+
+def _principal(pem: bytes) -> str | None:
+    """`principal_of`, remembered for the last `_PRINCIPALS_MAX` certificates."""
     try:
         return _PRINCIPALS[pem]
     except KeyError:

@@ -48,6 +48,10 @@ Limiter = Callable[[Rule, str | None, Headers, VerifiedToken | None], Awaitable[
 Observer = Callable[[Decision, float, str | None], None]
 
 _MALFORMED_RULE = Rule("malformed", DENY)
+#: How many HTTP (method, path) lookups an `Authorizer` remembers, and the longest
+#: "METHOD /path" remembered.
+_ROUTE_MEMO_SIZE = 4096
+_ROUTE_MEMO_KEY = 512
 #: Printable ASCII but "%": what a principal may hold unescaped.
 _PRINTABLE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
@@ -67,6 +71,9 @@ class Authorizer:
         self.limiter = limiter
         self.recorders = tuple(recorders)
         self.observers: list[Observer] = []
+        #: `_http_rule`'s answers for one policy snapshot: (method, path) -> what applies.
+        self._routes: dict[tuple[str, str], Decision | tuple[str, Rule]] = {}
+        self._routes_policy: Policy | None = None
 
     async def decide(
         self,
@@ -128,23 +135,22 @@ class Authorizer:
         `principal` the client certificate's identity as Envoy verified it.
         """
         started = perf_counter()
-        decision = await self._decide_http(
-            http_method, path, headers, grpc, policy or self.policy, peer, principal
-        )
+        if policy is None:
+            policy = self.policy
+        found = self._http_rule(http_method, path, headers, grpc, policy)
+        if isinstance(found, Decision):  # refused before any rule applies
+            decision = found
+        else:
+            target, rule = found
+            decision = await self._evaluate(policy, target, rule, headers, peer, principal)
         if self.observers:
             self._observe(decision, started, peer)
         return decision
 
-    async def _decide_http(
-        self,
-        http_method: str,
-        path: str,
-        headers: Headers,
-        grpc: bool,
-        policy: Policy,
-        peer: str | None,
-        principal: str | None,
-    ) -> Decision:
+    def _http_rule(
+        self, http_method: str, path: str, headers: Headers, grpc: bool, policy: Policy
+    ) -> Decision | tuple[str, Rule]:
+        """(target, rule) for an HTTP request, or the deny of a request no rule can judge."""
         problem = override_problem(http_method, path, headers)
         if problem is not None:  # X-HTTP-Method-Override, X-Original-URL, ... (refused)
             return Decision(
@@ -161,21 +167,22 @@ class Authorizer:
             rule = _method_rule(policy, path)
             if rule is None:
                 return _malformed_method(policy, path)
-            return await self._evaluate(policy, path, rule, headers, peer, principal)
+            return path, rule
         path = path.partition("?")[0].partition("#")[0]
-        target = f"{http_method} {path}"
-        try:
-            segments = split_path(path)
-        except Denied as denied:
-            return Decision(
-                False, target, _MALFORMED_RULE, policy.version, denied.reason, denied.message
-            )
-        decoded = "/" + "/".join(segments)
-        rule = policy.listed(decoded) if METHOD_PATH.fullmatch(decoded) else None
-        if rule is not None:
-            return await self._evaluate(policy, decoded, rule, headers, peer, principal)
-        rule = policy.http.match(http_method, segments) or policy.default
-        return await self._evaluate(policy, target, rule, headers, peer, principal)
+        # What a (method, path) resolves to depends on nothing else: remembered per policy.
+        if policy is not self._routes_policy:
+            self._routes_policy = policy
+            self._routes = {}
+        key = (http_method, path)
+        found = self._routes.get(key)
+        if found is None:
+            target = f"{http_method} {path}"
+            found = _http_route(policy, http_method, path, target)
+            if len(target) <= _ROUTE_MEMO_KEY:
+                if len(self._routes) >= _ROUTE_MEMO_SIZE:  # a flood of distinct paths
+                    self._routes.clear()
+                self._routes[key] = found
+        return found
 
     def malformed(self, target: str, message: str) -> Decision:
         """A deny for a request that cannot be judged at all (no path, no attributes)."""
@@ -200,14 +207,15 @@ class Authorizer:
             "%" in principal or not (principal.isascii() and principal.isprintable())
         ):  # it travels in x-auth-peer: percent-encoded, "%" too, so it stays unambiguous
             principal = quote(principal, safe=_PRINTABLE)
-        if rule.level == PUBLIC and not rule.rate_limits and not rule.peers:
+        level = rule.level
+        if level == PUBLIC and not rule.rate_limits and not rule.peers:
             return Decision(True, target, rule, policy.version, principal=principal)
         verified = identity = None
         try:
-            if rule.level == DENY:
+            if level == DENY:
                 raise Denied(Reason.METHOD_DENIED, "this method is disabled")
-            if rule.level != PUBLIC:
-                spec = policy.tokens[rule.level]
+            if level != PUBLIC:
+                spec = policy.tokens[level]
                 token = extract_bearer(headers, policy.max_token_bytes)
                 try:
                     verified = self.verifier.verify(token, spec, policy)
@@ -217,8 +225,9 @@ class Authorizer:
                 if recording:
                     for check in self.state_checks:
                         await check(rule, verified)
-                check_requirements(rule, identity)
-            if not rule.peer_allowed(principal):
+                if rule.roles or rule.permissions or rule.scopes:
+                    check_requirements(rule, identity)
+            if rule.peers and not rule.peer_allowed(principal):
                 raise Denied(Reason.PEER_NOT_ALLOWED, _peer_message(rule, principal))
             if rule.rate_limits and recording:
                 if self.limiter is None:
@@ -240,7 +249,27 @@ class Authorizer:
                 shadow=rule.shadow,
                 principal=principal,
             )
-        return Decision(True, target, rule, policy.version, identity=identity, principal=principal)
+        return Decision(
+            True, target, rule, policy.version, None, "", identity, None, False, principal
+        )
+
+
+def _http_route(
+    policy: Policy, http_method: str, path: str, target: str
+) -> Decision | tuple[str, Rule]:
+    """(target, rule) for a plain HTTP request's decoded path (query removed), by the
+    precedence `Authorizer.decide_http` documents; a deny when the path is malformed."""
+    try:
+        segments = split_path(path)
+    except Denied as denied:
+        return Decision(
+            False, target, _MALFORMED_RULE, policy.version, denied.reason, denied.message
+        )
+    decoded = "/" + "/".join(segments)
+    rule = policy.listed(decoded) if METHOD_PATH.fullmatch(decoded) else None
+    if rule is not None:
+        return decoded, rule
+    return target, policy.http.match(http_method, segments) or policy.default
 
 
 def _method_rule(policy: Policy, method: str) -> Rule | None:
@@ -268,12 +297,14 @@ def check_requirements(rule: Rule, identity: Identity) -> None:
         raise Denied(
             Reason.INSUFFICIENT_ROLE, f"this method needs one of the roles {_names(rule.roles)}"
         )
-    missing = rule.permissions.difference(identity.permissions)
-    if missing:
-        raise Denied(Reason.INSUFFICIENT_PERMISSION, f"missing permissions {_names(missing)}")
-    missing = rule.scopes.difference(identity.scopes)
-    if missing:
-        raise Denied(Reason.INSUFFICIENT_SCOPE, f"missing scopes {_names(missing)}")
+    if rule.permissions:
+        missing = rule.permissions.difference(identity.permissions)
+        if missing:
+            raise Denied(Reason.INSUFFICIENT_PERMISSION, f"missing permissions {_names(missing)}")
+    if rule.scopes:
+        missing = rule.scopes.difference(identity.scopes)
+        if missing:
+            raise Denied(Reason.INSUFFICIENT_SCOPE, f"missing scopes {_names(missing)}")
 
 
 def _names(values: frozenset[str]) -> str:

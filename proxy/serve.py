@@ -16,7 +16,7 @@ import grpc
 from prometheus_client import Histogram
 
 from .admin import AdminServer
-from .catalog import CatalogError, MethodCatalog
+from .catalog import CatalogError, Kind, MethodCatalog
 from .client_address import TrustedProxies
 from .config import (
     DEFAULT_LISTEN,
@@ -33,18 +33,23 @@ from .config import (
 )
 from .ext_authz_grpc import CheckServer
 from .ext_authz_http import CheckHttpServer
+from .h2_engine import Limits
 from .key_ring import KeyRing, attach
 from .lint import uncovered
 from .operations import Operations
+from .peer_identity import transport_principal
 from .pipeline import Authorizer
 from .policy import Policy
 from .policy_reload import PolicyReloader
 from .rate_limits import RateLimiter
+from .relay import Relay
 from .sidecar import SidecarHandler, build_server
 from .state import MemoryState, StateStore
 from .state_checks import SingleUse, revocation_check
 from .stream_guard import StreamGuard
+from .tls import UpstreamTls
 from .upstream import Upstream
+from .upstream_pool import UpstreamPool
 from .verify import TokenVerifier
 
 #: Names other modules import from here (the configuration lives in `config.py`).
@@ -109,6 +114,34 @@ def assemble_authorizer(
     )
 
 
+def build_relay(
+    cfg: ServeConfig,
+    authorizer: Authorizer,
+    guard: StreamGuard | None,
+    upstream_seconds: Histogram | None,
+    kinds: dict[str, Kind],
+    upstream_tls: UpstreamTls | None,
+    peer_identity: bool,
+) -> Relay:
+    """The frame relay and its backend connections, sharing one set of connections with
+    frames to write (`relay.py`)."""
+    dirty: set = set()
+    limits = Limits(max_concurrent_streams=cfg.max_concurrent_streams or 2**31 - 1)
+    pool = UpstreamPool(cfg.upstream, limits, dirty, upstream_tls)  # type: ignore[arg-type]
+    return Relay(
+        authorizer,
+        pool,
+        limits,
+        dirty,
+        cfg.max_message_bytes,
+        guard,
+        upstream_seconds,
+        principal_of=transport_principal if peer_identity else None,
+        preface_timeout=cfg.preface_timeout,
+        kinds=kinds,
+    )
+
+
 class Sidecar:
     """A running sidecar: listener, authorizer, backend connection."""
 
@@ -142,7 +175,22 @@ class Sidecar:
         except CatalogError as e:
             raise ConfigError(str(e)) from None
         self.tls, upstream_tls = tls_from(cfg)
-        self.upstream = Upstream(cfg.upstream, cfg.max_message_bytes, upstream_tls)
+        self.relay: Relay | None = None
+        if cfg.data_plane == "frames":
+            self.relay = build_relay(
+                cfg,
+                self.authorizer,
+                self.guard,
+                upstream_seconds,
+                self.catalog.kinds,
+                upstream_tls,
+                peer_identity=bool(cfg.tls_client_ca),
+            )
+        self.upstream: Upstream | UpstreamPool
+        if self.relay is not None:
+            self.upstream = self.relay.pool
+        else:
+            self.upstream = Upstream(cfg.upstream, cfg.max_message_bytes, upstream_tls)
         self.handler = handler = SidecarHandler(
             self.authorizer,
             self.upstream,
@@ -153,7 +201,7 @@ class Sidecar:
         )
         self.server: grpc.aio.Server | None = None
         self.port = 0
-        if listen:
+        if listen and self.relay is None:
             try:
                 self.server, self.port = build_server(
                     handler,
@@ -168,9 +216,21 @@ class Sidecar:
         self._learning: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        if self.server is None:
+        if self.relay is not None:
+            host, _, port = self.cfg.listen.rpartition(":")
+            try:
+                self.port = await self.relay.listen(
+                    host.strip("[]") or "0.0.0.0",
+                    int(port),
+                    self.tls.context if self.tls is not None else None,
+                    reuse_port=self.cfg.workers > 1,
+                )
+            except OSError as e:
+                raise ConfigError(f"--listen {self.cfg.listen}: {e}") from None
+        elif self.server is None:
             raise RuntimeError("a sidecar built with listen=False cannot start")
-        await self.server.start()
+        else:
+            await self.server.start()
         if self.tls is not None:
             self.tls.start()
         self.upstream.start()
@@ -191,7 +251,11 @@ class Sidecar:
         delay = 0.5
         while True:
             try:
-                count = await self.catalog.add_from_reflection(self.upstream.channel)
+                if isinstance(self.upstream, Upstream):
+                    count = await self.catalog.add_from_reflection(self.upstream.channel)
+                else:  # the frame relay has no gRPC channel: one just for reflection
+                    async with grpc.aio.insecure_channel(self.cfg.upstream) as channel:
+                        count = await self.catalog.add_from_reflection(channel)
                 log.info("learned %d method kinds from upstream reflection", count)
                 policy = self.authorizer.policy
                 missing = uncovered(policy, self.catalog.kinds)
@@ -214,8 +278,10 @@ class Sidecar:
             self._learning.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._learning
+        grace = self.cfg.shutdown_grace if grace is None else grace
+        if self.relay is not None:
+            await self.relay.stop(grace)
         if self.server is not None:  # calls racing the stop end UNAVAILABLE (`drain.py`)
-            grace = self.cfg.shutdown_grace if grace is None else grace
             await self.handler.drain.stop(self.server, grace)
         if self.tls is not None:
             await self.tls.stop()

@@ -29,8 +29,8 @@ first message and its trailers pass; a second message is never relayed, and the 
 applies when the grace is over. So after an ending at most the one answer to an already
 accepted request reaches the client, and only if it comes at once.
 
-Ending a stream cancels the task that relays it; the front end turns that into the
-status (see `sidecar.py`).
+Ending a stream calls its watch's `on_end` (the relay ends the client's stream with the
+status; see `relay_call.py`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ log = logging.getLogger("authproxy.streams")
 DEFAULT_INTERVAL = 0.25
 #: How long a call awaiting its answer may still receive it (one message and trailers)
 #: once its stream is ended (see the module doc).
-ANSWER_GRACE = 1.0
+ANSWER_GRACE = 2.0
 
 #: Why and by what a stream was ended: (reason, message, the refusing decision of a new
 #: policy or None).
@@ -63,6 +63,7 @@ class Watch:
 
     __slots__ = (
         "_guard",
+        "decision",
         "deferred",
         "ended",
         "grace",
@@ -70,26 +71,29 @@ class Watch:
         "iat",
         "jti",
         "method",
+        "on_end",
         "principal",
         "requests_ended",
         "responses",
         "sub",
-        "task",
         "timer",
     )
 
     def __init__(
         self,
         guard: StreamGuard,
+        decision: Decision,
         method: str,
         headers: Headers,
-        task: asyncio.Task,
+        on_end: Callable[[], object],
         principal: str | None = None,
     ) -> None:
         self._guard = guard
+        self.decision = decision
         self.method = method
         self.headers = headers
-        self.task = task
+        #: Ends the relay of the stream (the front end turns `ended` into the status).
+        self.on_end = on_end
         #: The client certificate's identity, for re-judging `peers:` after a reload.
         self.principal = principal
         #: The token's revocation keys; `sub` is None when the stream is not held to its
@@ -137,6 +141,8 @@ class StreamGuard:
         self.interval = interval
         self.clock = clock
         self.reload_ends_streams = reload_ends_streams
+        #: See `ANSWER_GRACE`.
+        self.answer_grace = ANSWER_GRACE
         self.ended_total: dict[Reason, int] = {}
         self._watches: set[Watch] = set()
         self._ticker: asyncio.Task[None] | None = None
@@ -145,10 +151,18 @@ class StreamGuard:
     def __len__(self) -> int:
         return len(self._watches)
 
-    def watch(self, decision: Decision, method: str, headers: Headers) -> Watch:
-        """Start watching the stream the current task relays (until `release`)."""
-        task = asyncio.current_task()
-        watch = Watch(self, method, headers, task, decision.principal)  # type: ignore[arg-type]
+    def watch(
+        self,
+        decision: Decision,
+        method: str,
+        headers: Headers,
+        on_end: Callable[[], object] | None = None,
+    ) -> Watch:
+        """Start watching a stream (until `release`); `on_end` stops its relay (default:
+        cancel the current task)."""
+        if on_end is None:
+            on_end = asyncio.current_task().cancel  # type: ignore[union-attr]
+        watch = Watch(self, decision, method, headers, on_end, decision.principal)
         self._watches.add(watch)
         identity = decision.identity
         if identity is None or not decision.rule.end_streams:
@@ -202,7 +216,7 @@ class StreamGuard:
             if watch.deferred is None:
                 watch.deferred = (reason, message, by)
                 watch.grace = asyncio.get_running_loop().call_later(
-                    ANSWER_GRACE, self.finish, watch, reason, message, by
+                    self.answer_grace, self.finish, watch, reason, message, by
                 )
             return
         self.finish(watch, reason, message, by)
@@ -222,7 +236,7 @@ class StreamGuard:
         self.release(watch)
         self.ended_total[reason] = self.ended_total.get(reason, 0) + 1
         if cancel:
-            watch.task.cancel()
+            watch.on_end()
 
     def _revocations_changed(self) -> None:
         for watch in list(self._watches):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
+import ssl
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .file_watch import FileWatch, OnChange
+from .tls_context import client_context, server_context
 
 log = logging.getLogger("authproxy.tls")
 
@@ -251,6 +253,13 @@ class _Reloading:
             self._watch = None
 
 
+def _ssl_context(build) -> ssl.SSLContext:
+    try:
+        return build()
+    except ssl.SSLError as e:
+        raise TlsError(f"the TLS files cannot be used: {e}") from None
+
+
 # -- the listener -----------------------------------------------------------------------
 
 
@@ -288,9 +297,19 @@ class ServerTls(_Reloading):
         config = grpc.ssl_server_certificate_configuration(
             [(pair.key_pem, pair.chain_pem)], root_certificates=roots
         )
+        context = _ssl_context(lambda: server_context(pair.chain_pem, pair.key_pem, roots))
+        context.sni_callback = self._switch
         generation = self._serving[0] + 1 if self._serving else 0
         self._pair = pair
         self._serving = (generation, config)
+        #: The frame relay's listener context; a reload replaces it for new handshakes.
+        self.context = context
+
+    def _switch(self, connection: ssl.SSLObject, _name: str | None, context: ssl.SSLContext):
+        """Every handshake starts on the listener's first context; hand it the current one
+        (so a reloaded certificate and client CA apply to new connections)."""
+        if context is not self.context:
+            connection.context = self.context
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -404,6 +423,12 @@ class UpstreamTls(_Reloading):
             root_certificates=roots,
             private_key=pair.key_pem if pair else None,
             certificate_chain=pair.chain_pem if pair else None,
+        )
+        #: The frame relay's context for new backend connections.
+        self.context = _ssl_context(
+            lambda: client_context(
+                roots, pair.chain_pem if pair else None, pair.key_pem if pair else None
+            )
         )
         self._pair = pair
 

@@ -159,6 +159,14 @@ class Upstream:
             if not call.done():
                 call.cancel()
 
+    async def ready(self, timeout: float) -> bool:
+        """Whether the backend's channel connects within `timeout` (readiness)."""
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     async def stream(
         self,
         method: str,

@@ -14,6 +14,17 @@ Methods:
 - Held     (unary)   waits for `release`, then answers b"held"
 - HeldCount (server streaming) waits for `release`, then sends b"0", b"1"
 - Compressed (unary) -> the request bytes, gzip-compressed by the backend
+- BigStream (server streaming) request JSON {"messages": N, "size": S} -> N messages of S
+                     bytes, message i being `big_message(i, S)`; counts what it sent
+                     (`big_sent`, after each write completes) and sets `big_done` at the end
+- Sized    (unary)   request JSON {"size": N} -> N bytes (`big_message(0, N)`)
+- Mirror   (unary)   -> the request bytes; every request pair whose key starts with `x-m-`
+                     comes back as a response header and again as a trailer, in order
+- Barrier  (unary)   request JSON {"n": N} -> b"ok" once N Barrier calls are in the backend
+                     at the same time (`barrier_arrived` counts them)
+- AbortStream (server streaming) request JSON {"messages": K, "code": ..., "message": ...}
+                     -> K messages b"0", b"1", ..., then that status with trailers
+- HangStream (bidi)  sends b"first", then waits until cancelled (`stream_cancelled`)
 """
 
 from __future__ import annotations
@@ -26,6 +37,16 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 UNARY = ("Report", "Echo", "Fail", "Hang", "Held", "Compressed")
+#: Server-streaming and bidi methods beyond Count/Sum/Chat (not in the test protoset: the
+#: proxy relays them on its generic stream path).
+SERVER_STREAMING = ("Count", "HeldCount", "BigStream", "AbortStream")
+BIDI = ("Chat", "HangStream")
+
+
+def big_message(index: int, size: int) -> bytes:
+    """Message `index` of a BigStream: its index (4 bytes, big endian) repeated, then cut to
+    `size` bytes; any message out of order or any byte changed shows."""
+    return (index.to_bytes(4, "big") * (size // 4 + 1))[:size]
 
 
 def _text(value: str | bytes) -> str:
@@ -41,6 +62,12 @@ class EchoBackend(grpc.GenericRpcHandler):
         self.release = asyncio.Event()
         self.server: grpc.aio.Server | None = None
         self.port = 0
+        self.big_sent = 0  # bytes of BigStream messages whose write completed
+        self.big_done = asyncio.Event()
+        self.barrier_arrived = 0
+        self.barrier_full = asyncio.Event()
+        self.stream_started = asyncio.Event()
+        self.stream_cancelled = asyncio.Event()
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         name = details.method.rsplit("/", 1)[-1]  # type: ignore[attr-defined]
@@ -49,11 +76,11 @@ class EchoBackend(grpc.GenericRpcHandler):
         if behaviour is None:
             return None
         self.calls.append((method, tuple(details.invocation_metadata or ())))  # type: ignore[attr-defined]
-        if name in ("Count", "HeldCount"):
+        if name in SERVER_STREAMING:
             return grpc.unary_stream_rpc_method_handler(behaviour)
         if name == "Sum":
             return grpc.stream_unary_rpc_method_handler(behaviour)
-        if name == "Chat":
+        if name in BIDI:
             return grpc.stream_stream_rpc_method_handler(behaviour)
         return grpc.unary_unary_rpc_method_handler(behaviour)
 
@@ -136,6 +163,51 @@ class EchoBackend(grpc.GenericRpcHandler):
         await self.release.wait()
         for i in range(2):
             yield str(i).encode()
+
+    async def _bigstream(self, request: bytes, context: grpc.aio.ServicerContext):
+        spec = json.loads(request)
+        size = spec["size"]
+        for i in range(spec["messages"]):
+            yield big_message(i, size)
+            self.big_sent += size  # the write is done (the generator resumes after it)
+        self.big_done.set()
+
+    async def _sized(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return big_message(0, json.loads(request)["size"])
+
+    async def _mirror(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        pairs = tuple(
+            (k, v) for k, v in context.invocation_metadata() or () if k.startswith("x-m-")
+        )
+        await context.send_initial_metadata(pairs)
+        context.set_trailing_metadata(pairs)
+        return request
+
+    async def _barrier(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.barrier_arrived += 1
+        if self.barrier_arrived >= json.loads(request)["n"]:
+            self.barrier_full.set()
+        await self.barrier_full.wait()
+        return b"ok"
+
+    async def _abortstream(self, request: bytes, context: grpc.aio.ServicerContext):
+        spec = json.loads(request)
+        for i in range(spec["messages"]):
+            yield str(i).encode()
+        await context.abort(
+            grpc.StatusCode[spec["code"]],
+            spec["message"],
+            trailing_metadata=(("x-abort-trailer", "t"), ("x-abort-bin", b"\x00\x01\xff")),
+        )
+
+    async def _hangstream(self, requests, context: grpc.aio.ServicerContext):
+        try:
+            yield b"first"
+            self.stream_started.set()
+            await asyncio.sleep(3600)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.stream_cancelled.set()
+            raise
 
 
 async def start_echo_backend(port: int = 0, max_message_bytes: int = 64 * 1024 * 1024):

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from dataclasses import dataclass, field
 
-from hpack import Decoder, Encoder
+from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -28,6 +29,7 @@ from tests.security.h2client import grpc_frame, grpc_request_headers
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_CONCURRENT_STREAMS = SettingsFrame.MAX_CONCURRENT_STREAMS
+PROTOCOL_ERROR = 0x1
 REFUSED_STREAM, CANCEL = 7, 8
 
 
@@ -66,12 +68,17 @@ class RawConnection:
         self._next_id = 1
         self._pongs = 0
         self._block: tuple[int, bytes, bool] | None = None  # a header block in CONTINUATIONs
+        self.ack_settings = True
 
     @classmethod
-    async def open(cls, port: int, timeout: float = 10.0) -> RawConnection:
-        """Connected, with the server's SETTINGS received and acknowledged."""
+    async def open(
+        cls, port: int, timeout: float = 10.0, ack_settings: bool = True
+    ) -> RawConnection:
+        """Connected, with the server's SETTINGS received and (unless `ack_settings` is
+        false: a client that has not caught up yet) acknowledged."""
         reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
         conn = cls(port, reader, writer)
+        conn.ack_settings = ack_settings
         writer.write(PREFACE + SettingsFrame(0).serialize())
         await conn.read_until(lambda: bool(conn.settings), timeout)
         return conn
@@ -112,7 +119,8 @@ class RawConnection:
     def _on(self, frame: Frame) -> None:
         if isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
             self.settings = self.settings or dict(frame.settings)
-            self.writer.write(SettingsFrame(0, flags=["ACK"]).serialize())
+            if self.ack_settings:
+                self.writer.write(SettingsFrame(0, flags=["ACK"]).serialize())
         elif isinstance(frame, PingFrame):
             if "ACK" in frame.flags:
                 self._pongs += 1
@@ -153,3 +161,264 @@ class RawConnection:
         self.writer.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.writer.wait_closed(), 5)
+
+
+# --- abuse: floods, resets, endless header blocks -----------------------------------------
+
+PING, SETTINGS_TYPE, ACK = 0x6, 0x4, 0x1
+ENABLE_PUSH = SettingsFrame.ENABLE_PUSH
+#: The peer's SETTINGS_MAX_FRAME_SIZE until it says otherwise (RFC 9113 6.5.2).
+DEFAULT_MAX_FRAME_SIZE = 16_384
+
+
+def never_indexed(fields: list[tuple[bytes, bytes]]) -> list[NeverIndexedHeaderTuple]:
+    """Fields HPACK sends as literals that never enter the dynamic table: a header block
+    the server drops half-way leaves both sides' tables in step."""
+    return [NeverIndexedHeaderTuple(k, v) for k, v in fields]
+
+
+class AbuseConnection(RawConnection):
+    """A `RawConnection` for abuse: its reader buffers what it reads (so it can be
+    cancelled at any point without losing a frame, and runs as a background task while the
+    test writes), counts every frame by type, and skips the thousands of PING and SETTINGS
+    acknowledgements of a flood without parsing them one by one."""
+
+    def __init__(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        super().__init__(port, reader, writer)
+        self.received: Counter[str] = Counter()  # frames read, by frame class name
+        self.ping_acks = 0
+        self.settings_acks = 0
+        self.acked_pings: set[bytes] = set()  # opaque data of PING ACKs, but flood ones
+        self._buffer = bytearray()
+        self._pos = 0
+        self._settles = 0
+
+    # reading
+
+    async def _read_until(self, done) -> None:
+        while not done() and not self.closed:
+            if self._parse_one():
+                continue
+            try:
+                chunk = await self.reader.read(1 << 20)
+            except ConnectionError:
+                chunk = b""
+            if not chunk:
+                self.closed = True
+                return
+            if self._pos:
+                del self._buffer[: self._pos]
+                self._pos = 0
+            self._buffer += chunk
+            await self._drain()
+
+    def _parse_one(self) -> bool:
+        """Take one whole frame from the buffer, if there is one."""
+        buf, pos = self._buffer, self._pos
+        if len(buf) - pos < 9:
+            return False
+        length = int.from_bytes(buf[pos : pos + 3], "big")
+        end = pos + 9 + length
+        if len(buf) < end:
+            return False
+        kind, flags = buf[pos + 3], buf[pos + 4]
+        if kind == PING and flags & ACK:
+            self.received["PingFrame"] += 1
+            self.ping_acks += 1
+            self._pongs += 1
+            opaque = bytes(buf[pos + 9 : end])
+            if not opaque.startswith(b"flood"):
+                self.acked_pings.add(opaque)
+        elif kind == SETTINGS_TYPE and flags & ACK:
+            self.received["SettingsFrame"] += 1
+            self.settings_acks += 1
+        else:
+            frame, _ = Frame.parse_frame_header(memoryview(bytes(buf[pos : pos + 9])))
+            frame.parse_body(memoryview(bytes(buf[pos + 9 : end])))
+            self.received[type(frame).__name__] += 1
+            self._on(frame)
+        self._pos = end
+        return True
+
+    async def _drain(self) -> bool:
+        """Flush what was written; False once the connection is gone."""
+        try:
+            await self.writer.drain()
+        except ConnectionError:
+            self.closed = True
+        return not self.closed
+
+    # writing
+
+    def register(self, count: int = 1) -> list[int]:
+        """Reserve `count` client stream ids (each known to the reader from now on)."""
+        ids = list(range(self._next_id, self._next_id + 2 * count, 2))
+        self._next_id += 2 * count
+        for stream_id in ids:
+            self.streams[stream_id] = Stream()
+        return ids
+
+    def request_block(self, path: str, extra: list[tuple[bytes, bytes]] = ()) -> bytes:
+        """The HPACK block of a gRPC request's fields (never indexed, see `never_indexed`)."""
+        return self.encoder.encode(
+            never_indexed(grpc_request_headers(self.port, path) + list(extra)), huffman=False
+        )
+
+    def opened_and_reset(self, path: str, count: int) -> bytes:
+        """`count` complete unary requests (HEADERS, DATA with END_STREAM), each followed at
+        once by RST_STREAM CANCEL: the frames of a rapid reset."""
+        out = bytearray()
+        for stream_id in self.register(count):
+            block = self.request_block(path, [(b"x-abuse", b"rapid-reset")])
+            out += HeadersFrame(stream_id, block, flags=["END_HEADERS"]).serialize()
+            out += DataFrame(stream_id, grpc_frame(b"{}"), flags=["END_STREAM"]).serialize()
+            out += RstStreamFrame(stream_id, error_code=CANCEL).serialize()
+        return bytes(out)
+
+    async def write_chunk(self, data: bytes, drain_timeout: float) -> bool:
+        """Write and drain; False when the server has closed the connection or stopped
+        reading (the drain still blocked after `drain_timeout` seconds)."""
+        if self.closed or self.writer.is_closing():
+            self.closed = True
+            return False
+        self.writer.write(data)
+        try:
+            return await asyncio.wait_for(self._drain(), drain_timeout)
+        except TimeoutError:
+            return False
+
+    @contextlib.asynccontextmanager
+    async def reading(self):
+        """Read (and answer) the server's frames in the background meanwhile."""
+        task = asyncio.create_task(self._read_until(lambda: False))
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def settle(self, timeout: float) -> None:
+        """Read until a PING of ours is acknowledged or the connection closes (all frames
+        sent before are then processed)."""
+        self._settles += 1
+        opaque = b"settle" + (self._settles % 65536).to_bytes(2, "big")
+        if not self.closed and not self.writer.is_closing():
+            self.writer.write(PingFrame(0, opaque).serialize())
+            await self._drain()
+        await self.read_until(lambda: opaque in self.acked_pings, timeout)
+
+    @property
+    def gone(self) -> bool:
+        """The server closed the connection or said GOAWAY."""
+        return self.closed or self.goaway is not None
+
+
+def header_block_frames(stream_id: int, block: bytes, end_stream: bool = False) -> list[bytes]:
+    """A header block as HEADERS plus CONTINUATION frames of at most the default frame size,
+    the last with END_HEADERS."""
+    size = DEFAULT_MAX_FRAME_SIZE
+    pieces = [block[i : i + size] for i in range(0, len(block), size)] or [b""]
+    first = HeadersFrame(stream_id, pieces[0], flags=["END_STREAM"] if end_stream else [])
+    frames = [first] + [ContinuationFrame(stream_id, piece) for piece in pieces[1:]]
+    frames[-1].flags.add("END_HEADERS")
+    return [frame.serialize() for frame in frames]
+
+
+def literal_field(encoder: Encoder, name: bytes, size: int) -> bytes:
+    """One never-indexed literal header field of about `size` bytes, HPACK-encoded."""
+    return encoder.encode([NeverIndexedHeaderTuple(name, b"a" * size)], huffman=False)
+
+
+async def read_to_eof(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """Everything the server sends until it closes the connection (a reset counts as
+    closed); TimeoutError if it is still open after `timeout` seconds."""
+
+    async def read() -> bytes:
+        data = bytearray()
+        while True:
+            try:
+                chunk = await reader.read(65536)
+            except ConnectionError:
+                return bytes(data)
+            if not chunk:
+                return bytes(data)
+            data += chunk
+
+    return await asyncio.wait_for(read(), timeout)
+
+
+def parse_frames(data: bytes) -> list[Frame]:
+    """The whole HTTP/2 frames in `data` (AssertionError on a partial or malformed one)."""
+    frames, pos = [], 0
+    while pos < len(data):
+        assert len(data) - pos >= 9, f"a partial frame header: {data[pos:]!r}"
+        frame, length = Frame.parse_frame_header(memoryview(data[pos : pos + 9]))
+        assert len(data) - pos - 9 >= length, "a partial frame body"
+        frame.parse_body(memoryview(data[pos + 9 : pos + 9 + length]))
+        frames.append(frame)
+        pos += 9 + length
+    return frames
+
+
+# --- a raw backend that resets its streams ------------------------------------------------
+
+
+class ResettingBackend:
+    """A bare HTTP/2 server standing in for a gRPC backend: every request gets response
+    headers and one gRPC message `first`, then RST_STREAM with `code` (no trailers), as a
+    backend whose side cancels or fails a stream does. `requests` counts the requests."""
+
+    def __init__(self, code: int = CANCEL) -> None:
+        self.code = code
+        self.requests = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> ResettingBackend:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server.wait_closed(), 5)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        encoder, decoder = Encoder(), Decoder()
+        try:
+            assert await reader.readexactly(len(PREFACE)) == PREFACE
+            writer.write(SettingsFrame(0).serialize())
+            block: bytes | None = None
+            while True:
+                header = await reader.readexactly(9)
+                frame, length = Frame.parse_frame_header(header)
+                frame.parse_body(memoryview(await reader.readexactly(length)))
+                if isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
+                    writer.write(SettingsFrame(0, flags=["ACK"]).serialize())
+                elif isinstance(frame, PingFrame) and "ACK" not in frame.flags:
+                    writer.write(PingFrame(0, frame.opaque_data, flags=["ACK"]).serialize())
+                elif isinstance(frame, (HeadersFrame, ContinuationFrame)):
+                    block = (block or b"") + frame.data
+                    if "END_HEADERS" in frame.flags:
+                        decoder.decode(block)
+                        block = None
+                        self.requests += 1
+                        self._respond(frame.stream_id, encoder, writer)
+                elif isinstance(frame, DataFrame) and frame.flow_controlled_length:
+                    writer.write(WindowUpdateFrame(0, frame.flow_controlled_length).serialize())
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, AssertionError):
+            pass
+        finally:
+            writer.close()
+
+    def _respond(self, stream_id: int, encoder: Encoder, writer: asyncio.StreamWriter) -> None:
+        fields = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+        writer.write(
+            HeadersFrame(stream_id, encoder.encode(fields), flags=["END_HEADERS"]).serialize()
+            + DataFrame(stream_id, grpc_frame(b"first")).serialize()
+            + RstStreamFrame(stream_id, error_code=self.code).serialize()
+        )

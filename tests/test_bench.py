@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-from bench.report import TARGETS_TABLE
+from bench.report import RATIO_LINES, TARGETS_TABLE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,3 +38,46 @@ def test_the_quick_benchmark_runs_every_part_and_writes_the_headline_figures(tmp
         "HS256",
     }
     assert set(figures["state"]) == {"revocation", "rate limit", "single use"}
+    for target in ("direct", "passthrough", "proxy"):  # bidi ping-pong
+        row = figures["sidecar"]["bidi"][target]
+        assert row["rps"] > 0 and row["cpu_us"] > 0 and row["generator_cpu_us"] > 0, row
+    for key, label in RATIO_LINES:  # the data-plane ratio lines
+        assert math.isfinite(figures[key]) and figures[key] > 0, (key, figures.get(key))
+        assert label in done.stdout and f"[{key}]" in done.stdout
+    _assert_latency_table(figures, done.stdout)
+    _assert_memory_lines(figures, done.stdout)
+
+
+def _assert_latency_table(figures: dict, stdout: str) -> None:
+    """p50/p99/p99.9 at 100, 1,000 and 3,000/s for four targets, each with the measured
+    spacing of its departures (the proof that calls left evenly, not in bursts)."""
+    assert "latency, open loop" in stdout and "departure spacing" in stdout
+    section = stdout[stdout.index("latency, open loop") : stdout.index("ext_authz, h2load")]
+    runs = {f"{t}@{r}": figures["sidecar"]["latency"] for t in ("direct", "proxy")
+            for r in (100, 1000, 3000)}  # fmt: skip
+    runs.update({f"{t}@{r}": figures["ext_authz_latency"] for t in ("check", "bare check")
+                 for r in (100, 1000, 3000)})  # fmt: skip
+    for key, table in runs.items():
+        row = table[key]
+        assert row["n"] > 0 and row["rps"] > 0, (key, row)
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["p999_ms"], (key, row)
+        assert all(v > 0 for v in row["p50_ms_rounds"]), (key, row)
+        spacing = row["spacing"]
+        assert spacing["gap_median_us"] > 0 and spacing["sent_rate"] > 0, (key, spacing)
+        assert 0 <= spacing["burst_share"] <= spacing["burst_share_worst"] <= 1, (key, spacing)
+        assert 0 <= spacing["late_share"] <= 1, (key, spacing)
+        target, _, rate = key.partition("@")  # a latency row and a spacing row
+        name = target if table is figures["sidecar"]["latency"] else f"ext_authz {target}"
+        rows = re.findall(rf"^  {re.escape(name)} +{rate} ", section, re.M)
+        assert len(rows) == 2, (key, section)
+
+
+def _assert_memory_lines(figures: dict, stdout: str) -> None:
+    for server in ("proxy", "backend"):
+        row = figures["memory"][server]
+        assert row["connections"] > 0 and row["streams"] > 0, row
+        for key in ("mib_per_1k_connections", "mib_per_1k_streams", "base_mib"):
+            assert math.isfinite(row[key]) and row[key] > 0, (server, key, row)
+        assert math.isfinite(figures[f"{server}_rss_mib_per_1k_connections"])
+    assert stdout.count("MiB per 1,000 idle connections") == 2
+    assert stdout.count("MiB per 1,000 open streams") == 2

@@ -503,22 +503,27 @@ async def test_server_header_names_no_library(ext_authz: ExtAuthz, session, issu
 
 
 @pytest.mark.parametrize(
-    "request_bytes",
+    ("request_bytes", "expected"),
     [
-        b"NOT A REQUEST\r\n\r\n",
-        b"GET /test.Access/Echo HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
-        b"GET /" + b"a" * 17_000 + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+        (b"NOT A REQUEST\r\n\r\n", 400),
+        (
+            b"GET /test.Access/Echo HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+            431,
+        ),
+        (b"GET /" + b"a" * 17_000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
     ],
     ids=["garbage", "header-too-large", "request-line-too-long"],
 )
-async def test_requests_the_parser_refuses_get_a_json_400_without_library_versions(
-    ext_authz: ExtAuthz, request_bytes: bytes
+async def test_requests_the_parser_refuses_get_a_json_answer_without_library_versions(
+    ext_authz: ExtAuthz, request_bytes: bytes, expected: int
 ):
     status, head, body = await raw_http(ext_authz.proxy.check_http.port, request_bytes)
-    assert status == 400
+    assert status == expected
     assert "aiohttp" not in head.decode("latin-1").lower()
     assert "python" not in head.decode("latin-1").lower()
     assert b"content-type: application/json" in head.lower()
+    assert header_values(head, "server") == ["authproxy"]
+    assert header_values(head, "connection") == ["close"]
     answer = json.loads(body)
     assert answer["reason"] == "REQUEST_MALFORMED"
     assert b"NOT A REQUEST" not in body and b"aaaa" not in body  # the input is not echoed

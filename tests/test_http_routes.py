@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import re
 from itertools import permutations
 
 import pytest
@@ -393,3 +395,79 @@ def test_split_path_says_what_is_wrong(path: str, words: str) -> None:
     with pytest.raises(Denied) as info:
         split_path(path)
     assert words in info.value.message
+
+
+# --- the fast paths agree with the general ones ---------------------------------------------
+
+
+def _linear_match(table: HttpRoutes, method: str, path: tuple[str, ...]) -> str | None:
+    """Every route tried in order: what `match` answers without its exact-path lookup."""
+    for route in table.routes:
+        if route.matches(method, path):
+            return route.rule.pattern
+    return None
+
+
+def test_exact_path_lookup_answers_what_trying_every_route_answers() -> None:
+    table = routes(
+        "GET /a/b",
+        "* /a/b",
+        "POST /a/*",
+        "* /a/**",
+        "GET /a/b/**",
+        "* /",
+        "GET /x/{id}",
+        "DELETE /x/y",
+        "* /x/y/z",
+        "GET /**",
+    )
+    segments = ["a", "b", "c", "x", "y", "z", "q"]
+    paths = [()] + [(s,) for s in segments]
+    paths += [(s, t) for s in segments for t in segments]
+    paths += [(s, t, u) for s in "axq" for t in "by" for u in "cz"]
+    for method in ("GET", "POST", "DELETE", "PUT"):
+        for path in paths:
+            got = table.match(method, path)
+            assert (got.pattern if got else None) == _linear_match(table, method, path), (
+                method,
+                path,
+            )
+
+
+def _split_path_general(path: str) -> tuple[str, ...] | str:
+    """`split_path` without its fast path for plain paths (the reference), or the reason."""
+    from urllib.parse import unquote
+
+    if not path.startswith("/"):
+        return "refused"
+    if path == "/":
+        return ()
+    if "\\" in path or ";" in path or re.search(r"%(?![0-9A-Fa-f]{2})", path):
+        return "refused"
+    segments = []
+    for raw in path[1:].removesuffix("/").split("/"):
+        try:
+            segment = unquote(raw, errors="strict") if "%" in raw else raw
+        except UnicodeDecodeError:
+            return "refused"
+        if (
+            not segment
+            or segment in (".", "..")
+            or any(c in segment for c in "/\\;")
+            or not segment.isprintable()
+        ):
+            return "refused"
+        segments.append(segment)
+    return tuple(segments)
+
+
+def test_split_path_fast_path_agrees_with_the_general_rules() -> None:
+    rng = random.Random(7)
+    alphabet = ["/", "/", "a", "b", ".", "..", "%2e", "%2F", "%41", "~", "-", ";", "\\", "é", " "]
+    for _ in range(20_000):
+        path = "/" + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+        try:
+            got: tuple[str, ...] | str = split_path(path)
+        except Denied:
+            got = "refused"
+        assert got == _split_path_general(path), path

@@ -568,3 +568,54 @@ async def test_malformed_path_is_refused(auth: Authorizer, issuer: TokenIssuer, 
 async def test_malformed_query_does_not_matter(auth: Authorizer) -> None:
     decision = await auth.decide_http("GET", "/health?x=%zz;/../", [], grpc=False)
     assert (decision.allowed, decision.rule.pattern) == (True, "GET /health")
+
+
+# --- what decide_http remembers ---------------------------------------------------------------
+
+
+async def test_repeated_requests_get_the_same_decisions_as_the_first(
+    auth: Authorizer, issuer: TokenIssuer
+) -> None:
+    """`decide_http` remembers which rule a (method, path) gets; the steps after that —
+    token, requirements — still run for every request."""
+    user, admin = bearer(issuer, roles=["user"]), bearer(issuer, roles=["admin"])
+    requests = [
+        ("GET", "/api/admin/users", user),
+        ("GET", "/api/admin/users", admin),
+        ("GET", "/api/admin/users?x=1", []),
+        ("GET", "/api/../admin", admin),
+        ("GET", "/test.Exact/Get", admin),
+        ("DELETE", "/api/messages/general", admin),
+        ("GET", "/api/messages/general", []),
+    ]
+    first = [await auth.decide_http(m, p, h, grpc=False) for m, p, h in requests]
+    again = [await auth.decide_http(m, p, h, grpc=False) for m, p, h in requests]
+    assert first == again
+    assert [(d.allowed, d.reason) for d in first] == [
+        (False, Reason.INSUFFICIENT_ROLE),
+        (True, None),
+        (False, Reason.TOKEN_MISSING),
+        (False, Reason.REQUEST_MALFORMED),
+        (False, Reason.METHOD_DENIED),
+        (False, Reason.METHOD_DENIED),
+        (True, None),
+    ]
+
+
+async def test_a_new_policy_is_not_answered_from_the_old_ones_routes(
+    auth: Authorizer, policy: Policy
+) -> None:
+    before = await auth.decide_http("GET", "/health", [], grpc=False)
+    auth.policy = parse_policy(HTTP_POLICY.replace("GET /health: public", "GET /health: deny"))
+    after = await auth.decide_http("GET", "/health", [], grpc=False)
+    snapshot = await auth.decide_http("GET", "/health", [], grpc=False, policy=policy)
+    assert (before.allowed, after.allowed, snapshot.allowed) == (True, False, True)
+    assert after.reason == Reason.METHOD_DENIED
+
+
+async def test_remembered_routes_are_bounded(auth: Authorizer) -> None:
+    for i in range(5000):
+        await auth.decide_http("GET", f"/api/messages/{i}", [], grpc=False)
+    await auth.decide_http("GET", "/api/messages/" + "x" * 600, [], grpc=False)
+    assert 0 < len(auth._routes) <= 4096
+    assert ("GET", "/api/messages/" + "x" * 600) not in auth._routes

@@ -521,7 +521,7 @@ async def test_upstream_mtls_presents_the_client_certificate(
         await tls_backend.server.stop(None)
 
 
-async def test_upstream_certificate_rotation_swaps_the_channel_and_calls_keep_working(
+async def test_upstream_certificate_rotation_opens_new_connections_and_calls_keep_working(
     tmp_path: Path, keys: Keys, pki: Pki, proxies
 ):
     tls_backend = await start_tls_backend(pki.backend, client_ca=pki.ca)
@@ -534,19 +534,19 @@ async def test_upstream_certificate_rotation_swaps_the_channel_and_calls_keep_wo
         stream = channel.stream_stream("/test.Public/Chat")(timeout=30)
         await stream.write(b"1")
         assert await stream.read() == b"echo:1"
-        first = p.upstream.channel
+        [first] = p.upstream.connections
 
         pki.proxy_v2.write(tmp_path / "upstream", "upstream-client")
-        await eventually(lambda: p.upstream.channel is not first, "the channel swap")
-        assert await whoami(channel) == ["proxy-v2"]  # new calls: the new channel
+        await eventually(lambda: p.upstream.tls.reloads["ok"] == 1, "the reload")
+        assert await whoami(channel) == ["proxy-v2"]  # new calls: a new connection
+        assert first.going_away  # it takes no new calls
 
-        await stream.write(b"2")  # the stream on the old channel keeps going
+        await stream.write(b"2")  # the stream on the old connection keeps going
         assert await stream.read() == b"echo:2"
         await stream.done_writing()
         assert await stream.code() == grpc.StatusCode.OK
-        # Its last call done, the old channel is closed.
-        await eventually(lambda: not p.upstream._old_channels, "the old channel to close")
-        assert p.upstream.tls.reloads["ok"] == 1
+        # Its last call done, the old connection is closed.
+        await eventually(lambda: first.closed, "the old connection to close")
         await channel.close()
     finally:
         await tls_backend.server.stop(None)

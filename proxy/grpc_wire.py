@@ -1,0 +1,107 @@
+"""gRPC over HTTP/2, as bytes on the wire (the gRPC "PROTOCOL-HTTP2" document): the
+`grpc-timeout` header, `grpc-message` percent-encoding, trailers-only responses, `-bin`
+values, and the 5-byte length prefix of each message (for the size limit)."""
+
+from __future__ import annotations
+
+import base64
+import math
+from urllib.parse import quote, unquote
+
+import grpc
+
+Header = tuple[bytes, bytes]
+
+_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+#: Units from the coarsest that can state a duration within 8 digits.
+_ENCODE = (("n", 1e9), ("u", 1e6), ("m", 1e3), ("S", 1.0), ("M", 1 / 60), ("H", 1 / 3600))
+_MAX_DIGITS = 99_999_999
+
+RESPONSE_START = ((b":status", b"200"), (b"content-type", b"application/grpc"))
+
+
+def parse_timeout(value: bytes) -> float | None:
+    """Seconds from a `grpc-timeout` value (`100m`, `5S`); None when it is malformed."""
+    if not 2 <= len(value) <= 9:
+        return None
+    digits, unit = value[:-1], value[-1:]
+    scale = _UNITS.get(unit)
+    if scale is None or not digits.isdigit():
+        return None
+    return int(digits) * scale
+
+
+def format_timeout(seconds: float) -> bytes:
+    """A `grpc-timeout` value for `seconds` (at least 1 ns), in the finest unit that fits."""
+    seconds = max(seconds, 1e-9)
+    for unit, per_second in _ENCODE:
+        amount = math.ceil(seconds * per_second)
+        if amount <= _MAX_DIGITS:
+            return f"{amount}{unit}".encode()
+    return f"{_MAX_DIGITS}H".encode()
+
+
+def encode_message(text: str) -> bytes:
+    """`grpc-message`: percent-encoded UTF-8 (printable ASCII except `%` stays)."""
+    return quote(text, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode("ascii")
+
+
+def decode_message(value: bytes) -> str:
+    return unquote(value.decode("ascii", "replace"), errors="replace")
+
+
+def status_headers(
+    code: grpc.StatusCode, message: str, extra: tuple[tuple[str, bytes | str], ...] = ()
+) -> list[Header]:
+    """`grpc-status`, `grpc-message` and further metadata (`-bin` values base64) as
+    trailers, or after `RESPONSE_START` as a trailers-only response."""
+    out: list[Header] = [(b"grpc-status", str(code.value[0]).encode())]
+    if message:
+        out.append((b"grpc-message", encode_message(message)))
+    for key, value in extra:
+        if key.endswith("-bin") and isinstance(value, bytes):
+            out.append((key.encode(), base64.b64encode(value).rstrip(b"=")))
+        else:
+            out.append((key.encode(), value.encode() if isinstance(value, str) else value))
+    return out
+
+
+def trailers_only(code: grpc.StatusCode, message: str, extra=()) -> list[Header]:
+    """A whole response that is only a status (HEADERS with END_STREAM)."""
+    return [*RESPONSE_START, *status_headers(code, message, extra)]
+
+
+class MessageSizes:
+    """Follows the 5-byte prefixes in one direction of a stream and tells when a message
+    declares more than `limit` bytes. Costs a few operations per DATA frame."""
+
+    __slots__ = ("_header", "_remaining", "limit", "messages")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._remaining = 0  # bytes of the current message still to come
+        self._header = b""  # a prefix split across frames
+        self.messages = 0  # messages started
+
+    def feed(self, data: bytes) -> int | None:
+        """Account for `data`; the declared size of the first message over the limit, or
+        None."""
+        view = memoryview(data)
+        while view:
+            if self._remaining:
+                taken = min(self._remaining, len(view))
+                self._remaining -= taken
+                view = view[taken:]
+                continue
+            need = 5 - len(self._header)
+            self._header += bytes(view[:need])
+            view = view[need:]
+            if len(self._header) < 5:
+                return None
+            size = int.from_bytes(self._header[1:5], "big")
+            self._header = b""
+            self.messages += 1
+            if size > self.limit:
+                return size
+            self._remaining = size
+        return None
