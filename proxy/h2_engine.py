@@ -22,6 +22,7 @@ could stand in by changing this module alone. What we rely on, and test in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -165,10 +166,8 @@ class H2Protocol(asyncio.Protocol):
             self.connection.receive_data(data)
         except NGH2Error as e:  # a connection error: the engine queued its GOAWAY
             log.debug("HTTP/2 connection error from %s: %s", self.peer_name(), e)
-            try:
+            with contextlib.suppress(NGH2Error):  # the engine may be done already
                 self.events(self.connection.events())
-            except NGH2Error:
-                pass  # the engine is done with this connection
             self.close()
             return
         self.events(self.connection.events())
