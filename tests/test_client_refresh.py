@@ -216,7 +216,9 @@ async def test_a_stream_ended_by_token_expiry_is_not_retried_and_the_next_call_r
             await session.login("stream@example.com", PASSWORD)
             logged_in = session.store.get("access")
             assert logged_in is not None
-            session.store.set("access", short_access(proxied, logged_in.value, ttl=3))
+            session.store.set(
+                "access", short_access(proxied, logged_in.value, ttl=8)
+            )  # room for a busy machine
             data = api_pb2_grpc.DataServiceStub(session.channel)
 
             stream = data.WatchRecords(api_pb2.WatchRecordsRequest())
