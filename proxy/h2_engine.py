@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ngh2
@@ -141,6 +142,12 @@ def client_connection(limits: Limits) -> ngh2.Connection:
     return connection
 
 
+def flush_all(dirty: set[H2Protocol]) -> None:
+    """Write every connection with frames queued (flushing one may queue on another)."""
+    while dirty:
+        dirty.pop().flush()
+
+
 class H2Protocol(asyncio.Protocol):
     """One transport driven by one engine connection. Subclasses handle `events` and call
     `flush` after queuing frames; writes pause while the transport's buffer is full (the
@@ -148,7 +155,13 @@ class H2Protocol(asyncio.Protocol):
 
     connection: ngh2.Connection
 
-    def __init__(self) -> None:
+    def __init__(self, dirty: set[H2Protocol]) -> None:
+        #: Connections (this one and its peers on the other side of the relay) with frames
+        #: queued; `flush_all` writes them at the end of a batch of events.
+        self.dirty = dirty
+        #: stream id -> what to do once the engine has sent on all the data queued for that
+        #: stream (acknowledge it to the side it came from).
+        self.backlog: dict[int, Callable[[], None]] = {}
         self.transport: asyncio.Transport | None = None
         self.writable = True
         self.closed = False
@@ -194,6 +207,15 @@ class H2Protocol(asyncio.Protocol):
 
     def drained(self) -> None:
         """This connection wrote what it could: write the others it gave frames to."""
+        flush_all(self.dirty)
+
+    def acknowledge(self, amount: int, stream_id: int) -> None:
+        """Let the peer send `amount` more bytes on `stream_id` (and the connection)."""
+        try:
+            self.connection.acknowledge_received_data(amount, stream_id)
+        except (NGH2Error, ValueError):
+            return  # the stream or the connection is gone
+        self.dirty.add(self)
 
     def lost(self, exc: Exception | None) -> None:
         """The transport is gone."""
@@ -208,6 +230,12 @@ class H2Protocol(asyncio.Protocol):
             data = self.connection.data_to_send()
             if data:
                 transport.write(data)
+            if self.backlog:
+                queued = self.connection.queued_body_size
+                for stream_id, taken in list(self.backlog.items()):
+                    if queued(stream_id) == 0:
+                        del self.backlog[stream_id]
+                        taken()
         if not (self.connection.want_read or self.connection.want_write):
             self.close()
 

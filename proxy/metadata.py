@@ -19,30 +19,10 @@ from .strip_headers import DEFAULT_STRIP, StripHeaders
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
-#: Connection-specific (RFC 9113 8.2.2) and transport headers that are set per hop.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authorization",
-        "transfer-encoding",
-        "upgrade",
-        "te",
-        "host",
-        "content-length",
-        "content-type",
-        "user-agent",  # each hop's gRPC library sets its own
-        "grpc-timeout",  # carried as the remaining deadline instead
-        "grpc-encoding",
-        "grpc-accept-encoding",
-    }
-)
-
-
-#: What the frame relay removes and sets per hop: messages travel as they are (compressed
-#: or not), so `content-type`, `grpc-encoding`, `grpc-accept-encoding`, `te` and
-#: `user-agent` go through; `grpc-timeout` is rewritten to the time remaining.
+#: What the frame relay removes and sets per hop: connection-specific (RFC 9113 8.2.2) and
+#: transport headers. Messages travel as they are (compressed or not), so `content-type`,
+#: `grpc-encoding`, `grpc-accept-encoding`, `te` and `user-agent` go through;
+#: `grpc-timeout` is rewritten to the time remaining.
 RELAY_HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -53,9 +33,18 @@ RELAY_HOP_BY_HOP = frozenset(
         "upgrade",
         "host",
         "content-length",
-        "grpc-timeout",
+        "grpc-timeout",  # carried as the remaining deadline instead
     }
 )
+#: The grpc.aio front end's: its gRPC library also sets the message framing and its own
+#: `user-agent` per hop (it decompresses and recompresses).
+HOP_BY_HOP = RELAY_HOP_BY_HOP | {
+    "te",
+    "content-type",
+    "user-agent",
+    "grpc-encoding",
+    "grpc-accept-encoding",
+}
 
 _NOT_PRINTABLE = re.compile(rb"[^\x20-\x7e]")
 

@@ -42,6 +42,7 @@ from .h2_engine import (
     StreamClosed,
     StreamReset,
     TrailersReceived,
+    flush_all,
     server_connection,
 )
 from .metadata import relay_headers
@@ -64,12 +65,10 @@ class Downstream(H2Protocol):
     """One client connection."""
 
     def __init__(self, relay: Relay) -> None:
-        super().__init__()
+        super().__init__(relay.dirty)
         self.relay = relay
         self.connection = server_connection(relay.limits)
         self.calls: dict[int, Call] = {}
-        #: Calls whose response data this connection's engine still holds.
-        self.backlog: set[Call] = set()
         self.peer = "unknown"
         self.principal: str | None = None
         self.spoke = False
@@ -123,7 +122,7 @@ class Downstream(H2Protocol):
             elif kind is StreamClosed:
                 call = calls.pop(event.stream_id, None)
                 if call is not None:
-                    self.backlog.discard(call)
+                    self.backlog.pop(event.stream_id, None)
                     if not call.ended:
                         call.client_reset()
                     call.cleanup()
@@ -133,27 +132,6 @@ class Downstream(H2Protocol):
                 if call is not None:
                     call.client_data(b"", True)
         relay.flush()
-
-    def flush(self) -> None:
-        super().flush()
-        if self.backlog and self.writable:
-            queued = self.connection.queued_body_size
-            for call in list(self.backlog):
-                if queued(call.sid) == 0:
-                    self.backlog.discard(call)
-                    if call.response_unacked and call.up is not None:
-                        call.up.acknowledge(call.response_unacked, call.upstream_stream)
-                        call.response_unacked = 0
-
-    def drained(self) -> None:
-        self.relay.flush()
-
-    def acknowledge(self, amount: int, stream_id: int) -> None:
-        try:
-            self.connection.acknowledge_received_data(amount, stream_id)
-        except (EngineError, ValueError):
-            return
-        self.relay.dirty.add(self)
 
     def lost(self, exc: Exception | None) -> None:
         if self._preface_timer is not None:
@@ -317,9 +295,7 @@ class Relay:
         self.dirty.add(down)
 
     def flush(self) -> None:
-        dirty = self.dirty
-        while dirty:
-            dirty.pop().flush()
+        flush_all(self.dirty)
 
     # --- listening ----------------------------------------------------------------------
 

@@ -188,7 +188,7 @@ class Call:
             self._client_gone()
             return
         self.response_unacked += len(data)
-        self.down.backlog.add(self)
+        self.down.backlog[self.sid] = self._downstream_taken
         self.relay.dirty.add(self.down)
         if end_stream:
             self._ended()
@@ -237,11 +237,17 @@ class Call:
         if not self.ended:
             self.reset(0)
 
-    def upstream_taken(self) -> None:
+    def _upstream_taken(self) -> None:
         """The backend engine sent our request data on: the client may send more."""
         if self.request_unacked:
             self.down.acknowledge(self.request_unacked, self.sid)
             self.request_unacked = 0
+
+    def _downstream_taken(self) -> None:
+        """The client's engine sent the response data on: the backend may send more."""
+        if self.response_unacked and self.up is not None:
+            self.up.acknowledge(self.response_unacked, self.upstream_stream)
+            self.response_unacked = 0
 
     # --- the client's stream ------------------------------------------------------------
 
@@ -284,7 +290,7 @@ class Call:
                 up.connection.end_stream(self.upstream_stream)
         except EngineError:
             return  # the backend stream is gone; its reset or close says why
-        up.backlog.add(self)
+        up.backlog[self.upstream_stream] = self._upstream_taken
         self.relay.dirty.add(up)
 
     # --- ending -------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .h2_engine import (
     StreamReset,
     TrailersReceived,
     client_connection,
+    flush_all,
 )
 
 if TYPE_CHECKING:
@@ -54,17 +55,14 @@ class UpstreamCall(Protocol):
     def reset(self, error_code: int) -> None: ...
     def closed(self) -> None: ...
     def request_headers(self) -> list[Header]: ...
-    def upstream_taken(self) -> None: ...
 
 
 class UpstreamConnection(H2Protocol):
     def __init__(self, pool: UpstreamPool) -> None:
-        super().__init__()
+        super().__init__(pool.dirty)
         self.pool = pool
         self.connection = client_connection(pool.limits)
         self.calls: dict[int, UpstreamCall] = {}
-        #: Calls whose request data this connection's engine still holds (see `relay.py`).
-        self.backlog: set[UpstreamCall] = set()
         #: Streams the backend allows at once: 100 until its first SETTINGS says.
         self.max_streams = 100
         self.settled = False
@@ -119,7 +117,7 @@ class UpstreamConnection(H2Protocol):
                     call.reset(event.error_code)
             elif kind is StreamClosed:
                 call = calls.pop(event.stream_id, None)
-                self.backlog.discard(call)  # type: ignore[arg-type]
+                self.backlog.pop(event.stream_id, None)
                 if call is not None:
                     call.closed()
                 if self.going_away and not calls:
@@ -142,26 +140,6 @@ class UpstreamConnection(H2Protocol):
                 self.going_away = True
         self.flush()
         self.pool.flush()
-
-    def flush(self) -> None:
-        super().flush()
-        if self.backlog and self.writable:
-            queued = self.connection.queued_body_size
-            for call in list(self.backlog):
-                stream_id = call.upstream_stream  # type: ignore[attr-defined]
-                if queued(stream_id) == 0:
-                    self.backlog.discard(call)
-                    call.upstream_taken()
-
-    def drained(self) -> None:
-        self.pool.flush()
-
-    def acknowledge(self, amount: int, stream_id: int) -> None:
-        try:
-            self.connection.acknowledge_received_data(amount, stream_id)
-        except (EngineError, ValueError):
-            return
-        self.pool.dirty.add(self)
 
     def lost(self, exc: Exception | None) -> None:
         self.going_away = True
@@ -283,9 +261,7 @@ class UpstreamPool:
 
     def flush(self) -> None:
         """Write every connection (ours and the clients') that has frames queued."""
-        dirty = self.dirty
-        while dirty:
-            dirty.pop().flush()
+        flush_all(self.dirty)
 
     def start(self) -> None:
         """Follow the TLS files (needs a running event loop); connections open with the
