@@ -221,7 +221,9 @@ async def test_a_stream_ended_by_token_expiry_is_not_retried_and_the_next_call_r
             )  # room for a busy machine
             data = api_pb2_grpc.DataServiceStub(session.channel)
 
-            stream = data.WatchRecords(api_pb2.WatchRecordsRequest())
+            # include_existing: the record arrives whether the stream reaches the
+            # backend before or after the create.
+            stream = data.WatchRecords(api_pb2.WatchRecordsRequest(include_existing=True))
             created = await data.CreateRecord(api_pb2.CreateRecordRequest(data="before"))
             assert (await stream.read()).id == created.id
             with pytest.raises(grpc.aio.AioRpcError) as ended:
