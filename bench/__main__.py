@@ -3,12 +3,14 @@
     .venv/bin/python -m bench [--quick] [--json PATH] [--plot PATH] [--workers N]
 
 Starts everything itself, each server in its own process: the echo backend, a bare
-passthrough (the proxy's forwarding, no auth), the proxy (cached token and cold
-verification), bare no-op ext_authz servers and ours, Redis-backed and in-memory
-sidecars (when `redis-server` is installed). h2load drives the saturation runs;
-bench.h2gen (our raw HTTP/2 client) the evenly spaced latency runs at 100, 1,000 and
-3,000 calls/s, bidi ping-pong and the connections held for memory. Prints a table; with
-`--json` writes the figures; with `--plot` draws latency against offered load.
+passthrough (the proxy's frame relay with a decision that costs nothing), the proxy
+(cached token and cold verification), bare no-op ext_authz servers and ours,
+Redis-backed and in-memory sidecars (when `redis-server` is installed). h2load drives
+the saturation runs; bench.h2gen (our raw HTTP/2 client) the evenly spaced latency runs
+at 100, 1,000 and 3,000 calls/s, bidi ping-pong and the connections held for memory.
+Prints a table; with `--json` writes the figures; with `--plot` draws latency against
+offered load. The table's first line (and the JSON's `machine`) names the Python every
+server ran on.
 `--quick` (under a minute) keeps the benchmark working in CI: its figures are noisier,
 and nothing checks them against targets.
 """
@@ -24,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import load, memory, micro, report
+from . import load, machine, memory, micro, report
 from . import state as state_bench
 from .ext_authz import ExtAuthzBench
 from .fixtures import make_fixtures
@@ -67,7 +69,12 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict:
     logs = tmp / "logs"  # apart from the config: the proxy watches its files' directory
     logs.mkdir()
     fx = make_fixtures(tmp / "config")
-    figures: dict = {"quick": args.quick, "workers": args.workers, "rounds": opts["rounds"]}
+    figures: dict = {
+        "quick": args.quick,
+        "workers": args.workers,
+        "rounds": opts["rounds"],
+        "machine": machine.describe(),
+    }
     # Before any server starts (they inherit it): room for the held connections.
     held = memory.fd_room(opts["memory"][0])
     redis = None

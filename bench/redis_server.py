@@ -1,6 +1,11 @@
-"""A `redis-server` for the benchmark: on a free loopback port, no persistence
-(`--save '' --appendonly no`), in its own directory; started and stopped by the
-benchmark (no pytest, nothing from `tests/`)."""
+"""A real `redis-server`: on a free loopback port, without persistence (`--save ''
+--appendonly no`), in its own directory; it can be killed (SIGKILL, like a crash or a
+network cut) and restarted on the same port, empty.
+
+The benchmark's shared-state runs and the test suite's shared-state tests both start
+theirs here (`tests/redis_server.py` adds the pytest fixtures), so both run Redis the
+same way. Nothing here imports pytest or `tests/`.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,19 @@ from pathlib import Path
 
 from .procs import free_port
 
-#: How long the server may take to answer PING.
+#: How long a server may take to answer PING after it was started.
 START_TIMEOUT = 10.0
+#: Where Debian's package puts it, for environments whose PATH leaves out /usr/bin.
+_USUAL = Path("/usr/bin/redis-server")
+
+
+class RedisNotInstalled(RuntimeError):
+    """No `redis-server` executable on PATH nor at /usr/bin/redis-server."""
 
 
 def binary() -> str | None:
-    return shutil.which("redis-server")
+    """The `redis-server` executable, or None when it is not installed."""
+    return shutil.which("redis-server") or (str(_USUAL) if _USUAL.is_file() else None)
 
 
 def ping(port: int, timeout: float = 0.5) -> bool:
@@ -31,39 +43,77 @@ def ping(port: int, timeout: float = 0.5) -> bool:
 
 
 class RedisServer:
-    def __init__(self, directory: Path) -> None:
+    """One `redis-server` process on a fixed loopback port (chosen free at creation, so a
+    restart comes back where clients are reconnecting)."""
+
+    def __init__(
+        self, directory: Path, port: int | None = None, executable: str | None = None
+    ) -> None:
+        found = executable or binary()
+        if found is None:
+            raise RedisNotInstalled(
+                "redis-server is not installed (not on PATH, not /usr/bin/redis-server);"
+                " install it: apt-get install redis-server"
+            )
+        self.binary = found
         self.dir = directory
-        self.port = free_port()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.log = self.dir / "redis.log"
         self.process: subprocess.Popen[bytes] | None = None
+        #: How many times it was started (a restart counts).
+        self.starts = 0
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def start(self) -> None:
-        """Start the server; return once it answers PING."""
-        found = binary()
-        if found is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        log = self.dir / "redis.log"
-        with log.open("ab") as out:
+        """Start the server and wait (bounded) until it answers PING."""
+        if self.running:
+            raise RuntimeError(f"redis-server on port {self.port} is already running")
+        self.starts += 1
+        with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [found, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                  "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT
         while not ping(self.port):
-            if self.process.poll() is not None or time.monotonic() > deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"redis-server exited with status {self.process.returncode} on port"
+                    f" {self.port}:\n{self._log_tail()}"
+                )
+            if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(
-                    f"redis-server on port {self.port} did not answer PING:\n"
-                    + log.read_text(errors="replace")[-2000:]
+                    f"redis-server on port {self.port} did not answer PING within"
+                    f" {START_TIMEOUT:.0f}s:\n{self._log_tail()}"
                 )
-            time.sleep(0.01)
+            time.sleep(0.01)  # polling a child process that has no readiness signal
+
+    def _log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-2000:]
+
+    def kill(self) -> None:
+        """SIGKILL the server (no goodbye to clients, like a crash) and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def restart(self) -> None:
+        """Start again, empty, on the same port (killing the old process first if needed)."""
+        self.kill()
+        self.start()
 
     def stop(self) -> None:
+        """Terminate politely, then kill if it does not go."""
         if self.process is None or self.process.poll() is not None:
             return
         self.process.terminate()

@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 from .load import BURST_GAP_US, OpenLoop, Spacing, percentile
+from .machine import line as machine_line
 from .sidecar import BIDI_STREAMS, BIDI_TARGETS, TARGETS, Results
 
 #: The headline figures and their targets: (key, target, "max" or "min").
@@ -245,8 +246,14 @@ def _print_latency(f: dict) -> None:
 
 
 def print_table(f: dict) -> None:
+    if "machine" in f:
+        print(machine_line(f["machine"]))
     workers = f" (proxy --workers {f['workers']})" if f["workers"] > 1 else ""
     print(f"sidecar{workers}: h2load, 16 connections; CPU µs per call from /proc (medians)")
+    print(
+        "  (direct: the echo backend; passthrough: the proxy's frame relay deciding nothing,"
+        " its floor; proxy: the same relay and the decision)"
+    )
     print(
         f"  {'':20} {'unary/s':>9} {'CPU µs':>8} {'backend':>8}   {'stream msg/s':>12} {'CPU µs':>8}"
     )

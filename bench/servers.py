@@ -6,9 +6,8 @@ be read from /proc:
 - `backend`: the no-auth echo backend. `/bench.Svc/Echo` (unary) answers the request
   bytes; `/bench.Svc/Chat` (bidi) answers every message as it comes. Raw bytes, no
   serializers, one grpc.aio server: the cheapest honest gRPC service in Python.
-- `passthrough`: the forwarding floor. The proxy's own forwarding (`proxy.upstream.Upstream`,
-  the same server options, unary methods on the unary path, the rest on the stream path)
-  with no decision at all: only hop-by-hop headers are dropped.
+- `passthrough`: the relay's floor. The proxy's frame relay with a decision that costs
+  nothing (`bench.passthrough`): no pipeline, no stream guard, no metrics.
 - `noop-check`: an Envoy ext_authz v3 Check server (grpc.aio) that answers OK to everything.
 - `noop-http`: an aiohttp low-level server that answers 200 to everything.
 """
@@ -25,13 +24,26 @@ from aiohttp import web
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import status_pb2
 
-from proxy.metadata import HOP_BY_HOP
-from proxy.serve import DEFAULT_MAX_MESSAGE_BYTES
-from proxy.sidecar import server_options
-from proxy.upstream import Upstream
+from proxy.config import DEFAULT_MAX_MESSAGE_BYTES
+
+from .passthrough import build_passthrough
 
 UNARY_METHOD = "/bench.Svc/Echo"
 STREAM_METHOD = "/bench.Svc/Chat"
+#: grpc core cancels (CANCELLED) calls at random once more than 1000 wait in a server's
+#: queue for the application to take them; a grpc.aio server takes them one at a time,
+#: so a saturation run's burst would fill it. Bounded instead by the streams each
+#: connection may open.
+_QUEUE_LIMIT = 2**31 - 1
+#: The grpc.aio servers' options: messages and header lists as large as the proxy relays.
+GRPC_OPTIONS = (
+    ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+    ("grpc.max_metadata_size", 64 * 1024),
+    ("grpc.so_reuseport", 0),
+    ("grpc.server.max_pending_requests", _QUEUE_LIMIT),
+    ("grpc.server.max_pending_requests_hard_limit", _QUEUE_LIMIT),
+)
 
 
 class EchoBackend(grpc.GenericRpcHandler):
@@ -57,40 +69,6 @@ class EchoBackend(grpc.GenericRpcHandler):
             yield message
 
 
-class Passthrough(grpc.GenericRpcHandler):
-    def __init__(self, upstream: Upstream) -> None:
-        self.upstream = upstream
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        method: str = details.method  # type: ignore[attr-defined]
-        handler = self._handlers.get(method)
-        if handler is None:
-            handler = self._handlers[method] = self._handler_for(method)
-        return handler
-
-    def _handler_for(self, method: str) -> grpc.RpcMethodHandler:
-        upstream = self.upstream
-
-        async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            return await upstream.unary(method, request, _forwarded(context), context)
-
-        async def stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-            await upstream.stream(method, requests, _forwarded(context), context)
-
-        if method == UNARY_METHOD:
-            return grpc.unary_unary_rpc_method_handler(unary)
-        return grpc.stream_stream_rpc_method_handler(stream)
-
-
-def _forwarded(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str | bytes], ...]:
-    return tuple(
-        (k, v)
-        for k, v in context.invocation_metadata() or ()
-        if k not in HOP_BY_HOP and not k.startswith(":")
-    )
-
-
 class NoOpCheck(external_auth_pb2_grpc.AuthorizationServicer):
     async def Check(self, request, context):
         return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0))
@@ -113,14 +91,16 @@ async def serve(kind: str, port: int, upstream_target: str | None) -> None:
         await stopping.wait()
         await runner.cleanup()
         return
-    server = grpc.aio.server(options=server_options(DEFAULT_MAX_MESSAGE_BYTES))
-    upstream = None
+    if kind == "passthrough":
+        assert upstream_target is not None, "passthrough needs --upstream"
+        relay = build_passthrough(upstream_target)
+        await relay.listen("127.0.0.1", port)
+        await stopping.wait()
+        await relay.stop(0)
+        return
+    server = grpc.aio.server(options=GRPC_OPTIONS)
     if kind == "backend":
         server.add_generic_rpc_handlers((EchoBackend(),))
-    elif kind == "passthrough":
-        assert upstream_target is not None, "passthrough needs --upstream"
-        upstream = Upstream(upstream_target, DEFAULT_MAX_MESSAGE_BYTES)
-        server.add_generic_rpc_handlers((Passthrough(upstream),))
     else:
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(NoOpCheck(), server)
     if server.add_insecure_port(address) == 0:
@@ -128,8 +108,6 @@ async def serve(kind: str, port: int, upstream_target: str | None) -> None:
     await server.start()
     await stopping.wait()
     await server.stop(None)
-    if upstream is not None:
-        await upstream.close()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The sidecar against its floors: the echo backend called directly, the same forwarding
-with no auth (bench.servers passthrough), the proxy with a cached token, and the proxy
+"""The sidecar against its floors: the echo backend called directly, the same frame relay
+with a decision that costs nothing (bench.servers passthrough: the relay's floor, so proxy
+minus passthrough is the decision's cost), the proxy with a cached token, and the proxy
 verifying every call's token (`--token-cache-size 0`: h2load sends one header set, so a
 fresh token per call is a cache that never hits — the same verification work).
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import grpc
 
 from . import load, procs
 from .fixtures import (
@@ -93,7 +96,13 @@ class SidecarBench:
         for server in self.servers.values():
             await server.wait_listening()
         for target, server in self.servers.items():
-            await check_calls(server.port, self._token(target), STREAM_MESSAGES)
+            try:
+                await check_calls(server.port, self._token(target), STREAM_MESSAGES)
+            except (grpc.aio.AioRpcError, RuntimeError) as e:  # say which server, and why
+                log = server.log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(
+                    f"{target}: a check call failed: {e}\n{server.log}:\n{log}"
+                ) from e
 
     def stop(self) -> None:
         for server in self.servers.values():

@@ -1,10 +1,10 @@
 """Which methods the backend serves and whether each one streams.
 
-The sidecar forwards any method as raw bytes, without proto knowledge. Knowing a
-method's kind lets unary calls take the cheaper unary path; unknown methods take the
-generic bidirectional-stream path, which carries every kind correctly. Kinds come from
-descriptor sets (`--descriptor-set`, a protoset) and/or the backend's gRPC server
-reflection.
+The sidecar relays any method frame by frame, without proto knowledge; every kind takes
+the same path. Knowing a method's kind lets the stream guard skip known unary calls
+(decided once, never watched), labels `authproxy_upstream_seconds` and tells the lint
+which methods the backend serves. Kinds come from descriptor sets (`--descriptor-set`, a
+protoset) and/or the backend's gRPC server reflection.
 """
 
 from __future__ import annotations

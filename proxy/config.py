@@ -87,10 +87,7 @@ class ServeConfig:
     log_allows: float = 0.0
     #: Worker processes (`workers.py`); above 1 every listener is opened with SO_REUSEPORT.
     workers: int = 1
-    #: The sidecar's data plane: "frames" (HTTP/2 frames relayed on libnghttp2, `relay.py`)
-    #: or "grpc" (grpc.aio server and channel, `sidecar.py`).
-    data_plane: str = "frames"
-    #: Seconds a client connection may take to send the HTTP/2 preface ("frames" only).
+    #: Seconds a sidecar client connection may take to send the HTTP/2 preface.
     preface_timeout: float = 10.0
 
 

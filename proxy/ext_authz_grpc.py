@@ -5,6 +5,12 @@ A thin translation: CheckRequest -> `CheckRequest` view -> `Authorizer.decide_ht
 path is denied (REQUEST_MALFORMED). An unexpected failure here fails the RPC with
 INTERNAL, which Envoy treats as an authorization *error* (`failure_mode_allow`,
 `status_on_error`), never as an allow.
+
+`CheckServer` serves Check and gRPC health (`health_service.py`, for Envoy's health
+checks) on the proxy's own gRPC server (`grpc_server.py`, HTTP/2 on libnghttp2), not on
+grpc.aio: a check costs a fraction of grpc.aio's CPU. An allow's answer is serialized
+once and kept with the shared `Allow` (`Allow.rendered`), so equal allows cost no
+protobuf work at all.
 """
 
 from __future__ import annotations
@@ -13,74 +19,88 @@ import logging
 
 import grpc
 from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import status_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from .ext_authz import Allow, CheckRequest, Deny, Headers, answer, refuse
+from .grpc_server import GrpcServer, Method, RpcError, framed
+from .h2_engine import Limits
+from .h2_server import PREFACE_TIMEOUT, bind
+from .health_service import HealthService
 from .pipeline import Authorizer
 
 log = logging.getLogger("authproxy.ext_authz")
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+CHECK = f"/{SERVICE_NAME}/Check"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+#: The `Allow.rendered` key of this front end's answer: the framed CheckResponse.
+_RENDERED = "grpc"
 
 
-class CheckService(external_auth_pb2_grpc.AuthorizationServicer):
+class CheckService:
+    """Check: a CheckRequest in, a framed CheckResponse out (`grpc_server.Method.unary`)."""
+
     def __init__(self, authorizer: Authorizer) -> None:
         self.authorizer = authorizer
         self.errors_total = 0
 
-    async def Check(
-        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
-    ) -> external_auth_pb2.CheckResponse:
+    def method(self) -> Method:
+        return Method(external_auth_pb2.CheckRequest.FromString, unary=self.check)
+
+    async def check(self, request: external_auth_pb2.CheckRequest) -> bytes:
         try:
             return await self._check(request)
         except Exception:
             self.errors_total += 1
             log.exception("ext_authz check failed; answering INTERNAL (an error for Envoy)")
-            await context.abort(grpc.StatusCode.INTERNAL, "authorization check failed")
-            raise  # unreachable: abort raises
+            raise RpcError(grpc.StatusCode.INTERNAL, "authorization check failed") from None
 
-    async def _check(
-        self, request: external_auth_pb2.CheckRequest
-    ) -> external_auth_pb2.CheckResponse:
-        http = request.attributes.request.http
-        source = request.attributes.source
+    async def _check(self, request: external_auth_pb2.CheckRequest) -> bytes:
+        attributes = request.attributes
+        http = attributes.request.http
+        source = attributes.source
         address = source.address.socket_address.address
         # `source.principal`: the client certificate's URI SAN (else subject) as Envoy
         # verified it on an mTLS listener; empty otherwise.
         check = CheckRequest(
             http.method, http.path, _headers(http), address or None, source.principal or None
         )
-        if not request.attributes.request.HasField("http") or not http.path or not http.method:
+        if not attributes.request.HasField("http") or not http.path or not http.method:
             result: Allow | Deny = refuse(
                 self.authorizer, check, "the check request has no HTTP method and path"
             )
         else:
             result = await answer(self.authorizer, check)
         if isinstance(result, Allow):
-            response = result.rendered.get("grpc")
-            if response is None:
-                response = result.rendered["grpc"] = external_auth_pb2.CheckResponse(
-                    status=status_pb2.Status(code=0),
-                    ok_response=external_auth_pb2.OkHttpResponse(
-                        headers=_options(result.headers), headers_to_remove=result.remove
-                    ),
-                    dynamic_metadata=_struct(result.metadata),
-                )
-            return response  # never mutated after it is built: shared by equal checks
-        return external_auth_pb2.CheckResponse(
-            status=status_pb2.Status(code=result.grpc_code, message=result.message),
-            denied_response=external_auth_pb2.DeniedHttpResponse(
-                status=http_status_pb2.HttpStatus(code=result.status),
-                headers=_options(result.headers),
-                body=result.body,
-            ),
-            dynamic_metadata=_struct(result.metadata),
+            rendered = result.rendered.get(_RENDERED)
+            if rendered is None:  # bytes: shared by equal checks, never mutated
+                rendered = result.rendered[_RENDERED] = framed(_allow(result))
+            return rendered
+        return framed(
+            external_auth_pb2.CheckResponse(
+                status=status_pb2.Status(code=result.grpc_code, message=result.message),
+                denied_response=external_auth_pb2.DeniedHttpResponse(
+                    status=http_status_pb2.HttpStatus(code=result.status),
+                    headers=_options(result.headers),
+                    body=result.body,
+                ),
+                dynamic_metadata=_struct(result.metadata),
+            ).SerializeToString()
         )
+
+
+def _allow(result: Allow) -> bytes:
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=0),
+        ok_response=external_auth_pb2.OkHttpResponse(
+            headers=_options(result.headers), headers_to_remove=result.remove
+        ),
+        dynamic_metadata=_struct(result.metadata),
+    ).SerializeToString()
 
 
 def _struct(values: dict) -> struct_pb2.Struct:
@@ -108,32 +128,31 @@ def _options(headers: Headers) -> list[base_pb2.HeaderValueOption]:
     ]
 
 
-_QUEUE_LIMIT = 2**31 - 1
-
-
 class CheckServer:
-    """The ext_authz gRPC listener: Check plus gRPC health (for Envoy's health checks)."""
+    """The ext_authz gRPC listener: Check plus gRPC health (for Envoy's health checks).
 
-    def __init__(self, authorizer: Authorizer, listen: str, reuse_port: bool = False) -> None:
-        """`reuse_port`: SO_REUSEPORT, so several worker processes share the port."""
-        self.server = grpc.aio.server(
-            options=[
-                ("grpc.so_reuseport", int(reuse_port)),
-                # grpc core cancels (CANCELLED) a random share of the calls queued for a
-                # grpc.aio server above 1,000 and all above 3,000: a burst from Envoy would
-                # become failed Checks. Envoy bounds its own concurrent streams per
-                # connection; the queue is not bounded again here.
-                ("grpc.server.max_pending_requests", _QUEUE_LIMIT),
-                ("grpc.server.max_pending_requests_hard_limit", _QUEUE_LIMIT),
-            ]
-        )
+    The port is bound when this is built (a port in use is a configuration error before
+    anything starts); `start` listens. `stop(grace)`: health turns NOT_SERVING (Watch
+    streams are told), GOAWAY, the checks in flight are answered within `grace`, then
+    what is still open ends UNAVAILABLE and the connections close."""
+
+    def __init__(
+        self,
+        authorizer: Authorizer,
+        listen: str,
+        reuse_port: bool = False,
+        *,
+        limits: Limits | None = None,
+        preface_timeout: float = PREFACE_TIMEOUT,
+    ) -> None:
+        """`reuse_port`: SO_REUSEPORT, so several worker processes share the port.
+        `limits`: what one connection may cost (streams, header lists, flood defences)."""
         self.service = CheckService(authorizer)
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.service, self.server)
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen on {listen}")
+        self.health = HealthService()
+        methods = {CHECK: self.service.method(), **self.health.methods()}
+        self.server = GrpcServer(methods, limits, preface_timeout)
+        self._sockets = bind(listen, reuse_port)
+        self.port: int = self._sockets[0].getsockname()[1]
 
     @property
     def errors_total(self) -> int:
@@ -141,10 +160,14 @@ class CheckServer:
         return self.service.errors_total
 
     async def start(self) -> None:
-        await self.server.start()
+        await self.server.serve(self._sockets)
         for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float) -> None:
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        self.health.enter_graceful_shutdown()
+        if self.server.servers:
+            await self.server.stop(grace)
+        else:  # never started
+            for sock in self._sockets:
+                sock.close()

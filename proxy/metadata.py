@@ -17,9 +17,7 @@ from .decision import Decision
 from .identity import PEER, is_identity_header
 from .strip_headers import DEFAULT_STRIP, StripHeaders
 
-Metadata = tuple[tuple[str, str | bytes], ...]
-
-#: What the frame relay removes and sets per hop: connection-specific (RFC 9113 8.2.2) and
+#: What the relay removes and sets per hop: connection-specific (RFC 9113 8.2.2) and
 #: transport headers. Messages travel as they are (compressed or not), so `content-type`,
 #: `grpc-encoding`, `grpc-accept-encoding`, `te` and `user-agent` go through;
 #: `grpc-timeout` is rewritten to the time remaining.
@@ -36,15 +34,6 @@ RELAY_HOP_BY_HOP = frozenset(
         "grpc-timeout",  # carried as the remaining deadline instead
     }
 )
-#: The grpc.aio front end's: its gRPC library also sets the message framing and its own
-#: `user-agent` per hop (it decompresses and recompresses).
-HOP_BY_HOP = RELAY_HOP_BY_HOP | {
-    "te",
-    "content-type",
-    "user-agent",
-    "grpc-encoding",
-    "grpc-accept-encoding",
-}
 
 _NOT_PRINTABLE = re.compile(rb"[^\x20-\x7e]")
 
@@ -53,38 +42,20 @@ class InvalidMetadata(ValueError):
     """Client metadata that cannot be relayed (gRPC allows printable ASCII in text values)."""
 
 
-def upstream_metadata(
-    incoming: Iterable[tuple[str, str | bytes]],
-    decision: Decision,
-    strip: StripHeaders = DEFAULT_STRIP,
-) -> Metadata:
-    """The metadata to send upstream for an allowed call, without the headers `strip`
-    names (the policy's `strip_headers`); raises InvalidMetadata."""
-    keep_token = decision.forward_token
-    out: list[tuple[str, str | bytes]] = []
-    for key, value in incoming:
-        k = key.lower()
-        if _dropped(k, HOP_BY_HOP, keep_token, strip):
-            continue
-        if isinstance(value, str) and not (value.isascii() and value.isprintable()):
-            raise InvalidMetadata(f"metadata {k[:64]!r} has a value that is not printable ASCII")
-        out.append((k, value))
-    out.extend(_added(decision))
-    return tuple(out)
-
-
 def relay_headers(
     incoming: Iterable[tuple[bytes, bytes]],
     decision: Decision,
     strip: StripHeaders = DEFAULT_STRIP,
 ) -> list[tuple[bytes, bytes]]:
-    """`upstream_metadata` for the frame relay: HTTP/2 header fields as they came (names
-    are lower case on HTTP/2; `-bin` values stay base64), pseudo-headers left out."""
+    """The header fields to send upstream for an allowed call, without the ones `strip`
+    names (the policy's `strip_headers`): HTTP/2 header fields as they came (names are
+    lower case on HTTP/2; `-bin` values stay base64), pseudo-headers left out. Raises
+    InvalidMetadata for a text value that is not printable ASCII."""
     keep_token = decision.forward_token
     out: list[tuple[bytes, bytes]] = []
     for key, value in incoming:
         k = key.decode("latin-1")
-        if _dropped(k, RELAY_HOP_BY_HOP, keep_token, strip):
+        if _dropped(k, keep_token, strip):
             continue
         if not k.endswith("-bin") and _NOT_PRINTABLE.search(value):
             raise InvalidMetadata(f"metadata {k[:64]!r} has a value that is not printable ASCII")
@@ -93,9 +64,9 @@ def relay_headers(
     return out
 
 
-def _dropped(k: str, hop_by_hop: frozenset[str], keep_token: bool, strip: StripHeaders) -> bool:
+def _dropped(k: str, keep_token: bool, strip: StripHeaders) -> bool:
     return (
-        k in hop_by_hop
+        k in RELAY_HOP_BY_HOP
         or is_identity_header(k)
         or k[:1] == ":"
         or (k == AUTHORIZATION and not keep_token)

@@ -19,7 +19,7 @@ from .state import StateStore, StateUnavailable
 
 log = logging.getLogger("authproxy")
 
-#: How long `/readyz` waits for the upstream channel to connect.
+#: How long `/readyz` waits for a connection to the backend.
 UPSTREAM_PROBE_TIMEOUT = 1.0
 
 
@@ -41,7 +41,7 @@ class Operations:
         #: Readiness waits for every remote key set's first load.
         self.keys_wait = keys_wait
         self.draining = False
-        self.upstream: Any = None  # the sidecar's `Upstream`
+        self.upstream: Any = None  # the sidecar's `UpstreamPool`
         self.metrics_registry = metrics = Metrics()
         authorizer.observers.append(metrics.observe)
         authorizer.observers.append(DecisionLog(log_allows))

@@ -7,16 +7,11 @@ the Envoy ext_authz HTTP server (`--ext-authz-http`) — built from a `ServeConf
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 
-import grpc
-from prometheus_client import Histogram
-
 from .admin import AdminServer
-from .catalog import CatalogError, Kind, MethodCatalog
 from .client_address import TrustedProxies
 from .config import (
     DEFAULT_LISTEN,
@@ -28,28 +23,19 @@ from .config import (
     check_policy_keys,
     load_keys,
     read_policy,
-    tls_from,
     warn_volatile_state,
 )
 from .ext_authz_grpc import CheckServer
 from .ext_authz_http import CheckHttpServer
-from .h2_engine import Limits
 from .key_ring import KeyRing, attach
-from .lint import uncovered
 from .operations import Operations
-from .peer_identity import transport_principal
 from .pipeline import Authorizer
 from .policy import Policy
 from .policy_reload import PolicyReloader
 from .rate_limits import RateLimiter
-from .relay import Relay
-from .sidecar import SidecarHandler, build_server
-from .state import MemoryState, StateStore
+from .sidecar import Sidecar
+from .state import StateStore
 from .state_checks import SingleUse, revocation_check
-from .stream_guard import StreamGuard
-from .tls import UpstreamTls
-from .upstream import Upstream
-from .upstream_pool import UpstreamPool
 from .verify import TokenVerifier
 
 #: Names other modules import from here (the configuration lives in `config.py`).
@@ -114,188 +100,13 @@ def assemble_authorizer(
     )
 
 
-def build_relay(
-    cfg: ServeConfig,
-    authorizer: Authorizer,
-    guard: StreamGuard | None,
-    upstream_seconds: Histogram | None,
-    kinds: dict[str, Kind],
-    upstream_tls: UpstreamTls | None,
-    peer_identity: bool,
-) -> Relay:
-    """The frame relay and its backend connections, sharing one set of connections with
-    frames to write (`relay.py`)."""
-    dirty: set = set()
-    limits = Limits(max_concurrent_streams=cfg.max_concurrent_streams or 2**31 - 1)
-    pool = UpstreamPool(cfg.upstream, limits, dirty, upstream_tls)  # type: ignore[arg-type]
-    return Relay(
-        authorizer,
-        pool,
-        limits,
-        dirty,
-        cfg.max_message_bytes,
-        guard,
-        upstream_seconds,
-        principal_of=transport_principal if peer_identity else None,
-        preface_timeout=cfg.preface_timeout,
-        kinds=kinds,
-    )
-
-
-class Sidecar:
-    """A running sidecar: listener, authorizer, backend connection."""
-
-    def __init__(
-        self,
-        cfg: ServeConfig,
-        authorizer: Authorizer | None = None,
-        state: StateStore | None = None,
-        upstream_seconds: Histogram | None = None,
-        listen: bool = True,
-    ) -> None:
-        """With no `authorizer`, one is built on `state` (default: in memory); the
-        `StreamGuard` watches streams against `state`. `listen=False` builds everything
-        but the listener (a configuration check: it cannot be started)."""
-        if cfg.upstream is None:
-            raise ConfigError("the sidecar needs --upstream HOST:PORT")
-        check_address("--listen", cfg.listen)
-        check_address("--upstream", cfg.upstream)
-        self.cfg = cfg
-        if authorizer is None:
-            state = state or MemoryState(subject_ttl=cfg.subject_revocation_ttl)
-            authorizer = build_authorizer(cfg, state)
-        self.authorizer = authorizer
-        self.guard = None
-        if state is not None:
-            self.guard = StreamGuard(state, authorizer, reload_ends_streams=cfg.reload_ends_streams)
-        self.catalog = MethodCatalog()
-        try:
-            for path in cfg.descriptor_sets:
-                self.catalog.add_descriptor_set(path)
-        except CatalogError as e:
-            raise ConfigError(str(e)) from None
-        self.tls, upstream_tls = tls_from(cfg)
-        self.relay: Relay | None = None
-        if cfg.data_plane == "frames":
-            self.relay = build_relay(
-                cfg,
-                self.authorizer,
-                self.guard,
-                upstream_seconds,
-                self.catalog.kinds,
-                upstream_tls,
-                peer_identity=bool(cfg.tls_client_ca),
-            )
-        self.upstream: Upstream | UpstreamPool
-        if self.relay is not None:
-            self.upstream = self.relay.pool
-        else:
-            self.upstream = Upstream(cfg.upstream, cfg.max_message_bytes, upstream_tls)
-        self.handler = handler = SidecarHandler(
-            self.authorizer,
-            self.upstream,
-            self.catalog,
-            self.guard,
-            upstream_seconds,
-            peer_identity=bool(cfg.tls_client_ca),
-        )
-        self.server: grpc.aio.Server | None = None
-        self.port = 0
-        if listen and self.relay is None:
-            try:
-                self.server, self.port = build_server(
-                    handler,
-                    cfg.listen,
-                    cfg.max_message_bytes,
-                    self.tls,
-                    cfg.workers > 1,
-                    cfg.max_concurrent_streams,
-                )
-            except (OSError, RuntimeError) as e:
-                raise ConfigError(f"--listen {cfg.listen}: {e}") from None
-        self._learning: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        if self.relay is not None:
-            host, _, port = self.cfg.listen.rpartition(":")
-            try:
-                self.port = await self.relay.listen(
-                    host.strip("[]") or "0.0.0.0",
-                    int(port),
-                    self.tls.context if self.tls is not None else None,
-                    reuse_port=self.cfg.workers > 1,
-                )
-            except OSError as e:
-                raise ConfigError(f"--listen {self.cfg.listen}: {e}") from None
-        elif self.server is None:
-            raise RuntimeError("a sidecar built with listen=False cannot start")
-        else:
-            await self.server.start()
-        if self.tls is not None:
-            self.tls.start()
-        self.upstream.start()
-        if self.cfg.upstream_reflection:
-            self._learning = asyncio.create_task(self._learn_methods())
-        policy = self.authorizer.policy
-        log.info(
-            "authproxy listening on port %d, upstream %s, policy %s (version %s, %d rules)",
-            self.port,
-            self.cfg.upstream,
-            policy.source,
-            policy.version,
-            policy.rule_count,
-        )
-
-    async def _learn_methods(self) -> None:
-        """Learn method kinds by reflection; retry with backoff while the backend is down."""
-        delay = 0.5
-        while True:
-            try:
-                if isinstance(self.upstream, Upstream):
-                    count = await self.catalog.add_from_reflection(self.upstream.channel)
-                else:  # the frame relay has no gRPC channel: one just for reflection
-                    async with grpc.aio.insecure_channel(self.cfg.upstream) as channel:
-                        count = await self.catalog.add_from_reflection(channel)
-                log.info("learned %d method kinds from upstream reflection", count)
-                policy = self.authorizer.policy
-                missing = uncovered(policy, self.catalog.kinds)
-                if missing:
-                    log.warning(
-                        "%d served methods have no rule; policy %s's default (%s) decides them: %s",
-                        len(missing),
-                        policy.version,
-                        policy.default.level,
-                        ", ".join(missing),
-                    )
-                return
-            except Exception as e:  # any failure: keep the generic stream path, retry later
-                log.info("upstream reflection not available yet (%s); retrying", e)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
-
-    async def stop(self, grace: float | None = None) -> None:
-        if self._learning is not None:
-            self._learning.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._learning
-        grace = self.cfg.shutdown_grace if grace is None else grace
-        if self.relay is not None:
-            await self.relay.stop(grace)
-        if self.server is not None:  # calls racing the stop end UNAVAILABLE (`drain.py`)
-            await self.handler.drain.stop(self.server, grace)
-        if self.tls is not None:
-            await self.tls.stop()
-        await self.upstream.close()
-        if self.guard is not None:
-            await self.guard.close()
-
-
 class AuthProxy:
     """The whole process: one authorizer, and each front end the configuration asks for."""
 
     def __init__(self, cfg: ServeConfig, listen: bool = True) -> None:
-        """`listen=False` builds everything but the gRPC listeners, which bind at once
-        (a configuration check: such a proxy cannot be started)."""
+        """`listen=False` leaves out the ext_authz gRPC server, the one listener that binds
+        when it is built (the others bind in `start`): a configuration check, for a proxy
+        that is never started."""
         if not (cfg.upstream or cfg.ext_authz_grpc or cfg.ext_authz_http):
             raise ConfigError(
                 "nothing to serve: give --upstream (the sidecar) and/or --ext-authz-grpc"
@@ -324,11 +135,7 @@ class AuthProxy:
         self.sidecar = None
         if cfg.upstream:
             self.sidecar = Sidecar(
-                cfg,
-                self.authorizer,
-                self.state,
-                self.ops.metrics_registry.upstream_seconds,
-                listen,
+                cfg, self.authorizer, self.state, self.ops.metrics_registry.upstream_seconds
             )
             self.ops.watch_sidecar(self.sidecar.upstream, self.sidecar.guard, self.sidecar.tls)
         self.admin: AdminServer | None = None

@@ -1,206 +1,163 @@
-"""The gRPC sidecar front end: a generic handler that decides, then relays.
+"""The gRPC sidecar front end, assembled: the frame relay (`relay.py`) on its listener, its
+backend connections (`upstream_pool.py`), the `StreamGuard` that ends open streams, and
+the `MethodCatalog` of method kinds.
 
-Every call: ask the `Authorizer` (one pipeline for all front ends) with the method path
-and the request metadata; on deny, end the call with the decision's status, message and
-`ErrorInfo`; on allow, rewrite the metadata and relay the call to the backend. Unary
-methods (known from the `MethodCatalog`) take the unary path; everything else takes the
-generic stream path, which carries all four kinds. Streams authorized with a token are
-watched by the `StreamGuard`, which ends them when the token expires or is revoked.
-
-The listener is h2c, or TLS with a `tls.ServerTls` (mTLS when it has a client CA; then
-each call's client-certificate identity, `tls.peer_principal`, goes to the pipeline).
+Method kinds come from descriptor sets (at once) and from the backend's server reflection
+(learned in the background, retried with backoff while the backend does not answer).
+They feed the stream guard's unary shortcut (a known unary call is decided once and never
+watched), the `unary` label of `authproxy_upstream_seconds` and the startup log of served
+methods no rule names. Reflection is a gRPC call of its own, on a channel that uses the
+same upstream TLS settings as the relay's connections.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
-from time import perf_counter
 
 import grpc
 from prometheus_client import Histogram
 
-from .catalog import Kind, MethodCatalog
-from .decision import Decision
-from .drain import Drain
-from .grpc_status import deny_details
-from .metadata import InvalidMetadata, Metadata, upstream_metadata
-from .peer_identity import peer_principal
+from .catalog import CatalogError, MethodCatalog
+from .config import ConfigError, ServeConfig, check_address, tls_from
+from .h2_engine import Limits
+from .lint import uncovered
+from .peer_identity import transport_principal
 from .pipeline import Authorizer
+from .relay import Relay
+from .state import StateStore
 from .stream_guard import StreamGuard
-from .tls import ServerTls
-from .upstream import Ended, Upstream
+from .tls import UpstreamTls
+from .upstream_pool import UpstreamPool
 
-log = logging.getLogger("authproxy.sidecar")
+log = logging.getLogger("authproxy")
 
-
-#: grpc core cancels (CANCELLED, not retried) calls at random once more than 1000 wait in
-#: the server's queue for the application to take them, and all above 3000; a grpc.aio
-#: server takes them one at a time, so a burst fills it. The queue is bounded instead by
-#: the streams each connection may open (`max_concurrent_streams`).
-_QUEUE_LIMIT = 2**31 - 1
+#: Longest pause between two reflection attempts while the backend does not answer.
+MAX_REFLECTION_DELAY = 30.0
 
 
-def server_options(
-    max_message_bytes: int, reuse_port: bool = False, max_concurrent_streams: int | None = None
-) -> list[tuple[str, int]]:
-    """`reuse_port`: SO_REUSEPORT, so several worker processes listen on one port (the
-    kernel spreads the connections); off, a port another process holds is an error.
-    `max_concurrent_streams`: advertised in SETTINGS_MAX_CONCURRENT_STREAMS; gRPC clients
-    queue calls beyond it, and a stream opened anyway is reset with REFUSED_STREAM, which
-    clients retry (None: no limit)."""
-    options = [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        # Let oversized tokens reach the pipeline (TOKEN_TOO_LARGE) instead of a core error.
-        ("grpc.max_metadata_size", 64 * 1024),
-        ("grpc.so_reuseport", int(reuse_port)),
-        ("grpc.server.max_pending_requests", _QUEUE_LIMIT),
-        ("grpc.server.max_pending_requests_hard_limit", _QUEUE_LIMIT),
-    ]
-    if max_concurrent_streams is not None:
-        options.append(("grpc.max_concurrent_streams", max_concurrent_streams))
-        # Count open HTTP/2 streams, as the client does: with core's default (streams the
-        # application still holds), a client keeping to the limit is refused at random.
-        options.append(("grpc.http.overload_protection", 0))
-    return options
+class Sidecar:
+    """A sidecar: listener, stream guard, method kinds and backend connections around the
+    one `Authorizer` the process shares."""
 
-
-class SidecarHandler(grpc.GenericRpcHandler):
     def __init__(
         self,
+        cfg: ServeConfig,
         authorizer: Authorizer,
-        upstream: Upstream,
-        catalog: MethodCatalog,
-        guard: StreamGuard | None = None,
+        state: StateStore,
         upstream_seconds: Histogram | None = None,
-        peer_identity: bool = False,
     ) -> None:
-        """`peer_identity`: the listener verifies client certificates (mTLS); each call's
-        certificate identity goes to the pipeline as its principal (`peers:` rules,
-        `x-auth-peer`)."""
+        """The `StreamGuard` watches open streams against `state` (revocations, staleness).
+        Nothing listens before `start`, so a sidecar that is never started is a
+        configuration check."""
+        if cfg.upstream is None:
+            raise ConfigError("the sidecar needs --upstream HOST:PORT")
+        check_address("--listen", cfg.listen)
+        check_address("--upstream", cfg.upstream)
+        self.cfg = cfg
         self.authorizer = authorizer
-        self.peer_identity = peer_identity
-        self.upstream = upstream
-        self.catalog = catalog
-        self.guard = guard
-        # The two children, resolved once: no label lookup per call.
-        self._unary_seconds = upstream_seconds.labels("unary") if upstream_seconds else None
-        self._stream_seconds = upstream_seconds.labels("stream") if upstream_seconds else None
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
-        #: Stopping the listener (`drain.py`): refuses new calls, counts the running ones.
-        self.drain = Drain()
-        self._refused = grpc.stream_stream_rpc_method_handler(
-            self.drain.counted(self.drain.refused)
+        self.guard = StreamGuard(state, authorizer, reload_ends_streams=cfg.reload_ends_streams)
+        self.catalog = MethodCatalog()
+        try:
+            for path in cfg.descriptor_sets:
+                self.catalog.add_descriptor_set(path)
+        except CatalogError as e:
+            raise ConfigError(str(e)) from None
+        self.tls, self.upstream_tls = tls_from(cfg)
+        dirty: set = set()  # connections (both sides) with frames to write: `relay.py`
+        limits = Limits(max_concurrent_streams=cfg.max_concurrent_streams or 2**31 - 1)
+        #: The backend connections (readiness probes them: `ready`).
+        self.upstream = UpstreamPool(cfg.upstream, limits, dirty, self.upstream_tls)
+        self.relay = Relay(
+            authorizer,
+            self.upstream,
+            limits,
+            dirty,
+            cfg.max_message_bytes,
+            self.guard,
+            upstream_seconds,
+            principal_of=transport_principal if cfg.tls_client_ca else None,
+            preface_timeout=cfg.preface_timeout,
+            kinds=self.catalog.kinds,
+        )
+        self.port = 0
+        #: Learning method kinds by reflection; done once they are learned.
+        self.learning: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        host, _, port = self.cfg.listen.rpartition(":")
+        try:
+            self.port = await self.relay.listen(
+                host.strip("[]") or "0.0.0.0",
+                int(port),
+                self.tls.context if self.tls is not None else None,
+                reuse_port=self.cfg.workers > 1,
+            )
+        except OSError as e:
+            raise ConfigError(f"--listen {self.cfg.listen}: {e}") from None
+        if self.tls is not None:
+            self.tls.start()
+        self.upstream.start()
+        if self.cfg.upstream_reflection:
+            self.learning = asyncio.create_task(self._learn_methods())
+        policy = self.authorizer.policy
+        log.info(
+            "authproxy listening on port %d, upstream %s, policy %s (version %s, %d rules)",
+            self.port,
+            self.cfg.upstream,
+            policy.source,
+            policy.version,
+            policy.rule_count,
         )
 
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        if self.drain.refusing:
-            return self._refused
-        method: str = details.method  # type: ignore[attr-defined]
-        handler = self._handlers.get(method)
-        if handler is not None:
-            return handler
-        kind = self.catalog.kinds.get(method)
-        counted = self.drain.counted
-        if kind is Kind.UNARY:
-            handler = grpc.unary_unary_rpc_method_handler(counted(self._unary_for(method)))
-        else:
-            handler = grpc.stream_stream_rpc_method_handler(counted(self._stream_for(method)))
-        if kind is not None:  # cache only methods the backend serves: bounded by its API
-            self._handlers[method] = handler
-        return handler
-
-    async def _authorize(
-        self, method: str, context: grpc.aio.ServicerContext
-    ) -> tuple[Decision, Metadata]:
-        """Decide; abort the call on deny, else return the decision and the metadata for
-        the backend."""
-        incoming = context.invocation_metadata() or ()
-        if self.peer_identity:
-            decision = await self.authorizer.decide(
-                method, incoming, context.peer(), principal=peer_principal(context)
-            )
-        else:
-            decision = await self.authorizer.decide(method, incoming, context.peer())
-        if not decision.allowed:
-            await _deny(decision, context)
-        try:
-            # The current policy's strip list (a reload in between only changes which
-            # extra headers are removed, never the decision).
-            strip = self.authorizer.policy.strip_headers
-            return decision, upstream_metadata(incoming, decision, strip)
-        except InvalidMetadata as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            raise  # unreachable: abort raises
-
-    def _unary_for(self, method: str):
-        async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            _, metadata = await self._authorize(method, context)
-            started = perf_counter()
+    async def _learn_methods(self) -> None:
+        """Learn method kinds by reflection; retry with backoff while the backend is down.
+        Until then unknown methods are relayed just the same (and watched as streams)."""
+        delay = 0.5
+        while True:
             try:
-                return await self.upstream.unary(method, request, metadata, context)
-            finally:
-                if self._unary_seconds is not None:
-                    self._unary_seconds.observe(perf_counter() - started)
-
-        return unary
-
-    def _stream_for(self, method: str):
-        async def stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-            decision, metadata = await self._authorize(method, context)
-            started = perf_counter()
-            if self.guard is None:
-                await self.upstream.stream(method, requests, metadata, context)
+                async with reflection_channel(self.upstream.target, self.upstream_tls) as channel:
+                    count = await self.catalog.add_from_reflection(channel)
+                log.info("learned %d method kinds from upstream reflection", count)
+                self._log_uncovered()
                 return
-            watch = self.guard.watch(decision, method, context.invocation_metadata() or ())
-            try:
-                await self.upstream.stream(method, requests, metadata, context, progress=watch)
-            except (asyncio.CancelledError, Ended) as stopped:
-                if watch.ended is None:
-                    raise  # the client went away
-                # The guard ended the stream (the relay and the backend call are cancelled).
-                if isinstance(stopped, asyncio.CancelledError):
-                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                reason, message, by = watch.ended
-                ending = by or decision  # a new policy's rule and version, when it refused
-                await _deny(
-                    ending._replace(allowed=False, reason=reason, message=message, shadow=False),
-                    context,
-                )
-            finally:
-                self.guard.release(watch)
-                if self._stream_seconds is not None:
-                    self._stream_seconds.observe(perf_counter() - started)
+            except Exception as e:  # any failure: kinds stay unknown for now, retry later
+                log.info("upstream reflection not available yet (%s); retrying", e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_REFLECTION_DELAY)
 
-        return stream
+    def _log_uncovered(self) -> None:
+        policy = self.authorizer.policy
+        missing = uncovered(policy, self.catalog.kinds)
+        if missing:
+            log.warning(
+                "%d served methods have no rule; policy %s's default (%s) decides them: %s",
+                len(missing),
+                policy.version,
+                policy.default.level,
+                ", ".join(missing),
+            )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """GOAWAY, then `grace` seconds (default `--shutdown-grace`) for the calls in
+        flight; those still open then end UNAVAILABLE, and the backend connections close
+        (`Relay.stop`)."""
+        if self.learning is not None:
+            self.learning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.learning
+        grace = self.cfg.shutdown_grace if grace is None else grace
+        await self.relay.stop(grace)
+        if self.tls is not None:
+            await self.tls.stop()
+        await self.guard.close()
 
 
-async def _deny(decision: Decision, context: grpc.aio.ServicerContext) -> None:
-    """End the call with the deny's status, message and details (raises AbortError)."""
-    message, trailers = deny_details(decision)
-    await context.abort(decision.status, message, trailing_metadata=trailers)
-
-
-def build_server(
-    handler: SidecarHandler,
-    listen: str,
-    max_message_bytes: int,
-    tls: ServerTls | None = None,
-    reuse_port: bool = False,
-    max_concurrent_streams: int | None = None,
-) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server with the sidecar handler bound to `listen`: h2c, or with `tls`
-    TLS (h2 by ALPN; mTLS when `tls` has a client CA). Returns the port. `reuse_port`,
-    `max_concurrent_streams`: see `server_options`. Stop it with `handler.drain.stop`."""
-    options = server_options(max_message_bytes, reuse_port, max_concurrent_streams)
-    server = handler.drain.watch(lambda: grpc.aio.server(options=options))
-    server.add_generic_rpc_handlers((handler,))
+def reflection_channel(target: str, tls: UpstreamTls | None) -> grpc.aio.Channel:
+    """A gRPC channel to the backend for server reflection: h2c, or TLS with the trust
+    roots, client certificate and server name the relay's connections use (`UpstreamTls`,
+    as last reloaded)."""
     if tls is None:
-        port = server.add_insecure_port(listen)
-    else:
-        port = server.add_secure_port(listen, tls.server_credentials())
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
-    return server, port
+        return grpc.aio.insecure_channel(target)
+    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=tls.channel_options())

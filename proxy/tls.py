@@ -1,21 +1,20 @@
 """TLS for the sidecar: the listener's certificate (and client certificates for mTLS), the
-backend connection's trust roots and client certificate, and reloads when the files
+backend connections' trust roots and client certificate, and reloads when the files
 change (the client certificate's identity: `peer_identity.py`).
 
-Every file is read and checked with `cryptography` before gRPC sees it: certificates
+Every file is read and checked with `cryptography` before it is used: certificates
 parse, the key is unencrypted and matches the first certificate (the leaf), a CA file
 holds certificates. A problem is one `TlsError` line naming the flag, the file and what
-is wrong. gRPC is then given the certificates and key re-encoded as plain PEM, exactly
-what was checked.
+is wrong. The `ssl.SSLContext`s (`tls_context.py`) are then built from the certificates
+and key re-encoded as plain PEM, exactly what was checked.
 
-Reloads. The listener uses gRPC's dynamic server credentials: before each new TLS
-handshake the core asks for the current certificate configuration, so a reloaded set is
-used by new connections while established ones keep theirs (nothing is dropped). The
-files are watched (`FileWatch`: Secret `..data` symlink swaps, cert-manager rewrites);
-a new set is used only when it is complete and consistent — a key that does not (yet)
-match its certificate is logged and counted, and the previous set keeps serving. The
-backend side (`UpstreamTls`) reloads the same way; `Upstream` then swaps in a new
-channel and lets calls on the old one finish.
+Reloads. The files are watched (`FileWatch`: Secret `..data` symlink swaps, cert-manager
+rewrites); a new set is used only when it is complete and consistent — a key that does
+not (yet) match its certificate is logged and counted, and the previous set keeps
+serving. The listener then hands each new TLS handshake the new context, while
+established connections keep theirs (nothing is dropped). On the backend side
+(`UpstreamTls`) new connections use the new set; `UpstreamPool` retires the open ones,
+whose calls finish on them.
 """
 
 from __future__ import annotations
@@ -281,8 +280,6 @@ class ServerTls(_Reloading):
         )
         self.files = files
         self.requires_client_cert = files.client_ca is not None
-        #: (generation, configuration): replaced in one assignment, read by gRPC's threads.
-        self._serving: tuple[int, grpc.ServerCertificateConfiguration] | None = None
         self._pair: _Pair | None = None
         self._first_load()
         log.info("TLS listener: %s", _describe(self.leaf))
@@ -294,15 +291,10 @@ class ServerTls(_Reloading):
         if f.client_ca is not None:
             roots = _roots("--tls-client-ca", f.client_ca, raw["--tls-client-ca"])
         _warn_validity("--tls-cert", f.cert, pair.leaf)
-        config = grpc.ssl_server_certificate_configuration(
-            [(pair.key_pem, pair.chain_pem)], root_certificates=roots
-        )
         context = _ssl_context(lambda: server_context(pair.chain_pem, pair.key_pem, roots))
         context.sni_callback = self._switch
-        generation = self._serving[0] + 1 if self._serving else 0
         self._pair = pair
-        self._serving = (generation, config)
-        #: The frame relay's listener context; a reload replaces it for new handshakes.
+        #: The listener's context; a reload replaces it for new handshakes.
         self.context = context
 
     def _switch(self, connection: ssl.SSLObject, _name: str | None, context: ssl.SSLContext):
@@ -320,28 +312,6 @@ class ServerTls(_Reloading):
     def not_after(self) -> float:
         """The serving leaf certificate's notAfter, as unix time."""
         return self.leaf.not_valid_after_utc.timestamp()
-
-    def server_credentials(self) -> grpc.ServerCredentials:
-        """Credentials for `add_secure_port`. gRPC calls the fetcher (on its own threads)
-        before every new handshake; it hands over a reloaded configuration once, else
-        None ("keep yours"), so a handshake costs no rebuild of the TLS context."""
-        assert self._serving is not None
-        generation, initial = self._serving
-        given = [generation]  # what this credentials object was last given
-
-        def fetch() -> grpc.ServerCertificateConfiguration | None:
-            try:
-                serving = self._serving
-                if serving is None or serving[0] == given[0]:
-                    return None
-                given[0] = serving[0]
-                return serving[1]
-            except Exception:  # never fail a handshake from here
-                return None
-
-        return grpc.dynamic_ssl_server_credentials(
-            initial, fetch, require_client_authentication=self.requires_client_cert
-        )
 
     def check(self) -> bool:
         """Re-read the files; True when a new (valid) set was loaded and is now used for
@@ -368,8 +338,7 @@ class ServerTls(_Reloading):
 
 @dataclass(frozen=True)
 class UpstreamTlsFiles:
-    #: --upstream-ca. None: gRPC's default roots, which are the Mozilla bundle shipped in
-    #: grpcio (not the OS store) unless GRPC_DEFAULT_SSL_ROOTS_FILE_PATH names a file.
+    #: --upstream-ca. None: the system's trust store (`_system_roots`).
     ca: str | None = None
     cert: str | None = None  # --upstream-cert: client certificate for upstream mTLS
     key: str | None = None  # --upstream-key
@@ -419,12 +388,13 @@ class UpstreamTls(_Reloading):
                 raw["--upstream-key"],
             )
             _warn_validity("--upstream-cert", f.cert, pair.leaf)
+        #: The same trust and client certificate for gRPC channels (server reflection).
         self._credentials = grpc.ssl_channel_credentials(
-            root_certificates=roots,
+            root_certificates=roots if roots is not None else _system_roots(),
             private_key=pair.key_pem if pair else None,
             certificate_chain=pair.chain_pem if pair else None,
         )
-        #: The frame relay's context for new backend connections.
+        #: The context for new backend connections of the relay.
         self.context = _ssl_context(
             lambda: client_context(
                 roots, pair.chain_pem if pair else None, pair.key_pem if pair else None
@@ -437,20 +407,21 @@ class UpstreamTls(_Reloading):
         return self._pair.leaf if self._pair else None
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
-        """Credentials for the current set of files."""
+        """gRPC channel credentials for the current set of files."""
         assert self._credentials is not None
         return self._credentials
 
     def channel_options(self) -> list[tuple[str, str]]:
-        """With a server name: verify it in the backend's certificate, send it as SNI and
-        as the `:authority` (the dial address may be an IP or a Service's name)."""
+        """gRPC channel options. With a server name: verify it in the backend's
+        certificate, send it as SNI and as the `:authority` (the dial address may be an IP
+        or a Service's name), as the relay's connections do."""
         name = self.files.server_name
         if name is None:
             return []
         return [("grpc.ssl_target_name_override", name), ("grpc.default_authority", name)]
 
     def changed(self) -> bool:
-        """Re-read the files; True when a new valid set was loaded (build a new channel)."""
+        """Re-read the files; True when a new valid set was loaded (new connections use it)."""
         if not self._reload():
             return False
         log.info(
@@ -458,3 +429,17 @@ class UpstreamTls(_Reloading):
             ", ".join(f"{flag} {path}" for flag, path in self._files.items()),
         )
         return True
+
+
+def _system_roots() -> bytes | None:
+    """The system trust store's CA file, the one `ssl.create_default_context` loads for
+    the relay's connections (`SSL_CERT_FILE` overrides it), for gRPC channels, which would
+    otherwise trust the bundle shipped in grpcio. None when there is no such file (a
+    store that is only a directory of hashed certificates): grpcio's bundle then."""
+    cafile = ssl.get_default_verify_paths().cafile
+    if cafile is None:
+        return None
+    try:
+        return Path(cafile).read_bytes()
+    except OSError:
+        return None

@@ -17,7 +17,8 @@ from grpc_status import rpc_status
 from proxy.issuer import SigningKey, TokenIssuer, hmac_signing_key
 from proxy.keygen import keygen
 from proxy.policy_file import parse_policy
-from proxy.serve import AuthProxy, ServeConfig, Sidecar
+from proxy.serve import AuthProxy, ServeConfig, Sidecar, build_authorizer
+from proxy.state import MemoryState
 from tests.echo_backend import UNARY, EchoBackend, start_echo_backend
 from tests.example_backend_harness import Example, running_example
 
@@ -146,6 +147,12 @@ def config_for(tmp_path: Path, keys: Keys, policy: str, **fields) -> ServeConfig
     return cfg
 
 
+def sidecar_for(cfg: ServeConfig) -> Sidecar:
+    """The sidecar alone (no admin API, no ext_authz) on in-memory state."""
+    state = MemoryState(subject_ttl=cfg.subject_revocation_ttl)
+    return Sidecar(cfg, build_authorizer(cfg, state), state)
+
+
 async def start_sidecar(
     tmp_path: Path, upstream_port: int, keys: Keys, policy: str = TEST_POLICY, **overrides
 ) -> Running:
@@ -157,7 +164,7 @@ async def start_sidecar(
         upstream=f"127.0.0.1:{upstream_port}",
         **{"upstream_reflection": False, **overrides},
     )
-    sidecar = Sidecar(cfg)
+    sidecar = sidecar_for(cfg)
     await sidecar.start()
     channel = grpc.aio.insecure_channel(
         f"127.0.0.1:{sidecar.port}",
@@ -173,8 +180,8 @@ async def start_sidecar(
 async def proxy(
     request, tmp_path: Path, backend: EchoBackend, keys: Keys
 ) -> AsyncIterator[Running]:
-    """The sidecar in front of the echo backend; run once with method kinds known (unary
-    methods take the unary path) and once without (everything takes the stream path)."""
+    """The sidecar in front of the echo backend; run once with method kinds known (known
+    unary calls are not watched as streams) and once without (every call is)."""
     sets = (
         [str(descriptor_set(tmp_path / "echo.protoset"))] if request.param == "unary-path" else []
     )

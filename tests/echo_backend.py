@@ -38,7 +38,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 UNARY = ("Report", "Echo", "Fail", "Hang", "Held", "Compressed")
 #: Server-streaming and bidi methods beyond Count/Sum/Chat (not in the test protoset: the
-#: proxy relays them on its generic stream path).
+#: proxy does not know their kinds).
 SERVER_STREAMING = ("Count", "HeldCount", "BigStream", "AbortStream")
 BIDI = ("Chat", "HangStream")
 
@@ -56,6 +56,7 @@ def _text(value: str | bytes) -> str:
 class EchoBackend(grpc.GenericRpcHandler):
     def __init__(self) -> None:
         self.calls: list[tuple[str, tuple[tuple[str, str | bytes], ...]]] = []
+        self.echoed: list[int] = []  # sizes of the requests `Echo` received
         self.cancelled = asyncio.Event()
         self.hang_started = asyncio.Event()
         self.held = asyncio.Event()
@@ -97,6 +98,7 @@ class EchoBackend(grpc.GenericRpcHandler):
         return json.dumps(report).encode()
 
     async def _echo(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.echoed.append(len(request))
         await context.send_initial_metadata((("x-backend-header", "hello"),))
         context.set_trailing_metadata(
             (("x-backend-trailer", "bye"), ("x-trailer-bin", b"\x00\xff"))

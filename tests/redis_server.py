@@ -1,6 +1,6 @@
-"""A real `redis-server` for the shared-state tests: on a free loopback port, without
-persistence, in its own temporary directory; it can be killed (SIGKILL, like a crash or
-a network cut) and restarted on the same port.
+"""A real `redis-server` for the shared-state tests: the benchmark's (`bench.redis_server`:
+on a free loopback port, without persistence, in its own temporary directory; it can be
+killed with SIGKILL, like a crash or a network cut, and restarted on the same port).
 
 Fixtures (import them into a test module to use them):
 
@@ -17,29 +17,36 @@ hanging the run — see `test_state.py::test_close_returns_right_after_start`.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
-import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.procs import free_port
+from bench.redis_server import START_TIMEOUT, RedisServer, binary, ping
 from proxy.state_redis import RedisState
 
-#: How long a server may take to answer PING after it was started.
-START_TIMEOUT = 10.0
+__all__ = [
+    "HUNG_CLOSES",
+    "PATIENT",
+    "PATIENT_CONFIG",
+    "START_TIMEOUT",
+    "RedisServer",
+    "finish_closing",
+    "free_port",
+    "ping",
+    "redis_server",
+    "redis_server_binary",
+    "redis_url",
+    "running_state",
+]
 
 
 def redis_server_binary() -> str:
     """The `redis-server` executable, or a test failure saying how to get one."""
-    found = shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").is_file() else None
-    )
+    found = binary()
     if found is None:
         pytest.fail(
             "redis-server is not installed (not on PATH, not /usr/bin/redis-server): the shared"
@@ -50,103 +57,9 @@ def redis_server_binary() -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ping(port: int, timeout: float = 0.5) -> bool:
-    """True when a Redis server on loopback `port` answers PING with PONG."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-class RedisServer:
-    """One `redis-server` process on a fixed loopback port (chosen free at creation)."""
-
-    def __init__(self, directory: Path, port: int | None = None) -> None:
-        self.binary = redis_server_binary()
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.log = self.dir / "redis.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def start(self) -> None:
-        """Start the server and wait (bounded) until it answers PING."""
-        if self.running:
-            raise RuntimeError(f"redis-server on port {self.port} is already running")
-        self.starts += 1
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    self.binary,
-                    "--port", str(self.port),
-                    "--bind", "127.0.0.1",
-                    "--save", "",
-                    "--appendonly", "no",
-                    "--dir", str(self.dir),
-                    "--protected-mode", "no",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT
-        while not ping(self.port):
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server exited with status {self.process.returncode} on port"
-                    f" {self.port}:\n{self.log.read_text(errors='replace')[-2000:]}"
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"redis-server on port {self.port} did not answer PING within"
-                    f" {START_TIMEOUT:.0f}s:\n{self.log.read_text(errors='replace')[-2000:]}"
-                )
-            time.sleep(0.01)
-
-    def kill(self) -> None:
-        """SIGKILL the server (no goodbye to clients, like a crash) and reap it."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-    def restart(self) -> None:
-        """Start again on the same port (killing the old process first if needed)."""
-        self.kill()
-        self.start()
-
-    def stop(self) -> None:
-        """Terminate politely, then kill if it does not go."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-
 @pytest.fixture
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server = RedisServer(tmp_path_factory.mktemp("redis"), executable=redis_server_binary())
     server.start()
     try:
         yield server
@@ -209,6 +122,8 @@ async def finish_closing(
 #: defaults (0.5 s per operation and per pooled connect, 1 s staleness) are production
 #: bounds; 100 concurrent calls opening 64 connections on a starved CPU can exceed them.
 PATIENT: dict[str, Any] = {"timeout": 10.0, "staleness": 10.0}
+#: The same, as the proxy's configuration fields (for a whole proxy on Redis).
+PATIENT_CONFIG: dict[str, Any] = {"state_timeout": 10.0, "state_staleness": 10.0}
 
 
 @asynccontextmanager

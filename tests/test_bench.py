@@ -1,17 +1,27 @@
 """The benchmark command keeps working: `python -m bench --quick` runs every part and
-writes every headline figure. No thresholds here: timings on a shared machine are noise,
-so figures are read from a full run (docs/performance.md), not from tests."""
+writes every headline figure, naming the Python that produced them. No thresholds here:
+timings on a shared machine are noise, so figures are read from a full run
+(docs/performance.md), not from tests.
+
+Also the pieces whose mistakes no figure would show: the passthrough is the proxy's relay
+and decides nothing, and the benchmark stands on its own (no pytest, nothing from tests/).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import platform
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
+
+from bench.passthrough import build_passthrough
 from bench.report import RATIO_LINES, TARGETS_TABLE
+from tests.echo_backend import start_echo_backend
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,6 +34,9 @@ def test_the_quick_benchmark_runs_every_part_and_writes_the_headline_figures(tmp
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     figures = json.loads(out.read_text())
+    python = platform.python_version()  # every server ran on the interpreter running this
+    assert figures["machine"]["python"] == python, figures["machine"]
+    assert done.stdout.startswith(f"machine: Python {python} "), done.stdout[:200]
     for key, _, _ in TARGETS_TABLE:  # the keys the docs quote, all measured
         assert math.isfinite(figures[key]) and figures[key] > 0, (key, figures.get(key))
         assert key in done.stdout
@@ -81,3 +94,45 @@ def _assert_memory_lines(figures: dict, stdout: str) -> None:
         assert math.isfinite(figures[f"{server}_rss_mib_per_1k_connections"])
     assert stdout.count("MiB per 1,000 idle connections") == 2
     assert stdout.count("MiB per 1,000 open streams") == 2
+
+
+async def test_the_passthrough_relays_calls_and_headers_without_deciding():
+    """A token that verifies nowhere goes through untouched (no pipeline runs), other
+    headers too; the relay's own rules still hold (client-set `x-auth-*` never reaches a
+    backend). Unary and bidi calls are relayed both ways."""
+    backend = await start_echo_backend()
+    relay = build_passthrough(f"127.0.0.1:{backend.port}")
+    port = await relay.listen("127.0.0.1", 0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            sent = (
+                ("authorization", "Bearer not.a.token"),
+                ("x-auth-subject", "forged"),
+                ("x-custom", "kept"),
+            )
+            answer = await channel.unary_unary("/any.Service/Report")(
+                b"", metadata=sent, timeout=10
+            )
+            received = dict(json.loads(answer)["metadata"])
+            assert received["authorization"] == "Bearer not.a.token"
+            assert received["x-custom"] == "kept"
+            assert "x-auth-subject" not in received
+            chat = channel.stream_stream("/any.Service/Chat")(iter([b"a", b"b"]), timeout=10)
+            assert [m async for m in chat] == [b"echo:a", b"echo:b"]
+    finally:
+        await relay.stop(0)
+        await backend.server.stop(None)  # type: ignore[union-attr]
+
+
+def test_the_benchmark_imports_neither_pytest_nor_the_tests():
+    """`python -m bench` runs where the test suite is not installed."""
+    probe = (
+        "import pkgutil, importlib, sys, bench\n"
+        "for m in pkgutil.iter_modules(bench.__path__): importlib.import_module('bench.' + m.name)\n"
+        "print(sorted(n for n in sys.modules if n == 'pytest' or n.split('.')[0] == 'tests'))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -31,9 +31,9 @@ from proxy.issuer import TokenIssuer
 from proxy.pipeline import Authorizer
 from proxy.policy_file import PolicyError, parse_policy
 from proxy.rate_limits import RateLimiter
-from proxy.serve import ConfigError, Sidecar, build_authorizer
+from proxy.serve import ConfigError, build_authorizer
 from proxy.state import MemoryState, StateStore
-from tests.conftest import Keys, config_for, error_info, start_sidecar
+from tests.conftest import Keys, config_for, error_info, sidecar_for, start_sidecar
 from tests.echo_backend import EchoBackend
 from tests.ext_authz_support import (
     check,
@@ -47,6 +47,7 @@ from tests.ext_authz_support import (
 from tests.operations_support import poll
 from tests.redis_server import (  # noqa: F401
     PATIENT,
+    PATIENT_CONFIG,
     RedisServer,
     redis_server,
     redis_url,
@@ -648,7 +649,7 @@ async def test_the_sidecar_believes_x_forwarded_for_from_a_trusted_proxy(
         upstream_reflection=False,
         trusted_proxies=[loopback],
     )
-    sidecar = Sidecar(cfg)
+    sidecar = sidecar_for(cfg)
     await sidecar.start()
     channel = grpc.aio.insecure_channel(f"{host}:{sidecar.port}")
 
@@ -678,8 +679,9 @@ async def test_two_sidecars_sharing_redis_let_exactly_5_of_100_calls_through(
     redis_url: str,  # noqa: F811
 ):
     async with (
-        running_node(tmp_path, keys, backend, "a", POLICY, redis=redis_url) as a,
-        running_node(tmp_path, keys, backend, "b", POLICY, redis=redis_url) as b,
+        # A count under concurrency, not a timing: patient Redis timeouts.
+        running_node(tmp_path, keys, backend, "a", POLICY, redis=redis_url, **PATIENT_CONFIG) as a,
+        running_node(tmp_path, keys, backend, "b", POLICY, redis=redis_url, **PATIENT_CONFIG) as b,
     ):
         nodes = (a, b)
         results = await asyncio.gather(*(nodes[i % 2].call(FIVE) for i in range(100)))

@@ -41,11 +41,9 @@ async def test_uncovered_served_methods_are_logged_once_at_startup(
     caplog.set_level(logging.INFO, logger="authproxy")
     await proxy.start()
     try:
-        for _ in range(200):
-            if proxy.sidecar.catalog.kinds:  # type: ignore[union-attr]
-                break
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.05)
+        assert proxy.sidecar is not None and proxy.sidecar.learning is not None
+        async with asyncio.timeout(15):  # learned, then logged, before the task ends
+            await asyncio.shield(proxy.sidecar.learning)
     finally:
         await proxy.stop(0)
     warnings = [r.getMessage() for r in caplog.records if "have no rule" in r.getMessage()]

@@ -40,7 +40,13 @@ from tests.conftest import (
 from tests.echo_backend import EchoBackend
 from tests.ext_authz_support import check_path, metadata, outcome
 from tests.operations_support import poll
-from tests.redis_server import RedisServer, finish_closing, redis_server, redis_url  # noqa: F401
+from tests.redis_server import (  # noqa: F401
+    PATIENT_CONFIG,
+    RedisServer,
+    finish_closing,
+    redis_server,
+    redis_url,
+)
 
 ACCESS = "/test.Access/Echo"
 PUBLIC = "/test.Public/Echo"
@@ -362,13 +368,10 @@ async def test_exactly_one_of_100_concurrent_presentations_succeeds(
     url = request.getfixturevalue("redis_url") if setup.startswith("redis") else None
     count = 2 if setup == "redis-two-proxies" else 1
     kinds = [str(descriptor_set(tmp_path / "echo.protoset"))]
+    node = {"redis": url, "descriptor_sets": kinds, **PATIENT_CONFIG}  # counts, not timing
     async with (
-        running_node(
-            tmp_path, keys, backend, "a", SINGLE_USE_POLICY, redis=url, descriptor_sets=kinds
-        ) as a,
-        running_node(
-            tmp_path, keys, backend, "b", SINGLE_USE_POLICY, redis=url, descriptor_sets=kinds
-        ) as b,
+        running_node(tmp_path, keys, backend, "a", SINGLE_USE_POLICY, **node) as a,
+        running_node(tmp_path, keys, backend, "b", SINGLE_USE_POLICY, **node) as b,
     ):
         nodes = [a, b][:count]
         refresh = mint(issuer, "refresh", "henry").token

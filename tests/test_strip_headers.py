@@ -1,5 +1,5 @@
 """`strip_headers:` and the default set of identity-looking headers of other auth proxies:
-parsing and validation (`file:line: problem`), and what `upstream_metadata` removes.
+parsing and validation (`file:line: problem`), and what `relay_headers` removes.
 
 Over the wire: `test_sidecar.py` (the backend never sees them), `test_ext_authz_grpc.py`
 and `test_ext_authz_http.py` (`headers_to_remove`, override headers refused).
@@ -7,9 +7,11 @@ and `test_ext_authz_http.py` (`headers_to_remove`, override headers refused).
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
-from proxy.metadata import upstream_metadata
+from proxy.metadata import relay_headers
 from proxy.pipeline import Authorizer
 from proxy.policy_file import PolicyError, parse_policy
 from proxy.strip_headers import DEFAULT_IDENTITY, DEFAULT_STRIP, OVERRIDE_HEADERS
@@ -161,31 +163,47 @@ def test_every_strip_headers_problem_is_reported_and_no_policy_exists() -> None:
     ]
 
 
-# --- upstream_metadata -------------------------------------------------------------------
+# --- relay_headers ---------------------------------------------------------------------
+
+
+def h2(pairs: list[tuple[str, str | bytes]]) -> list[tuple[bytes, bytes]]:
+    """`pairs` as HTTP/2 header fields: names lower case (an upper-case name is a malformed
+    request, refused before any decision: tests/security/test_http2_tricks.py), `-bin`
+    values base64."""
+    return [
+        (k.lower().encode(), v.encode() if isinstance(v, str) else base64.b64encode(v))
+        for k, v in pairs
+    ]
+
+
+def as_metadata(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
 
 
 @pytest.mark.parametrize("level", ["public", "access"])
 async def test_default_set_and_override_headers_never_reach_the_backend(level: str) -> None:
-    headers = [*FORGED, *KEPT]
+    headers = h2([*FORGED, *KEPT])
     if level != "public":
-        headers = [*bearer(token()), *headers]
-    decision = await auth().decide(METHOD_FOR[level], headers)
+        headers = h2(bearer(token())) + headers
+    decision = await auth().decide(METHOD_FOR[level], as_metadata(headers))
     assert decision.allowed, decision.message
-    out = upstream_metadata(headers, decision)
-    identity = list(decision.identity.headers) if decision.identity else []
-    assert list(out) == [*KEPT, *identity]
+    out = relay_headers(headers, decision)
+    identity = h2(list(decision.identity.headers)) if decision.identity else []
+    assert out == h2(KEPT) + identity
 
 
 async def test_the_policy_strip_list_decides_what_is_removed() -> None:
     text = POLICY_YAML + "strip_headers:\n  add: [x-tenant, x-legacy-*]\n  keep: [x-email]\n"
-    headers = [
-        ("x-tenant", "t1"),
-        ("X_Legacy_User", "root"),
-        ("x-email", "alice@example.com"),
-        ("x-forwarded-user", "root"),
-        *KEPT,
-    ]
+    headers = h2(
+        [
+            ("x-tenant", "t1"),
+            ("X_Legacy_User", "root"),
+            ("x-email", "alice@example.com"),
+            ("x-forwarded-user", "root"),
+            *KEPT,
+        ]
+    )
     authorizer = auth(text)
-    decision = await authorizer.decide(METHOD_FOR["public"], headers)
-    out = upstream_metadata(headers, decision, authorizer.policy.strip_headers)
-    assert list(out) == [("x-email", "alice@example.com"), *KEPT]
+    decision = await authorizer.decide(METHOD_FOR["public"], as_metadata(headers))
+    out = relay_headers(headers, decision, authorizer.policy.strip_headers)
+    assert out == h2([("x-email", "alice@example.com"), *KEPT])

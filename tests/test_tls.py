@@ -1,7 +1,8 @@
 """TLS over real loopback sockets: the TLS and mTLS listener, the client certificate's
 identity (`x-auth-peer`, `peers:` rules), certificate rotation without dropped
-connections, TLS and mTLS to the backend with channel swaps on rotation, and one-line
-errors for unusable files. Certificates come from `tests/certs.py` (EC P-256)."""
+connections, TLS and mTLS to the backend with new connections on rotation, server
+reflection through the same upstream TLS, and one-line errors for unusable files.
+Certificates come from `tests/certs.py` (EC P-256)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection as grpc_reflection
 
+from proxy.catalog import Kind
 from proxy.peer_identity import principal_of
 from proxy.serve import AuthProxy, ConfigError, Sidecar
 from proxy.tls import (
@@ -27,11 +31,12 @@ from proxy.tls import (
     UpstreamTls,
     UpstreamTlsFiles,
 )
-from proxy.upstream import Upstream
+from proxy.upstream_pool import UpstreamPool
 from tests.certs import CA, Leaf, make_ca
 from tests.conftest import TEST_POLICY, Keys, config_for, error_info
 from tests.echo_backend import EchoBackend
 
+HEALTH = "grpc.health.v1.Health"
 GOOD = "spiffe://cluster/ns/a/sa/good"
 OTHER = "spiffe://cluster/ns/b/sa/other"
 PEER_POLICY = TEST_POLICY + f"  /test.Peer/*: {{level: access, peers: [{GOOD}]}}\n"
@@ -129,7 +134,7 @@ class TlsProxy:
         return self.sidecar.tls
 
     @property
-    def upstream(self) -> Upstream:
+    def upstream(self) -> UpstreamPool:
         return self.sidecar.upstream
 
 
@@ -140,8 +145,10 @@ async def start_proxy(
     tls: ServerTlsFiles | None = None,
     upstream_tls: UpstreamTlsFiles | None = None,
     policy: str = TEST_POLICY,
+    reflection: bool = False,
 ) -> TlsProxy:
-    """The whole proxy (`AuthProxy`) with a TLS listener and/or TLS to the backend."""
+    """The whole proxy (`AuthProxy`) with a TLS listener and/or TLS to the backend;
+    `reflection`: it learns method kinds from the backend's server reflection."""
     fields = {}
     if tls is not None:
         fields.update(tls_cert=tls.cert, tls_key=tls.key, tls_client_ca=tls.client_ca)
@@ -159,7 +166,7 @@ async def start_proxy(
         policy,
         listen="127.0.0.1:0",
         upstream=f"127.0.0.1:{backend_port}",
-        upstream_reflection=False,
+        upstream_reflection=reflection,
         watch_policy=False,
         **fields,
     )
@@ -176,9 +183,15 @@ class WhoAmIBackend(EchoBackend):
         return json.dumps([n.decode() for n in names]).encode()
 
 
-async def start_tls_backend(leaf: Leaf, client_ca: CA | None = None) -> WhoAmIBackend:
+async def start_tls_backend(
+    leaf: Leaf, client_ca: CA | None = None, reflection: bool = False
+) -> WhoAmIBackend:
+    """`reflection`: it also serves grpc.health.v1 and server reflection listing it."""
     backend = WhoAmIBackend()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    if reflection:
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+        grpc_reflection.enable_server_reflection((HEALTH, grpc_reflection.SERVICE_NAME), server)
     server.add_generic_rpc_handlers((backend,))
     credentials = grpc.ssl_server_credentials(
         [(leaf.key_pem, leaf.chain_pem)],
@@ -548,6 +561,50 @@ async def test_upstream_certificate_rotation_opens_new_connections_and_calls_kee
         # Its last call done, the old connection is closed.
         await eventually(lambda: first.closed, "the old connection to close")
         await channel.close()
+    finally:
+        await tls_backend.server.stop(None)
+
+
+async def learned_kinds(p: TlsProxy) -> dict[str, Kind]:
+    """The method kinds once reflection has learned them (it retries while it fails)."""
+    assert p.sidecar.learning is not None
+    async with asyncio.timeout(15):
+        await asyncio.shield(p.sidecar.learning)
+    return p.sidecar.catalog.kinds
+
+
+async def test_method_kinds_are_learned_by_reflection_through_upstream_mtls(
+    tmp_path: Path, keys: Keys, pki: Pki, proxies
+):
+    """The backend takes only mTLS connections with its name's certificate: reflection
+    gets through with the upstream CA, client certificate and server name."""
+    tls_backend = await start_tls_backend(pki.backend, client_ca=pki.ca, reflection=True)
+    try:
+        files = upstream_files(tmp_path, pki.ca, pki.proxy_v1)
+        p = await start_proxy(tmp_path, keys, tls_backend.port, upstream_tls=files, reflection=True)
+        proxies.append(p)
+        kinds = await learned_kinds(p)
+        assert kinds[f"/{HEALTH}/Check"] is Kind.UNARY
+        assert kinds[f"/{HEALTH}/Watch"] is Kind.SERVER_STREAMING
+    finally:
+        await tls_backend.server.stop(None)
+
+
+async def test_without_upstream_ca_calls_and_reflection_trust_the_system_store(
+    tmp_path: Path, keys: Keys, pki: Pki, proxies, monkeypatch: pytest.MonkeyPatch
+):
+    """No --upstream-ca: the relay's connections and reflection's channel both trust the
+    system store (here `SSL_CERT_FILE`, holding the test CA), not grpcio's own bundle."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca.write(tmp_path / "system-roots.pem")))
+    tls_backend = await start_tls_backend(pki.backend, reflection=True)
+    try:
+        files = UpstreamTlsFiles(server_name="backend.test")
+        p = await start_proxy(tmp_path, keys, tls_backend.port, upstream_tls=files, reflection=True)
+        proxies.append(p)
+        async with client(p.port) as channel:
+            assert await whoami(channel) == []  # relayed over TLS (no client certificate)
+        kinds = await learned_kinds(p)
+        assert kinds[f"/{HEALTH}/Check"] is Kind.UNARY
     finally:
         await tls_backend.server.stop(None)
 

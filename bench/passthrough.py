@@ -1,0 +1,61 @@
+"""The benchmark's relay floor: the proxy's frame relay (`proxy.relay.Relay` on a
+`proxy.upstream_pool.UpstreamPool`, the same HTTP/2 limits and message size limit the
+proxy runs with by default) with a decision that costs nothing.
+
+`NoDecision` stands where the proxy has its `Authorizer`: every call is allowed at once
+by one prebuilt allow `Decision` that carries no identity, so nothing is added to the
+headers. There is no stream guard and no metrics. What such a relay costs per call is
+the relay's own floor; the proxy minus this is what deciding costs (the pipeline, the
+token cache, the observers, the stream guard's watch).
+
+The headers are still rewritten as the proxy rewrites them (`relay_headers` with the
+default `strip_headers`): that is the relay's work, whatever the decision.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from proxy.config import DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_MESSAGE_BYTES
+from proxy.decision import Decision
+from proxy.h2_engine import Limits
+from proxy.pipeline import Authorizer
+from proxy.policy import PUBLIC, Policy, Rule
+from proxy.relay import Relay
+from proxy.upstream_pool import UpstreamPool
+
+#: The passthrough's "policy": one public default rule that forwards the token too, so
+#: only hop-by-hop and the default stripped headers are left out.
+_RULE = Rule("default", PUBLIC, forward_token=True)
+_POLICY = Policy(
+    source="passthrough", version="passthrough", default=_RULE, exact={}, services={}, tokens={}
+)
+_ALLOW = Decision(allowed=True, method="", rule=_RULE, policy_version=_POLICY.version)
+
+
+class NoDecision:
+    """What the relay asks of an authorizer — `decide` and `policy.strip_headers` — with
+    an allow that needs no work: the coroutine returns without suspending, so on Python
+    3.12 (eager decisions) the call is relayed in the same event loop step, as any proxy
+    decision that waits for no I/O is; on 3.11 each decision is a task, as in the proxy."""
+
+    policy: Policy = _POLICY
+
+    async def decide(
+        self,
+        method: str,
+        headers: tuple[tuple[str, str], ...],
+        peer: str,
+        principal: str | None = None,
+    ) -> Decision:
+        return _ALLOW
+
+
+def build_passthrough(upstream: str) -> Relay:
+    """A relay to `upstream` (HOST:PORT, h2c) that allows every call; `listen` it."""
+    dirty: set = set()  # connections (both sides) with frames to write, as in the proxy
+    limits = Limits(max_concurrent_streams=DEFAULT_MAX_CONCURRENT_STREAMS)
+    pool = UpstreamPool(upstream, limits, dirty)
+    # The relay types its decider as the proxy's Authorizer; it uses only what
+    # NoDecision has.
+    return Relay(cast(Authorizer, NoDecision()), pool, limits, dirty, DEFAULT_MAX_MESSAGE_BYTES)
