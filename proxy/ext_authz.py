@@ -37,6 +37,7 @@ from .identity import BUILTIN_HEADERS, PEER, is_identity_header
 from .pipeline import Authorizer
 from .policy import Policy
 from .reasons import Reason
+from .strip_headers import StripHeaders
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -75,11 +76,16 @@ class CheckRequest(NamedTuple):
 
     @property
     def grpc(self) -> bool:
-        """A gRPC request: its content-type is `application/grpc` or `application/grpc+...`."""
-        for key, value in self.headers:
-            if len(key) == 12 and key.lower() == "content-type":
-                return value.lower().startswith(GRPC_CONTENT_TYPE)
-        return False
+        """A gRPC request (`is_grpc`)."""
+        return is_grpc(self.headers)
+
+
+def is_grpc(headers: Headers) -> bool:
+    """A gRPC request: its content-type is `application/grpc` or `application/grpc+...`."""
+    for key, value in headers:
+        if len(key) == 12 and key.lower() == "content-type":
+            return value.lower().startswith(GRPC_CONTENT_TYPE)
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,30 +125,39 @@ async def answer(authorizer: Authorizer, request: CheckRequest) -> Allow | Deny:
 def refuse(authorizer: Authorizer, request: CheckRequest, message: str) -> Deny:
     """The answer to a check that cannot be judged at all (REQUEST_MALFORMED)."""
     decision = authorizer.malformed(request.path[:256] or "<check>", message)
-    return _deny(decision, request)
+    return deny_for(decision, request.grpc)
 
 
 def reply(decision: Decision, request: CheckRequest, policy: Policy) -> Allow | Deny:
     """Translate a decision into what Envoy is told."""
     if not decision.allowed:
-        return _deny(decision, request)
-    # An allow depends only on the identity, the rule, the policy version and which headers
-    # must go, so equal inputs share one `Allow` (and the front ends' rendering of it). The
-    # cache lives on the identity, which lives as long as its token in the verifier's cache.
-    forward = decision.forward_token
+        return deny_for(decision, request.grpc)
+    return allow_for(decision, request.headers, policy)
+
+
+def allow_for(decision: Decision, headers: Headers, policy: Policy) -> Allow:
+    """The `Allow` of an allowed decision for a request with `headers`.
+
+    An allow depends only on the identity, the rule, the policy version and which headers
+    must go, so equal inputs share one `Allow` (and the front ends' rendering of it). The
+    cache lives on the identity, which lives as long as its token in the verifier's cache.
+    """
     strip = policy.strip_headers
+    kinds_of, kinds = _kinds
+    if kinds_of is not strip:
+        kinds = _new_kinds(strip)
     incoming: list[str] = []
     authorization = False
-    for name, _ in request.headers:
-        first = name[:1]
-        if first in "xX" and is_identity_header(name):
-            incoming.append(name.lower())
-        elif first in "aA" and not forward and name.lower() == AUTHORIZATION:
+    for name, _ in headers:
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _classify(name, strip, kinds)
+        if kind is True:
             authorization = True
-        elif first in strip.initials:
-            lower = name.lower()
-            if lower not in strip.names and strip.matches(lower):  # prefix, or `_` spelling
-                incoming.append(lower)
+        elif kind:
+            incoming.append(kind)
+    if authorization and decision.forward_token:
+        authorization = False  # the rule forwards it
     identity = decision.identity
     cache = identity.memo if identity is not None else _PUBLIC_ALLOWS
     key: tuple = (decision.rule.pattern, decision.policy_version, decision.principal, authorization)
@@ -163,6 +178,35 @@ def reply(decision: Decision, request: CheckRequest, policy: Policy) -> Allow | 
         if len(cache) < _CACHE_LIMIT:  # odd header sets cannot grow it without bound
             cache[key] = allow
     return allow
+
+
+#: Request header names already classified for one `StripHeaders` (the current policy's),
+#: by `_classify`; bounded, since header names come from clients.
+_kinds: tuple[StripHeaders | None, dict[str, str | bool]] = (None, {})
+_KINDS_LIMIT = 1024
+
+
+def _new_kinds(strip: StripHeaders) -> dict[str, str | bool]:
+    """Start remembering names for `strip` (a new policy's), forgetting the last one's."""
+    global _kinds
+    _kinds = (strip, {})
+    return _kinds[1]
+
+
+def _classify(name: str, strip: StripHeaders, kinds: dict[str, str | bool]) -> str | bool:
+    """What a request header name means for an allow: the lowercase name when it must be
+    removed although the allow's fixed set does not name it (an identity header the client
+    sent; a `strip_headers` prefix or `_` spelling match), True for `authorization`
+    (removed unless the rule forwards it), False for anything else. Remembered in `kinds`."""
+    lower = name.lower()
+    kind: str | bool
+    if is_identity_header(name) or (lower not in strip.names and strip.matches(lower)):
+        kind = lower
+    else:
+        kind = lower == AUTHORIZATION
+    if len(kinds) < _KINDS_LIMIT:
+        kinds[name] = kind
+    return kind
 
 
 _PUBLIC_ALLOWS: dict[tuple, Allow] = {}
@@ -187,7 +231,8 @@ def _allow(decision: Decision, remove: tuple[str, ...]) -> Allow:
     return Allow(headers, remove, metadata)
 
 
-def _deny(decision: Decision, request: CheckRequest) -> Deny:
+def deny_for(decision: Decision, grpc: bool) -> Deny:
+    """The `Deny` of a refused decision; `grpc`: the request is a gRPC call."""
     reason = decision.reason
     assert reason is not None
     status = HTTP_STATUS.get(decision.status, 403)
@@ -212,7 +257,7 @@ def _deny(decision: Decision, request: CheckRequest) -> Deny:
         headers.append((RETRY_AFTER, str(max(1, math.ceil(decision.retry_after)))))
     message, trailers = deny_details(decision)
     code = decision.status.value[0]
-    if request.grpc:
+    if grpc:
         headers.append(("grpc-status", str(code)))
         headers.append(("grpc-message", quote(message, safe=_GRPC_MESSAGE_SAFE)))
         headers.append((DETAILS_KEY, base64.b64encode(trailers[0][1]).decode().rstrip("=")))

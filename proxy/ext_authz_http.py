@@ -4,13 +4,16 @@ Envoy sends the original method, `path_prefix` + the original path (query includ
 the headers its `allowed_headers` lets through. We answer 200 to allow — with the
 identity headers (Envoy copies the ones `allowed_upstream_headers` matches onto the
 upstream request, overwriting) and `x-envoy-auth-headers-to-remove` — or 401/403/400/429
-to deny, with the body and headers `ext_authz.reply` builds. An unexpected failure
+to deny, with the body and headers `ext_authz.deny_for` builds. An unexpected failure
 answers 500, which Envoy treats as an authorization *error* (`failure_mode_allow`,
 `status_on_error`), never as an allow.
 
-HTTP/1.1 itself (keep-alive, pipelining, limits, timeouts) is `ext_authz_http_protocol`.
-An allow's answer is rendered once and kept with the `Allow` (which `ext_authz.reply`
-shares between equal requests), so a repeated allow is answered from ready bytes.
+HTTP/1.1 itself is three modules: `ext_authz_http_request` reads requests (limits),
+`ext_authz_http_protocol` answers them on a connection (keep-alive, pipelining, timeouts),
+`ext_authz_http_reply` renders the bytes. An allow's answer is rendered once and kept with
+the `Allow` (which `ext_authz.allow_for` shares between equal requests: same identity,
+rule, policy version and headers to remove), so a repeated allow is answered from ready
+bytes; a different decision is a different `Allow`, never the same answer.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import logging
 import re
 from time import monotonic
 
-from .ext_authz import Allow, CheckRequest, Deny, Headers, refuse, reply
-from .ext_authz_http_protocol import SERVER_LINE, HttpConnection, HttpLimits, Reply
+from .ext_authz import Allow, CheckRequest, Deny, Headers, allow_for, deny_for, is_grpc, refuse
+from .ext_authz_http_protocol import HttpConnection
+from .ext_authz_http_reply import SERVER_LINE, Reply
+from .ext_authz_http_request import HttpLimits
 from .http_listener import split_address
 from .pipeline import Authorizer
 
@@ -127,27 +132,26 @@ class CheckHttpServer:
         try:
             authorizer = self.authorizer
             prefix = self.path_prefix
-            if prefix and not (
-                path.startswith(prefix) and path[len(prefix) : len(prefix) + 1] == "/"
-            ):
-                result: Allow | Deny = refuse(
-                    authorizer,
-                    CheckRequest(method, path, headers, peer),
-                    f"the check path does not start with the path prefix {prefix}/",
-                )
-            else:
-                request = CheckRequest(method, path[len(prefix) :], headers, peer)
-                policy = authorizer.policy  # one snapshot: header names match the decision
-                decision = await authorizer.decide_http(
-                    method, request.path, headers, request.grpc, policy, peer
-                )
-                result = reply(decision, request, policy)
-            if isinstance(result, Allow):
-                rendered = result.rendered.get(_RENDERED)
-                if rendered is None:
-                    rendered = result.rendered[_RENDERED] = _allow_reply(result)
-                return rendered
-            return _deny_reply(result)
+            if prefix:
+                if not (path.startswith(prefix) and path[len(prefix) : len(prefix) + 1] == "/"):
+                    return _deny_reply(
+                        refuse(
+                            authorizer,
+                            CheckRequest(method, path, headers, peer),
+                            f"the check path does not start with the path prefix {prefix}/",
+                        )
+                    )
+                path = path[len(prefix) :]
+            policy = authorizer.policy  # one snapshot: header names match the decision
+            grpc = is_grpc(headers)
+            decision = await authorizer.decide_http(method, path, headers, grpc, policy, peer)
+            if not decision.allowed:
+                return _deny_reply(deny_for(decision, grpc))
+            allow = allow_for(decision, headers, policy)
+            rendered = allow.rendered.get(_RENDERED)
+            if rendered is None:
+                rendered = allow.rendered[_RENDERED] = _allow_reply(allow)
+            return rendered
         except Exception:
             self.errors_total += 1
             log.exception("ext_authz check failed; answering 500 (an error for Envoy)")

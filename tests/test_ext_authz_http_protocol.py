@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from proxy.ext_authz_http import CheckHttpServer
-from proxy.ext_authz_http_protocol import HttpLimits
+from proxy.ext_authz_http_request import HttpLimits
 from proxy.issuer import TokenIssuer
 from tests.conftest import ExtAuthz, Keys
 from tests.ext_authz_support import running_ext_authz
