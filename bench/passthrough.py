@@ -34,14 +34,13 @@ _ALLOW = Decision(allowed=True, method="", rule=_RULE, policy_version=_POLICY.ve
 
 
 class NoDecision:
-    """What the relay asks of an authorizer — `decide` and `policy.strip_headers` — with
-    an allow that needs no work: the coroutine returns without suspending, so on Python
-    3.12 (eager decisions) the call is relayed in the same event loop step, as any proxy
-    decision that waits for no I/O is; on 3.11 each decision is a task, as in the proxy."""
+    """What the relay asks of an authorizer — `decide_now` and `policy.strip_headers` —
+    with an allow that needs no work: the decision is returned at once, so the call is
+    relayed in the same event loop step, as any proxy decision that waits for no I/O is."""
 
     policy: Policy = _POLICY
 
-    async def decide(
+    def decide_now(
         self,
         method: str,
         headers: tuple[tuple[str, str], ...],

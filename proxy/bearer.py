@@ -16,14 +16,16 @@ def extract_bearer(headers: Iterable[tuple[str, str | bytes]], max_bytes: int) -
     Header names compare case-insensitively; the scheme is case-insensitive too. Two or
     more `authorization` headers are refused rather than guessing which one counts.
     """
-    values = [v for k, v in headers if len(k) == 13 and k.lower() == AUTHORIZATION]
-    if not values:
+    value: str | bytes | None = None
+    count = 0
+    for k, v in headers:  # a plain loop: no list built per call
+        if len(k) == 13 and (k == AUTHORIZATION or k.lower() == AUTHORIZATION):
+            value = v
+            count += 1
+    if value is None:
         raise Denied(Reason.TOKEN_MISSING, "no authorization header with a bearer token")
-    if len(values) > 1:
-        raise Denied(
-            Reason.TOKEN_AMBIGUOUS, f"{len(values)} authorization headers; send exactly one"
-        )
-    value = values[0]
+    if count > 1:
+        raise Denied(Reason.TOKEN_AMBIGUOUS, f"{count} authorization headers; send exactly one")
     if isinstance(value, bytes):
         raise Denied(Reason.TOKEN_MALFORMED, "authorization header must be text")
     if len(value) > max_bytes + 16:

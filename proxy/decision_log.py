@@ -34,8 +34,11 @@ class DecisionLog:
 
     def __call__(self, decision: Decision, seconds: float, peer: str | None) -> None:
         """An `Authorizer` observer."""
-        sampled_out = self.allow_sample <= 0 or self.rng() >= self.allow_sample
-        if decision.allowed and not decision.shadow and sampled_out:
+        if (
+            decision.allowed
+            and not decision.shadow
+            and (self.allow_sample <= 0 or self.rng() >= self.allow_sample)
+        ):  # an allow, sampled out (the random draw only for allows)
             return
         if not self.logger.isEnabledFor(logging.INFO):
             return

@@ -86,22 +86,35 @@ class MessageSizes:
     def feed(self, data: bytes) -> int | None:
         """Account for `data`; the declared size of the first message over the limit, or
         None."""
-        view = memoryview(data)
-        while view:
-            if self._remaining:
-                taken = min(self._remaining, len(view))
-                self._remaining -= taken
-                view = view[taken:]
-                continue
-            need = 5 - len(self._header)
-            self._header += bytes(view[:need])
-            view = view[need:]
-            if len(self._header) < 5:
+        end = len(data)
+        at = 0
+        remaining = self._remaining
+        while True:
+            if remaining:  # the rest of a message's bytes
+                if remaining >= end - at:
+                    self._remaining = remaining - (end - at)
+                    return None
+                at += remaining
+                remaining = 0
+            if at == end:
+                self._remaining = 0
                 return None
-            size = int.from_bytes(self._header[1:5], "big")
-            self._header = b""
+            header = self._header
+            if header or end - at < 5:  # a prefix split across frames
+                take = 5 - len(header)
+                header += data[at : at + take]
+                at += take
+                if len(header) < 5:
+                    self._header = header
+                    self._remaining = 0
+                    return None
+                self._header = b""
+                size = int.from_bytes(header[1:5], "big")
+            else:
+                size = int.from_bytes(data[at + 1 : at + 5], "big")
+                at += 5
             self.messages += 1
             if size > self.limit:
+                self._remaining = 0
                 return size
-            self._remaining = size
-        return None
+            remaining = size

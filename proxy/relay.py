@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from time import monotonic
 
 import grpc
-from prometheus_client import Histogram
 
 from .catalog import Kind
 from .decision import Decision
@@ -40,6 +39,7 @@ from .h2_engine import (
 )
 from .h2_server import PREFACE_TIMEOUT, H2Server, ServerConnection, request_head, start_task
 from .metadata import relay_headers
+from .metrics import LabelledHistogram
 from .pipeline import Authorizer
 from .relay_call import Call
 from .stream_guard import StreamGuard
@@ -112,7 +112,7 @@ class Relay(H2Server):
         dirty: set,
         max_message_bytes: int,
         guard: StreamGuard | None = None,
-        upstream_seconds: Histogram | None = None,
+        upstream_seconds: LabelledHistogram | None = None,
         principal_of: Callable[[asyncio.BaseTransport], str | None] | None = None,
         preface_timeout: float = PREFACE_TIMEOUT,
         kinds: dict[str, Kind] | None = None,
@@ -161,29 +161,31 @@ class Relay(H2Server):
         call.headers = metadata
         if end:
             call.client_data(b"", True)
-        start_task(self._decide(call, path, metadata, headers, down), self._deciding)
+        try:
+            pending = self.authorizer.decide_now(path, metadata, down.peer, down.principal)
+        except Exception:
+            self._failed(call, path)
+            return
+        if isinstance(pending, Decision):  # no step waited: decided in this batch
+            call.decided(pending, headers)
+        else:
+            start_task(self._decide(call, path, pending, headers), self._deciding)
 
     async def _decide(
-        self,
-        call: Call,
-        path: str,
-        metadata: tuple[tuple[str, str], ...],
-        headers: tuple[Header, ...],
-        down: Downstream,
+        self, call: Call, path: str, pending: Awaitable[Decision], headers: tuple[Header, ...]
     ) -> None:
+        """The rest of a decision that waits (a key fetch, Redis), in a task."""
         try:
-            if down.principal is not None:
-                decision = await self.authorizer.decide(
-                    path, metadata, down.peer, principal=down.principal
-                )
-            else:
-                decision = await self.authorizer.decide(path, metadata, down.peer)
+            decision = await pending
         except Exception:
-            log.exception("the decision for %s failed", path)
-            call.finish(grpc.StatusCode.INTERNAL, "the proxy could not decide this call")
+            self._failed(call, path)
         else:
             call.decided(decision, headers)
         self.flush()
+
+    def _failed(self, call: Call, path: str) -> None:
+        log.exception("the decision for %s failed", path)
+        call.finish(grpc.StatusCode.INTERNAL, "the proxy could not decide this call")
 
     def rewrite(self, headers: tuple[Header, ...], decision: Decision) -> list[Header]:
         return relay_headers(headers, decision, self.authorizer.policy.strip_headers)

@@ -1,7 +1,8 @@
 """One gRPC call through the frame relay: a client stream paired with a backend stream.
 
-The call is decided on its request HEADERS (`Authorizer.decide`, run eagerly: only a
-decision that really waits — a key fetch, Redis — continues in a task). A deny is a
+The call is decided on its request HEADERS (`Authorizer.decide_now`, in the batch of
+frames that brought them: only a decision that really waits — a key fetch, Redis —
+continues in a task). A deny is a
 trailers-only response. An allowed call opens a stream on the backend with the rewritten
 headers and relays DATA, response headers and trailers as they come, frame by frame:
 messages are never parsed, only their 5-byte prefixes are followed for the size limit.

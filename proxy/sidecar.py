@@ -17,12 +17,12 @@ import contextlib
 import logging
 
 import grpc
-from prometheus_client import Histogram
 
 from .catalog import CatalogError, MethodCatalog
 from .config import ConfigError, ServeConfig, check_address, tls_from
 from .h2_engine import Limits
 from .lint import uncovered
+from .metrics import LabelledHistogram
 from .peer_identity import transport_principal
 from .pipeline import Authorizer
 from .relay import Relay
@@ -46,7 +46,7 @@ class Sidecar:
         cfg: ServeConfig,
         authorizer: Authorizer,
         state: StateStore,
-        upstream_seconds: Histogram | None = None,
+        upstream_seconds: LabelledHistogram | None = None,
     ) -> None:
         """The `StreamGuard` watches open streams against `state` (revocations, staleness).
         Nothing listens before `start`, so a sidecar that is never started is a

@@ -4,13 +4,17 @@ Both run on every call at a token level, after the token verified (cached or not
 the verified-token cache can never serve a revoked or reused token. Both fail closed:
 when the state cannot be consulted the call is refused with STATE_UNAVAILABLE. A use is
 recorded only by the pipeline's last step (`SingleUse.record`).
+
+The revocation check reads the local view and never waits, so it is a plain function;
+the single-use steps return None for rules without `single_use` and a coroutine (store
+I/O) only for rules with it (the pipeline's `StateCheck` contract).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from .pipeline import StateCheck
 from .policy import Rule
@@ -22,7 +26,7 @@ log = logging.getLogger("authproxy.state")
 
 
 def revocation_check(store: StateStore) -> StateCheck:
-    async def check(rule: Rule, verified: VerifiedToken) -> None:
+    def check(rule: Rule, verified: VerifiedToken) -> None:
         try:
             store.check_fresh()
         except StateUnavailable as e:
@@ -50,9 +54,15 @@ class SingleUse:
         self.store = store
         self.clock = clock
 
-    async def check(self, rule: Rule, verified: VerifiedToken) -> None:
-        if not rule.single_use:
-            return
+    def check(self, rule: Rule, verified: VerifiedToken) -> Awaitable[None] | None:
+        """The state check: None for a rule without `single_use`, else the look-up."""
+        return self._check(rule, verified) if rule.single_use else None
+
+    def record(self, rule: Rule, verified: VerifiedToken) -> Awaitable[None] | None:
+        """The recorder: None for a rule without `single_use`, else the atomic record."""
+        return self._record(rule, verified) if rule.single_use else None
+
+    async def _check(self, rule: Rule, verified: VerifiedToken) -> None:
         jti = _jti(verified)
         try:
             used = await self.store.used(jti)
@@ -61,9 +71,7 @@ class SingleUse:
         if used:
             await self._reused(rule, verified, jti)
 
-    async def record(self, rule: Rule, verified: VerifiedToken) -> None:
-        if not rule.single_use:
-            return
+    async def _record(self, rule: Rule, verified: VerifiedToken) -> None:
         jti = _jti(verified)
         try:
             first = await self.store.first_use(jti, verified.exp)

@@ -9,7 +9,9 @@ Two layers:
    costs a dictionary lookup instead of a signature check.
 2. `check_claims` — runs on every request, cached or not: key allowed for the level,
    `type`, `aud`, `iss`, `exp`/`nbf`/`iat` with leeway, `sub`, and the shape of identity
-   claims that become headers.
+   claims that become headers. Only the clock changes between two calls with the same
+   token and level, so once a token has passed for a level (`TokenSpec`), later calls
+   re-check `exp`/`nbf`/`iat` alone, with the same comparisons.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ Refresher = Callable[[str, str | None], Awaitable[bool]]
 class VerifiedToken:
     """A token whose signature checked out: its header, claims and the key that verified it."""
 
-    __slots__ = ("alg", "claims", "derived", "exp", "header", "kid", "token")
+    __slots__ = ("alg", "checked", "claims", "derived", "exp", "header", "kid", "token")
 
     def __init__(
         self,
@@ -70,6 +72,9 @@ class VerifiedToken:
         self.exp = exp
         #: Per-token values computed once (identity headers); filled by `identity.py`.
         self.derived: Any = None
+        #: (spec, nbf, iat) once every claim check but the clock's passed for that level's
+        #: `TokenSpec` (held here, so `is` cannot match a new spec at a recycled address).
+        self.checked: tuple[TokenSpec, float | None, float | None] | None = None
 
 
 class TokenVerifier:
@@ -197,28 +202,44 @@ class TokenVerifier:
 
 
 def check_claims(v: VerifiedToken, spec: TokenSpec, policy: Policy, now: float) -> None:
-    """Raise `Denied` unless the verified token is the kind of token `spec` asks for."""
+    """Raise `Denied` unless the verified token is the kind of token `spec` asks for.
+
+    The first pass for a level runs every check; it is remembered on the token, and later
+    calls for the same level compare only the times (in the same order, with the same
+    arithmetic), which are all that can change: the claims are the signed bytes, and the
+    spec is immutable (a reloaded policy brings new spec objects, checked afresh).
+    """
+    leeway = policy.leeway
+    checked = v.checked
+    if checked is not None and checked[0] is spec:
+        _check_times(v.exp, checked[1], checked[2], leeway, now)
+        return
     claims = v.claims
-    needs = f"this method needs {_LEVEL_NAMES[spec.level]} token"
     token_type = claims.get(spec.type_claim)
     if token_type is None:
-        raise Denied(Reason.MISSING_CLAIM, f"{needs}; the token has no '{spec.type_claim}' claim")
+        raise Denied(
+            Reason.MISSING_CLAIM, f"{_needs(spec)}; the token has no '{spec.type_claim}' claim"
+        )
     if token_type != spec.type:
-        raise Denied(Reason.WRONG_TOKEN_TYPE, f"{needs}; got {_describe_type(token_type, policy)}")
+        raise Denied(
+            Reason.WRONG_TOKEN_TYPE, f"{_needs(spec)}; got {_describe_type(token_type, policy)}"
+        )
 
     if spec.key_ids is not None and v.kid not in spec.key_ids:
         raise Denied(
-            Reason.KEY_NOT_FOUND, f"{needs}; key {v.kid!r} does not sign {spec.level} tokens"
+            Reason.KEY_NOT_FOUND,
+            f"{_needs(spec)}; key {v.kid!r} does not sign {spec.level} tokens",
         )
 
     aud = claims.get("aud")
     audiences = _string_set(aud, "aud")
     if aud is None:
-        raise Denied(Reason.MISSING_CLAIM, f"{needs}; the token has no 'aud' claim")
+        raise Denied(Reason.MISSING_CLAIM, f"{_needs(spec)}; the token has no 'aud' claim")
     if audiences.isdisjoint(spec.audiences):
         raise Denied(
             Reason.WRONG_AUDIENCE,
-            f"{needs} for audience {_quote(spec.audiences)}; the token is for {_quote(audiences)}",
+            f"{_needs(spec)} for audience {_quote(spec.audiences)};"
+            f" the token is for {_quote(audiences)}",
         )
 
     if spec.issuers is not None:
@@ -233,16 +254,13 @@ def check_claims(v: VerifiedToken, spec: TokenSpec, policy: Policy, now: float) 
                 f"token issuer {shown(iss)} is not accepted (expected {_quote(spec.issuers)})",
             )
 
-    leeway = policy.leeway
-    exp = v.exp
-    if now > exp + leeway:
-        raise Denied(Reason.TOKEN_EXPIRED, f"token expired {now - exp:.0f}s ago")
+    # Each time claim is checked as soon as it is read: an expired token is TOKEN_EXPIRED
+    # whatever its `nbf`/`iat` hold.
+    _check_times(v.exp, None, None, leeway, now)
     nbf = _require_time(claims, "nbf")
-    if nbf is not None and now + leeway < nbf:
-        raise Denied(Reason.TOKEN_NOT_YET_VALID, f"token is not valid for another {nbf - now:.0f}s")
+    _check_times(None, nbf, None, leeway, now)
     iat = _require_time(claims, "iat")
-    if iat is not None and now + leeway < iat:
-        raise Denied(Reason.TOKEN_NOT_YET_VALID, f"token is issued {iat - now:.0f}s in the future")
+    _check_times(None, None, iat, leeway, now)
 
     sub = claims.get("sub")
     if sub is None:
@@ -250,6 +268,24 @@ def check_claims(v: VerifiedToken, spec: TokenSpec, policy: Policy, now: float) 
     _header_safe(sub, "sub")
     if "jti" in claims:
         _header_safe(claims["jti"], "jti")
+    v.checked = (spec, nbf, iat)
+
+
+def _check_times(
+    exp: float | None, nbf: float | None, iat: float | None, leeway: float, now: float
+) -> None:
+    """`exp`, `nbf`, `iat` (each when given) against the clock with `leeway`: a token is
+    refused from the first instant after `exp + leeway`."""
+    if exp is not None and now > exp + leeway:
+        raise Denied(Reason.TOKEN_EXPIRED, f"token expired {now - exp:.0f}s ago")
+    if nbf is not None and now + leeway < nbf:
+        raise Denied(Reason.TOKEN_NOT_YET_VALID, f"token is not valid for another {nbf - now:.0f}s")
+    if iat is not None and now + leeway < iat:
+        raise Denied(Reason.TOKEN_NOT_YET_VALID, f"token is issued {iat - now:.0f}s in the future")
+
+
+def _needs(spec: TokenSpec) -> str:
+    return f"this method needs {_LEVEL_NAMES[spec.level]} token"
 
 
 def claim_list(claims: Mapping[str, Any], name: str) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from proxy.verify import TokenVerifier
 from tests.helpers_tokens import (
     METHOD_FOR,
     NOW,
+    POLICY_YAML,
     Clock,
     authorizer,
     b64url,
@@ -404,6 +405,66 @@ def test_cache_size_zero_never_caches() -> None:
     for _ in range(3):
         v.verify(tok_, pol.tokens["access"], pol)
     assert (v.cache_hits, v.cache_misses) == (0, 3)
+
+
+def test_a_token_stops_working_exactly_at_exp_plus_leeway() -> None:
+    clock = Clock()
+    pol, v = policy(), verifier(clock)
+    spec = pol.tokens["access"]
+    tok_ = token(exp=NOW + 60)
+    v.verify(tok_, spec, pol)
+    clock.now = NOW + 59.999  # the last cached pass before exp
+    v.verify(tok_, spec, pol)
+    assert v.cache_hits == 1
+    clock.now = NOW + 60 + 30  # exactly exp + leeway: still accepted
+    v.verify(tok_, spec, pol)
+    clock.now = NOW + 60 + 30.001
+    with pytest.raises(Denied) as info:
+        v.verify(tok_, spec, pol)
+    assert info.value.reason == Reason.TOKEN_EXPIRED
+
+
+@pytest.mark.parametrize(
+    ("claim", "words"), [("nbf", "not valid for another"), ("iat", "issued")], ids=["nbf", "iat"]
+)
+def test_a_cached_token_that_passed_still_has_its_times_checked(claim: str, words: str) -> None:
+    """Only the clock changes between calls, so a cached token that passed re-checks its
+    times: a clock set back (an NTP step) before `nbf`/`iat` - leeway refuses it again."""
+    clock = Clock()
+    pol, v = policy(), verifier(clock)
+    spec = pol.tokens["access"]
+    tok_ = token(**{claim: NOW + 20})  # within the 30 s leeway: valid now
+    v.verify(tok_, spec, pol)
+    v.verify(tok_, spec, pol)
+    clock.now = NOW - 15  # now + leeway is 5 s short of the claim
+    with pytest.raises(Denied) as info:
+        v.verify(tok_, spec, pol)
+    assert info.value.reason == Reason.TOKEN_NOT_YET_VALID
+    assert words in info.value.message
+    assert v.cache_hits == 2  # refused from the cache, not by a fresh verification
+    clock.now = NOW
+    assert v.verify(tok_, spec, pol) is not None
+
+
+def test_a_cached_token_is_checked_afresh_for_a_reloaded_policy() -> None:
+    """What a token passed is remembered per level of one policy: after a reload that
+    changes the level's audience, the same cached token is judged by the new one."""
+    clock = Clock()
+    old, v = policy(), verifier(clock)
+    tok_ = token()
+    v.verify(tok_, old.tokens["access"], old)
+    v.verify(tok_, old.tokens["access"], old)
+    new = policy(
+        POLICY_YAML.replace(
+            "access:  {type: access, audience: api-access}",
+            "access:  {type: access, audience: api-v2}",
+        )
+    )
+    with pytest.raises(Denied) as info:
+        v.verify(tok_, new.tokens["access"], new)
+    assert info.value.reason == Reason.WRONG_AUDIENCE
+    assert v.cache_hits == 2
+    assert v.verify(tok_, old.tokens["access"], old) is not None  # the old level still holds
 
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE"])
