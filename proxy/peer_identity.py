@@ -7,7 +7,6 @@ import asyncio
 import logging
 import ssl
 
-import grpc
 from cryptography import x509
 
 log = logging.getLogger("authproxy.tls")
@@ -16,24 +15,13 @@ _PRINCIPALS: dict[bytes, str | None] = {}
 _PRINCIPALS_MAX = 1024
 
 
-def peer_principal(context: grpc.aio.ServicerContext) -> str | None:
-    """The verified client certificate's identity: its `spiffe://` URI SAN (an X.509-SVID),
-    else its subject as an RFC 4514 string; None when the connection has no client
-    certificate. Only meaningful on a listener that requires and verifies client
-    certificates (`ServerTls` with a client CA): there gRPC completes no handshake without
-    a certificate that chains to the CA. Nothing the client sends in metadata counts."""
-    auth = context.auth_context()
-    if auth.get("transport_security_type") != [b"ssl"]:
-        return None
-    pems = auth.get("x509_pem_cert")
-    if not pems:
-        return None
-    return _principal(pems[0])
-
-
 def transport_principal(transport: asyncio.BaseTransport) -> str | None:
-    """`peer_principal` for a TLS connection of the frame relay (its listener requires a
-    verified client certificate when it has a client CA)."""
+    """The verified client certificate's identity on a TLS connection of the sidecar: its
+    `spiffe://` URI SAN (an X.509-SVID), else its subject as an RFC 4514 string; None
+    when the connection has no client certificate. Only meaningful on a listener that
+    requires and verifies client certificates (`ServerTls` with a client CA): there no
+    handshake completes without a certificate that chains to the CA. Nothing the client
+    sends in headers counts."""
     ssl_object = transport.get_extra_info("ssl_object")
     if ssl_object is None:
         return None
@@ -57,12 +45,14 @@ def _principal(pem: bytes) -> str | None:
 
 
 def principal_of(pem: bytes) -> str | None:
-    """A certificate's principal (see `peer_principal`). A certificate with more than one
-    `spiffe://` URI SAN names no single identity: None (and logged)."""
+    """A certificate's principal (see `transport_principal`). A certificate with more than
+    one `spiffe://` URI SAN names no single identity: None (and logged)."""
     try:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError:
-        log.warning("a client certificate gRPC accepted cannot be parsed; no principal")
+        log.warning(
+            "a client certificate the TLS handshake accepted cannot be parsed; no principal"
+        )
         return None
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
