@@ -2,11 +2,9 @@
 backend connections' trust roots and client certificate, and reloads when the files
 change (the client certificate's identity: `peer_identity.py`).
 
-Every file is read and checked with `cryptography` before it is used: certificates
-parse, the key is unencrypted and matches the first certificate (the leaf), a CA file
-holds certificates. A problem is one `TlsError` line naming the flag, the file and what
-is wrong. The `ssl.SSLContext`s (`tls_context.py`) are then built from the certificates
-and key re-encoded as plain PEM, exactly what was checked.
+Every file is read and checked before it is used (`tls_files.py`); the `ssl.SSLContext`s
+(`tls_context.py`) are then built from the certificates and key re-encoded as plain PEM,
+exactly what was checked.
 
 Reloads. The files are watched (`FileWatch`: Secret `..data` symlink swaps, cert-manager
 rewrites); a new set is used only when it is complete and consistent — a key that does
@@ -19,163 +17,29 @@ whose calls finish on them.
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import logging
 import ssl
 import threading
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from .file_watch import FileWatch, OnChange
 from .tls_context import client_context, server_context
+from .tls_files import (
+    KeyPair,
+    TlsError,
+    describe,
+    files_digest,
+    key_pair,
+    read_pem,
+    roots_pem,
+    warn_validity,
+)
 
 log = logging.getLogger("authproxy.tls")
-
-#: PEM files larger than this are refused unread (a mistaken path to a big file).
-MAX_PEM_BYTES = 1024 * 1024
-_BEGIN_CERT = b"-----BEGIN CERTIFICATE-----"
-_PRIVATE_KEY = b"PRIVATE KEY-----"
-
-
-class TlsError(Exception):
-    """A TLS file the proxy cannot use: one line naming the flag, the file and the problem."""
-
-
-# -- reading and checking files ---------------------------------------------------------
-
-
-def _read(flag: str, path: str) -> bytes:
-    try:
-        p = Path(path)
-        if p.stat().st_size > MAX_PEM_BYTES:
-            raise TlsError(f"{flag} {path}: larger than {MAX_PEM_BYTES} bytes; not a PEM file")
-        return p.read_bytes()
-    except OSError as e:
-        raise TlsError(f"{flag} {path}: cannot read it: {e.strerror or e}") from None
-
-
-def _certificates(flag: str, path: str, data: bytes) -> list[x509.Certificate]:
-    if _BEGIN_CERT not in data:
-        if _PRIVATE_KEY in data:
-            raise TlsError(f"{flag} {path}: holds a private key, not a PEM certificate")
-        raise TlsError(f"{flag} {path}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it")
-    try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError as e:
-        raise TlsError(f"{flag} {path}: a PEM certificate in it cannot be parsed ({e})") from None
-
-
-def _private_key(flag: str, path: str, data: bytes):
-    if _PRIVATE_KEY not in data:
-        if _BEGIN_CERT in data:
-            raise TlsError(f"{flag} {path}: holds a certificate, not a PEM private key")
-        raise TlsError(f"{flag} {path}: no PEM private key (-----BEGIN ... PRIVATE KEY-----) in it")
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError:  # "Password was not given but private key is encrypted"
-        raise TlsError(
-            f"{flag} {path}: the private key is encrypted; give an unencrypted key"
-        ) from None
-    except (ValueError, UnsupportedAlgorithm) as e:
-        raise TlsError(f"{flag} {path}: the private key cannot be parsed ({e})") from None
-    if not isinstance(
-        key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
-    ):
-        raise TlsError(
-            f"{flag} {path}: a {type(key).__name__} key; TLS needs an RSA, EC or Ed25519 key"
-        )
-    return key
-
-
-def _spki(public_key) -> bytes:
-    return public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def _pem(certs: Iterable[x509.Certificate]) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-
-
-@dataclass(frozen=True)
-class _Pair:
-    """A checked certificate chain and its key, re-encoded for gRPC."""
-
-    chain: tuple[x509.Certificate, ...]
-    chain_pem: bytes
-    key_pem: bytes
-
-    @property
-    def leaf(self) -> x509.Certificate:
-        return self.chain[0]
-
-
-def _pair(cert_flag: str, cert_path: str, cert: bytes, key_flag: str, key_path: str, key: bytes):
-    chain = _certificates(cert_flag, cert_path, cert)
-    private = _private_key(key_flag, key_path, key)
-    public = _spki(private.public_key())
-    if public != _spki(chain[0].public_key()):
-        order = [i for i, c in enumerate(chain) if _spki(c.public_key()) == public]
-        raise TlsError(
-            f"{key_flag} {key_path}: does not match the certificate in {cert_flag} {cert_path}"
-            + (f" (it matches certificate {order[0] + 1}; put the leaf first)" if order else "")
-        )
-    key_pem = private.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return _Pair(tuple(chain), _pem(chain), key_pem)
-
-
-def _roots(flag: str, path: str, data: bytes) -> bytes:
-    if _BEGIN_CERT not in data:
-        raise TlsError(f"{flag} {path}: contains no PEM certificates (-----BEGIN CERTIFICATE-----)")
-    return _pem(_certificates(flag, path, data))
-
-
-def _describe(cert: x509.Certificate) -> str:
-    return (
-        f"subject {cert.subject.rfc4514_string()!r}, serial {cert.serial_number:x},"
-        f" valid until {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
-    )
-
-
-def _warn_validity(flag: str, path: str, cert: x509.Certificate) -> None:
-    now = datetime.datetime.now(datetime.UTC)
-    if now > cert.not_valid_after_utc:
-        log.warning(
-            "%s %s: the certificate expired at %s; using it anyway (peers will refuse it)",
-            flag,
-            path,
-            f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}",
-        )
-    elif now < cert.not_valid_before_utc:
-        log.warning(
-            "%s %s: the certificate is not valid before %s; using it anyway",
-            flag,
-            path,
-            f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}",
-        )
-
-
-def _digest(contents: Iterable[bytes | None]) -> bytes:
-    h = hashlib.sha256()
-    for data in contents:
-        if data is None:
-            h.update(b"\x00none")
-        else:
-            h.update(len(data).to_bytes(8, "big"))
-            h.update(data)
-    return h.digest()
 
 
 class _Reloading:
@@ -197,7 +61,7 @@ class _Reloading:
         return list(self._files.values())
 
     def _read_all(self) -> dict[str, bytes]:
-        return {flag: _read(flag, path) for flag, path in self._files.items()}
+        return {flag: read_pem(flag, path) for flag, path in self._files.items()}
 
     def _load(self, raw: dict[str, bytes]) -> None:  # checks raw, installs it or raises
         raise NotImplementedError
@@ -205,7 +69,7 @@ class _Reloading:
     def _first_load(self) -> None:
         raw = self._read_all()
         self._load(raw)
-        self._loaded_digest = _digest(raw.values())
+        self._loaded_digest = files_digest(raw.values())
 
     def _reload(self) -> bool:
         """Read the files; load them when they differ from the loaded set. A bad set is
@@ -213,9 +77,9 @@ class _Reloading:
         with self._lock:  # a watch callback and a direct call never interleave
             try:
                 raw = self._read_all()
-                digest = _digest(raw.values())
+                digest = files_digest(raw.values())
             except TlsError as e:
-                raw, digest = None, _digest((str(e).encode(),))
+                raw, digest = None, files_digest((str(e).encode(),))
                 problem: TlsError | None = e
             else:
                 if digest == self._loaded_digest:
@@ -280,17 +144,19 @@ class ServerTls(_Reloading):
         )
         self.files = files
         self.requires_client_cert = files.client_ca is not None
-        self._pair: _Pair | None = None
+        self._pair: KeyPair | None = None
         self._first_load()
-        log.info("TLS listener: %s", _describe(self.leaf))
+        log.info("TLS listener: %s", describe(self.leaf))
 
     def _load(self, raw: dict[str, bytes]) -> None:
         f = self.files
-        pair = _pair("--tls-cert", f.cert, raw["--tls-cert"], "--tls-key", f.key, raw["--tls-key"])
+        pair = key_pair(
+            "--tls-cert", f.cert, raw["--tls-cert"], "--tls-key", f.key, raw["--tls-key"]
+        )
         roots = None
         if f.client_ca is not None:
-            roots = _roots("--tls-client-ca", f.client_ca, raw["--tls-client-ca"])
-        _warn_validity("--tls-cert", f.cert, pair.leaf)
+            roots = roots_pem("--tls-client-ca", f.client_ca, raw["--tls-client-ca"])
+        warn_validity("--tls-cert", f.cert, pair.leaf)
         context = _ssl_context(lambda: server_context(pair.chain_pem, pair.key_pem, roots))
         context.sni_callback = self._switch
         self._pair = pair
@@ -320,7 +186,7 @@ class ServerTls(_Reloading):
             return False
         log.info(
             "TLS listener: reloaded the certificate; new connections get %s",
-            _describe(self.leaf),
+            describe(self.leaf),
         )
         return True
 
@@ -369,17 +235,17 @@ class UpstreamTls(_Reloading):
         )
         self.files = files
         self._credentials: grpc.ChannelCredentials | None = None
-        self._pair: _Pair | None = None
+        self._pair: KeyPair | None = None
         self._first_load()
 
     def _load(self, raw: dict[str, bytes]) -> None:
         f = self.files
         roots = None
         if f.ca is not None:
-            roots = _roots("--upstream-ca", f.ca, raw["--upstream-ca"])
+            roots = roots_pem("--upstream-ca", f.ca, raw["--upstream-ca"])
         pair = None
         if f.cert is not None and f.key is not None:
-            pair = _pair(
+            pair = key_pair(
                 "--upstream-cert",
                 f.cert,
                 raw["--upstream-cert"],
@@ -387,7 +253,7 @@ class UpstreamTls(_Reloading):
                 f.key,
                 raw["--upstream-key"],
             )
-            _warn_validity("--upstream-cert", f.cert, pair.leaf)
+            warn_validity("--upstream-cert", f.cert, pair.leaf)
         #: The same trust and client certificate for gRPC channels (server reflection).
         self._credentials = grpc.ssl_channel_credentials(
             root_certificates=roots if roots is not None else _system_roots(),
