@@ -31,7 +31,7 @@ from typing import Any
 
 import grpc
 
-from .grpc_wire import RESPONSE_START, status_headers, trailers_only
+from .grpc_wire import RESPONSE_START, trailers_only
 from .h2_engine import (
     DataReceived,
     EngineError,
@@ -42,7 +42,14 @@ from .h2_engine import (
     StreamReset,
     TrailersReceived,
 )
-from .h2_server import PREFACE_TIMEOUT, H2Server, ServerConnection, request_head, start_task
+from .h2_server import (
+    PREFACE_TIMEOUT,
+    H2Server,
+    ServerConnection,
+    request_head,
+    send_status,
+    start_task,
+)
 
 log = logging.getLogger("authproxy.grpc")
 
@@ -329,17 +336,10 @@ class GrpcServer(H2Server):
             return
         self._done(stream)
         self._release(stream)
-        engine = stream.connection.connection
-        try:
-            if stream.replied:
-                engine.send_trailers(stream.sid, status_headers(code, message, extra))
-            else:
-                engine.send_response(
-                    stream.sid, trailers_only(code, message, extra), end_stream=True
-                )
-        except EngineError:
-            return
-        self.dirty.add(stream.connection)
+        if send_status(
+            stream.connection.connection, stream.sid, stream.replied, code, message, extra
+        ):
+            self.dirty.add(stream.connection)
 
     def _done(self, stream: Stream) -> None:
         stream.done = True

@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from .grpc_wire import trailers_only
+from .grpc_wire import status_headers, trailers_only
 from .h2_engine import (
     EngineError,
     ErrorCode,
@@ -79,6 +79,22 @@ def request_head(
         message = f"request headers of {size} bytes exceed the limit of {max_header_list_bytes}"
         return b"", None, trailers_only(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
     return path or b"", timeout, None
+
+
+def send_status(
+    engine: Any, sid: int, replied: bool, code: grpc.StatusCode, message: str, extra=()
+) -> bool:
+    """End stream `sid` on `engine` with a gRPC status: trailers after a response was
+    started (`replied`), else a trailers-only response. False when the engine refused
+    (the stream or connection is already gone)."""
+    try:
+        if replied:
+            engine.send_trailers(sid, status_headers(code, message, extra))
+        else:
+            engine.send_response(sid, trailers_only(code, message, extra), end_stream=True)
+    except EngineError:
+        return False
+    return True
 
 
 def start_task(coroutine: Coroutine[Any, Any, None], running: set[asyncio.Task[None]]) -> None:

@@ -27,9 +27,9 @@ from .grpc_wire import (
     decode_message,
     format_timeout,
     status_headers,
-    trailers_only,
 )
 from .h2_engine import EngineError, ErrorCode, Header
+from .h2_server import send_status
 
 if TYPE_CHECKING:
     from .decision import Decision
@@ -300,16 +300,7 @@ class Call:
         """End the client's stream with a status (trailers-only before any response)."""
         if self.ended:
             return
-        connection = self.down.connection
-        try:
-            if self.replied:
-                connection.send_trailers(self.sid, status_headers(code, message, extra))
-            else:
-                connection.send_response(
-                    self.sid, trailers_only(code, message, extra), end_stream=True
-                )
-        except EngineError:
-            pass
+        send_status(self.down.connection, self.sid, self.replied, code, message, extra)
         self._ended()
         self.relay.dirty.add(self.down)
         self._cancel_backend()

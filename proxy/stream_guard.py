@@ -113,7 +113,7 @@ class Watch:
     def awaiting_answer(self) -> bool:
         return self.requests_ended and self.responses == 0
 
-    # `upstream.Progress`: the relay tells where the call is.
+    # What the relay (`relay_call.Call`) tells of where the call is.
     def requests_done(self) -> None:
         self.requests_ended = True
 
