@@ -10,15 +10,19 @@ from .load import BURST_GAP_US, OpenLoop, Spacing, percentile
 from .machine import line as machine_line
 from .sidecar import BIDI_STREAMS, BIDI_TARGETS, TARGETS, Results
 
-#: The headline figures and their targets: (key, target, "max" or "min").
+#: The headline figures and their targets: (key, target, "max" or "min"). The data plane's
+#: (a frame relay: the proxy should cost less per call than the backend it protects),
+#: then ext_authz's, then the shared state's and the policy lookup's.
 TARGETS_TABLE = (
-    ("proxy_cpu_ratio_vs_passthrough", 1.15, "max"),
-    ("proxy_cpu_ratio_vs_backend", 1.4, "max"),
-    ("proxied_rps_ratio_vs_direct", 0.5, "min"),
-    ("ext_authz_grpc_ratio", 0.85, "min"),
-    ("ext_authz_http_ratio", 0.85, "min"),
-    ("ext_authz_p50_ms_at_1k", 0.35, "max"),
-    ("ext_authz_p99_ms_at_1k", 3.0, "max"),
+    ("proxy_cpu_ratio_vs_backend", 0.6, "max"),
+    ("proxied_rps_ratio_vs_direct", 0.6, "min"),
+    ("bidi_proxy_cpu_ratio_vs_backend", 0.45, "max"),
+    ("bidi_proxied_rps_ratio_vs_direct", 0.75, "min"),
+    ("cold_verify_cpu_ratio_vs_backend", 1.2, "max"),
+    ("proxied_p50_ratio_vs_direct_at_1k", 1.3, "max"),
+    ("ext_authz_grpc_cpu_ratio", 0.5, "max"),
+    ("ext_authz_http_cpu_ratio", 0.8, "max"),
+    ("ext_authz_p50_ratio_vs_bare_at_1k", 1.0, "max"),
     ("policy_match_ratio_100k_vs_10", 1.5, "max"),
     ("redis_state_ratio", 0.8, "min"),
 )
