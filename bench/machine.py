@@ -1,8 +1,8 @@
 """What produced a run's figures: the machine and the software, recorded with them.
 
-Figures from different Pythons are not comparable: on 3.12 the relay runs a decision
-that needs no I/O in the same event loop step (eager tasks), on 3.11 every decision is
-a task of its own. Every server the benchmark starts runs on the interpreter running
+Figures from different Pythons are not comparable: the interpreters differ in speed, and
+the event loop's work per call differs (a task a decision that waits continues in starts
+eagerly on 3.12, on the next loop turn on 3.11). Every server the benchmark starts runs on the interpreter running
 the benchmark (`procs.Server` starts `sys.executable`), so that one version is the
 version of every figure.
 """

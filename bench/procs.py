@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -62,13 +63,16 @@ def cpu_seconds(pid: int) -> float:
 class Server:
     """One server process listening on `port` (127.0.0.1)."""
 
-    def __init__(self, name: str, argv: list[str], port: int, log: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], port: int, log: Path, program: str = sys.executable
+    ) -> None:
+        """`argv` runs under `program`: this interpreter, unless another program is named."""
         self.name = name
         self.port = port
         self.log = log
         self._out = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, *argv],
+            [program, *argv],
             cwd=REPO,
             stdout=self._out,
             stderr=subprocess.STDOUT,
@@ -121,3 +125,20 @@ def proxy(name: str, flags: list[str], log_dir: Path, port_flag: str = "--listen
     port = free_port()
     argv = ["-m", "proxy", "serve", port_flag, f"127.0.0.1:{port}", *flags]
     return Server(name, argv, port, log_dir / f"{name}.log")
+
+
+def c_relay(name: str, upstream: int, log_dir: Path) -> Server | None:
+    """nghttpx (nghttp2's proxy, C, on the same libnghttp2; `apt-get install
+    nghttp2-proxy`) relaying h2c to h2c with no auth: for scale, what a relay written in C
+    adds to a call's latency here. None when it is not installed."""
+    program = shutil.which("nghttpx")
+    if program is None:
+        return None
+    port = free_port()
+    argv = [
+        f"--frontend=127.0.0.1,{port};no-tls",
+        f"--backend=127.0.0.1,{upstream};;proto=h2;no-tls",
+        "--workers=1", "--no-via", "--no-server-rewrite", "--conf=/dev/null",
+        "--accesslog-file=/dev/null", f"--errorlog-file={log_dir / (name + '-errors.log')}",
+    ]  # fmt: skip
+    return Server(name, argv, port, log_dir / f"{name}.log", program)

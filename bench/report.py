@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .load import BURST_GAP_US, OpenLoop, Spacing, percentile
 from .machine import line as machine_line
-from .sidecar import BIDI_STREAMS, BIDI_TARGETS, TARGETS, Results
+from .sidecar import BIDI_STREAMS, BIDI_TARGETS, C_RELAY, TARGETS, Results
 
 #: The headline figures and their targets: (key, target, "max" or "min"). The data plane's
 #: (a frame relay: the proxy should cost less per call than the backend it protects),
@@ -40,6 +40,7 @@ RATIO_LINES = (
     ("ext_authz_grpc_cpu_ratio", "our Check CPU ÷ bare Check CPU"),
     ("ext_authz_http_cpu_ratio", "our HTTP mode CPU ÷ bare aiohttp handler CPU"),
     ("proxied_p50_ratio_vs_direct_at_1k", "p50 at 1,000/s: proxied ÷ direct"),
+    ("c_relay_p50_ratio_vs_direct_at_1k", "p50 at 1,000/s: nghttpx (C relay, no auth) ÷ direct"),
     ("ext_authz_p50_ratio_vs_bare_at_1k", "Check p50 at 1,000/s ÷ bare Check p50"),
 )
 
@@ -128,6 +129,10 @@ def headline(f: dict) -> dict[str, float]:
     out["proxied_p50_ratio_vs_direct_at_1k"] = (
         out["proxy_p50_ms_at_1k"] / out["direct_p50_ms_at_1k"]
     )
+    if f"{C_RELAY}@{rate}" in lat:  # for scale: what a relay in C adds here
+        out["c_relay_p50_ratio_vs_direct_at_1k"] = (
+            lat[f"{C_RELAY}@{rate}"]["p50_ms"] / out["direct_p50_ms_at_1k"]
+        )
     e = f["ext_authz"]
     out["ext_authz_grpc_ratio"] = e["check"]["rps"] / e["bare check"]["rps"]
     out["ext_authz_http_ratio"] = e["http"]["rps"] / e["bare http"]["rps"]
@@ -165,7 +170,7 @@ def ratio_rounds(f: dict) -> dict[str, list[float]]:
     u, b, e = f["sidecar"]["unary"], f["sidecar"]["bidi"], f["ext_authz"]
     rate = f["sidecar"]["rate"]
     lat, elat = f["sidecar"]["latency"], f["ext_authz_latency"]
-    return {
+    spans = {
         "proxy_cpu_ratio_vs_backend": _span(
             u["proxy"]["cpu_us_rounds"], u["direct"]["cpu_us_rounds"]
         ),
@@ -192,6 +197,11 @@ def ratio_rounds(f: dict) -> dict[str, list[float]]:
             elat[f"check@{rate}"]["p50_ms_rounds"], elat[f"bare check@{rate}"]["p50_ms_rounds"]
         ),
     }
+    if f"{C_RELAY}@{rate}" in lat:
+        spans["c_relay_p50_ratio_vs_direct_at_1k"] = _span(
+            lat[f"{C_RELAY}@{rate}"]["p50_ms_rounds"], lat[f"direct@{rate}"]["p50_ms_rounds"]
+        )
+    return spans
 
 
 def _meets(value: float, target: float, way: str) -> str:
@@ -329,8 +339,8 @@ def print_table(f: dict) -> None:
 
 
 def plot(figures: dict, rates: tuple[int, ...], path: Path) -> None:
-    """p50 and p99 latency against offered load for direct, passthrough and proxy, from
-    the figures' open-loop runs. A hollow marker: the target did not keep up (it answered
+    """p50 and p99 latency against offered load for direct, passthrough, proxy (and
+    nghttpx), from the figures' open-loop runs. A hollow marker: the target did not keep up (it answered
     under 90 % of the offered load)."""
     try:
         import matplotlib
@@ -346,6 +356,7 @@ def plot(figures: dict, rates: tuple[int, ...], path: Path) -> None:
         ("direct", "tab:green"),
         ("passthrough", "tab:blue"),
         ("proxy", "tab:red"),
+        (C_RELAY, "tab:gray"),  # when installed: a C relay, for scale
     ):
         runs = [(r, latency[f"{target}@{r}"]) for r in rates if f"{target}@{r}" in latency]
         for q, style, alpha in (("p50_ms", "-", 1.0), ("p99_ms", "--", 0.55)):

@@ -40,7 +40,9 @@ TARGETS = ("direct", "passthrough", "proxy", "proxy, cold verify")
 #: Ping-pong bidi: a token is verified once per stream, so no "cold verify" row.
 BIDI_TARGETS = TARGETS[:3]
 BIDI_STREAMS = 64
-LATENCY_TARGETS = ("direct", "proxy")
+LATENCY_TARGETS = ("direct", "passthrough", "proxy")
+#: For scale in the latency runs, when installed: a relay written in C, no auth.
+C_RELAY = "nghttpx"
 
 
 @dataclass
@@ -91,6 +93,11 @@ class SidecarBench:
             "proxy": self.proxy,
             "proxy, cold verify": self.cold,
         }
+        self.latency_targets = LATENCY_TARGETS
+        c_relay = procs.c_relay(C_RELAY, self.backend.port, logs)
+        if c_relay is not None:
+            self.servers[C_RELAY] = c_relay
+            self.latency_targets = (*LATENCY_TARGETS, C_RELAY)
 
     async def start(self) -> None:
         for server in self.servers.values():
@@ -197,11 +204,12 @@ class SidecarBench:
         rates: tuple[int, ...],
         seconds: dict[int, float],
         rounds: int,
-        targets: tuple[str, ...] = LATENCY_TARGETS,
+        targets: tuple[str, ...] | None = None,
     ) -> None:
-        """Open-loop runs at each rate: the targets alternating, `rounds` times."""
+        """Open-loop runs at each rate: the targets (`latency_targets` unless given)
+        alternating, `rounds` times."""
         for rate in rates:
             for _ in range(rounds):
-                for target in targets:
+                for target in targets or self.latency_targets:
                     run = await self.open_loop(target, rate, seconds[rate])
                     into.setdefault((target, rate), []).append(run)

@@ -62,11 +62,12 @@ def test_the_quick_benchmark_runs_every_part_and_writes_the_headline_figures(tmp
 
 
 def _assert_latency_table(figures: dict, stdout: str) -> None:
-    """p50/p99/p99.9 at 100, 1,000 and 3,000/s for four targets, each with the measured
-    spacing of its departures (the proof that calls left evenly, not in bursts)."""
+    """p50/p99/p99.9 at 100, 1,000 and 3,000/s for five targets (nghttpx, the C relay
+    for scale, too), each with the measured spacing of its departures (the proof that
+    calls left evenly, not in bursts)."""
     assert "latency, open loop" in stdout and "departure spacing" in stdout
     section = stdout[stdout.index("latency, open loop") : stdout.index("ext_authz, h2load")]
-    runs = {f"{t}@{r}": figures["sidecar"]["latency"] for t in ("direct", "proxy")
+    runs = {f"{t}@{r}": figures["sidecar"]["latency"] for t in ("direct", "proxy", "nghttpx")
             for r in (100, 1000, 3000)}  # fmt: skip
     runs.update({f"{t}@{r}": figures["ext_authz_latency"] for t in ("check", "bare check")
                  for r in (100, 1000, 3000)})  # fmt: skip
