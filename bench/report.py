@@ -359,9 +359,12 @@ def plot(figures: dict, rates: tuple[int, ...], path: Path) -> None:
         (C_RELAY, "tab:gray"),  # when installed: a C relay, for scale
     ):
         runs = [(r, latency[f"{target}@{r}"]) for r in rates if f"{target}@{r}" in latency]
+        swept = any(k.startswith(f"{target}@") for k in figures["sidecar"].get("sweep", {}))
         for q, style, alpha in (("p50_ms", "-", 1.0), ("p99_ms", "--", 0.55)):
-            ax.plot([r for r, _ in runs], [v[q] for _, v in runs], style, color=colour,
-                    alpha=alpha, label=f"{target} {q[:3]}")  # fmt: skip
+            # a target measured at the latency runs' rates only: points, no line between
+            ax.plot([r for r, _ in runs], [v[q] for _, v in runs],
+                    linestyle=style if swept else "none", color=colour, alpha=alpha, label=f"{target} {q[:3]}",
+                    marker=None if swept else ("o" if q == "p50_ms" else "s"))  # fmt: skip
             for r, v in runs:
                 kept_up = v["rps"] >= 0.9 * r
                 ax.plot(r, v[q], "o", color=colour, alpha=alpha,
