@@ -29,6 +29,7 @@ from .http_routes import split_path
 from .identity import Identity, identity_of
 from .key_selection import UnknownKey
 from .policy import DENY, METHOD_PATH, PUBLIC, Policy, Rule
+from .policy_memo import PolicyMemo
 from .reasons import Denied, Reason
 from .strip_headers import override_problem
 from .verify import TokenVerifier, VerifiedToken
@@ -56,10 +57,6 @@ Observer = Callable[[Decision, float, str | None], None]
 Steps = Generator[Awaitable[Any], Any, Decision]
 
 _MALFORMED_RULE = Rule("malformed", DENY)
-#: How many HTTP (method, path) and gRPC method lookups an `Authorizer` remembers, and
-#: the longest "METHOD /path" or method path remembered.
-_ROUTE_MEMO_SIZE = 4096
-_ROUTE_MEMO_KEY = 512
 #: Printable ASCII but "%": what a principal may hold unescaped.
 _PRINTABLE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
@@ -79,14 +76,12 @@ class Authorizer:
         self.limiter = limiter
         self.recorders = tuple(recorders)
         self.observers: list[Observer] = []
-        #: `_http_rule`'s answers for one policy snapshot: (method, path) -> what applies.
-        self._routes: dict[tuple[str, str], Decision | tuple[str, Rule]] = {}
-        self._routes_policy: Policy | None = None
-        #: `_method_rule`'s answers for one policy snapshot: method path -> rule (None: not
-        #: a method path). A wildcard or default method otherwise costs a regular
-        #: expression and three lookups per call.
-        self._methods: dict[str, Rule | None] = {}
-        self._methods_policy: Policy | None = None
+        #: `_http_rule`'s answers: (method, path) -> what applies.
+        self._routes: PolicyMemo[tuple[str, str], Decision | tuple[str, Rule]] = PolicyMemo()
+        #: `_method_rule`'s answers: method path -> rule (None: not a method path). A
+        #: wildcard or default method otherwise costs a regular expression and three
+        #: lookups per call.
+        self._methods: PolicyMemo[str, Rule | None] = PolicyMemo()
 
     async def decide(
         self,
@@ -153,21 +148,13 @@ class Authorizer:
         )
 
     def _rule_of(self, policy: Policy, method: str) -> Rule | None:
-        """`_method_rule`, remembered per policy snapshot (bounded: a flood of distinct
-        paths only empties the memo)."""
-        if policy is not self._methods_policy:
-            self._methods_policy = policy
-            self._methods = {}
-        methods = self._methods
+        """`_method_rule`, remembered per policy snapshot."""
         try:
-            return methods[method]
+            return self._methods.of(policy)[method]
         except KeyError:
             pass
         rule = _method_rule(policy, method)
-        if len(method) <= _ROUTE_MEMO_KEY:
-            if len(methods) >= _ROUTE_MEMO_SIZE:
-                methods.clear()
-            methods[method] = rule
+        self._methods.keep(method, rule, len(method))
         return rule
 
     def _observe(self, decision: Decision, started: float, peer: str | None) -> None:
@@ -205,9 +192,7 @@ class Authorizer:
         else:
             target, rule = found
             decision = await _run(self._evaluate(policy, target, rule, headers, peer, principal))
-        if self.observers:
-            self._observe(decision, started, peer)
-        return decision
+        return self._observed(decision, started, peer)
 
     def _http_rule(
         self, http_method: str, path: str, headers: Headers, grpc: bool, policy: Policy
@@ -232,18 +217,12 @@ class Authorizer:
             return path, rule
         path = path.partition("?")[0].partition("#")[0]
         # What a (method, path) resolves to depends on nothing else: remembered per policy.
-        if policy is not self._routes_policy:
-            self._routes_policy = policy
-            self._routes = {}
         key = (http_method, path)
-        found = self._routes.get(key)
+        found = self._routes.of(policy).get(key)
         if found is None:
             target = f"{http_method} {path}"
             found = _http_route(policy, http_method, path, target)
-            if len(target) <= _ROUTE_MEMO_KEY:
-                if len(self._routes) >= _ROUTE_MEMO_SIZE:  # a flood of distinct paths
-                    self._routes.clear()
-                self._routes[key] = found
+            self._routes.keep(key, found, len(target))
         return found
 
     def malformed(self, target: str, message: str) -> Decision:
