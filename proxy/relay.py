@@ -204,9 +204,6 @@ class Relay(H2Server):
                 monotonic() - call.started
             )
 
-    def observe(self, call: Call) -> None:
-        return None
-
     # --- the listener -------------------------------------------------------------------
 
     def protocol(self) -> Downstream:

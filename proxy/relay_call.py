@@ -352,4 +352,3 @@ class Call:
             self.request_unacked = 0
         if self.pending:
             self.pending = None
-        self.relay.observe(self)
