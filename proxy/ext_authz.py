@@ -24,8 +24,9 @@ import base64
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import quote
 
 import grpc
@@ -40,6 +41,7 @@ from .reasons import Reason
 from .strip_headers import StripHeaders
 
 Headers = tuple[tuple[str, str], ...]
+T = TypeVar("T")
 
 GRPC_CONTENT_TYPE = "application/grpc"
 WWW_AUTHENTICATE = "www-authenticate"
@@ -93,8 +95,16 @@ class Allow:
     headers: Headers  # set (overwrite) on the upstream request
     remove: tuple[str, ...]  # removed from the upstream request
     metadata: dict[str, Any]
-    #: Front ends keep their rendering of this answer here (see `reply`'s caching).
+    #: Front ends keep their rendering of this answer here (`rendered_as`).
     rendered: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def rendered_as(self, front_end: str, render: Callable[[Allow], T]) -> T:
+        """This allow as `front_end` renders it: made once, then kept with the allow, which
+        equal requests share (`allow_for`). The rendering must never be mutated."""
+        found = self.rendered.get(front_end)
+        if found is None:
+            found = self.rendered[front_end] = render(self)
+        return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,31 +118,22 @@ class Deny:
 
 
 async def answer(authorizer: Authorizer, request: CheckRequest) -> Allow | Deny:
-    """Decide an Envoy check and translate the decision: what both front ends call."""
+    """Decide an Envoy check and translate the decision (the gRPC front end's path; the
+    HTTP front end takes the same steps inline, `CheckHttpServer.check`)."""
     policy = authorizer.policy  # one snapshot: the reply's header names match the decision
+    grpc = request.grpc
     decision = await authorizer.decide_http(
-        request.method,
-        request.path,
-        request.headers,
-        request.grpc,
-        policy,
-        request.peer,
-        request.principal,
+        request.method, request.path, request.headers, grpc, policy, request.peer, request.principal
     )
-    return reply(decision, request, policy)
+    if not decision.allowed:
+        return deny_for(decision, grpc)
+    return allow_for(decision, request.headers, policy)
 
 
 def refuse(authorizer: Authorizer, request: CheckRequest, message: str) -> Deny:
     """The answer to a check that cannot be judged at all (REQUEST_MALFORMED)."""
     decision = authorizer.malformed(request.path[:256] or "<check>", message)
     return deny_for(decision, request.grpc)
-
-
-def reply(decision: Decision, request: CheckRequest, policy: Policy) -> Allow | Deny:
-    """Translate a decision into what Envoy is told."""
-    if not decision.allowed:
-        return deny_for(decision, request.grpc)
-    return allow_for(decision, request.headers, policy)
 
 
 def allow_for(decision: Decision, headers: Headers, policy: Policy) -> Allow:

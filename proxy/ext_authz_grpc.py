@@ -1,7 +1,7 @@
 """The Envoy ext_authz gRPC front end: `envoy.service.auth.v3.Authorization/Check`.
 
-A thin translation: CheckRequest -> `CheckRequest` view -> `Authorizer.decide_http` ->
-`ext_authz.reply` -> CheckResponse. A check Envoy sends without HTTP attributes or a
+A thin translation: CheckRequest -> `CheckRequest` view -> `ext_authz.answer`
+(`Authorizer.decide_http`, then `Allow` or `Deny`) -> CheckResponse. A check Envoy sends without HTTP attributes or a
 path is denied (REQUEST_MALFORMED). An unexpected failure here fails the RPC with
 INTERNAL, which Envoy treats as an authorization *error* (`failure_mode_allow`,
 `status_on_error`), never as an allow.
@@ -9,7 +9,7 @@ INTERNAL, which Envoy treats as an authorization *error* (`failure_mode_allow`,
 `CheckServer` serves Check and gRPC health (`health_service.py`, for Envoy's health
 checks) on the proxy's own gRPC server (`grpc_server.py`, HTTP/2 on libnghttp2), not on
 grpc.aio: a check costs a fraction of grpc.aio's CPU. An allow's answer is serialized
-once and kept with the shared `Allow` (`Allow.rendered`), so equal allows cost no
+once and kept with the shared `Allow` (`Allow.rendered_as`), so equal allows cost no
 protobuf work at all.
 """
 
@@ -37,7 +37,7 @@ log = logging.getLogger("authproxy.ext_authz")
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 CHECK = f"/{SERVICE_NAME}/Check"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-#: The `Allow.rendered` key of this front end's answer: the framed CheckResponse.
+#: This front end's key for `Allow.rendered_as`: the framed CheckResponse.
 _RENDERED = "grpc"
 
 
@@ -76,10 +76,7 @@ class CheckService:
         else:
             result = await answer(self.authorizer, check)
         if isinstance(result, Allow):
-            rendered = result.rendered.get(_RENDERED)
-            if rendered is None:  # bytes: shared by equal checks, never mutated
-                rendered = result.rendered[_RENDERED] = framed(_allow(result))
-            return rendered
+            return result.rendered_as(_RENDERED, _allow)
         return framed(
             external_auth_pb2.CheckResponse(
                 status=status_pb2.Status(code=result.grpc_code, message=result.message),
@@ -94,13 +91,16 @@ class CheckService:
 
 
 def _allow(result: Allow) -> bytes:
-    return external_auth_pb2.CheckResponse(
-        status=status_pb2.Status(code=0),
-        ok_response=external_auth_pb2.OkHttpResponse(
-            headers=_options(result.headers), headers_to_remove=result.remove
-        ),
-        dynamic_metadata=_struct(result.metadata),
-    ).SerializeToString()
+    """The framed CheckResponse of an allow."""
+    return framed(
+        external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=0),
+            ok_response=external_auth_pb2.OkHttpResponse(
+                headers=_options(result.headers), headers_to_remove=result.remove
+            ),
+            dynamic_metadata=_struct(result.metadata),
+        ).SerializeToString()
+    )
 
 
 def _struct(values: dict) -> struct_pb2.Struct:

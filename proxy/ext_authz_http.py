@@ -40,7 +40,7 @@ _ERROR = Reply(
     SERVER_LINE + b"content-type: text/plain; charset=utf-8\r\ncontent-length: 26\r\n",
     b"authorization check failed",
 )
-#: The `Allow.rendered` key of this front end's answer.
+#: This front end's key for `Allow.rendered_as`.
 _RENDERED = "http1"
 
 
@@ -130,28 +130,26 @@ class CheckHttpServer:
         """The answer to one check: `path` as sent (not decoded, query included), `peer`
         the client's address (Envoy: list it in --trusted-proxy to use x-forwarded-for)."""
         try:
-            authorizer = self.authorizer
             prefix = self.path_prefix
             if prefix:
                 if not (path.startswith(prefix) and path[len(prefix) : len(prefix) + 1] == "/"):
                     return _deny_reply(
                         refuse(
-                            authorizer,
+                            self.authorizer,
                             CheckRequest(method, path, headers, peer),
                             f"the check path does not start with the path prefix {prefix}/",
                         )
                     )
                 path = path[len(prefix) :]
+            # `ext_authz.answer`'s steps, inline: no request view and no coroutine more
+            # per check (about 1 µs, 3 % of a check here).
+            authorizer = self.authorizer
             policy = authorizer.policy  # one snapshot: header names match the decision
             grpc = is_grpc(headers)
             decision = await authorizer.decide_http(method, path, headers, grpc, policy, peer)
             if not decision.allowed:
                 return _deny_reply(deny_for(decision, grpc))
-            allow = allow_for(decision, headers, policy)
-            rendered = allow.rendered.get(_RENDERED)
-            if rendered is None:
-                rendered = allow.rendered[_RENDERED] = _allow_reply(allow)
-            return rendered
+            return allow_for(decision, headers, policy).rendered_as(_RENDERED, _allow_reply)
         except Exception:
             self.errors_total += 1
             log.exception("ext_authz check failed; answering 500 (an error for Envoy)")
