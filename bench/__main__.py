@@ -5,8 +5,9 @@
 Starts everything itself, each server in its own process: the echo backend, a bare
 passthrough (the proxy's frame relay with a decision that costs nothing), the proxy
 (cached token and cold verification), bare no-op ext_authz servers and ours,
-Redis-backed and in-memory sidecars (when `redis-server` is installed), and nghttpx
-relaying with no auth, for scale (in the latency runs, when installed). h2load drives
+Redis-backed and in-memory sidecars (when `redis-server` is installed), and, for scale in
+the latency runs, nghttpx relaying with no auth (when installed) and a byte pipe on
+asyncio (`bench.pipe`, the floor of any relay in a Python process). h2load drives
 the saturation runs; bench.h2gen (our raw HTTP/2 client) the evenly spaced latency runs
 at 100, 1,000 and 3,000 calls/s, bidi ping-pong and the connections held for memory.
 Prints a table; with `--json` writes the figures; with `--plot` draws latency against

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .load import BURST_GAP_US, OpenLoop, Spacing, percentile
 from .machine import line as machine_line
-from .sidecar import BIDI_STREAMS, BIDI_TARGETS, C_RELAY, TARGETS, Results
+from .sidecar import BIDI_STREAMS, BIDI_TARGETS, C_RELAY, PIPE, TARGETS, Results
 
 #: The headline figures and their targets: (key, target, "max" or "min"). The data plane's
 #: (a frame relay: the proxy should cost less per call than the backend it protects),
@@ -41,7 +41,14 @@ RATIO_LINES = (
     ("ext_authz_http_cpu_ratio", "our HTTP mode CPU ÷ bare aiohttp handler CPU"),
     ("proxied_p50_ratio_vs_direct_at_1k", "p50 at 1,000/s: proxied ÷ direct"),
     ("c_relay_p50_ratio_vs_direct_at_1k", "p50 at 1,000/s: nghttpx (C relay, no auth) ÷ direct"),
+    ("pipe_p50_ratio_vs_direct_at_1k", "p50 at 1,000/s: asyncio byte pipe (no HTTP/2) ÷ direct"),
     ("ext_authz_p50_ratio_vs_bare_at_1k", "Check p50 at 1,000/s ÷ bare Check p50"),
+)
+
+#: Latency targets for scale, not for a target: (latency target, its p50 ratio's key).
+_SCALE = (
+    (C_RELAY, "c_relay_p50_ratio_vs_direct_at_1k"),
+    (PIPE, "pipe_p50_ratio_vs_direct_at_1k"),
 )
 
 
@@ -129,10 +136,9 @@ def headline(f: dict) -> dict[str, float]:
     out["proxied_p50_ratio_vs_direct_at_1k"] = (
         out["proxy_p50_ms_at_1k"] / out["direct_p50_ms_at_1k"]
     )
-    if f"{C_RELAY}@{rate}" in lat:  # for scale: what a relay in C adds here
-        out["c_relay_p50_ratio_vs_direct_at_1k"] = (
-            lat[f"{C_RELAY}@{rate}"]["p50_ms"] / out["direct_p50_ms_at_1k"]
-        )
+    for scale, key in _SCALE:  # what a relay in C, and a Python event loop, add here
+        if f"{scale}@{rate}" in lat:
+            out[key] = lat[f"{scale}@{rate}"]["p50_ms"] / out["direct_p50_ms_at_1k"]
     e = f["ext_authz"]
     out["ext_authz_grpc_ratio"] = e["check"]["rps"] / e["bare check"]["rps"]
     out["ext_authz_http_ratio"] = e["http"]["rps"] / e["bare http"]["rps"]
@@ -197,10 +203,11 @@ def ratio_rounds(f: dict) -> dict[str, list[float]]:
             elat[f"check@{rate}"]["p50_ms_rounds"], elat[f"bare check@{rate}"]["p50_ms_rounds"]
         ),
     }
-    if f"{C_RELAY}@{rate}" in lat:
-        spans["c_relay_p50_ratio_vs_direct_at_1k"] = _span(
-            lat[f"{C_RELAY}@{rate}"]["p50_ms_rounds"], lat[f"direct@{rate}"]["p50_ms_rounds"]
-        )
+    for scale, key in _SCALE:
+        if f"{scale}@{rate}" in lat:
+            spans[key] = _span(
+                lat[f"{scale}@{rate}"]["p50_ms_rounds"], lat[f"direct@{rate}"]["p50_ms_rounds"]
+            )
     return spans
 
 
@@ -339,8 +346,8 @@ def print_table(f: dict) -> None:
 
 
 def plot(figures: dict, rates: tuple[int, ...], path: Path) -> None:
-    """p50 and p99 latency against offered load for direct, passthrough, proxy (and
-    nghttpx), from the figures' open-loop runs. A hollow marker: the target did not keep up (it answered
+    """p50 and p99 latency against offered load for direct, passthrough, proxy (and, for
+    scale, nghttpx and the byte pipe), from the figures' open-loop runs. A hollow marker: the target did not keep up (it answered
     under 90 % of the offered load)."""
     try:
         import matplotlib
@@ -357,6 +364,7 @@ def plot(figures: dict, rates: tuple[int, ...], path: Path) -> None:
         ("passthrough", "tab:blue"),
         ("proxy", "tab:red"),
         (C_RELAY, "tab:gray"),  # when installed: a C relay, for scale
+        (PIPE, "tab:purple"),  # for scale: a byte pipe on asyncio
     ):
         runs = [(r, latency[f"{target}@{r}"]) for r in rates if f"{target}@{r}" in latency]
         swept = any(k.startswith(f"{target}@") for k in figures["sidecar"].get("sweep", {}))

@@ -1,13 +1,15 @@
 """The benchmark's baseline servers, each run in a process of its own so its CPU time can
 be read from /proc:
 
-    python -m bench.servers backend|passthrough|noop-check|noop-http --port P [--upstream H:P]
+    python -m bench.servers backend|passthrough|pipe|noop-check|noop-http --port P [--upstream H:P]
 
 - `backend`: the no-auth echo backend. `/bench.Svc/Echo` (unary) answers the request
   bytes; `/bench.Svc/Chat` (bidi) answers every message as it comes. Raw bytes, no
   serializers, one grpc.aio server: the cheapest honest gRPC service in Python.
 - `passthrough`: the relay's floor. The proxy's frame relay with a decision that costs
   nothing (`bench.passthrough`): no pipeline, no stream guard, no metrics.
+- `pipe`: a byte pipe on asyncio, no HTTP/2 (`bench.pipe`): the floor of any relay in a
+  Python process, for scale in the latency runs.
 - `noop-check`: an Envoy ext_authz v3 Check server (grpc.aio) that answers OK to everything.
 - `noop-http`: an aiohttp low-level server that answers 200 to everything.
 """
@@ -26,6 +28,7 @@ from google.rpc import status_pb2
 
 from proxy.config import DEFAULT_MAX_MESSAGE_BYTES
 
+from . import pipe
 from .passthrough import build_passthrough
 
 UNARY_METHOD = "/bench.Svc/Echo"
@@ -91,6 +94,12 @@ async def serve(kind: str, port: int, upstream_target: str | None) -> None:
         await stopping.wait()
         await runner.cleanup()
         return
+    if kind == "pipe":
+        assert upstream_target is not None, "pipe needs --upstream"
+        listener = await pipe.listen("127.0.0.1", port, upstream_target)
+        await stopping.wait()
+        listener.close()
+        return
     if kind == "passthrough":
         assert upstream_target is not None, "passthrough needs --upstream"
         relay = build_passthrough(upstream_target)
@@ -112,7 +121,9 @@ async def serve(kind: str, port: int, upstream_target: str | None) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=("backend", "passthrough", "noop-check", "noop-http"))
+    parser.add_argument(
+        "kind", choices=("backend", "passthrough", "pipe", "noop-check", "noop-http")
+    )
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream")
     args = parser.parse_args()

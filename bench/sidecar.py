@@ -40,7 +40,10 @@ TARGETS = ("direct", "passthrough", "proxy", "proxy, cold verify")
 #: Ping-pong bidi: a token is verified once per stream, so no "cold verify" row.
 BIDI_TARGETS = TARGETS[:3]
 BIDI_STREAMS = 64
-LATENCY_TARGETS = ("direct", "passthrough", "proxy")
+#: For scale in the latency runs: a byte pipe on asyncio (`bench.pipe`), the floor of any
+#: relay in a Python process.
+PIPE = "pipe"
+LATENCY_TARGETS = ("direct", "passthrough", "proxy", PIPE)
 #: For scale in the latency runs, when installed: a relay written in C, no auth.
 C_RELAY = "nghttpx"
 
@@ -77,6 +80,7 @@ class SidecarBench:
         self.workers = workers
         self.backend = procs.baseline("backend", "backend", logs)
         self.passthrough = procs.baseline("passthrough", "passthrough", logs, self.backend.port)
+        self.pipe = procs.baseline(PIPE, PIPE, logs, self.backend.port)
         extra = ["--upstream", f"127.0.0.1:{self.backend.port}", *fx.proxy_flags()]
         if workers > 1:
             extra += ["--workers", str(workers), "--redis", str(redis)]
@@ -92,6 +96,7 @@ class SidecarBench:
             "passthrough": self.passthrough,
             "proxy": self.proxy,
             "proxy, cold verify": self.cold,
+            PIPE: self.pipe,
         }
         self.latency_targets = LATENCY_TARGETS
         c_relay = procs.c_relay(C_RELAY, self.backend.port, logs)

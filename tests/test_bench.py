@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 
+from bench import pipe
 from bench.passthrough import build_passthrough
 from bench.report import RATIO_LINES, TARGETS_TABLE
 from tests.echo_backend import start_echo_backend
@@ -62,12 +63,12 @@ def test_the_quick_benchmark_runs_every_part_and_writes_the_headline_figures(tmp
 
 
 def _assert_latency_table(figures: dict, stdout: str) -> None:
-    """p50/p99/p99.9 at 100, 1,000 and 3,000/s for five targets (nghttpx, the C relay
-    for scale, too), each with the measured spacing of its departures (the proof that
+    """p50/p99/p99.9 at 100, 1,000 and 3,000/s for six targets (for scale too: nghttpx,
+    the C relay, and the asyncio byte pipe), each with the measured spacing of its departures (the proof that
     calls left evenly, not in bursts)."""
     assert "latency, open loop" in stdout and "departure spacing" in stdout
     section = stdout[stdout.index("latency, open loop") : stdout.index("ext_authz, h2load")]
-    runs = {f"{t}@{r}": figures["sidecar"]["latency"] for t in ("direct", "proxy", "nghttpx")
+    runs = {f"{t}@{r}": figures["sidecar"]["latency"] for t in ("direct", "proxy", "nghttpx", "pipe")
             for r in (100, 1000, 3000)}  # fmt: skip
     runs.update({f"{t}@{r}": figures["ext_authz_latency"] for t in ("check", "bare check")
                  for r in (100, 1000, 3000)})  # fmt: skip
@@ -122,6 +123,25 @@ async def test_the_passthrough_relays_calls_and_headers_without_deciding():
             assert [m async for m in chat] == [b"echo:a", b"echo:b"]
     finally:
         await relay.stop(0)
+        await backend.server.stop(None)  # type: ignore[union-attr]
+
+
+async def test_the_pipe_carries_a_call_without_reading_it():
+    """The byte pipe (the latency runs' floor for a Python relay) moves bytes, so a gRPC
+    call through it reaches the backend exactly as sent, forged headers included: it is a
+    measuring stick, not a relay that could stand in for the proxy."""
+    backend = await start_echo_backend()
+    listener = await pipe.listen("127.0.0.1", 0, f"127.0.0.1:{backend.port}")
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            sent = (("x-auth-subject", "forged"),)
+            answer = await channel.unary_unary("/any.Service/Report")(
+                b"", metadata=sent, timeout=10
+            )
+            assert dict(json.loads(answer)["metadata"])["x-auth-subject"] == "forged"
+    finally:
+        listener.close()
         await backend.server.stop(None)  # type: ignore[union-attr]
 
 
