@@ -19,7 +19,6 @@ FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY proxy ./proxy
-COPY examples ./examples
 RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[example]"
 
 # What both images share: the interpreter settings and an unprivileged user.
@@ -39,6 +38,9 @@ FROM runtime AS example-backend
 # hadolint ignore=DL3013
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links=/wheels "authproxy[example]"
+# The example is not part of the authproxy package: its source runs from /opt/example.
+WORKDIR /opt/example
+COPY examples ./examples
 USER 10001:10001
 ENTRYPOINT ["python", "-m", "examples.backend"]
 CMD ["--help"]

@@ -12,9 +12,9 @@ import aiohttp
 import grpc
 from google.protobuf import descriptor_pb2
 
-from proxy.issuer import TokenIssuer
-from proxy.keygen import keygen
-from proxy.policy_file import parse_policy
+from authproxy.keys.issuer import TokenIssuer
+from authproxy.keys.keygen import keygen
+from authproxy.policy.loader import parse_policy
 
 from .servers import STREAM_METHOD, UNARY_METHOD
 

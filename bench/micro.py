@@ -64,14 +64,14 @@ from typing import Any, TypeVar
 
 import jwt
 
+from authproxy.decide.pipeline import Authorizer, _method_rule
+from authproxy.keys.issuer import SigningKey, TokenIssuer, hmac_signing_key
+from authproxy.keys.keygen import keygen
+from authproxy.keys.keyset import KeySet, hmac_key, load_jwks_file
+from authproxy.keys.verify import TokenVerifier
+from authproxy.policy.loader import parse_policy
+from authproxy.policy.model import LEVELS, PUBLIC, TOKEN_LEVELS, Policy, TokenSpec
 from bench.fixtures import AUTH_POLICY
-from proxy.issuer import SigningKey, TokenIssuer, hmac_signing_key
-from proxy.keygen import keygen
-from proxy.keys import KeySet, hmac_key, load_jwks_file
-from proxy.pipeline import Authorizer, _method_rule
-from proxy.policy import LEVELS, PUBLIC, TOKEN_LEVELS, Policy, TokenSpec
-from proxy.policy_file import parse_policy
-from proxy.verify import TokenVerifier
 
 ALGORITHMS = ("RS256", "ES256", "EdDSA", "HS256")
 SIZES = (10, 1_000, 100_000)

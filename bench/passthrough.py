@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from typing import cast
 
-from proxy.config import DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_MESSAGE_BYTES
-from proxy.decision import Decision
-from proxy.h2_engine import Limits
-from proxy.pipeline import Authorizer
-from proxy.policy import PUBLIC, Policy, Rule
-from proxy.relay import Relay
-from proxy.upstream_pool import UpstreamPool
+from authproxy.decide.decision import Decision
+from authproxy.decide.pipeline import Authorizer
+from authproxy.policy.model import PUBLIC, Policy, Rule
+from authproxy.runtime.config import DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_MESSAGE_BYTES
+from authproxy.sidecar.relay import Relay
+from authproxy.sidecar.upstream_pool import UpstreamPool
+from authproxy.wire.h2_engine import Limits
 
 #: The passthrough's "policy": one public default rule that forwards the token too, so
 #: only hop-by-hop and the default stripped headers are left out.

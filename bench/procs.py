@@ -123,7 +123,7 @@ def baseline(name: str, kind: str, log_dir: Path, upstream: int | None = None) -
 def proxy(name: str, flags: list[str], log_dir: Path, port_flag: str = "--listen") -> Server:
     """`authproxy serve` (the real command) with `flags`, and `port_flag` on a free port."""
     port = free_port()
-    argv = ["-m", "proxy", "serve", port_flag, f"127.0.0.1:{port}", *flags]
+    argv = ["-m", "authproxy", "serve", port_flag, f"127.0.0.1:{port}", *flags]
     return Server(name, argv, port, log_dir / f"{name}.log")
 
 

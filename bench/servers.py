@@ -26,7 +26,7 @@ from aiohttp import web
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import status_pb2
 
-from proxy.config import DEFAULT_MAX_MESSAGE_BYTES
+from authproxy.runtime.config import DEFAULT_MAX_MESSAGE_BYTES
 
 from . import pipe
 from .passthrough import build_passthrough

@@ -43,8 +43,8 @@ CHECK_EVERY = 0.01
 async def child(
     url: str, staleness: float, timeout: float, seconds: float, load: str, quota: int
 ) -> dict:
-    from proxy.state import StateUnavailable
-    from proxy.state_redis import RedisState
+    from authproxy.state.redis_store import RedisState
+    from authproxy.state.store import StateUnavailable
 
     logging.disable(logging.WARNING)  # the failures are counted, not printed
 

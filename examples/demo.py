@@ -1,7 +1,7 @@
 """A scripted tour of authproxy in front of the example backend: `python -m examples.demo`.
 
 It generates a signing key, a refresh secret and an admin API secret in a temporary
-directory, starts the example backend and the proxy (`python -m proxy serve`, with its
+directory, starts the example backend and the proxy (`python -m authproxy serve`, with its
 admin API, which the backend's logouts call) on free loopback ports, and then
 talks to the PROXY only, printing one line per step with the status and, for denials, the
 machine-readable reason the proxy puts in `grpc-status-details-bin`. Every step checks
@@ -26,6 +26,8 @@ from typing import Any, NoReturn
 import grpc
 import pyotp
 
+from authproxy.client import AuthSession, ClientAuthError, MethodLevels, denial_reason
+from authproxy.keys.keygen import keygen
 from examples.backend.api.v1 import api_pb2, api_pb2_grpc
 from examples.demo_children import (
     REPO,
@@ -36,8 +38,6 @@ from examples.demo_children import (
     wait_for_backend,
     wait_for_proxy,
 )
-from proxy.client import AuthSession, ClientAuthError, MethodLevels, denial_reason
-from proxy.keygen import keygen
 
 POLICY = REPO / "policy.yaml"
 #: policy.yaml's rate limit on Login (per client address, per minute).
@@ -423,7 +423,7 @@ def _run(children: Children, workdir: Path, keep_running: bool) -> int:
     backend_port = wait_for_backend(children, deadline)
     proxy_port = free_port()
     children.start("proxy", [
-        "-m", "proxy", "serve", "--policy", str(POLICY),
+        "-m", "authproxy", "serve", "--policy", str(POLICY),
         "--listen", f"127.0.0.1:{proxy_port}", "--upstream", f"127.0.0.1:{backend_port}",
         "--jwks", str(workdir / "jwks.json"), "--hmac-secret-env", f"refresh-hmac={SECRET_ENV}",
         "--admin", admin, "--admin-token-env", ADMIN_TOKEN_ENV,

@@ -14,11 +14,11 @@ from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from proxy.issuer import SigningKey, TokenIssuer, hmac_signing_key
-from proxy.keygen import keygen
-from proxy.policy_file import parse_policy
-from proxy.serve import AuthProxy, ServeConfig, Sidecar, build_authorizer
-from proxy.state import MemoryState
+from authproxy.keys.issuer import SigningKey, TokenIssuer, hmac_signing_key
+from authproxy.keys.keygen import keygen
+from authproxy.policy.loader import parse_policy
+from authproxy.runtime.serve import AuthProxy, ServeConfig, Sidecar, build_authorizer
+from authproxy.state.store import MemoryState
 from tests.echo_backend import UNARY, EchoBackend, start_echo_backend
 from tests.example_backend_harness import Example, running_example
 

@@ -29,17 +29,17 @@ from argon2 import PasswordHasher
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from authproxy.decide.identity import identity_of
+from authproxy.keys.issuer import hmac_signing_key
+from authproxy.keys.keygen import keygen
+from authproxy.keys.keyset import KeySet, hmac_key, load_jwks_file
+from authproxy.keys.verify import TokenVerifier, VerifiedToken
+from authproxy.policy.loader import load_policy
+from authproxy.policy.model import Policy
+from authproxy.runtime.serve import AuthProxy, ConfigError, ServeConfig
 from examples.backend.api.v1 import api_pb2, api_pb2_grpc
 from examples.backend.passwords import Passwords
 from examples.backend.server import Backend, BackendConfig, start_backend
-from proxy.identity import identity_of
-from proxy.issuer import hmac_signing_key
-from proxy.keygen import keygen
-from proxy.keys import KeySet, hmac_key, load_jwks_file
-from proxy.policy import Policy
-from proxy.policy_file import load_policy
-from proxy.serve import AuthProxy, ConfigError, ServeConfig
-from proxy.verify import TokenVerifier, VerifiedToken
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY = REPO / "policy.yaml"

@@ -18,11 +18,11 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2_grpc
 from hyperframe.frame import DataFrame, Frame, HeadersFrame
 
-from proxy.ext_authz_grpc import SERVICE_NAME, CheckServer
-from proxy.issuer import TokenIssuer
-from proxy.pipeline import Authorizer
-from proxy.serve import build_authorizer
-from proxy.state import MemoryState
+from authproxy.decide.pipeline import Authorizer
+from authproxy.ext_authz.grpc_check import SERVICE_NAME, CheckServer
+from authproxy.keys.issuer import TokenIssuer
+from authproxy.runtime.serve import build_authorizer
+from authproxy.state.store import MemoryState
 from tests.conftest import TEST_POLICY, Keys, config_for
 from tests.ext_authz_support import check_request, outcome
 from tests.h2_streams import AbuseConnection

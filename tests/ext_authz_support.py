@@ -18,7 +18,7 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, exte
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
-from proxy.reasons import Reason
+from authproxy.decide.reasons import Reason
 from tests.conftest import TEST_POLICY, ExtAuthz, Keys, start_ext_authz
 
 GRPC_CONTENT_TYPE = "application/grpc"

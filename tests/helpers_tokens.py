@@ -14,12 +14,12 @@ from typing import Any
 
 from jwt.algorithms import get_default_algorithms
 
-from proxy.keygen import generate_private_key
-from proxy.keys import KeySet, VerificationKey, hmac_key, key_from_jwk, public_jwk
-from proxy.pipeline import Authorizer
-from proxy.policy import Policy
-from proxy.policy_file import parse_policy
-from proxy.verify import TokenVerifier
+from authproxy.decide.pipeline import Authorizer
+from authproxy.keys.keygen import generate_private_key
+from authproxy.keys.keyset import KeySet, VerificationKey, hmac_key, key_from_jwk, public_jwk
+from authproxy.keys.verify import TokenVerifier
+from authproxy.policy.loader import parse_policy
+from authproxy.policy.model import Policy
 
 #: A fixed "now" for every time-dependent test; move it with `Clock.advance`, never sleep.
 NOW = 1_700_000_000

@@ -35,8 +35,8 @@ from typing import Any
 import jwt
 from aiohttp import web
 
-from proxy.keygen import generate_private_key
-from proxy.keys import public_jwk
+from authproxy.keys.keygen import generate_private_key
+from authproxy.keys.keyset import public_jwk
 
 DISCOVERY = "/.well-known/openid-configuration"
 JWKS = "/jwks.json"

@@ -1,5 +1,5 @@
 """Running proxies for the operations tests: an in-process `AuthProxy` (sidecar plus admin
-listener on loopback), a real `python -m proxy serve` process, policy files written the
+listener on loopback), a real `python -m authproxy serve` process, policy files written the
 way editors and Kubernetes write them, and the admin endpoints read as JSON or as
 Prometheus samples."""
 
@@ -21,7 +21,7 @@ import aiohttp
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.serve import AuthProxy, ServeConfig
+from authproxy.runtime.serve import AuthProxy, ServeConfig
 from tests.conftest import REFRESH_ENV, REFRESH_SECRET, Keys, error_info
 from tests.echo_backend import EchoBackend
 
@@ -265,7 +265,7 @@ async def poll(probe, until, within: float, every: float = 0.01) -> tuple[Any, f
         await asyncio.sleep(every)
 
 
-# --- `python -m proxy serve` as a process -------------------------------------------------
+# --- `python -m authproxy serve` as a process -------------------------------------------------
 
 
 @dataclass
@@ -301,11 +301,11 @@ class ServeProcess:
 async def serve_process(
     keys: Keys, policy_path: Path, backend: EchoBackend, *flags: str
 ) -> AsyncIterator[ServeProcess]:
-    """`python -m proxy serve` in front of `backend`, admin API on a loopback port."""
+    """`python -m authproxy serve` in front of `backend`, admin API on a loopback port."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
     env[REFRESH_ENV] = REFRESH_SECRET.decode()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve",
+        sys.executable, "-m", "authproxy", "serve",
         "--policy", str(policy_path), "--listen", "127.0.0.1:0",
         "--upstream", f"127.0.0.1:{backend.port}", "--no-upstream-reflection",
         "--admin", "127.0.0.1:0", "--jwks", str(keys.jwks),

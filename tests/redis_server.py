@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
+from authproxy.state.redis_store import RedisState
 from bench.procs import free_port
 from bench.redis_server import START_TIMEOUT, RedisServer, binary, ping
-from proxy.state_redis import RedisState
 
 __all__ = [
     "HUNG_CLOSES",

@@ -17,10 +17,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.admin import Access, AdminServer
-from proxy.client import MethodLevels
-from proxy.serve import AuthProxy, ConfigError
-from proxy.state import MemoryState
+from authproxy.client import MethodLevels
+from authproxy.runtime.admin import Access, AdminServer
+from authproxy.runtime.serve import AuthProxy, ConfigError
+from authproxy.state.store import MemoryState
 from tests.conftest import TEST_POLICY, Keys, config_for
 from tests.test_state_shared import ADMIN_ENV, ADMIN_SECRET, admin_proxy
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from authproxy.decide.pipeline import _method_rule
+from authproxy.policy.loader import parse_policy
+from authproxy.policy.model import LEVELS, PUBLIC
 from bench import micro
-from proxy.pipeline import _method_rule
-from proxy.policy import LEVELS, PUBLIC
-from proxy.policy_file import parse_policy
 
 
 def _leaves(figures: Any, path: str = "") -> list[tuple[str, Any]]:

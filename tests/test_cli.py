@@ -1,4 +1,4 @@
-"""The `authproxy` command, run as a real subprocess (`python -m proxy ...`)."""
+"""The `authproxy` command, run as a real subprocess (`python -m authproxy ...`)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy.issuer import load_signing_key
-from proxy.keys import KeySet, hmac_key, jwk_thumbprint, load_jwks_file
-from proxy.pipeline import Authorizer
-from proxy.policy_file import load_policy
-from proxy.verify import TokenVerifier
+from authproxy.decide.pipeline import Authorizer
+from authproxy.keys.issuer import load_signing_key
+from authproxy.keys.keyset import KeySet, hmac_key, jwk_thumbprint, load_jwks_file
+from authproxy.keys.verify import TokenVerifier
+from authproxy.policy.loader import load_policy
 
 REPO = Path(__file__).resolve().parent.parent
 POLICY = str(REPO / "policy.yaml")
@@ -29,7 +29,7 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
     return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
+        [sys.executable, "-m", "authproxy", *args],
         cwd=cwd,
         env={**base, **(env or {})},
         capture_output=True,
@@ -47,6 +47,14 @@ def assert_config_error(result: subprocess.CompletedProcess[str], words: str) ->
     assert words in result.stderr
     assert result.stdout == ""
     return lines[0]
+
+
+def test_version_names_the_installed_package(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    result = run("--version", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"authproxy {version('authproxy')}"
 
 
 # --- policy check -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Which client a call comes from (`proxy/client_address.py`): parsing the peer forms gRPC,
+"""Which client a call comes from (`proxy/decide/client_address.py`): parsing the peer forms gRPC,
 Envoy and `x-forwarded-for` use, and believing `x-forwarded-for` only from trusted proxies.
 """
 
@@ -10,7 +10,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 import grpc
 import pytest
 
-from proxy.client_address import LOCAL, MAX_HOPS, TrustedProxies, parse_address
+from authproxy.decide.client_address import LOCAL, MAX_HOPS, TrustedProxies, parse_address
 
 # --- parse_address --------------------------------------------------------------------------
 

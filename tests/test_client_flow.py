@@ -10,10 +10,10 @@ import grpc
 import pyotp
 import pytest
 
+from authproxy.client import AsyncAuthSession, AuthSession, MethodLevels, NoTokenError
+from authproxy.policy.loader import PolicyError, load_policy
+from authproxy.policy.model import PUBLIC
 from examples.backend.api.v1 import api_pb2, api_pb2_grpc
-from proxy.client import AsyncAuthSession, AuthSession, MethodLevels, NoTokenError
-from proxy.policy import PUBLIC
-from proxy.policy_file import PolicyError, load_policy
 from tests.client_support import (
     GET_PROFILE,
     Recorder,

@@ -10,8 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from examples.backend.api.v1 import api_pb2, api_pb2_grpc
-from proxy.client import (
+from authproxy.client import (
     AsyncAuthSession,
     AuthSession,
     LoginRequiredError,
@@ -21,6 +20,7 @@ from proxy.client import (
     TokenStore,
     denial_reason,
 )
+from examples.backend.api.v1 import api_pb2, api_pb2_grpc
 from tests.client_support import (
     GET_PROFILE,
     REFRESH,

@@ -8,8 +8,8 @@ import threading
 import jwt
 import pytest
 
-from proxy.client import StoredToken, TokenStore
-from proxy.client.tokens import expiry_of
+from authproxy.client import StoredToken, TokenStore
+from authproxy.client.tokens import expiry_of
 
 
 def _jwt(claims: dict) -> str:

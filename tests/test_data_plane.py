@@ -24,7 +24,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from proxy.issuer import TokenIssuer
+from authproxy.keys.issuer import TokenIssuer
 from tests.conftest import TEST_POLICY, Keys, Running, descriptor_set, start_sidecar
 from tests.echo_backend import EchoBackend, big_message, start_echo_backend
 from tests.h2_streams import ResettingBackend

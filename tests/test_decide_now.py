@@ -12,13 +12,13 @@ import asyncio
 
 import pytest
 
-from proxy.decision import Decision
-from proxy.pipeline import Authorizer
-from proxy.policy import Rule
-from proxy.reasons import Denied, Reason
-from proxy.state import MemoryState
-from proxy.state_checks import SingleUse, revocation_check
-from proxy.verify import TokenVerifier, VerifiedToken
+from authproxy.decide.decision import Decision
+from authproxy.decide.pipeline import Authorizer
+from authproxy.decide.reasons import Denied, Reason
+from authproxy.decide.state_checks import SingleUse, revocation_check
+from authproxy.keys.verify import TokenVerifier, VerifiedToken
+from authproxy.policy.model import Rule
+from authproxy.state.store import MemoryState
 from tests.helpers_tokens import (
     METHOD_FOR,
     POLICY_YAML,

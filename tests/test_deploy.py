@@ -27,8 +27,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from proxy.cli import ENV_PREFIX, build_parser
-from proxy.serve import DEFAULT_LISTEN
+from authproxy.cli.main import ENV_PREFIX, build_parser
+from authproxy.runtime.serve import DEFAULT_LISTEN
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -305,7 +305,7 @@ def test_dockerignore_keeps_keys_and_clutter_out() -> None:
         "authproxy.egg-info/PKG-INFO",
     ):
         assert ignored(path), f"{path} would be in the build context"
-    for path in ("pyproject.toml", "README.md", "LICENSE", "proxy/cli.py"):
+    for path in ("pyproject.toml", "README.md", "LICENSE", "proxy/cli/main.py"):
         assert not ignored(path), f"{path} would be missing from the build context"
 
 
@@ -343,12 +343,14 @@ def test_build_stage_has_what_pyproject_needs() -> None:
     # setuptools only warns when a license file is missing, and the wheel then lacks it.
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     needed = {"pyproject.toml", project["project"]["readme"], *project["project"]["license-files"]}
-    packages = project["tool"]["setuptools"]["packages"]["find"]["include"]
-    needed |= {p.removesuffix("*") for p in packages}
+    needed |= set(project["tool"]["setuptools"]["package-dir"].values())  # the sources
+    builds = 0
     for stage in stages():
         copied = {PurePosixPath(s).as_posix() for i, s in copy_sources() if i.stage == stage}
-        if copied:
+        if "pyproject.toml" in copied:  # a stage that builds the package
+            builds += 1
             assert needed <= copied, f"stage {stage} builds without {sorted(needed - copied)}"
+    assert builds == 1
 
 
 # --- Kubernetes ---------------------------------------------------------------------------

@@ -18,8 +18,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import json_format
 
-from proxy.ext_authz_grpc import SERVICE_NAME
-from proxy.strip_headers import DEFAULT_STRIP, OVERRIDE_HEADERS
+from authproxy.ext_authz.grpc_check import SERVICE_NAME
+from authproxy.policy.strip_headers import DEFAULT_STRIP, OVERRIDE_HEADERS
 
 ENVOY_YAML = Path(__file__).resolve().parent.parent / "examples" / "envoy" / "envoy.yaml"
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"

@@ -15,10 +15,10 @@ import pyotp
 import pytest
 from google.protobuf import empty_pb2
 
+from authproxy.decide.reasons import Denied, Reason
+from authproxy.keys.issuer import MintedToken
 from examples.backend.api.v1 import api_pb2
 from examples.backend.sessions import LOGGED_OUT, MAX_2FA_FAILURES, SessionLedger
-from proxy.issuer import MintedToken
-from proxy.reasons import Denied, Reason
 from tests.example_backend_harness import (
     ADMIN_EMAIL,
     PASSWORD,

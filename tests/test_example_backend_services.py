@@ -16,8 +16,8 @@ from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from authproxy.keys.keygen import keygen
 from examples.backend.api.v1 import api_pb2, api_pb2_grpc
-from proxy.keygen import keygen
 from tests.example_backend_harness import (
     ADMIN_EMAIL,
     POLICY,

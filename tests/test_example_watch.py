@@ -18,14 +18,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from authproxy.decide.reasons import Reason
+from authproxy.keys.issuer import hmac_signing_key
+from authproxy.keys.keygen import keygen
+from authproxy.policy.loader import load_policy
 from examples.backend.api.v1 import api_pb2
 from examples.backend.data_service import WATCH_FELL_BEHIND
 from examples.backend.server import BackendConfig, start_backend
 from examples.backend.store import Store
-from proxy.issuer import hmac_signing_key
-from proxy.keygen import keygen
-from proxy.policy_file import load_policy
-from proxy.reasons import Reason
 from tests.example_backend_harness import (
     POLICY,
     UNAUTH,

@@ -17,14 +17,14 @@ from pathlib import Path
 import jwt
 import pytest
 
-from proxy.cli import main
-from proxy.explain import FAIL, OFFLINE, OK, Explanation, explain_offline
-from proxy.explain_report import json_report, text_report
-from proxy.issuer import TokenIssuer
-from proxy.pipeline import Authorizer
-from proxy.reasons import Reason
-from proxy.serve import ServeConfig, build_authorizer
-from proxy.state import MemoryState
+from authproxy.cli.explain import FAIL, OFFLINE, OK, Explanation, explain_offline
+from authproxy.cli.explain_report import json_report, text_report
+from authproxy.cli.main import main
+from authproxy.decide.pipeline import Authorizer
+from authproxy.decide.reasons import Reason
+from authproxy.keys.issuer import TokenIssuer
+from authproxy.runtime.serve import ServeConfig, build_authorizer
+from authproxy.state.store import MemoryState
 from tests.conftest import REFRESH_ENV, REFRESH_SECRET, SERVICES, TEST_POLICY, Keys, config_for
 from tests.helpers_tokens import b64url, b64url_decode
 
@@ -326,7 +326,7 @@ def test_exit_codes(
     token_file = tmp_path / "token"
     token_file.write_text(f"{tokens['access']}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
-    command = [sys.executable, "-m", "proxy", "explain", "--policy", cfg.policy]
+    command = [sys.executable, "-m", "authproxy", "explain", "--policy", cfg.policy]
     allowed = subprocess.run(
         [*command, "/test.Access/Report", "--token-file", str(token_file), *key_args(keys)],
         cwd=tmp_path,

@@ -23,8 +23,8 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.issuer import TokenIssuer
-from proxy.strip_headers import DEFAULT_STRIP, OVERRIDE_HEADERS
+from authproxy.keys.issuer import TokenIssuer
+from authproxy.policy.strip_headers import DEFAULT_STRIP, OVERRIDE_HEADERS
 from tests.conftest import TEST_POLICY, ExtAuthz, Keys
 from tests.ext_authz_support import (
     HTTP_CODE,

@@ -1,4 +1,4 @@
-"""The ext_authz gRPC listener as an HTTP/2 server (`CheckServer` on `grpc_server.py`):
+"""The ext_authz gRPC listener as an HTTP/2 server (`CheckServer` on `wire/grpc_server.py`):
 what a request must be, the answer's wire form, connection limits and failures in the
 decision, over real loopback sockets with real grpc clients and, where a grpc client
 cannot send what is needed, raw HTTP/2 frames (`tests/ext_authz_h2_support.py`).
@@ -23,9 +23,9 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from hyperframe.frame import DataFrame
 
-from proxy.ext_authz_grpc import SERVICE_NAME
-from proxy.h2_engine import Limits
-from proxy.issuer import TokenIssuer
+from authproxy.ext_authz.grpc_check import SERVICE_NAME
+from authproxy.keys.issuer import TokenIssuer
+from authproxy.wire.h2_engine import Limits
 from tests.conftest import Keys
 from tests.ext_authz_h2_support import CHECK, Served, access_check, frames, serving
 from tests.ext_authz_support import check_request, outcome

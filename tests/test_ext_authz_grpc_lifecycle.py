@@ -17,8 +17,8 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2
 
-from proxy.ext_authz_grpc import SERVICE_NAME, CheckServer
-from proxy.issuer import TokenIssuer
+from authproxy.ext_authz.grpc_check import SERVICE_NAME, CheckServer
+from authproxy.keys.issuer import TokenIssuer
 from tests.conftest import Keys
 from tests.ext_authz_h2_support import (
     CHECK,

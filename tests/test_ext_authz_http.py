@@ -20,8 +20,8 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from proxy.issuer import TokenIssuer
-from proxy.strip_headers import DEFAULT_STRIP
+from authproxy.keys.issuer import TokenIssuer
+from authproxy.policy.strip_headers import DEFAULT_STRIP
 from tests.conftest import TEST_POLICY, ExtAuthz, Keys
 from tests.ext_authz_support import (
     ROUTES_POLICY,

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.ext_authz_http import CheckHttpServer
-from proxy.ext_authz_http_request import HttpLimits
-from proxy.issuer import TokenIssuer
+from authproxy.ext_authz.http_check import CheckHttpServer
+from authproxy.ext_authz.http_request import HttpLimits
+from authproxy.keys.issuer import TokenIssuer
 from tests.conftest import ExtAuthz, Keys
 from tests.ext_authz_support import running_ext_authz
 

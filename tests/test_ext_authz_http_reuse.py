@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.issuer import TokenIssuer
+from authproxy.keys.issuer import TokenIssuer
 from tests.conftest import TEST_POLICY, ExtAuthz, Keys
 from tests.ext_authz_support import running_ext_authz
 from tests.test_ext_authz_http_protocol import Answer, Client, front, get, with_limits

@@ -24,7 +24,7 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
-from proxy.serve import ServeConfig
+from authproxy.runtime.serve import ServeConfig
 from tests.conftest import Keys, Running, start_sidecar
 from tests.echo_backend import EchoBackend
 from tests.h2_streams import (

@@ -8,9 +8,15 @@ from itertools import permutations
 
 import pytest
 
-from proxy.http_routes import MAX_PATH, HttpRoute, HttpRoutes, parse_route_key, split_path
-from proxy.policy import Rule
-from proxy.reasons import Denied, Reason
+from authproxy.decide.reasons import Denied, Reason
+from authproxy.policy.http_routes import (
+    MAX_PATH,
+    HttpRoute,
+    HttpRoutes,
+    parse_route_key,
+    split_path,
+)
+from authproxy.policy.model import Rule
 
 
 def routes(*keys: str) -> HttpRoutes:

@@ -23,16 +23,17 @@ import grpc
 import jwt
 import pytest
 
+from authproxy.cli import main as cli
+from authproxy.keys import keygen as keygen_mod
+from authproxy.keys.issuer import SigningKey, TokenIssuer, load_signing_key
+from authproxy.keys.keygen import RETIRE_AT, keygen, rotate
+from authproxy.keys.keyset import KeySet, load_jwks_file
+from authproxy.policy.loader import parse_policy
+from authproxy.runtime.admin import AdminServer
+from authproxy.runtime.serve import AuthProxy, ServeConfig
+from authproxy.state import atomic_file
+from authproxy.state.store import MemoryState
 from examples.backend.api.v1 import api_pb2
-from proxy import atomic_file, cli
-from proxy import keygen as keygen_mod
-from proxy.admin import AdminServer
-from proxy.issuer import SigningKey, TokenIssuer, load_signing_key
-from proxy.keygen import RETIRE_AT, keygen, rotate
-from proxy.keys import KeySet, load_jwks_file
-from proxy.policy_file import parse_policy
-from proxy.serve import AuthProxy, ServeConfig
-from proxy.state import MemoryState
 from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY
 from tests.example_backend_harness import (
     PASSWORD,
@@ -336,7 +337,7 @@ async def test_jwks_endpoint_publishes_the_public_keys_the_proxy_loaded(tmp_path
 
 
 def jwt_keys(published: list[dict[str, Any]]) -> list[Any]:
-    from proxy.keys import key_from_jwk
+    from authproxy.keys.keyset import key_from_jwk
 
     return [k for jwk in published if (k := key_from_jwk(jwk, "published"))]
 

@@ -15,10 +15,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from proxy.key_selection import MAX_KIDLESS_KEYS
-from proxy.keys import KeySet, VerificationKey, key_from_jwk, public_jwk
-from proxy.reasons import Denied, Reason
-from proxy.verify import TokenVerifier
+from authproxy.decide.reasons import Denied, Reason
+from authproxy.keys.keyset import KeySet, VerificationKey, key_from_jwk, public_jwk
+from authproxy.keys.selection import MAX_KIDLESS_KEYS
+from authproxy.keys.verify import TokenVerifier
 
 
 class CountingVerifier(TokenVerifier):

@@ -11,7 +11,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import RSAAlgorithm
 
-from proxy.keys import (
+from authproxy.decide.reasons import Denied, Reason
+from authproxy.keys.keyset import (
     RSA_ALGS,
     KeyLoadError,
     KeySet,
@@ -26,8 +27,7 @@ from proxy.keys import (
     public_jwk,
     split_kid,
 )
-from proxy.reasons import Denied, Reason
-from proxy.verify import TokenVerifier
+from authproxy.keys.verify import TokenVerifier
 from tests.helpers_tokens import ec_key, ed_key, rsa_key, sign_raw
 
 #: RFC 7638 section 3.1: the example RSA key and its SHA-256 thumbprint.

@@ -19,11 +19,11 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
+from authproxy.cli.main import main
+from authproxy.policy.lint import lint, uncovered
+from authproxy.policy.loader import parse_policy
+from authproxy.sidecar.catalog import CatalogError, MethodCatalog, reflect_backend
 from examples.backend.api.v1 import api_pb2
-from proxy.catalog import CatalogError, MethodCatalog, reflect_backend
-from proxy.cli import main
-from proxy.lint import lint, uncovered
-from proxy.policy_file import parse_policy
 from tests.conftest import SERVICES, TEST_POLICY, descriptor_set
 from tests.echo_backend import UNARY, EchoBackend
 from tests.example_backend_harness import Example, free_port
@@ -86,7 +86,7 @@ def address(example: Example) -> str:
 
 
 async def cli(*args: str, cwd: Path) -> tuple[int, str, str]:
-    """`python -m proxy ARGS` without blocking the event loop (the backend runs in it)."""
+    """`python -m authproxy ARGS` without blocking the event loop (the backend runs in it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -250,7 +250,7 @@ def test_cli_unreachable_backend_exits_2_with_one_line(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
     check = ["policy", "check", str(REPO / "policy.yaml"), "--backend", where]
     result = subprocess.run(
-        [sys.executable, "-m", "proxy", *check],
+        [sys.executable, "-m", "authproxy", *check],
         cwd=tmp_path,
         env=env,
         capture_output=True,

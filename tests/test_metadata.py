@@ -7,10 +7,10 @@ import base64
 
 import pytest
 
-from proxy.decision import Decision
-from proxy.metadata import InvalidMetadata, relay_headers
-from proxy.pipeline import Authorizer
-from proxy.verify import TokenVerifier
+from authproxy.decide.auth_headers import InvalidMetadata, relay_headers
+from authproxy.decide.decision import Decision
+from authproxy.decide.pipeline import Authorizer
+from authproxy.keys.verify import TokenVerifier
 from tests.helpers_tokens import (
     METHOD_FOR,
     POLICY_YAML,
@@ -31,7 +31,7 @@ def fields(pairs: list[tuple[str, str]]) -> Fields:
 
 
 def as_metadata(headers: Fields) -> list[tuple[str, str]]:
-    """The same fields as the pipeline is given them (`relay.py`: latin-1 text)."""
+    """The same fields as the pipeline is given them (`sidecar/relay.py`: latin-1 text)."""
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
 
 

@@ -8,10 +8,10 @@ import re
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from proxy.decision import Decision
-from proxy.metrics import _DECISION_BUCKETS, OTHER, Metrics
-from proxy.policy import ACCESS, DENY, PUBLIC, Rule
-from proxy.reasons import Reason
+from authproxy.decide.decision import Decision
+from authproxy.decide.reasons import Reason
+from authproxy.policy.model import ACCESS, DENY, PUBLIC, Rule
+from authproxy.runtime.metrics import _DECISION_BUCKETS, OTHER, Metrics
 
 EXACT = Rule("/a.B/C", ACCESS)
 WILDCARD = Rule("/a.B/*", ACCESS)

@@ -2,7 +2,7 @@
 SIGHUP), open streams re-judged on reload, shadow mode, the admin endpoints (`/healthz`,
 `/readyz`, `/metrics`, `/policy`), the decision log, and draining on stop / SIGTERM.
 
-Real `AuthProxy` instances in front of the echo backend, a real `python -m proxy serve`
+Real `AuthProxy` instances in front of the echo backend, a real `python -m authproxy serve`
 process for the signals. The only time bounds are functional: a valid edit is live within
 2 s, and a drain ends as soon as the last open stream does, before the grace period.
 """
@@ -22,11 +22,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from proxy.decision_log import LOGGER
-from proxy.issuer import TokenIssuer
-from proxy.policy_file import parse_policy
-from proxy.reasons import Reason
-from proxy.serve import AuthProxy
+from authproxy.decide.reasons import Reason
+from authproxy.keys.issuer import TokenIssuer
+from authproxy.policy.loader import parse_policy
+from authproxy.runtime.decision_log import LOGGER
+from authproxy.runtime.serve import AuthProxy
 from tests.conftest import TEST_POLICY, Keys, error_info
 from tests.echo_backend import EchoBackend, start_echo_backend
 from tests.operations_support import (

@@ -14,9 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from proxy.cli import build_parser
-from proxy.cli_serve import serve_config
-from proxy.issuer import TokenIssuer
+from authproxy.cli.main import build_parser
+from authproxy.cli.serve import serve_config
+from authproxy.keys.issuer import TokenIssuer
 from tests.conftest import TEST_POLICY, Keys, Running, start_sidecar
 from tests.echo_backend import EchoBackend
 from tests.h2_streams import MAX_CONCURRENT_STREAMS, PROTOCOL_ERROR, REFUSED_STREAM, RawConnection

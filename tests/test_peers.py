@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from proxy.issuer import TokenIssuer
-from proxy.keys import KeyLoadError, KeySet, hmac_key
-from proxy.pipeline import Authorizer
-from proxy.policy_file import PolicyError, parse_policy
-from proxy.reasons import Reason
-from proxy.serve import build_authorizer
-from proxy.state import MemoryState
+from authproxy.decide.pipeline import Authorizer
+from authproxy.decide.reasons import Reason
+from authproxy.keys.issuer import TokenIssuer
+from authproxy.keys.keyset import KeyLoadError, KeySet, hmac_key
+from authproxy.policy.loader import PolicyError, parse_policy
+from authproxy.runtime.serve import build_authorizer
+from authproxy.state.store import MemoryState
 from tests.conftest import TEST_POLICY, Keys, config_for
 from tests.ext_authz_support import (
     check,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.policy import Policy
-from proxy.policy_file import PolicyError, load_policy, parse_policy
-from proxy.policy_values import parse_duration
+from authproxy.policy.loader import PolicyError, load_policy, parse_policy
+from authproxy.policy.model import Policy
+from authproxy.policy.values import parse_duration
 
 REPO = Path(__file__).resolve().parent.parent
 FILE = "bad-policy.yaml"

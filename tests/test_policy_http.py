@@ -8,13 +8,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from proxy.issuer import TokenIssuer
-from proxy.keys import KeySet, load_jwks_file
-from proxy.pipeline import Authorizer
-from proxy.policy import Policy
-from proxy.policy_file import PolicyError, load_policy, parse_policy
-from proxy.reasons import Reason
-from proxy.verify import TokenVerifier
+from authproxy.decide.pipeline import Authorizer
+from authproxy.decide.reasons import Reason
+from authproxy.keys.issuer import TokenIssuer
+from authproxy.keys.keyset import KeySet, load_jwks_file
+from authproxy.keys.verify import TokenVerifier
+from authproxy.policy.loader import PolicyError, load_policy, parse_policy
+from authproxy.policy.model import Policy
 from tests.conftest import TEST_POLICY, Keys
 
 FILE = "http-policy.yaml"

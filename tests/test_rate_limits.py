@@ -1,4 +1,4 @@
-"""Per-rule rate limits (`rate_limit:` in the policy, `proxy/rate_limits.py`).
+"""Per-rule rate limits (`rate_limit:` in the policy, `proxy/decide/rate_limits.py`).
 
 Policy validation; the pipeline's last step against both state backends (memory, and a
 real `redis-server`): exact counting under concurrency, what the key is, which calls are
@@ -26,13 +26,13 @@ import redis.asyncio as redis
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from proxy.decision import Decision
-from proxy.issuer import TokenIssuer
-from proxy.pipeline import Authorizer
-from proxy.policy_file import PolicyError, parse_policy
-from proxy.rate_limits import RateLimiter
-from proxy.serve import ConfigError, build_authorizer
-from proxy.state import MemoryState, StateStore
+from authproxy.decide.decision import Decision
+from authproxy.decide.pipeline import Authorizer
+from authproxy.decide.rate_limits import RateLimiter
+from authproxy.keys.issuer import TokenIssuer
+from authproxy.policy.loader import PolicyError, parse_policy
+from authproxy.runtime.serve import ConfigError, build_authorizer
+from authproxy.state.store import MemoryState, StateStore
 from tests.conftest import Keys, config_for, error_info, sidecar_for, start_sidecar
 from tests.echo_backend import EchoBackend
 from tests.ext_authz_support import (
@@ -576,7 +576,7 @@ async def test_redis_keys_live_under_the_namespace_and_all_expire(
             await client.aclose()
     limits = {k: ttl for k, ttl in found.items() if ":ratelimit:" in k}
     assert sorted(k.split(":ratelimit:")[0] for k in limits) == ["ns-one"] * 3 + ["ns-two"]
-    # Besides the counters, only each namespace's epoch (state_redis.py), expiring too.
+    # Besides the counters, only each namespace's epoch (state/redis_store.py), expiring too.
     epochs = {"ns-one:epoch", "ns-two:epoch"}
     assert set(found) == set(limits) | epochs, f"keys other than rate limits: {found}"
     assert all(found[k] > 0 for k in epochs), found

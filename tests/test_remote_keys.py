@@ -28,9 +28,9 @@ import grpc
 import pytest
 from jwt.algorithms import ECAlgorithm
 
-from proxy.key_sources import FetchSettings, KeyFile, RemoteJwks
-from proxy.keygen import generate_private_key
-from proxy.serve import AuthProxy, ServeConfig
+from authproxy.keys.keygen import generate_private_key
+from authproxy.keys.sources import FetchSettings, KeyFile, RemoteJwks
+from authproxy.runtime.serve import AuthProxy, ServeConfig
 from tests.certs import make_ca
 from tests.conftest import Keys
 from tests.echo_backend import EchoBackend

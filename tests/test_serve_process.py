@@ -17,7 +17,7 @@ import pytest
 from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from proxy.policy_file import load_policy
+from authproxy.policy.loader import load_policy
 from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY, Keys, error_info
 from tests.echo_backend import start_echo_backend
 
@@ -41,7 +41,7 @@ async def test_serve_process_serves_and_drains_on_sigterm(tmp_path: Path, keys: 
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
     env[REFRESH_ENV] = REFRESH_SECRET.decode()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve",
+        sys.executable, "-m", "authproxy", "serve",
         "--policy", str(policy), "--listen", "127.0.0.1:0",
         "--upstream", f"127.0.0.1:{backend.port}", "--jwks", str(keys.jwks),
         "--hmac-secret-env", f"refresh-hmac={REFRESH_ENV}", "--shutdown-grace", "1",
@@ -89,7 +89,7 @@ def test_shipped_policies_are_valid(path: str):
 def test_policy_check_cli_accepts_shipped_policies():
     for path in [REPO / "policy.yaml", *REPO.glob("policies/*.yaml")]:
         done = subprocess.run(
-            [sys.executable, "-m", "proxy", "policy", "check", str(path)],
+            [sys.executable, "-m", "authproxy", "policy", "check", str(path)],
             capture_output=True, text=True, timeout=60, cwd=REPO,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
@@ -104,7 +104,7 @@ async def test_serve_process_runs_only_the_ext_authz_front_ends(tmp_path: Path, 
     env[REFRESH_ENV] = REFRESH_SECRET.decode()
     env["AUTHPROXY_EXT_AUTHZ_HTTP"] = "127.0.0.1:0"  # the environment works like the flag
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--policy", str(policy),
+        sys.executable, "-m", "authproxy", "serve", "--policy", str(policy),
         "--ext-authz-grpc", "127.0.0.1:0", "--ext-authz-http-path-prefix", "/check",
         "--jwks", str(keys.jwks), "--hmac-secret-env", f"refresh-hmac={REFRESH_ENV}",
         cwd=REPO, env=env, stderr=asyncio.subprocess.PIPE,

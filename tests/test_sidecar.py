@@ -13,7 +13,7 @@ import json
 import grpc
 import pytest
 
-from proxy.issuer import TokenIssuer
+from authproxy.keys.issuer import TokenIssuer
 from tests.conftest import TEST_POLICY, Keys, Running, error_info, start_sidecar
 from tests.echo_backend import EchoBackend
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from proxy.issuer import TokenIssuer
+from authproxy.keys.issuer import TokenIssuer
 from tests.conftest import TEST_POLICY, Keys
 from tests.echo_backend import EchoBackend
 from tests.redis_server import redis_server, redis_url  # noqa: F401

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.serve import AuthProxy
+from authproxy.runtime.serve import AuthProxy
 from tests.conftest import Keys, config_for
 from tests.example_backend_harness import Example
 

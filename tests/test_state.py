@@ -1,4 +1,4 @@
-"""The state stores' contract (`proxy/state.py`), one suite run against both backends:
+"""The state stores' contract (`proxy/state/store.py`), one suite run against both backends:
 `MemoryState` (with an injected clock) and `RedisState` on a real `redis-server`.
 
 Revocation by jti and by subject, expiry, `revocations()` and single use run on both.
@@ -18,8 +18,14 @@ from dataclasses import dataclass, field
 import pytest
 import redis.asyncio as redis
 
-from proxy.state import EXPIRY_GRACE, MemoryState, Revocation, StateStore, StateUnavailable
-from proxy.state_redis import EPOCH_TTL, RedisState
+from authproxy.state.redis_store import EPOCH_TTL, RedisState
+from authproxy.state.store import (
+    EXPIRY_GRACE,
+    MemoryState,
+    Revocation,
+    StateStore,
+    StateUnavailable,
+)
 from tests.redis_server import (  # noqa: F401
     PATIENT,
     RedisServer,

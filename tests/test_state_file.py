@@ -1,5 +1,5 @@
-"""In-memory state kept in a file (`--state-file`, `proxy/state_file.py`): a real
-`python -m proxy serve` process keeps a revocation and a spent refresh token across a
+"""In-memory state kept in a file (`--state-file`, `proxy/state/file.py`): a real
+`python -m authproxy serve` process keeps a revocation and a spent refresh token across a
 kill; what loading keeps and drops; write failures; and the start-up warning when
 revocations live in memory only. (A corrupt file failing the start: `test_cli.py`.)
 """
@@ -22,10 +22,10 @@ import aiohttp
 import grpc
 import pytest
 
-from proxy.issuer import TokenIssuer
-from proxy.serve import AuthProxy
-from proxy.state import EXPIRY_GRACE, StateUnavailable
-from proxy.state_file import FileState
+from authproxy.keys.issuer import TokenIssuer
+from authproxy.runtime.serve import AuthProxy
+from authproxy.state.file import FileState
+from authproxy.state.store import EXPIRY_GRACE, StateUnavailable
 from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY, Keys, config_for, error_info
 from tests.echo_backend import start_echo_backend
 from tests.test_state_shared import SINGLE_USE_POLICY
@@ -39,12 +39,12 @@ START_BOUND = 30.0  # a process start on a busy machine
 async def serve_process(
     *args: str, stderr_lines: list[str]
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, int]]:
-    """`python -m proxy serve ARGS --admin 127.0.0.1:0`: (process, sidecar port, admin
+    """`python -m authproxy serve ARGS --admin 127.0.0.1:0`: (process, sidecar port, admin
     port) once both listen; killed at exit if still running. Log lines go to stderr_lines."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
     env[REFRESH_ENV] = REFRESH_SECRET.decode()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", *args, "--admin", "127.0.0.1:0",
+        sys.executable, "-m", "authproxy", "serve", *args, "--admin", "127.0.0.1:0",
         "--hmac-secret-env", f"refresh-hmac={REFRESH_ENV}", "--shutdown-grace", "1",
         cwd=REPO, env=env, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Redis coming back empty (`proxy/state_redis.py`: the epoch key): a FLUSHALL with the
+"""Redis coming back empty (`proxy/state/redis_store.py`: the epoch key): a FLUSHALL with the
 connections kept, and a real `redis-server` restarted without persistence on the same
 port. The replicas notice, write back what they hold, and never drop a revocation from
 their own view; a replica started after the wipe learns the records from them.
@@ -20,8 +20,8 @@ import aiohttp
 import pytest
 import redis.asyncio as redis
 
-from proxy.issuer import TokenIssuer
-from proxy.state_redis import RedisState
+from authproxy.keys.issuer import TokenIssuer
+from authproxy.state.redis_store import RedisState
 from tests.conftest import Keys
 from tests.echo_backend import EchoBackend
 from tests.operations_support import poll

@@ -24,9 +24,9 @@ import grpc
 import jwt
 import pytest
 
-from proxy.issuer import MintedToken, TokenIssuer
-from proxy.serve import AuthProxy, ConfigError
-from proxy.state import EXPIRY_GRACE
+from authproxy.keys.issuer import MintedToken, TokenIssuer
+from authproxy.runtime.serve import AuthProxy, ConfigError
+from authproxy.state.store import EXPIRY_GRACE
 from tests.conftest import (
     REFRESH_SECRET,
     TEST_POLICY,

@@ -1,4 +1,4 @@
-"""Open streams keep their token's limits (`proxy/stream_guard.py`): a stream through the
+"""Open streams keep their token's limits (`proxy/sidecar/stream_guard.py`): a stream through the
 sidecar ends with UNAUTHENTICATED when its token expires (TOKEN_EXPIRED) or is revoked
 (TOKEN_REVOKED), and with UNAVAILABLE (STATE_UNAVAILABLE) when revocations can no longer
 be known; `end_streams: false` keeps it open. Real sidecars, a real echo backend, a real
@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from proxy.issuer import TokenIssuer
-from proxy.reasons import Reason
+from authproxy.decide.reasons import Reason
+from authproxy.keys.issuer import TokenIssuer
 from tests.conftest import TEST_POLICY, Keys, descriptor_set, error_info
 from tests.echo_backend import EchoBackend
 from tests.redis_server import RedisServer, redis_server, redis_url  # noqa: F401

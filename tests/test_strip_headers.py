@@ -11,11 +11,11 @@ import base64
 
 import pytest
 
-from proxy.metadata import relay_headers
-from proxy.pipeline import Authorizer
-from proxy.policy_file import PolicyError, parse_policy
-from proxy.strip_headers import DEFAULT_IDENTITY, DEFAULT_STRIP, OVERRIDE_HEADERS
-from proxy.verify import TokenVerifier
+from authproxy.decide.auth_headers import relay_headers
+from authproxy.decide.pipeline import Authorizer
+from authproxy.keys.verify import TokenVerifier
+from authproxy.policy.loader import PolicyError, parse_policy
+from authproxy.policy.strip_headers import DEFAULT_IDENTITY, DEFAULT_STRIP, OVERRIDE_HEADERS
 from tests.helpers_tokens import METHOD_FOR, POLICY_YAML, Clock, bearer, keyset, token
 
 FILE = "strip.yaml"

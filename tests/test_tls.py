@@ -21,17 +21,17 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection as grpc_reflection
 
-from proxy.catalog import Kind
-from proxy.peer_identity import principal_of
-from proxy.serve import AuthProxy, ConfigError, Sidecar
-from proxy.tls import (
+from authproxy.runtime.serve import AuthProxy, ConfigError, Sidecar
+from authproxy.runtime.tls import (
     ServerTls,
     ServerTlsFiles,
     TlsError,
     UpstreamTls,
     UpstreamTlsFiles,
 )
-from proxy.upstream_pool import UpstreamPool
+from authproxy.sidecar.catalog import Kind
+from authproxy.sidecar.peer_identity import principal_of
+from authproxy.sidecar.upstream_pool import UpstreamPool
 from tests.certs import CA, Leaf, make_ca
 from tests.conftest import TEST_POLICY, Keys, config_for, error_info
 from tests.echo_backend import EchoBackend

@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from proxy.catalog import Kind
+from authproxy.sidecar.catalog import Kind
 from tests.conftest import Keys, start_sidecar
 from tests.echo_backend import start_echo_backend
 

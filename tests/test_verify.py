@@ -12,8 +12,8 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from proxy.reasons import Denied, Reason
-from proxy.verify import TokenVerifier
+from authproxy.decide.reasons import Denied, Reason
+from authproxy.keys.verify import TokenVerifier
 from tests.helpers_tokens import (
     METHOD_FOR,
     NOW,

@@ -123,10 +123,10 @@ class Supervised:
 
 @asynccontextmanager
 async def supervised(*flags: str) -> AsyncIterator[Supervised]:
-    """`python -m proxy serve FLAGS` with stderr collected; at exit the supervisor and any
+    """`python -m authproxy serve FLAGS` with stderr collected; at exit the supervisor and any
     worker it started that is still there are killed."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", *flags, "--decision-log", "off",
+        sys.executable, "-m", "authproxy", "serve", *flags, "--decision-log", "off",
         cwd=REPO, env=serve_env(), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -365,7 +365,7 @@ async def test_one_worker_is_the_plain_process(tmp_path: Path, keys: Keys):
 
 async def run_serve(*flags: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", *flags,
+        sys.executable, "-m", "authproxy", "serve", *flags,
         cwd=REPO, env=env or serve_env(), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -17,12 +17,12 @@ import signal
 import sys
 from typing import NoReturn
 
+from authproxy.keys.issuer import TokenIssuer, hmac_signing_key, load_signing_key
+from authproxy.keys.keyset import KeyLoadError, secret_from_env
+from authproxy.policy.loader import PolicyError, load_policy
 from examples.backend.revocations import admin_base_url
 from examples.backend.server import BackendConfig, admin_set, hostport, start_backend
 from examples.backend.tokens import ACCESS_TTL
-from proxy.issuer import TokenIssuer, hmac_signing_key, load_signing_key
-from proxy.keys import KeyLoadError, secret_from_env
-from proxy.policy_file import PolicyError, load_policy
 
 PROG = "examples.backend"
 

@@ -15,8 +15,17 @@ from typing import Any, NoReturn
 import grpc
 
 # The header names are the proxy's contract with backends; take them from the source.
-from proxy.identity import CLAIMS, ISSUER, JTI, PERMISSIONS, ROLES, SCOPES, SUBJECT, TOKEN_TYPE
-from proxy.keys import b64url_decode
+from authproxy.decide.identity import (
+    CLAIMS,
+    ISSUER,
+    JTI,
+    PERMISSIONS,
+    ROLES,
+    SCOPES,
+    SUBJECT,
+    TOKEN_TYPE,
+)
+from authproxy.keys.keyset import b64url_decode
 
 NO_IDENTITY = "no identity from the proxy"
 

@@ -14,9 +14,9 @@ import hashlib
 import logging
 from pathlib import Path
 
-from proxy.file_watch import FileWatch
-from proxy.issuer import SigningKey, TokenIssuer, load_signing_key
-from proxy.keys import KeyLoadError
+from authproxy.keys.issuer import SigningKey, TokenIssuer, load_signing_key
+from authproxy.keys.keyset import KeyLoadError
+from authproxy.runtime.file_watch import FileWatch
 
 log = logging.getLogger("examples.backend.keys")
 

@@ -14,6 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from authproxy.keys.issuer import SigningKey
+from authproxy.policy.model import Policy
 from examples.backend.api.v1 import api_pb2, api_pb2_grpc
 from examples.backend.auth_service import AuthService
 from examples.backend.data_service import DataService
@@ -24,8 +26,6 @@ from examples.backend.sessions import SessionLedger
 from examples.backend.store import Store
 from examples.backend.tokens import ACCESS_TTL, Tokens, build_issuer
 from examples.backend.user_service import UserService
-from proxy.issuer import SigningKey
-from proxy.policy import Policy
 
 SERVICES = ("AuthService", "UserService", "DataService")
 

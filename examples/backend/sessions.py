@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.issuer import MintedToken
+from authproxy.keys.issuer import MintedToken
 
 #: Wrong codes one 2FA token may carry before it is spent.
 MAX_2FA_FAILURES = 5

@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from proxy.issuer import MintedToken, SigningKey, TokenIssuer
-from proxy.policy import ACCESS, REFRESH, TWO_FA, Policy
+from authproxy.keys.issuer import MintedToken, SigningKey, TokenIssuer
+from authproxy.policy.model import ACCESS, REFRESH, TWO_FA, Policy
 
 TWO_FA_TTL = 10 * 60
 ACCESS_TTL = 60 * 60

@@ -1,7 +1,7 @@
 """The Python client library: the right token for each method, automatic refresh, and
 the 2FA flow, driven by the same policy file the proxy enforces.
 
-    from proxy.client import AsyncAuthSession, MethodLevels
+    from authproxy.client import AsyncAuthSession, MethodLevels
 
     levels = MethodLevels.from_file("policy.yaml")     # or .from_admin("http://proxy:9090")
     async with AsyncAuthSession("proxy:8080", levels) as session:

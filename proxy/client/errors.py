@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from ..grpc_status import DETAILS_KEY
-from ..reasons import ERROR_DOMAIN, Reason
+from authproxy.decide.reasons import ERROR_DOMAIN, Reason
+from authproxy.wire.grpc_status import DETAILS_KEY
 
 TOKEN_EXPIRED = Reason.TOKEN_EXPIRED.value
 

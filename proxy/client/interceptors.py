@@ -22,8 +22,9 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from ..bearer import AUTHORIZATION
-from ..policy import ACCESS, DENY, PUBLIC, REFRESH, TWO_FA
+from authproxy.decide.bearer import AUTHORIZATION
+from authproxy.policy.model import ACCESS, DENY, PUBLIC, REFRESH, TWO_FA
+
 from .errors import NoTokenError, is_token_expired
 from .levels import MethodLevels
 from .refresh import AsyncRefreshCall, Refresher, SyncRefreshCall

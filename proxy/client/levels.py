@@ -8,8 +8,8 @@ import json
 import urllib.request
 from pathlib import Path
 
-from ..policy import Policy
-from ..policy_file import load_policy, parse_policy
+from authproxy.policy.loader import load_policy, parse_policy
+from authproxy.policy.model import Policy
 
 
 class MethodLevels:

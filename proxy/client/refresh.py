@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from ..policy import ACCESS, REFRESH
+from authproxy.policy.model import ACCESS, REFRESH
+
 from .errors import LoginRequiredError, RefreshError
 from .tokens import StoredToken, TokenStore
 

@@ -15,10 +15,10 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2
 
-from examples.backend.api.v1 import api_pb2
+from authproxy.decide.bearer import AUTHORIZATION
+from authproxy.policy.model import ACCESS, REFRESH, TWO_FA
 
-from ..bearer import AUTHORIZATION
-from ..policy import ACCESS, REFRESH, TWO_FA
+from . import auth_api_pb2 as api_pb2
 from .interceptors import SyncInterceptor, TokenChooser, aio_interceptors
 from .levels import MethodLevels
 from .refresh import DEFAULT_SKEW, Refresher

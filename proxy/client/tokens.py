@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import jwt
 
-from ..policy import ACCESS, REFRESH, TWO_FA
+from authproxy.policy.model import ACCESS, REFRESH, TWO_FA
 
 #: The token kinds a store holds, named like the policy levels that accept them.
 KINDS = (TWO_FA, ACCESS, REFRESH)

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from proxy.issuer import SigningKey
-from proxy.keys import public_jwk
+from authproxy.keys.issuer import SigningKey
+from authproxy.keys.keyset import public_jwk
 from tests.conftest import Keys, Running, error_info
 from tests.echo_backend import EchoBackend
 from tests.security.jws import claims, craft

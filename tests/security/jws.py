@@ -17,7 +17,7 @@ from typing import Any
 
 import jwt
 
-from proxy.issuer import SigningKey
+from authproxy.keys.issuer import SigningKey
 
 #: level -> (type claim, audience), as in tests/conftest.py TEST_POLICY.
 LEVELS = {

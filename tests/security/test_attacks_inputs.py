@@ -9,7 +9,7 @@ import json
 import grpc
 import pytest
 
-from proxy.issuer import TokenIssuer
+from authproxy.keys.issuer import TokenIssuer
 from tests.conftest import Keys, Running
 from tests.echo_backend import EchoBackend
 from tests.security.attack_support import (
@@ -74,7 +74,7 @@ async def test_accepted_token_with_big_claims_reaches_a_default_backend(
     proxy: Running, backend: EchoBackend, keys: Keys
 ):
     """A token the proxy accepts must not make the relayed call fail. Expected: OK.
-    (Found: proxy/identity.py `_build` forwards the whole claim set as x-auth-claims,
+    (Found: proxy/decide/identity.py `_build` forwards the whole claim set as x-auth-claims,
     JSON with ensure_ascii=True, base64url. A 6.3 KB token whose `name` claim holds 2300
     UTF-8 "é" becomes an ~18 KB header, over gRPC's default 16 KiB hard metadata limit:
     the backend refuses every call with RESOURCE_EXHAUSTED "received metadata size
@@ -91,9 +91,9 @@ async def test_deny_stays_readable_when_the_token_echoes_huge_strings(
     proxy: Running, backend: EchoBackend, keys: Keys
 ):
     """A deny must reach the client as UNAUTHENTICATED with its ErrorInfo. Expected: that.
-    (Found: deny messages quote attacker strings in full: proxy/verify.py `_candidates`
+    (Found: deny messages quote attacker strings in full: proxy/keys/verify.py `_candidates`
     "no configured key has kid {kid!r}" / "... accepts algorithm {alg!r}", and
-    proxy/grpc_status.py `deny_details` sends the message twice, in grpc-message
+    proxy/wire/grpc_status.py `deny_details` sends the message twice, in grpc-message
     (percent-encoded: "%" becomes 3 bytes) and inside grpc-status-details-bin (base64).
     A 7 KB token with a 5000-character kid or alg of "%" yields ~20 KB of trailers, over
     the gRPC client's default 16 KiB hard limit: the client gets RESOURCE_EXHAUSTED
@@ -153,7 +153,7 @@ async def test_deeply_nested_json_in_the_header_is_malformed(
 ):
     """Pre-authentication: the header is parsed before any signature check. Expected:
     UNAUTHENTICATED / TOKEN_MALFORMED. (Found: RecursionError escapes
-    proxy/verify.py `_json_segment`, which catches only ValueError; the call ends UNKNOWN
+    proxy/keys/verify.py `_json_segment`, which catches only ValueError; the call ends UNKNOWN
     with "Unexpected <class 'RecursionError'>" and no ErrorInfo.)"""
     cases = []
     # Depths that fit in the 8 KiB token limit and exceed Python's default recursion limit.

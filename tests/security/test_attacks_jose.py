@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from proxy.issuer import SigningKey
+from authproxy.keys.issuer import SigningKey
 from tests.conftest import Keys, Running
 from tests.echo_backend import EchoBackend
 from tests.security.attack_support import (
@@ -321,7 +321,7 @@ async def test_time_claim_too_big_for_a_float_is_refused(
     proxy: Running, backend: EchoBackend, keys: Keys, claim
 ):
     """A 400-digit integer is valid JSON and a Python int, but not a float: INVALID_CLAIM.
-    (At commit abcd4e4, `math.isfinite` raised OverflowError in proxy/verify.py
+    (At commit abcd4e4, `math.isfinite` raised OverflowError in proxy/keys/verify.py
     `_require_time` and the call ended UNKNOWN with the exception text.)"""
     token = signed(keys.es256, pairs(**{claim: Raw("9" * 400)}))
     await assert_denied(proxy, backend, [Case(claim, "INVALID_CLAIM", token)])

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy.issuer import TokenIssuer
-from proxy.keys import KeySet, load_jwks_file
-from proxy.policy_file import parse_policy
-from proxy.reasons import Denied, Reason
-from proxy.verify import TokenVerifier
+from authproxy.decide.reasons import Denied, Reason
+from authproxy.keys.issuer import TokenIssuer
+from authproxy.keys.keyset import KeySet, load_jwks_file
+from authproxy.keys.verify import TokenVerifier
+from authproxy.policy.loader import parse_policy
 from tests.conftest import TEST_POLICY, Keys, Running, start_sidecar
 from tests.echo_backend import EchoBackend
 from tests.security.attack_support import (

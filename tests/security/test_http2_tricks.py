@@ -15,7 +15,7 @@ import json
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from proxy.issuer import TokenIssuer
+from authproxy.keys.issuer import TokenIssuer
 from tests.conftest import Running
 from tests.echo_backend import EchoBackend
 from tests.security.h2client import H2Response, grpc_request_headers, h2_call
@@ -203,7 +203,7 @@ async def test_line_breaks_around_the_authorization_value_are_refused(
 ):
     """RFC 9113 8.2.1: a field value with CR, LF or NUL makes the request malformed, and
     RFC 6750 allows only spaces between scheme and token. Expected: TOKEN_MALFORMED (or
-    a refusal by the HTTP/2 layer). (Found: proxy/bearer.py `extract_bearer` calls
+    a refusal by the HTTP/2 layer). (Found: proxy/decide/bearer.py `extract_bearer` calls
     `value.strip()`, which also strips CR/LF/TAB/VT/FF, so the malformed value is
     accepted and the call succeeds. gRPC core passes such values to the application.)"""
     token = issuer.mint("access", "alice", ttl=300).token

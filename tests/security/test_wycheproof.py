@@ -31,9 +31,15 @@ from typing import Any
 import grpc
 import pytest
 
-from proxy.keys import _PRIVATE_MEMBERS, KeyLoadError, KeySet, VerificationKey, key_from_jwk
-from proxy.reasons import Denied
-from proxy.verify import TokenVerifier
+from authproxy.decide.reasons import Denied
+from authproxy.keys.keyset import (
+    _PRIVATE_MEMBERS,
+    KeyLoadError,
+    KeySet,
+    VerificationKey,
+    key_from_jwk,
+)
+from authproxy.keys.verify import TokenVerifier
 from tests.conftest import Keys, descriptor_set, error_info, start_sidecar
 from tests.echo_backend import EchoBackend
 
@@ -248,7 +254,7 @@ def test_valid_vectors_pass_the_signature_check_except_the_allowlist():
 
 def test_wrong_primitive_vectors_are_refused_only_because_the_key_declares_alg():
     """A PS512 key whose JWK loses its `alg` accepts all six RSA algorithms (documented in
-    proxy/keys.py): the WrongPrimitive vectors signed with RS*/PS* under their own header
+    proxy/keys/keyset.py): the WrongPrimitive vectors signed with RS*/PS* under their own header
     alg then verify. This pins down that the JWK's `alg` is what refuses them."""
     group = next(g for g in load() if g.jwk.get("kid") == "PS512_2048")
     jwk = {k: v for k, v in group.jwk.items() if k != "alg"}

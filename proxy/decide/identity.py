@@ -1,0 +1,120 @@
+"""Verified identity and the `x-auth-*` headers that carry it to the backend.
+
+Backends trust these headers, so the proxy removes every incoming `x-auth-*` key (any
+case, any number of copies) from every call and sets only values it verified itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from authproxy.keys.verify import HEADER_SAFE, VerifiedToken, claim_list, scopes
+from authproxy.policy.model import IDENTITY_HEADER_PREFIX, Policy, TokenSpec
+
+SUBJECT = "x-auth-subject"
+TOKEN_TYPE = "x-auth-token-type"
+ROLES = "x-auth-roles"
+PERMISSIONS = "x-auth-permissions"
+SCOPES = "x-auth-scopes"
+JTI = "x-auth-jti"
+ISSUER = "x-auth-issuer"
+CLAIMS = "x-auth-claims"
+#: The verified client certificate's identity (mTLS): its SPIFFE id, else its subject.
+PEER = "x-auth-peer"
+#: Every identity header the proxy itself may set (policies add more via `claim_headers`).
+BUILTIN_HEADERS = frozenset(
+    (SUBJECT, TOKEN_TYPE, ROLES, PERMISSIONS, SCOPES, JTI, ISSUER, CLAIMS, PEER)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    subject: str
+    token_type: str
+    roles: tuple[str, ...]
+    permissions: tuple[str, ...]
+    scopes: tuple[str, ...]
+    jti: str | None
+    issuer: str | None
+    claims: dict[str, Any]
+    #: The identity headers for the backend, in a stable order.
+    headers: tuple[tuple[str, str], ...]
+    #: Front ends cache renderings derived from this identity here; keys must include
+    #: everything else the rendering depends on (rule, policy version, ...).
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+_PREFIX_LEN = len(IDENTITY_HEADER_PREFIX)
+
+
+def is_identity_header(key: str) -> bool:
+    """`x-auth-*` in any case, and underscore spellings (`x_auth_subject`) too: some
+    backends fold underscores into dashes."""
+    return key[:_PREFIX_LEN].lower().replace("_", "-") == IDENTITY_HEADER_PREFIX
+
+
+def identity_of(verified: VerifiedToken, spec: TokenSpec, policy: Policy) -> Identity:
+    """The identity a verified token carries; computed once per token and cached on it."""
+    base: Identity | None = verified.derived
+    if base is None or base.token_type != spec.type:
+        base = _build(verified, spec)
+        verified.derived = base
+    if not policy.claim_headers:
+        return base
+    extra = tuple(
+        (header, text)
+        for header, claim in policy.claim_headers
+        if (text := _header_text(verified.claims.get(claim))) is not None
+    )
+    if not extra:
+        return base
+    return dataclasses.replace(base, headers=base.headers + extra)
+
+
+def _build(verified: VerifiedToken, spec: TokenSpec) -> Identity:
+    claims = verified.claims
+    roles = claim_list(claims, "roles")
+    permissions = claim_list(claims, "permissions")
+    token_scopes = scopes(claims)
+    jti = claims.get("jti")
+    iss = claims.get("iss") if isinstance(claims.get("iss"), str) else None
+    headers = [(SUBJECT, claims["sub"]), (TOKEN_TYPE, spec.type)]
+    if roles:
+        headers.append((ROLES, ",".join(roles)))
+    if permissions:
+        headers.append((PERMISSIONS, ",".join(permissions)))
+    if token_scopes:
+        headers.append((SCOPES, ",".join(token_scopes)))
+    if jti:
+        headers.append((JTI, jti))
+    if iss and HEADER_SAFE.fullmatch(iss):
+        headers.append((ISSUER, iss))
+    # The payload segment is base64url of exactly the JSON whose signature was verified, so
+    # it is forwarded as is: no re-encoding, and never larger than the token.
+    headers.append((CLAIMS, verified.token.split(".", 2)[1]))
+    return Identity(
+        subject=claims["sub"],
+        token_type=spec.type,
+        roles=roles,
+        permissions=permissions,
+        scopes=token_scopes,
+        jti=jti,
+        issuer=iss,
+        claims=claims,
+        headers=tuple(headers),
+    )
+
+
+def _header_text(value: Any) -> str | None:
+    """A claim value as header text: scalars as-is, lists comma-joined; None if unsafe."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str | int | float):
+        text = str(value)
+    elif isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
+        text = ",".join(str(v) for v in value)
+    else:
+        return None
+    return text if text and HEADER_SAFE.fullmatch(text) else None

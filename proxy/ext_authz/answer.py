@@ -1,0 +1,288 @@
+"""The Envoy ext_authz contract, shared by the gRPC (`ext_authz/grpc_check.py`) and HTTP
+(`ext_authz/http_check.py`) front ends: what a request looks like, and what Envoy is told.
+
+Allow (`Allow`): the identity headers are *set* on the upstream request (overwrite, never
+append); every other identity header name — the ones this policy can set, plus every
+`x-auth-*` the client sent — the policy's `strip_headers` (every exact name, seen or not,
+and the names the client sent that a prefix matches) and `authorization` (unless the rule
+forwards it) are removed. Envoy applies removals after sets, so a removed name is never
+one we set.
+
+Deny (`Deny`): 401 with an RFC 6750 `www-authenticate` challenge when the caller is not
+authenticated, 403 when it is not allowed, 400 for a request that cannot be judged, 429
+when rate limited; a JSON body `{"error", "reason", "message"}`. For a gRPC request the
+reply also carries `grpc-status`, `grpc-status-details-bin` (the same ErrorInfo as the
+sidecar) and a plain-text body, which Envoy turns into `grpc-message`.
+
+Both carry `metadata` for Envoy's dynamic metadata (namespace
+`envoy.filters.http.ext_authz`): the decision, and on allow the verified claims.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, TypeVar
+from urllib.parse import quote
+
+import grpc
+
+from authproxy.decide.bearer import AUTHORIZATION
+from authproxy.decide.decision import Decision
+from authproxy.decide.identity import BUILTIN_HEADERS, PEER, is_identity_header
+from authproxy.decide.pipeline import Authorizer
+from authproxy.decide.reasons import Reason
+from authproxy.policy.model import Policy
+from authproxy.policy.strip_headers import StripHeaders
+from authproxy.wire.grpc_status import DETAILS_KEY, deny_details
+
+Headers = tuple[tuple[str, str], ...]
+T = TypeVar("T")
+
+GRPC_CONTENT_TYPE = "application/grpc"
+WWW_AUTHENTICATE = "www-authenticate"
+RETRY_AFTER = "retry-after"
+
+HTTP_STATUS = {
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+}
+_INSUFFICIENT = (
+    Reason.INSUFFICIENT_ROLE,
+    Reason.INSUFFICIENT_PERMISSION,
+    Reason.INSUFFICIENT_SCOPE,
+)
+# RFC 6750 3: error_description is %x20-21 / %x23-5B / %x5D-7E (no quote, no backslash).
+_NOT_DESCRIPTION_SAFE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+# gRPC percent-encodes grpc-message: everything but printable ASCII, and "%" itself.
+_GRPC_MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+class CheckRequest(NamedTuple):
+    """What both front ends extract from Envoy: method, path (query kept), headers, and
+    the client's address (for rate limits keyed by `peer`), and the client certificate's
+    identity when Envoy verified one (for `peers:`)."""
+
+    method: str
+    path: str
+    headers: Headers
+    peer: str | None = None
+    principal: str | None = None
+
+    @property
+    def grpc(self) -> bool:
+        """A gRPC request (`is_grpc`)."""
+        return is_grpc(self.headers)
+
+
+def is_grpc(headers: Headers) -> bool:
+    """A gRPC request: its content-type is `application/grpc` or `application/grpc+...`."""
+    for key, value in headers:
+        if len(key) == 12 and key.lower() == "content-type":
+            return value.lower().startswith(GRPC_CONTENT_TYPE)
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    headers: Headers  # set (overwrite) on the upstream request
+    remove: tuple[str, ...]  # removed from the upstream request
+    metadata: dict[str, Any]
+    #: Front ends keep their rendering of this answer here (`rendered_as`).
+    rendered: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def rendered_as(self, front_end: str, render: Callable[[Allow], T]) -> T:
+        """This allow as `front_end` renders it: made once, then kept with the allow, which
+        equal requests share (`allow_for`). The rendering must never be mutated."""
+        found = self.rendered.get(front_end)
+        if found is None:
+            found = self.rendered[front_end] = render(self)
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    status: int  # HTTP
+    grpc_code: int
+    message: str  # "REASON: what the request needs"
+    headers: Headers  # for the client
+    body: str
+    metadata: dict[str, Any]
+
+
+async def answer(authorizer: Authorizer, request: CheckRequest) -> Allow | Deny:
+    """Decide an Envoy check and translate the decision (the gRPC front end's path; the
+    HTTP front end takes the same steps inline, `CheckHttpServer.check`)."""
+    policy = authorizer.policy  # one snapshot: the reply's header names match the decision
+    grpc = request.grpc
+    decision = await authorizer.decide_http(
+        request.method, request.path, request.headers, grpc, policy, request.peer, request.principal
+    )
+    if not decision.allowed:
+        return deny_for(decision, grpc)
+    return allow_for(decision, request.headers, policy)
+
+
+def refuse(authorizer: Authorizer, request: CheckRequest, message: str) -> Deny:
+    """The answer to a check that cannot be judged at all (REQUEST_MALFORMED)."""
+    decision = authorizer.malformed(request.path[:256] or "<check>", message)
+    return deny_for(decision, request.grpc)
+
+
+def allow_for(decision: Decision, headers: Headers, policy: Policy) -> Allow:
+    """The `Allow` of an allowed decision for a request with `headers`.
+
+    An allow depends only on the identity, the rule, the policy version and which headers
+    must go, so equal inputs share one `Allow` (and the front ends' rendering of it). The
+    cache lives on the identity, which lives as long as its token in the verifier's cache.
+    """
+    strip = policy.strip_headers
+    kinds_of, kinds = _kinds
+    if kinds_of is not strip:
+        kinds = _new_kinds(strip)
+    incoming: list[str] = []
+    authorization = False
+    for name, _ in headers:
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _classify(name, strip, kinds)
+        if kind is True:
+            authorization = True
+        elif kind:
+            incoming.append(kind)
+    if authorization and decision.forward_token:
+        authorization = False  # the rule forwards it
+    identity = decision.identity
+    cache = identity.memo if identity is not None else _PUBLIC_ALLOWS
+    key: tuple = (decision.rule.pattern, decision.policy_version, decision.principal, authorization)
+    if incoming:
+        key = (*key, *sorted(incoming))
+    allow = cache.get(key)
+    if allow is None:
+        names = set(BUILTIN_HEADERS).union(
+            incoming, strip.names, (h for h, _ in policy.claim_headers)
+        )
+        if authorization:
+            names.add(AUTHORIZATION)
+        if identity is not None:
+            names.difference_update(name for name, _ in identity.headers)
+        if decision.principal is not None:
+            names.discard(PEER)
+        allow = _allow(decision, tuple(sorted(names)))
+        if len(cache) < _CACHE_LIMIT:  # odd header sets cannot grow it without bound
+            cache[key] = allow
+    return allow
+
+
+#: Request header names already classified for one `StripHeaders` (the current policy's),
+#: by `_classify`; bounded, since header names come from clients.
+_kinds: tuple[StripHeaders | None, dict[str, str | bool]] = (None, {})
+_KINDS_LIMIT = 1024
+
+
+def _new_kinds(strip: StripHeaders) -> dict[str, str | bool]:
+    """Start remembering names for `strip` (a new policy's), forgetting the last one's."""
+    global _kinds
+    _kinds = (strip, {})
+    return _kinds[1]
+
+
+def _classify(name: str, strip: StripHeaders, kinds: dict[str, str | bool]) -> str | bool:
+    """What a request header name means for an allow: the lowercase name when it must be
+    removed although the allow's fixed set does not name it (an identity header the client
+    sent; a `strip_headers` prefix or `_` spelling match), True for `authorization`
+    (removed unless the rule forwards it), False for anything else. Remembered in `kinds`."""
+    lower = name.lower()
+    kind: str | bool
+    if is_identity_header(name) or (lower not in strip.names and strip.matches(lower)):
+        kind = lower
+    else:
+        kind = lower == AUTHORIZATION
+    if len(kinds) < _KINDS_LIMIT:
+        kinds[name] = kind
+    return kind
+
+
+_PUBLIC_ALLOWS: dict[tuple, Allow] = {}
+_CACHE_LIMIT = 64
+
+
+def _allow(decision: Decision, remove: tuple[str, ...]) -> Allow:
+    identity = decision.identity
+    headers = identity.headers if identity is not None else ()
+    if decision.principal is not None:
+        headers = (*headers, (PEER, decision.principal))
+    metadata: dict[str, Any] = _decision_metadata(decision)
+    if identity is not None:
+        metadata.update(
+            subject=identity.subject,
+            token_type=identity.token_type,
+            roles=list(identity.roles),
+            permissions=list(identity.permissions),
+            scopes=list(identity.scopes),
+            claims=identity.claims,
+        )
+    return Allow(headers, remove, metadata)
+
+
+def deny_for(decision: Decision, grpc: bool) -> Deny:
+    """The `Deny` of a refused decision; `grpc`: the request is a gRPC call."""
+    reason = decision.reason
+    assert reason is not None
+    status = HTTP_STATUS.get(decision.status, 403)
+    headers: list[tuple[str, str]] = []
+    description = _NOT_DESCRIPTION_SAFE.sub("?", decision.message)[:256]
+    if status == 401:
+        # RFC 6750 3.1: no error code when the request has no credentials at all.
+        challenge = (
+            "Bearer"
+            if reason is Reason.TOKEN_MISSING
+            else f'Bearer error="invalid_token", error_description="{description}"'
+        )
+        headers.append((WWW_AUTHENTICATE, challenge))
+    elif reason in _INSUFFICIENT:
+        headers.append(
+            (
+                WWW_AUTHENTICATE,
+                f'Bearer error="insufficient_scope", error_description="{description}"',
+            )
+        )
+    if decision.retry_after is not None:  # RFC 9110 10.2.3: whole seconds
+        headers.append((RETRY_AFTER, str(max(1, math.ceil(decision.retry_after)))))
+    message, trailers = deny_details(decision)
+    code = decision.status.value[0]
+    if grpc:
+        headers.append(("grpc-status", str(code)))
+        headers.append(("grpc-message", quote(message, safe=_GRPC_MESSAGE_SAFE)))
+        headers.append((DETAILS_KEY, base64.b64encode(trailers[0][1]).decode().rstrip("=")))
+        # Envoy turns the body into grpc-message and the content-type into application/grpc.
+        headers.append(("content-type", "text/plain; charset=utf-8"))
+        body = message
+    else:
+        headers.append(("content-type", "application/json"))
+        body = json.dumps(
+            {
+                "error": decision.status.name.lower(),
+                "reason": reason.value,
+                "message": decision.message,
+            }
+        )
+    metadata = _decision_metadata(decision)
+    metadata["reason"] = reason.value
+    return Deny(status, code, message, tuple(headers), body, metadata)
+
+
+def _decision_metadata(decision: Decision) -> dict[str, Any]:
+    return {
+        "decision": "allow" if decision.allowed else "deny",
+        "level": decision.level,
+        "rule": decision.rule.pattern,
+        "policy_version": decision.policy_version,
+    }

@@ -1,0 +1,253 @@
+"""Assembling and running the proxy: one `Authorizer` shared by up to three front ends —
+the gRPC sidecar (`--upstream`), the Envoy ext_authz gRPC server (`--ext-authz-grpc`) and
+the Envoy ext_authz HTTP server (`--ext-authz-http`) — built from a `ServeConfig`
+(`runtime/config.py`, which finds every configuration problem before anything listens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from authproxy.decide.client_address import TrustedProxies
+from authproxy.decide.pipeline import Authorizer
+from authproxy.decide.rate_limits import RateLimiter
+from authproxy.decide.state_checks import SingleUse, revocation_check
+from authproxy.ext_authz.grpc_check import CheckServer
+from authproxy.ext_authz.http_check import CheckHttpServer
+from authproxy.keys.ring import KeyRing, attach
+from authproxy.keys.verify import TokenVerifier
+from authproxy.policy.model import Policy
+from authproxy.runtime.admin import AdminServer
+from authproxy.runtime.config import (
+    DEFAULT_LISTEN,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ConfigError,
+    ServeConfig,
+    build_state,
+    check_address,
+    check_policy_keys,
+    load_keys,
+    read_policy,
+    warn_volatile_state,
+)
+from authproxy.runtime.operations import Operations
+from authproxy.runtime.policy_reload import PolicyReloader
+from authproxy.sidecar.listener import Sidecar
+from authproxy.state.store import StateStore
+
+#: Names other modules import from here (the configuration lives in `runtime/config.py`).
+__all__ = [
+    "DEFAULT_LISTEN",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "AuthProxy",
+    "ConfigError",
+    "ServeConfig",
+    "Sidecar",
+    "assemble_authorizer",
+    "build_authorizer",
+    "build_state",
+    "check",
+    "check_policy_keys",
+    "load_keys",
+    "read_policy",
+    "run",
+]
+
+log = logging.getLogger("authproxy")
+
+
+def build_authorizer(
+    cfg: ServeConfig,
+    state: StateStore,
+    policy: Policy | None = None,
+    keys: KeyRing | None = None,
+) -> Authorizer:
+    """`policy`: already read with `read_policy` (default: read it now); `keys`: from
+    `load_keys` (default: load them now; remote sets are fetched once the ring starts)."""
+    if policy is None:
+        policy, _ = read_policy(cfg)
+    if keys is None:
+        keys = load_keys(cfg)
+    check_policy_keys(policy, keys)
+    try:
+        trusted = TrustedProxies(cfg.trusted_proxies)
+    except ValueError as e:
+        raise ConfigError(f"--trusted-proxy: {e}") from None
+    verifier = TokenVerifier(keys.current, cache_size=cfg.token_cache_size)
+    attach(keys, verifier)
+    return assemble_authorizer(policy, verifier, state, trusted)
+
+
+def assemble_authorizer(
+    policy: Policy,
+    verifier: TokenVerifier,
+    state: StateStore,
+    trusted: TrustedProxies | None = None,
+) -> Authorizer:
+    """The pipeline's steps on a state store: revocation and "already used?", then rate
+    limits, then the single-use record (last: only a call let through spends its token).
+    `serve` and `explain` both build theirs here."""
+    single_use = SingleUse(state)
+    return Authorizer(
+        policy,
+        verifier,
+        (revocation_check(state), single_use.check),
+        RateLimiter(state.rate_limit_storage(), trusted),
+        recorders=(single_use.record,),
+    )
+
+
+class AuthProxy:
+    """The whole process: one authorizer, and each front end the configuration asks for."""
+
+    def __init__(self, cfg: ServeConfig, listen: bool = True) -> None:
+        """`listen=False` leaves out the ext_authz gRPC server, the one listener that binds
+        when it is built (the others bind in `start`): a configuration check, for a proxy
+        that is never started."""
+        if not (cfg.upstream or cfg.ext_authz_grpc or cfg.ext_authz_http):
+            raise ConfigError(
+                "nothing to serve: give --upstream (the sidecar) and/or --ext-authz-grpc"
+                " / --ext-authz-http (Envoy ext_authz)"
+            )
+        for flag, value in (
+            ("--ext-authz-grpc", cfg.ext_authz_grpc),
+            ("--ext-authz-http", cfg.ext_authz_http),
+        ):
+            if value is not None:
+                check_address(flag, value)
+        self.state = build_state(cfg)
+        policy, policy_text = read_policy(cfg)
+        self.keys = load_keys(cfg)
+        self.authorizer = build_authorizer(cfg, self.state, policy, self.keys)
+        self.ops = Operations(
+            self.authorizer,
+            self.state,
+            self.keys,
+            cfg.policy,
+            policy_text,
+            check_policy_keys,
+            cfg.log_allows,
+            cfg.keys_wait,
+        )
+        self.sidecar = None
+        if cfg.upstream:
+            self.sidecar = Sidecar(
+                cfg, self.authorizer, self.state, self.ops.metrics_registry.upstream_seconds
+            )
+            self.ops.watch_sidecar(self.sidecar.upstream, self.sidecar.guard, self.sidecar.tls)
+        self.admin: AdminServer | None = None
+        if cfg.admin:
+            check_address("--admin", cfg.admin)
+            token = None
+            if cfg.admin_token_env:
+                token = os.environ.get(cfg.admin_token_env)
+                if not token or len(token) < 16:
+                    raise ConfigError(
+                        f"--admin-token-env {cfg.admin_token_env}: the variable must hold a"
+                        " secret of at least 16 characters"
+                    )
+            if cfg.admin_metrics_auth and token is None:
+                raise ConfigError("--admin-metrics-auth needs --admin-token-env")
+            self.admin = AdminServer(self.state, cfg.admin, token, self.ops, cfg.admin_metrics_auth)
+        self.check_grpc: CheckServer | None = None
+        self.check_http: CheckHttpServer | None = None
+        try:
+            shared = cfg.workers > 1  # every worker listens on the same ports
+            if cfg.ext_authz_grpc and listen:
+                self.check_grpc = CheckServer(self.authorizer, cfg.ext_authz_grpc, shared)
+            if cfg.ext_authz_http:
+                self.check_http = CheckHttpServer(
+                    self.authorizer, cfg.ext_authz_http, cfg.ext_authz_http_path_prefix, shared
+                )
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+        for mode, server in (("grpc", self.check_grpc), ("http", self.check_http)):
+            if server is not None:
+                self.ops.watch_ext_authz(mode, server)
+        self.cfg = cfg
+
+    @property
+    def reloader(self) -> PolicyReloader:
+        return self.ops.reloader
+
+    async def start(self) -> None:
+        # Said once the configuration has passed every check (a refused one gets only
+        # its error).
+        warn_volatile_state(self.cfg, self.authorizer.policy)
+        await self.state.start()
+        await self.keys.start()
+        if self.keys.remote:  # a moment for the first fetches; readiness waits for them anyway
+            await self.keys.wait_loaded(self.cfg.jwks_fetch.timeout)
+        if self.admin is not None:
+            try:
+                await self.admin.start()
+            except OSError as e:
+                await self.state.close()
+                await self.keys.close()
+                raise ConfigError(f"--admin {self.cfg.admin}: {e}") from None
+            log.info("admin API listening on port %d", self.admin.port)
+        if self.sidecar is not None:
+            await self.sidecar.start()
+        if self.check_grpc is not None:
+            await self.check_grpc.start()
+            log.info("ext_authz gRPC (Check) listening on port %d", self.check_grpc.port)
+        if self.check_http is not None:
+            try:
+                await self.check_http.start()
+            except OSError as e:
+                await self.stop(0)
+                raise ConfigError(f"--ext-authz-http {self.cfg.ext_authz_http}: {e}") from None
+            log.info("ext_authz HTTP listening on port %d", self.check_http.port)
+        if self.cfg.watch_policy:
+            self.reloader.start()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: readiness goes false, the front ends stop taking calls and let the ones
+        in flight (streams too) finish for up to `grace` seconds; the admin listener
+        answers (`/readyz` 503) until they are done."""
+        grace = self.cfg.shutdown_grace if grace is None else grace
+        self.ops.draining = True
+        await self.reloader.stop()
+        fronts = (self.sidecar, self.check_grpc, self.check_http)
+        await asyncio.gather(*(front.stop(grace) for front in fronts if front is not None))
+        if self.admin is not None:
+            await self.admin.stop()
+        await self.keys.close()
+        await self.state.close()
+
+
+async def check(cfg: ServeConfig) -> None:
+    """Build everything `run` would from `cfg` but the listeners, without starting it: a
+    configuration problem raises the `ConfigError` `run` would (the workers' supervisor
+    checks this way before it starts any worker; a port it cannot bind, a worker finds)."""
+    proxy = AuthProxy(cfg, listen=False)
+    await proxy.stop(0)
+
+
+async def run(cfg: ServeConfig, stopping: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or until `stopping` is set), then drain in-flight calls
+    for up to the grace period."""
+    proxy = AuthProxy(cfg)
+    await proxy.start()
+    if stopping is None:
+        stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    reloads: set[asyncio.Task] = set()
+
+    def reload() -> None:
+        task = loop.create_task(proxy.reloader.reload("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    # A worker starts with SIGHUP blocked (`runtime/workers.py`): a reload asked for while it was
+    # starting waits until now instead of ending it.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    await stopping.wait()
+    log.info("shutting down (grace %.0fs)", cfg.shutdown_grace)
+    await proxy.stop()
