@@ -255,7 +255,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         default=not env_bool("--reload-ends-streams", True),
         help="keep open streams that a reloaded policy would refuse",
     )
-    p.set_defaults(func=serve)
+    p.set_defaults(func=serve, serve_parser=p)
 
 
 def add_key_flags(p: argparse.ArgumentParser) -> None:
@@ -337,7 +337,10 @@ def serve(args: argparse.Namespace) -> int:
     decision_log.log_to(args.decision_log)
     cfg = serve_config(args)
     if cfg.workers > 1 or args.worker_index is not None:
-        return workers.main(cfg, args.worker_index)
+        parser: argparse.ArgumentParser = args.serve_parser
+        return workers.main(
+            cfg, args.worker_index, lambda argv: serve_config(parser.parse_args(argv))
+        )
     asyncio.run(run(cfg))
     return 0
 

@@ -28,6 +28,7 @@ import os
 import signal
 import stat
 import sys
+from collections.abc import Callable
 
 from authproxy.runtime.config import ConfigError, ServeConfig
 from authproxy.runtime.serve import check, run
@@ -38,12 +39,18 @@ log = logging.getLogger("authproxy.workers")
 KILL_AFTER_GRACE = 5.0
 
 
-def main(cfg: ServeConfig, worker_index: int | None) -> int:
+#: The configuration a `serve` command's arguments (after the word `serve`) make.
+ConfigOf = Callable[[list[str]], ServeConfig]
+
+
+def main(cfg: ServeConfig, worker_index: int | None, config_of: ConfigOf) -> int:
     """`authproxy serve` with `--workers` above 1 (the supervisor), or as worker
-    `worker_index` of such a supervisor. The exit status."""
+    `worker_index` of such a supervisor. The exit status. `config_of` is the command
+    line's own reading of `serve` arguments (the supervisor checks that its command line
+    makes `cfg` again before it starts workers with it)."""
     if worker_index is not None:
         return serve_worker(cfg, worker_index)
-    return asyncio.run(supervise(cfg))
+    return asyncio.run(supervise(cfg, config_of))
 
 
 def check_workers(cfg: ServeConfig) -> None:
@@ -86,27 +93,24 @@ def _port(address: str) -> int:
 # --- the supervisor -------------------------------------------------------------------------
 
 
-async def supervise(cfg: ServeConfig) -> int:
+async def supervise(cfg: ServeConfig, config_of: ConfigOf) -> int:
     await check(cfg)
     check_workers(cfg)
-    return await Supervisor(cfg, command_line(cfg)).run()
+    return await Supervisor(cfg, command_line(cfg, config_of)).run()
 
 
-def command_line(cfg: ServeConfig) -> list[str]:
+def command_line(cfg: ServeConfig, config_of: ConfigOf) -> list[str]:
     """This process's `serve` arguments, which the workers are started with. They must
     make exactly `cfg` again: `main(argv)` called from another program does not have them
     in `sys.argv`."""
-    from authproxy.cli.main import (
-        build_parser,  # the command line's parser (cli imports this module)
-    )
-    from authproxy.cli.serve import serve_config
-
     argv = sys.argv[1:]
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # argparse's own complaint
-            again = serve_config(build_parser().parse_args(argv))
-    except (SystemExit, ConfigError, ValueError):
-        again = None
+    again = None
+    if argv[:1] == ["serve"]:
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # argparse's own complaint
+                again = config_of(argv[1:])
+        except (SystemExit, ConfigError, ValueError):
+            again = None
     if again != cfg:
         raise ConfigError(
             "--workers starts each worker with this process's command line, which is not"

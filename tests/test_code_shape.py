@@ -1,0 +1,132 @@
+"""The shape of the code, checked: no import cycles among the proxy's modules (imports
+inside functions included), each package says what it owns, no module is over the size a
+reader can hold, and the client library stands alone."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SOURCE = Path(__file__).resolve().parents[1] / "proxy"
+PACKAGE = "authproxy"
+#: Lines a module may have before it is split (a reader holds about this much at once).
+MAX_MODULE_LINES = 400
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in SOURCE.rglob("*.py"):
+        parts = list(path.relative_to(SOURCE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join([PACKAGE, *parts])] = path
+    return found
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node that can run: all but `if TYPE_CHECKING:` blocks (type names only)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and ast.unparse(child.test) in _TYPE_CHECKING:
+                stack.extend(child.orelse)
+                continue
+            stack.append(child)
+
+
+_TYPE_CHECKING = ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """Every proxy module `name` imports when it runs, wherever the import statement is
+    (in a function too); imports for type checking only never run, so they are left out."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in _runtime_nodes(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
+                       for a in node.names]  # fmt: skip
+        else:
+            continue
+        found.update(t for t in targets if t in modules and t != name)
+    return found
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle, or None."""
+    state: dict[str, int] = {}  # 1 on the path, 2 done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_module_imports_itself_back_through_others():
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    # A package's __init__ imports nothing of ours, so importing a module never runs
+    # another module as a side effect; the client library's is its public API.
+    for name, path in modules.items():
+        if path.name == "__init__.py" and name.count(".") == 1 and name != f"{PACKAGE}.client":
+            assert not graph[name], (name, graph[name])
+    cycle = _cycle(graph)
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_every_package_says_what_it_owns():
+    for init in SOURCE.rglob("__init__.py"):
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc and len(doc.split()) >= 8, f"{init} has no docstring saying what it owns"
+
+
+def test_no_module_is_longer_than_a_reader_can_hold():
+    long = {
+        str(path.relative_to(SOURCE)): n
+        for path in _modules().values()
+        if not path.name.endswith("_pb2.py")  # generated
+        and (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
+    assert not long, long
+
+
+def test_the_client_library_uses_only_the_policy_model_and_the_names_it_shares():
+    """What a service's client installs for token handling must not pull the proxy's
+    servers in: the client imports only the policy model and loader (to read levels) and
+    the names of the wire contract (reasons, status details, the bearer header)."""
+    modules = _modules()
+    allowed_prefixes = (f"{PACKAGE}.client", f"{PACKAGE}.policy", f"{PACKAGE}.decide.reasons",
+                        f"{PACKAGE}.decide.bearer", f"{PACKAGE}.wire.grpc_status")  # fmt: skip
+    for name, path in modules.items():
+        if name.startswith(f"{PACKAGE}.client"):
+            outside = {
+                m for m in _imports(name, path, modules) if not m.startswith(allowed_prefixes)
+            }
+            assert not outside, (name, outside)
