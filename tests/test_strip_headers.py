@@ -207,3 +207,46 @@ async def test_the_policy_strip_list_decides_what_is_removed() -> None:
     decision = await authorizer.decide(METHOD_FOR["public"], as_metadata(headers))
     out = relay_headers(headers, decision, authorizer.policy.strip_headers)
     assert out == h2([("x-email", "alice@example.com"), *KEPT])
+
+
+# --- one rule for both front ends ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "forwards"),
+    [(METHOD_FOR["public"], False), (METHOD_FOR["access"], False), ("/api.v1.User/Forward", True)],
+)
+async def test_the_sidecar_and_ext_authz_remove_the_same_client_headers(
+    method: str, forwards: bool
+) -> None:
+    """The sidecar drops, and ext_authz tells Envoy to remove, exactly the same names of
+    those a client sent (hop-by-hop fields aside, which Envoy handles itself), and both
+    set the same identity headers: one strip rule and one inject rule
+    (`decide/auth_headers.py`)."""
+    from authproxy.ext_authz.answer import allow_for
+
+    text = POLICY_YAML + "strip_headers:\n  add: [x-tenant, x-legacy-*]\n  keep: [x-email]\n"
+    sent = [
+        ("x-tenant", "t1"),
+        ("x_legacy_user", "root"),
+        ("x-email", "alice@example.com"),
+        ("x_auth_subject", "root"),
+        *FORGED,
+        *KEPT,
+    ]
+    headers = h2(bearer(token())) + h2(sent)
+    authorizer = auth(text)
+    metadata = as_metadata(headers)
+    decision = await authorizer.decide(method, metadata)
+    assert decision.allowed, decision.message
+    relayed = relay_headers(headers, decision, authorizer.policy.strip_headers)
+    identity = {k for k, _ in decision.identity.headers} if decision.identity else set()
+    kept_by_sidecar = {k.decode() for k, _ in relayed} - identity
+    allow = allow_for(decision, tuple(metadata), authorizer.policy)
+    removed = set(allow.remove)
+    kept_by_envoy = {k for k, _ in metadata if k not in removed}
+    assert kept_by_sidecar == kept_by_envoy
+    assert ("authorization" in kept_by_envoy) == forwards
+    assert [(k.encode(), v.encode()) for k, v in allow.headers] == relayed[
+        len(relayed) - len(allow.headers) :
+    ]

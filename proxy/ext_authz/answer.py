@@ -31,9 +31,9 @@ from urllib.parse import quote
 
 import grpc
 
+from authproxy.decide.auth_headers import client_may_not_send, identity_headers, names_set_by
 from authproxy.decide.bearer import AUTHORIZATION
 from authproxy.decide.decision import Decision
-from authproxy.decide.identity import BUILTIN_HEADERS, PEER, is_identity_header
 from authproxy.decide.pipeline import Authorizer
 from authproxy.decide.reasons import Reason
 from authproxy.policy.model import Policy
@@ -166,16 +166,12 @@ def allow_for(decision: Decision, headers: Headers, policy: Policy) -> Allow:
         key = (*key, *sorted(incoming))
     allow = cache.get(key)
     if allow is None:
-        names = set(BUILTIN_HEADERS).union(
-            incoming, strip.names, (h for h, _ in policy.claim_headers)
-        )
+        names = set(names_set_by(policy)).union(incoming, strip.names)
         if authorization:
             names.add(AUTHORIZATION)
-        if identity is not None:
-            names.difference_update(name for name, _ in identity.headers)
-        if decision.principal is not None:
-            names.discard(PEER)
-        allow = _allow(decision, tuple(sorted(names)))
+        headers = identity_headers(decision)
+        names.difference_update(name for name, _ in headers)
+        allow = _allow(decision, headers, tuple(sorted(names)))
         if len(cache) < _CACHE_LIMIT:  # odd header sets cannot grow it without bound
             cache[key] = allow
     return allow
@@ -201,7 +197,8 @@ def _classify(name: str, strip: StripHeaders, kinds: dict[str, str | bool]) -> s
     (removed unless the rule forwards it), False for anything else. Remembered in `kinds`."""
     lower = name.lower()
     kind: str | bool
-    if is_identity_header(name) or (lower not in strip.names and strip.matches(lower)):
+    # Names in `strip.names` are in every allow's set already.
+    if lower not in strip.names and client_may_not_send(lower, strip):
         kind = lower
     else:
         kind = lower == AUTHORIZATION
@@ -214,11 +211,10 @@ _PUBLIC_ALLOWS: dict[tuple, Allow] = {}
 _CACHE_LIMIT = 64
 
 
-def _allow(decision: Decision, remove: tuple[str, ...]) -> Allow:
+def _allow(
+    decision: Decision, headers: tuple[tuple[str, str], ...], remove: tuple[str, ...]
+) -> Allow:
     identity = decision.identity
-    headers = identity.headers if identity is not None else ()
-    if decision.principal is not None:
-        headers = (*headers, (PEER, decision.principal))
     metadata: dict[str, Any] = _decision_metadata(decision)
     if identity is not None:
         metadata.update(
