@@ -104,6 +104,9 @@ def parse_policy(data: bytes | str, file: str = "<policy>") -> Policy:
 
 class _Validator(RateLimitChecks, StripHeaderChecks):
     shadow_default = False
+    #: Token levels the file defines, valid or not: a rule using one whose definition is
+    #: broken gets no second error (the definition's own error says what to fix).
+    named_levels: frozenset[str] = frozenset()
     # --- the document ------------------------------------------------------------------
 
     def policy(self, doc: Any, version: str) -> Policy:
@@ -160,7 +163,7 @@ class _Validator(RateLimitChecks, StripHeaderChecks):
 
         routes = self.http_routes(doc, tokens, forward)
         if self.errors:
-            raise PolicyError(self.errors)
+            raise PolicyError(sorted(self.errors, key=lambda e: e.line or 0))  # in file order
         return Policy(
             source=self.file,
             version=version,
@@ -211,17 +214,15 @@ class _Validator(RateLimitChecks, StripHeaderChecks):
             return {}
         if not isinstance(section, LineMap):
             self.error(doc.line_of("tokens"), "'tokens' must map levels to token requirements")
+            self.named_levels = frozenset(TOKEN_LEVELS)
             return {}
+        self.unknown_keys(section, TOKEN_LEVELS, "token level")
+        self.named_levels = frozenset(section)
         specs: dict[str, TokenSpec] = {}
         for level, spec in section.items():
             line = section.line_of(level)
             if level not in TOKEN_LEVELS:
-                self.error(
-                    line,
-                    f"unknown token level {level!r}: tokens are defined for "
-                    f"{', '.join(TOKEN_LEVELS)}",
-                )
-                continue
+                continue  # reported above
             if not isinstance(spec, LineMap):
                 self.error(line, f"tokens.{level} must be a mapping with 'type' and 'audience'")
                 continue
@@ -250,63 +251,74 @@ class _Validator(RateLimitChecks, StripHeaderChecks):
         self, pattern: str, value: Any, line: int, tokens: dict[str, TokenSpec], forward: bool
     ) -> Rule:
         where = "default" if pattern == "default" else pattern
-        if isinstance(value, str):
-            spec: LineMap | None = None
-            level = value
-        elif isinstance(value, LineMap):
-            spec = value
-            self.unknown_keys(spec, RULE_KEYS, f"key in rule {where}")
-            level = spec.get("level")
-            if "level" not in spec:
-                self.error(line, f"rule {where} has no 'level'")
-                level = DENY
-        else:
-            self.error(line, f"rule {where} must be a level name or a mapping with 'level'")
-            return Rule(pattern, DENY, line=line)
-
-        if level not in LEVELS:
-            self.error(
-                line, f"unknown level {level!r} for {where} (expected one of {', '.join(LEVELS)})"
-            )
-            return Rule(pattern, DENY, line=line)
-        if level in TOKEN_LEVELS and level not in tokens:
-            self.error(
-                line, f"{where} uses level {level!r}, but 'tokens' does not define {level!r}"
-            )
-
+        spec, level = self.rule_level(where, value, line, tokens)
         if spec is None:
+            if level is None:
+                return Rule(pattern, DENY, line=line)
             return Rule(
                 pattern, level, forward_token=forward, shadow=self.shadow_default, line=line
             )
+        # An unknown or missing level is reported once: checks that depend on the level are
+        # skipped (rather than judged against `deny`), the others still run.
+        tokenless = level in (PUBLIC, DENY)
         roles = self.strings(spec, "roles") or frozenset()
         permissions = self.strings(spec, "permissions") or frozenset()
         scopes = self.strings(spec, "scopes") or frozenset()
-        if (roles or permissions or scopes) and level in (PUBLIC, DENY):
+        if (roles or permissions or scopes) and tokenless:
             self.error(line, f"{where}: roles/permissions/scopes need a token level, not {level!r}")
         single_use = self.boolean(spec, "single_use", default=False)
-        if single_use and level in (PUBLIC, DENY):
+        if single_use and tokenless:
             self.error(line, f"{where}: single_use needs a token level, not {level!r}")
         if "revoke_on_reuse" in spec and not single_use:
             self.error(line, f"{where}: revoke_on_reuse only applies with single_use: true")
-        peers = self.peers(spec, where, level)
+        peers = self.peers(spec, where, level or "")
         end_streams = self.boolean(spec, "end_streams", default=True)
-        if "end_streams" in spec and level in (PUBLIC, DENY):
+        if "end_streams" in spec and tokenless:
             self.error(line, f"{where}: end_streams needs a token level, not {level!r}")
         return Rule(
             pattern,
-            level,
+            level or DENY,
             roles=roles,
             permissions=permissions,
             scopes=scopes,
             forward_token=self.boolean(spec, "forward_token", default=forward),
             single_use=single_use,
             revoke_on_reuse=self.boolean(spec, "revoke_on_reuse", default=True),
-            rate_limits=self.rate_limits(spec, where, level),
+            rate_limits=self.rate_limits(spec, where, level or ""),
             end_streams=end_streams,
             shadow=self.shadow(spec, default=self.shadow_default),
             peers=peers,
             line=line,
         )
+
+    def rule_level(
+        self, where: str, value: Any, line: int, tokens: dict[str, TokenSpec]
+    ) -> tuple[LineMap | None, str | None]:
+        """A rule's mapping (None for a bare level) and its level (None when missing or
+        unknown, after reporting why)."""
+        spec: LineMap | None = None
+        if isinstance(value, str):
+            level: Any = value
+        elif isinstance(value, LineMap):
+            spec = value
+            self.unknown_keys(spec, RULE_KEYS, f"key in rule {where}")
+            if "level" not in spec:
+                self.error(line, f"rule {where} has no 'level'")
+                return spec, None
+            level = spec["level"]
+        else:
+            self.error(line, f"rule {where} must be a level name or a mapping with 'level'")
+            return None, None
+        if level not in LEVELS:
+            self.error(
+                line, f"unknown level {level!r} for {where} (expected one of {', '.join(LEVELS)})"
+            )
+            return spec, None
+        if level in TOKEN_LEVELS and level not in tokens and level not in self.named_levels:
+            self.error(
+                line, f"{where} uses level {level!r}, but 'tokens' does not define {level!r}"
+            )
+        return spec, level
 
     def peers(self, spec: LineMap, where: str, level: str) -> tuple[str, ...]:
         """`peers: [spiffe://..., "spiffe://cluster/ns/x/*", "CN=client,O=Example"]`."""

@@ -3,6 +3,7 @@ collecting `file:line: problem` errors instead of stopping at the first."""
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -23,11 +24,31 @@ class ValueChecks:
         self.errors.append(SourceError(self.file, line, problem))
 
     def unknown_keys(self, mapping: LineMap, allowed: tuple[str, ...], what: str) -> None:
+        """Report each key not in `allowed`, with a did-you-mean when one allowed key that the
+        mapping lacks is close. Such a key is then renamed in place to the one it most likely
+        meant, so the checks that follow judge the value under its intended name instead of
+        also reporting that name as missing (and what a missing key implies)."""
+        missing = [k for k in allowed if k not in mapping]
+        renamed: dict[Any, str] = {}
         for key in mapping:
-            if key not in allowed:
+            if key in allowed:
+                continue
+            guess = close_match(key, missing)
+            if guess is None:
                 self.error(
                     mapping.line_of(key), f"unknown {what} {key!r} (allowed: {', '.join(allowed)})"
                 )
+                continue
+            self.error(mapping.line_of(key), f"unknown {what} {key!r}: did you mean {guess!r}?")
+            missing.remove(guess)
+            renamed[key] = guess
+        if renamed:
+            items = [(renamed.get(k, k), v, mapping.line_of(k)) for k, v in mapping.items()]
+            mapping.clear()
+            mapping.lines = {}
+            for key, value, line in items:
+                mapping[key] = value
+                mapping.lines[key] = line
 
     def string(self, m: LineMap, key: str, where: str, default: str | None = None) -> str | None:
         if key not in m:
@@ -94,6 +115,15 @@ class ValueChecks:
             self.error(line, f"'{key}' must be between {low:g} and {high:g}, got {raw!r}")
             return default
         return value
+
+
+def close_match(key: Any, candidates: list[str]) -> str | None:
+    """The candidate `key` is most likely a misspelling of (case aside), or None."""
+    if not isinstance(key, str) or not candidates:
+        return None
+    lowered = {c.lower(): c for c in candidates}
+    found = difflib.get_close_matches(key.lower(), list(lowered), n=1)
+    return lowered[found[0]] if found else None
 
 
 def parse_duration(value: Any) -> float | None:
