@@ -286,7 +286,7 @@ def serve_with(
         ("--listen", "nope", "--listen 'nope' is not HOST:PORT"),
         ("--listen", ":8080", "is not HOST:PORT"),
         ("--policy", "absent.yaml", "absent.yaml: cannot read policy"),
-        ("--log-level", "chatty", "CHATTY"),
+        ("--log-level", "chatty", "invalid choice: 'chatty' (choose from debug, info,"),
     ],
 )
 def test_serve_flag_and_env_give_the_same_error(
@@ -392,3 +392,27 @@ def test_serve_state_file_and_redis_is_a_config_error(tmp_path: Path, jwks: str)
     result = serve(tmp_path, "--policy", POLICY, "--jwks", jwks, *KEYS, *ADDRESSES,
                    "--state-file", "state.json", "--redis", "redis://127.0.0.1:1")  # fmt: skip
     assert_config_error(result, "--state-file keeps in-memory state across restarts")
+
+
+def test_the_readme_flag_table_is_the_one_the_settings_make() -> None:
+    """Every `serve` setting is declared once (`SERVE`); the README's table is rendered
+    from it, so a new flag, default or help text cannot be missing there."""
+    from authproxy.cli.serve import SERVE
+    from authproxy.cli.settings import markdown_table
+
+    readme = (REPO / "README.md").read_text()
+    assert markdown_table(SERVE) in readme
+    parser_flags = {f for s in SERVE for f in (s.flag,)}
+    assert len(parser_flags) == len(SERVE)  # one declaration per flag
+
+
+def test_serve_help_names_each_variable_and_default(tmp_path: Path) -> None:
+    from authproxy.cli.serve import SERVE
+
+    result = run("serve", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    for setting in SERVE:
+        assert setting.env.replace("=false", "") in text.replace("- ", "-"), setting.flag
+    assert "(default 30d; env AUTHPROXY_SUBJECT_REVOCATION_TTL)" in text
+    assert "(default 0.0.0.0:8080; env AUTHPROXY_LISTEN)" in text

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 from authproxy import __version__
-from authproxy.cli.serve import ENV_PREFIX as ENV_PREFIX  # the environment variables' prefix
-from authproxy.cli.serve import add_key_flags, add_serve, duration, env, env_list
+from authproxy.cli.serve import KEY_SETTINGS, add_serve
+from authproxy.cli.settings import ENV_PREFIX as ENV_PREFIX  # the environment variables' prefix
+from authproxy.cli.settings import add_flags, duration, values
 from authproxy.keys import keygen as keygen_mod
 from authproxy.keys.issuer import SigningKey, TokenIssuer, hmac_signing_key, load_signing_key
 from authproxy.keys.keyset import KeyLoadError, secret_from_env, split_kid
@@ -101,14 +102,12 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--http", metavar="'METHOD /path'", help="an HTTP request seen through Envoy ext_authz"
     )
-    p.add_argument("--policy", default=env("--policy") or "policy.yaml", help="policy file")
     given = p.add_mutually_exclusive_group()
     given.add_argument(
         "--token", help="the JWT, or a whole 'Bearer ...' value (visible in the process list)"
     )
     given.add_argument("--token-file", help="file holding the token; - reads standard input")
-    add_key_flags(p)
-    p.add_argument("--hmac-secret-env", action="append", default=None, help="as for serve")
+    add_flags(p, KEY_SETTINGS)  # the policy and keys, as `serve` takes them
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=_explain)
 
@@ -134,15 +133,7 @@ def _explain(args: argparse.Namespace) -> int:
         except OSError as e:
             raise ConfigError(f"--token-file {args.token_file}: {e.strerror}") from None
         token = text.strip()
-    cfg = ServeConfig(
-        policy=args.policy,
-        jwks=args.jwks or env_list("--jwks"),
-        issuer_jwks=args.issuer_jwks or env_list("--issuer-jwks"),
-        oidc_issuers=args.oidc_issuer or env_list("--oidc-issuer"),
-        jwks_ca=args.jwks_ca,
-        public_keys=args.public_key or env_list("--public-key"),
-        hmac_secret_envs=args.hmac_secret_env or env_list("--hmac-secret-env"),
-    )
+    cfg = ServeConfig(**values(args, KEY_SETTINGS))
     explained = asyncio.run(explain_offline(cfg, target, token, http_method))
     out = json.dumps(json_report(explained), indent=2) if args.format == "json" else None
     print(out or text_report(explained))
