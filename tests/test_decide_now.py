@@ -39,14 +39,14 @@ def authorizer(clock: Clock) -> tuple[Authorizer, list[Decision]]:
     text = POLICY_YAML + f"  {ONCE}: {{level: refresh, single_use: true}}\n"
     state = MemoryState(clock=clock)
     single_use = SingleUse(state, clock)
+    seen: list[Decision] = []
     auth = Authorizer(
         policy(text),
         TokenVerifier(keyset(), clock=clock),
         (revocation_check(state), single_use.check),
         recorders=(single_use.record,),
+        observers=(lambda decision, seconds, peer: seen.append(decision),),
     )
-    seen: list[Decision] = []
-    auth.observers.append(lambda decision, seconds, peer: seen.append(decision))
     return auth, seen
 
 

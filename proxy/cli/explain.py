@@ -23,7 +23,7 @@ from authproxy.decide.decision import Decision
 from authproxy.decide.identity import Identity, identity_of
 from authproxy.decide.pipeline import Authorizer, Headers, check_requirements
 from authproxy.decide.reasons import Denied, Reason
-from authproxy.keys.ring import KeyRing, attach
+from authproxy.keys.ring import KeyRing
 from authproxy.keys.verify import TokenVerifier, VerifiedToken, check_claims, shown
 from authproxy.policy.model import PUBLIC, Policy, RateLimit, Rule, TokenSpec
 from authproxy.runtime.serve import (
@@ -79,8 +79,9 @@ def offline_authorizer(
     if need_keys:
         check_policy_keys(policy, keys)
     fixed = time.time() if now is None else now
-    verifier = TokenVerifier(keys.current, cache_size=0, clock=lambda: fixed)
-    attach(keys, verifier)
+    verifier = TokenVerifier(
+        keys, cache_size=0, clock=lambda: fixed, refresher=keys.refresh_for if keys.remote else None
+    )
     return assemble_authorizer(policy, verifier, state)
 
 

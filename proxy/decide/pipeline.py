@@ -69,13 +69,16 @@ class Authorizer:
         state_checks: Iterable[StateCheck] = (),
         limiter: Limiter | None = None,
         recorders: Iterable[Recorder] = (),
+        observers: Iterable[Observer] = (),
     ) -> None:
+        """`observers` are told every decision and how long it took (metrics, the
+        decision log)."""
         self.policy = policy
         self.verifier = verifier
         self.state_checks = tuple(state_checks)
         self.limiter = limiter
         self.recorders = tuple(recorders)
-        self.observers: list[Observer] = []
+        self.observers = tuple(observers)
         #: `_http_rule`'s answers: (method, path) -> what applies.
         self._routes: PolicyMemo[tuple[str, str], Decision | tuple[str, Rule]] = PolicyMemo()
         #: `_method_rule`'s answers: method path -> rule (None: not a method path). A

@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -325,3 +325,10 @@ def split_kid(spec: str) -> tuple[str | None, str]:
     """`KID=SOURCE` -> (KID, SOURCE); plain `SOURCE` -> (None, SOURCE)."""
     kid, sep, source = spec.partition("=")
     return (kid, source) if sep and kid and source else (None, spec)
+
+
+class CurrentKeys(Protocol):
+    """What keeps a key set current (`keys/ring.py`'s `KeyRing`)."""
+
+    @property
+    def current(self) -> KeySet: ...

@@ -1,8 +1,8 @@
 """The keys in use, kept current: every `KeySource` merged into one `KeySet`.
 
 The ring rebuilds the set whenever a source changes (a remote fetch brought new keys, a
-key file was edited, a rotated key's `retire_at` passed) and hands it to its listeners —
-the `TokenVerifier`, which swaps it in and forgets tokens verified with the old set, so
+key file was edited, a rotated key's `retire_at` passed); the `TokenVerifier` reads
+`current` before each verification and forgets tokens verified with an older set, so
 a key removed at the issuer stops verifying once its set is fetched again. It answers
 the verifier's "unknown kid" (`refresh_for`) by fetching the remote sets that could hold
 it, throttled per source, and fails closed with KEYS_UNAVAILABLE while such a set has
@@ -28,8 +28,6 @@ from authproxy.runtime.file_watch import FileWatch
 
 log = logging.getLogger("authproxy.keys")
 
-OnKeys = Callable[[KeySet], None]
-
 
 class KeyRing:
     def __init__(
@@ -44,7 +42,6 @@ class KeyRing:
         self.files = [s for s in self.sources if isinstance(s, KeyFile)]
         self.ssl_context = ssl_context
         self.clock = clock
-        self.listeners: list[OnKeys] = []
         self.current = KeySet(self._usable())  # strict at start: a clash is a config error
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -67,7 +64,7 @@ class KeyRing:
         ]
 
     def rebuild(self) -> None:
-        """Merge the sources again and tell the listeners. A kid one issuer uses twice
+        """Merge the sources again into `current`. A kid one issuer uses twice
         (say, a file and a URL publish the same key) keeps its first key."""
         keys: list[VerificationKey] = []
         seen: set[tuple[str, str | None]] = set()
@@ -78,8 +75,6 @@ class KeyRing:
             seen.add((key.kid, key.issuer))
             keys.append(key)
         self.current = KeySet(keys)
-        for listener in self.listeners:
-            listener(self.current)
         self._schedule_retirement()
 
     def _schedule_retirement(self) -> None:
@@ -187,15 +182,6 @@ class KeyRing:
                 f" ({source.last_error or 'first fetch in progress'})",
             )
         return False
-
-
-def attach(ring: KeyRing, verifier: Any) -> None:
-    """Keep `verifier` (a `TokenVerifier`) on the ring's current keys, and let it ask for
-    fresh ones."""
-    verifier.keys = ring.current
-    ring.listeners.append(verifier.keys_changed)
-    if ring.remote:
-        verifier.refresher = ring.refresh_for
 
 
 def ssl_context_for(ca_file: str | None) -> ssl.SSLContext | None:

@@ -28,7 +28,7 @@ import jwt
 
 from authproxy.decide.reasons import Denied, Reason, shown
 from authproxy.keys.jsonstrict import loads_strict
-from authproxy.keys.keyset import KeySet, VerificationKey, b64url_decode
+from authproxy.keys.keyset import CurrentKeys, KeySet, VerificationKey, b64url_decode
 from authproxy.keys.selection import UnknownKey, only_other_issuers
 from authproxy.keys.selection import candidates as key_candidates
 from authproxy.policy.model import ACCESS, REFRESH, TWO_FA, Policy, TokenSpec
@@ -79,12 +79,19 @@ class VerifiedToken:
 
 class TokenVerifier:
     def __init__(
-        self, keys: KeySet, cache_size: int = 10_000, clock: Callable[[], float] = time.time
+        self,
+        keys: KeySet | CurrentKeys,
+        cache_size: int = 10_000,
+        clock: Callable[[], float] = time.time,
+        refresher: Refresher | None = None,
     ) -> None:
-        #: The keys in use; a `KeyRing` replaces the set when keys change (and clears the cache).
-        self.keys = keys
-        #: Set by a `KeyRing` with remote key sets.
-        self.refresher: Refresher | None = None
+        """`keys`: a fixed `KeySet`, or what keeps one current (a `KeyRing`): its set is
+        read before each verification, and a new set empties the cache. `refresher`:
+        asked for fresh keys when a token names a kid no key has (remote key sets)."""
+        self._source = None if isinstance(keys, KeySet) else keys
+        #: The keys in use.
+        self.keys = keys if isinstance(keys, KeySet) else keys.current
+        self.refresher = refresher
         self.clock = clock
         self.cache_size = cache_size
         self._cache: OrderedDict[str, VerifiedToken] = OrderedDict()
@@ -98,6 +105,7 @@ class TokenVerifier:
                 Reason.TOKEN_TOO_LARGE,
                 f"token is {len(token)} bytes; the limit is {policy.max_token_bytes}",
             )
+        self._follow_keys()
         now = self.clock()
         verified = self._cached(token, now)
         if verified is None:
@@ -116,6 +124,11 @@ class TokenVerifier:
             raise unknown
         return self.verify(token, spec, policy)
 
+    def _follow_keys(self) -> None:
+        source = self._source
+        if source is not None and source.current is not self.keys:
+            self.keys_changed(source.current)
+
     def keys_changed(self, keys: KeySet) -> None:
         """Use a new key set; tokens verified with the old one are checked again."""
         self.keys = keys
@@ -124,6 +137,7 @@ class TokenVerifier:
     # --- layer 1: the signature --------------------------------------------------------
 
     def signature(self, token: str) -> VerifiedToken:
+        self._follow_keys()
         header_b64, payload_b64, signature_b64 = _segments(token)
         header = _json_segment(header_b64, "header")
         alg = header.get("alg")

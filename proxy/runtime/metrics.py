@@ -34,6 +34,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from authproxy.decide.decision import Decision
+from authproxy.policy.model import Policy
 
 OTHER = "other"
 _DECISION_BUCKETS = (
@@ -91,6 +92,10 @@ class Metrics:
     ) -> None:
         """Report `read()` as metric `name` on every scrape (kind `counter` or `gauge`)."""
         self._readings.items.append((name, help, read, kind, label))
+
+    async def policy_changed(self, old: Policy, new: Policy) -> None:
+        """A reload put `new` in place (a `PolicyReloader` listener)."""
+        self.policy_loaded_now(new.version, time.time())
 
     def policy_loaded_now(self, version: str, loaded_at: float) -> None:
         self.policy_info.clear()

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from authproxy.decide.pipeline import Authorizer
 from authproxy.keys.ring import KeyRing
-from authproxy.policy.model import Policy
-from authproxy.runtime.decision_log import DecisionLog
 from authproxy.runtime.metrics import Metrics
 from authproxy.runtime.policy_reload import PolicyReloader
 from authproxy.state.store import StateStore, StateUnavailable
@@ -29,12 +26,12 @@ class Operations:
         authorizer: Authorizer,
         state: StateStore,
         keys: KeyRing,
-        policy_path: str,
-        policy_text: bytes,
-        check_keys: Callable[[Policy, KeyRing], None],
-        log_allows: float = 0.0,
+        reloader: PolicyReloader,
+        metrics: Metrics,
         keys_wait: bool = True,
     ) -> None:
+        """The parts are built by `runtime/serve.py`, which also makes `metrics` one of
+        the authorizer's observers and one of the reloader's listeners."""
         self.authorizer = authorizer
         self.state = state
         self.keys = keys
@@ -42,11 +39,8 @@ class Operations:
         self.keys_wait = keys_wait
         self.draining = False
         self.upstream: Any = None  # the sidecar's `UpstreamPool`
-        self.metrics_registry = metrics = Metrics()
-        authorizer.observers.append(metrics.observe)
-        authorizer.observers.append(DecisionLog(log_allows))
-        self.reloader = PolicyReloader(policy_path, authorizer, keys, check_keys, policy_text)
-        self.reloader.listeners.append(self._policy_loaded)
+        self.metrics_registry = metrics
+        self.reloader = reloader
         metrics.policy_loaded_now(authorizer.policy.version, self.reloader.loaded_at)
         metrics.read(
             "authproxy_policy_reloads",
@@ -115,7 +109,6 @@ class Operations:
             lambda: {str(reason): n for reason, n in guard.ended_total.items()},
             label="reason",
         )
-        self.reloader.listeners.append(guard.policy_changed)
         sides = {"inbound": tls, "upstream": upstream.tls}
         sides = {name: side for name, side in sides.items() if side is not None}
         if not sides:
@@ -150,9 +143,6 @@ class Operations:
         limiter = self.authorizer.limiter
         failures["rate_limit"] = float(getattr(limiter, "failures_total", 0))
         return failures
-
-    async def _policy_loaded(self, old: Policy, new: Policy) -> None:
-        self.metrics_registry.policy_loaded_now(new.version, self.reloader.loaded_at)
 
     # --- AdminStatus --------------------------------------------------------------------
 

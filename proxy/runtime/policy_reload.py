@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from authproxy.decide.pipeline import Authorizer
@@ -38,7 +38,9 @@ class PolicyReloader:
         keys: KeyRing,
         check_keys: Callable[[Policy, KeyRing], None],
         text: bytes,
+        listeners: Iterable[OnReload] = (),
     ) -> None:
+        """`listeners` run, in order, after each new version is put in place."""
         self.path = path
         self.authorizer = authorizer
         self.keys = keys
@@ -47,7 +49,7 @@ class PolicyReloader:
         self.loaded_at = time.time()
         self.last_error: str | None = None
         self.results = {"ok": 0, "error": 0, "unchanged": 0}
-        self.listeners: list[OnReload] = []
+        self.listeners = tuple(listeners)
         self._lock = asyncio.Lock()
         self._watch = FileWatch([path], self.reload, "the policy")
 

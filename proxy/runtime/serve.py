@@ -10,14 +10,15 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Iterable
 
 from authproxy.decide.client_address import TrustedProxies
-from authproxy.decide.pipeline import Authorizer
+from authproxy.decide.pipeline import Authorizer, Observer
 from authproxy.decide.rate_limits import RateLimiter
 from authproxy.decide.state_checks import SingleUse, revocation_check
 from authproxy.ext_authz.grpc_check import CheckServer
 from authproxy.ext_authz.http_check import CheckHttpServer
-from authproxy.keys.ring import KeyRing, attach
+from authproxy.keys.ring import KeyRing
 from authproxy.keys.verify import TokenVerifier
 from authproxy.policy.model import Policy
 from authproxy.runtime.admin import AdminServer
@@ -33,8 +34,10 @@ from authproxy.runtime.config import (
     read_policy,
     warn_volatile_state,
 )
+from authproxy.runtime.decision_log import DecisionLog
+from authproxy.runtime.metrics import Metrics
 from authproxy.runtime.operations import Operations
-from authproxy.runtime.policy_reload import PolicyReloader
+from authproxy.runtime.policy_reload import OnReload, PolicyReloader
 from authproxy.sidecar.listener import Sidecar
 from authproxy.state.store import StateStore
 
@@ -64,9 +67,11 @@ def build_authorizer(
     state: StateStore,
     policy: Policy | None = None,
     keys: KeyRing | None = None,
+    observers: Iterable[Observer] = (),
 ) -> Authorizer:
     """`policy`: already read with `read_policy` (default: read it now); `keys`: from
-    `load_keys` (default: load them now; remote sets are fetched once the ring starts)."""
+    `load_keys` (default: load them now; remote sets are fetched once the ring starts);
+    `observers`: told every decision (metrics, the decision log)."""
     if policy is None:
         policy, _ = read_policy(cfg)
     if keys is None:
@@ -76,9 +81,10 @@ def build_authorizer(
         trusted = TrustedProxies(cfg.trusted_proxies)
     except ValueError as e:
         raise ConfigError(f"--trusted-proxy: {e}") from None
-    verifier = TokenVerifier(keys.current, cache_size=cfg.token_cache_size)
-    attach(keys, verifier)
-    return assemble_authorizer(policy, verifier, state, trusted)
+    verifier = TokenVerifier(
+        keys, cache_size=cfg.token_cache_size, refresher=keys.refresh_for if keys.remote else None
+    )
+    return assemble_authorizer(policy, verifier, state, trusted, observers)
 
 
 def assemble_authorizer(
@@ -86,6 +92,7 @@ def assemble_authorizer(
     verifier: TokenVerifier,
     state: StateStore,
     trusted: TrustedProxies | None = None,
+    observers: Iterable[Observer] = (),
 ) -> Authorizer:
     """The pipeline's steps on a state store: revocation and "already used?", then rate
     limits, then the single-use record (last: only a call let through spends its token).
@@ -97,6 +104,7 @@ def assemble_authorizer(
         (revocation_check(state), single_use.check),
         RateLimiter(state.rate_limit_storage(), trusted),
         recorders=(single_use.record,),
+        observers=observers,
     )
 
 
@@ -121,22 +129,25 @@ class AuthProxy:
         self.state = build_state(cfg)
         policy, policy_text = read_policy(cfg)
         self.keys = load_keys(cfg)
-        self.authorizer = build_authorizer(cfg, self.state, policy, self.keys)
-        self.ops = Operations(
-            self.authorizer,
-            self.state,
-            self.keys,
-            cfg.policy,
-            policy_text,
-            check_policy_keys,
-            cfg.log_allows,
-            cfg.keys_wait,
+        # The composition root: every part is built here, once, and given what it works
+        # with in its constructor.
+        metrics = Metrics()
+        self.authorizer = build_authorizer(
+            cfg, self.state, policy, self.keys, (metrics.observe, DecisionLog(cfg.log_allows))
         )
         self.sidecar = None
+        reload_listeners: list[OnReload] = [metrics.policy_changed]
         if cfg.upstream:
-            self.sidecar = Sidecar(
-                cfg, self.authorizer, self.state, self.ops.metrics_registry.upstream_seconds
-            )
+            self.sidecar = Sidecar(cfg, self.authorizer, self.state, metrics.upstream_seconds)
+            reload_listeners.append(self.sidecar.guard.policy_changed)
+        reloader = PolicyReloader(
+            cfg.policy, self.authorizer, self.keys, check_policy_keys, policy_text,
+            reload_listeners,
+        )  # fmt: skip
+        self.ops = Operations(
+            self.authorizer, self.state, self.keys, reloader, metrics, cfg.keys_wait
+        )
+        if self.sidecar is not None:
             self.ops.watch_sidecar(self.sidecar.upstream, self.sidecar.guard, self.sidecar.tls)
         self.admin: AdminServer | None = None
         if cfg.admin:
