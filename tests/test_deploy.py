@@ -1,20 +1,26 @@
 """The deploy files: the Dockerfile (hadolint-clean; what the image must and must not hold)
-and the Kubernetes manifests under deploy/k8s/ (schema-valid in strict mode, and the
-sidecar's intent: only the proxy is reachable, probes on the admin port, the policy
-ConfigMap mounted as a directory, shutdown timing that lets the proxy drain)."""
+and the Kubernetes kustomizations under deploy/k8s/, rendered as `kubectl apply -k` applies
+them: schema-valid in strict mode; the sidecar's intent (only the proxy is reachable,
+probes on the admin port, the policy ConfigMap generated from policy.yaml and mounted as a
+directory so edits are reloaded in place, shutdown timing that lets the proxy drain); the
+ext_authz Deployment's settings as authproxy's own CLI reads them, and the Envoy Gateway
+and Istio resources that point at its Service."""
 
 from __future__ import annotations
 
 import argparse
 import copy
 import http.server
+import itertools
 import json
 import os
 import posixpath
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import tomllib
 from collections.abc import Iterator
@@ -22,18 +28,43 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
+from unittest import mock
 
 import kubernetes_validate
 import pytest
 import yaml
 
 from authproxy.cli.main import ENV_PREFIX, build_parser
-from authproxy.runtime.serve import DEFAULT_LISTEN
+from authproxy.cli.serve import serve_config
+from authproxy.runtime.serve import DEFAULT_LISTEN, ServeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 K8S = ROOT / "deploy" / "k8s"
+POLICY_BASE = K8S / "policy"  # the policy ConfigMap's generator, included by both below
+EXT_AUTHZ = K8S / "ext-authz"
+KUSTOMIZATIONS = (K8S, POLICY_BASE, EXT_AUTHZ)
+# What `kubectl apply -k` deploys: the sidecar pod, and the standalone ext_authz server.
+DEPLOYMENTS = (K8S, EXT_AUTHZ)
+each_deployment = pytest.mark.parametrize("where", DEPLOYMENTS, ids=("sidecar", "ext-authz"))
+# Applied on their own (each needs its product's CRDs), not by the ext_authz kustomization.
+MESH_FILES = (
+    "envoy-gateway-security-policy.yaml",
+    "istio-operator.yaml",
+    "istio-values.yaml",
+    "istio-authorization-policy.yaml",
+)
+# The fields of Envoy Gateway's SecurityPolicy extAuth (1.8: api/v1alpha1/ext_auth_types.go)
+# and of Istio's envoyExtAuthzGrpc extension provider (mesh/v1alpha1/config.proto).
+ENVOY_GATEWAY_EXT_AUTH_FIELDS = {
+    *("grpc", "http", "headersToExtAuth", "bodyToExtAuth", "timeout", "failOpen"),
+    *("recomputeRoute", "includeRouteMetadata", "contextExtensions", "statusOnError"),
+}
+ISTIO_EXT_AUTHZ_GRPC_FIELDS = {
+    *("service", "port", "timeout", "failOpen", "clearRouteCache", "statusOnError"),
+    "includeRequestBodyInCheck",
+}
 DEPLOY_README = ROOT / "deploy" / "README.md"
 HADOLINT = Path(sys.executable).parent / "hadolint"
 
@@ -354,37 +385,54 @@ def test_build_stage_has_what_pyproject_needs() -> None:
 
 
 # --- Kubernetes ---------------------------------------------------------------------------
+#
+# The manifests are tested as `kubectl apply -k` applies them: rendered by kubectl's own
+# kustomize (`kubectl kustomize DIR`), generated ConfigMap and image settings included.
+
+
+def kustomize(directory: Path) -> list[dict]:
+    """What `kubectl apply -k DIRECTORY` applies."""
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is not installed: it renders the kustomizations"
+    with tempfile.TemporaryDirectory() as home:  # no user kubeconfig or plugin settings
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": home}
+        run = subprocess.run(
+            [kubectl, "kustomize", str(directory)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert run.returncode == 0, f"kubectl kustomize {directory}:\n{run.stderr}"
+    return [r for r in yaml.safe_load_all(run.stdout) if r]
 
 
 @cache
-def manifests() -> tuple[tuple[str, dict], ...]:
-    found = []
-    for path in sorted(K8S.glob("*.y*ml")):
-        for resource in yaml.safe_load_all(path.read_text()):
-            if resource:
-                found.append((path.name, resource))
-    return tuple(found)
+def manifests(where: Path = K8S) -> tuple[tuple[str, dict], ...]:
+    """(where/Kind/name, resource) for each resource `kubectl apply -k where` applies."""
+    place = where.relative_to(ROOT)
+    return tuple((f"{place}: {r['kind']}/{r['metadata']['name']}", r) for r in kustomize(where))
 
 
-def resources(kind: str) -> list[dict]:
-    return [r for _, r in manifests() if r["kind"] == kind]
+def resources(kind: str, where: Path = K8S) -> list[dict]:
+    return [r for _, r in manifests(where) if r["kind"] == kind]
 
 
-def one(kind: str) -> dict:
-    (resource,) = resources(kind)
+def one(kind: str, where: Path = K8S) -> dict:
+    (resource,) = resources(kind, where)
     return resource
 
 
-def pod() -> dict:
-    return one("Deployment")["spec"]["template"]
+def pod(where: Path = K8S) -> dict:
+    return one("Deployment", where)["spec"]["template"]
 
 
-def containers() -> list[dict]:
-    return pod()["spec"]["containers"]
+def containers(where: Path = K8S) -> list[dict]:
+    return pod(where)["spec"]["containers"]
 
 
-def proxy() -> dict:
-    (container,) = [c for c in containers() if c["name"] == PROXY]
+def proxy(where: Path = K8S) -> dict:
+    (container,) = [c for c in containers(where) if c["name"] == PROXY]
     return container
 
 
@@ -411,16 +459,28 @@ def env_value(container: dict, name: str) -> str | None:
     return None
 
 
-def proxy_setting(flag: str) -> str | None:
+def proxy_setting(flag: str, where: Path = K8S) -> str | None:
     """What `authproxy serve` in the proxy container gets for `flag`: the argument, else
     the container's AUTHPROXY_* variable, else the image's default."""
     name = ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
-    value = arg(proxy(), flag)
+    value = arg(proxy(where), flag)
     if value is None:
-        value = env_value(proxy(), name)
+        value = env_value(proxy(where), name)
     if value is None:
         value = image_env(final_stage()).get(name)
     return value
+
+
+def serve_config_of(container: dict) -> ServeConfig:
+    """The container's `authproxy serve` configuration, as authproxy's own CLI reads its
+    arguments and environment (the image's ENV, then the container's; a variable taken
+    from a Secret gets a stand-in value)."""
+    env = dict(image_env(final_stage()))
+    for var in container.get("env", []):
+        env[var["name"]] = var.get("value", f"<{var['name']} from a Secret>")
+    argv = [*container.get("command", []), *container.get("args", [])]
+    with mock.patch.dict(os.environ, env, clear=True):
+        return serve_config(build_parser().parse_args(argv))
 
 
 def port_of(address: str) -> int:
@@ -449,18 +509,27 @@ def listen_port() -> int:
     return port_of(proxy_setting("--listen") or DEFAULT_LISTEN)
 
 
-def admin_port() -> int:
-    admin = proxy_setting("--admin")
+def admin_port(where: Path = K8S) -> int:
+    admin = proxy_setting("--admin", where)
     assert admin, "the proxy has no admin listener (AUTHPROXY_ADMIN)"
     return port_of(admin)
+
+
+def serving_ports(where: Path) -> set[int]:
+    """The ports the proxy serves clients on (not the admin port): the sidecar's, or the
+    ext_authz gRPC and HTTP ones."""
+    cfg = serve_config_of(proxy(where))
+    if cfg.upstream:
+        return {port_of(cfg.listen)}
+    return {port_of(a) for a in (cfg.ext_authz_grpc, cfg.ext_authz_http) if a}
 
 
 def backend_port() -> int:
     return port_of(arg(backends()[0], "--listen") or "")
 
 
-def shutdown_grace() -> float:
-    value = proxy_setting("--shutdown-grace")
+def shutdown_grace(where: Path = K8S) -> float:
+    value = proxy_setting("--shutdown-grace", where)
     return float(value) if value else build_parser().parse_args(["serve"]).shutdown_grace
 
 
@@ -469,21 +538,23 @@ def pre_stop_sleep(container: dict) -> int:
     return int(sleep.get("seconds", 0))
 
 
-def test_manifests_exist_and_name_no_namespace() -> None:
-    kinds = {r["kind"] for _, r in manifests()}
-    assert {"Deployment", "Service", "ConfigMap"} <= kinds, kinds
-    for name, resource in manifests():
+@each_deployment
+def test_manifests_exist_and_name_no_namespace(where: Path) -> None:
+    kinds = {r["kind"] for _, r in manifests(where)}
+    assert {"Deployment", "Service", "ConfigMap", "NetworkPolicy", "PodDisruptionBudget"} <= kinds
+    for name, resource in manifests(where):
         assert "namespace" not in resource["metadata"], f"{name}: apply with -n instead"
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-def test_manifests_validate_strictly(version: str) -> None:
-    for name, resource in manifests():
+@each_deployment
+def test_manifests_validate_strictly(where: Path, version: str) -> None:
+    for name, resource in manifests(where):
         try:
             kubernetes_validate.validate(resource, version, strict=True)
         except kubernetes_validate.ValidationError as e:
             path = ".".join(str(p) for p in e.path)
-            pytest.fail(f"{name}: {resource['kind']} against {version}: {path}: {e.message}")
+            pytest.fail(f"{name} against {version}: {path}: {e.message}")
 
 
 def test_strict_validation_catches_a_misspelt_field() -> None:
@@ -494,13 +565,15 @@ def test_strict_validation_catches_a_misspelt_field() -> None:
         kubernetes_validate.validate(deployment, KUBERNETES_VERSIONS[-1], strict=True)
 
 
-def test_deployment_selects_its_pods() -> None:
-    assert selects(one("Deployment")["spec"]["selector"], pod()["metadata"]["labels"])
+@each_deployment
+def test_deployment_selects_its_pods(where: Path) -> None:
+    assert selects(one("Deployment", where)["spec"]["selector"], pod(where)["metadata"]["labels"])
 
 
-def test_every_container_is_locked_down() -> None:
-    pod_context = pod()["spec"].get("securityContext", {})
-    for container in pod()["spec"].get("initContainers", []) + containers():
+@each_deployment
+def test_every_container_is_locked_down(where: Path) -> None:
+    pod_context = pod(where)["spec"].get("securityContext", {})
+    for container in pod(where)["spec"].get("initContainers", []) + containers(where):
         context = container.get("securityContext", {})
         name = container["name"]
         assert context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is True, name
@@ -513,21 +586,23 @@ def test_every_container_is_locked_down() -> None:
             assert {"cpu", "memory"} <= set(resources.get(kind, {})), f"{name}: {kind}"
 
 
-def test_proxy_probes_ask_the_admin_port() -> None:
-    admin = proxy_setting("--admin")
+@each_deployment
+def test_proxy_probes_ask_the_admin_port(where: Path) -> None:
+    admin = proxy_setting("--admin", where)
     assert admin and host_of(admin) not in LOOPBACK, f"the kubelet cannot reach {admin}"
     for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
-        http_get = proxy()[probe]["httpGet"]
+        http_get = proxy(where)[probe]["httpGet"]
         assert http_get["path"] == path, probe
-        assert container_port(proxy(), http_get["port"]) == admin_port(), probe
+        assert container_port(proxy(where), http_get["port"]) == admin_port(where), probe
         assert http_get.get("scheme", "HTTP") == "HTTP", probe
 
 
-def test_admin_listener_requires_a_bearer_secret_from_a_secret() -> None:
+@each_deployment
+def test_admin_listener_requires_a_bearer_secret_from_a_secret(where: Path) -> None:
     # Off loopback, the revocation API must ask for its bearer secret.
-    token_env = proxy_setting("--admin-token-env")
+    token_env = proxy_setting("--admin-token-env", where)
     assert token_env, "AUTHPROXY_ADMIN_TOKEN_ENV is not set"
-    (var,) = [v for v in proxy().get("env", []) if v["name"] == token_env]
+    (var,) = [v for v in proxy(where).get("env", []) if v["name"] == token_env]
     assert "secretKeyRef" in var.get("valueFrom", {}), f"{token_env} is not from a Secret"
 
 
@@ -552,9 +627,10 @@ def test_backend_and_proxy_share_their_secrets() -> None:
         assert arg(backend, "--proxy-admin") == f"http://127.0.0.1:{admin_port()}"
 
 
-def test_metrics_annotations_name_the_admin_port() -> None:
-    annotations = pod()["metadata"].get("annotations", {})
-    assert int(annotations["prometheus.io/port"]) == admin_port()
+@each_deployment
+def test_metrics_annotations_name_the_admin_port(where: Path) -> None:
+    annotations = pod(where)["metadata"].get("annotations", {})
+    assert int(annotations["prometheus.io/port"]) == admin_port(where)
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
@@ -581,54 +657,59 @@ def test_backend_listens_on_loopback_only() -> None:
     assert port_of(upstream) != listen_port()
 
 
-def mounts_of(kind: str) -> Iterator[tuple[dict, dict, dict]]:
+def mounts_of(kind: str, where: Path = K8S) -> Iterator[tuple[dict, dict, dict]]:
     """(container, mount, volume) for each mount of a `kind` (configMap, secret) volume."""
-    volumes = {v["name"]: v for v in pod()["spec"].get("volumes", [])}
-    for container in containers():
+    volumes = {v["name"]: v for v in pod(where)["spec"].get("volumes", [])}
+    for container in containers(where):
         for mount in container.get("volumeMounts", []):
             volume = volumes[mount["name"]]
             if kind in volume:
                 yield container, mount, volume
 
 
-def test_config_and_secret_volumes_are_directory_mounts() -> None:
+@each_deployment
+def test_config_and_secret_volumes_are_directory_mounts(where: Path) -> None:
     # A subPath mount never sees ConfigMap or Secret updates: no policy hot reload.
-    mounts = [*mounts_of("configMap"), *mounts_of("secret")]
+    mounts = [*mounts_of("configMap", where), *mounts_of("secret", where)]
     assert mounts
     for container, mount, _ in mounts:
         assert "subPath" not in mount and "subPathExpr" not in mount, (container["name"], mount)
         assert mount.get("readOnly") is True, (container["name"], mount)
 
 
-def test_policy_lies_in_the_policy_configmap_directory() -> None:
-    policy = PurePosixPath(proxy_setting("--policy") or "")
+def policy_configmap(where: Path) -> tuple[dict, str]:
+    """The ConfigMap whose mounted directory holds the proxy's policy file, and its key."""
+    policy = PurePosixPath(proxy_setting("--policy", where) or "")
     assert policy.is_absolute(), policy
-    (found,) = [
-        (mount, volume)
-        for container, mount, volume in mounts_of("configMap")
+    (volume,) = [
+        volume
+        for container, mount, volume in mounts_of("configMap", where)
         if container["name"] == PROXY and policy.parent == PurePosixPath(mount["mountPath"])
     ]
-    _, volume = found
-    (configmap,) = [
-        c for c in resources("ConfigMap") if c["metadata"]["name"] == volume["configMap"]["name"]
-    ]
+    name = volume["configMap"]["name"]
+    (configmap,) = [c for c in resources("ConfigMap", where) if c["metadata"]["name"] == name]
     items = {i["path"]: i["key"] for i in volume["configMap"].get("items", [])}
-    key = items.get(policy.name, policy.name) if items else policy.name
+    return configmap, items.get(policy.name, policy.name) if items else policy.name
+
+
+@each_deployment
+def test_policy_lies_in_the_policy_configmap_directory(where: Path) -> None:
+    configmap, key = policy_configmap(where)
     assert key in configmap["data"], f"ConfigMap {configmap['metadata']['name']} has no {key}"
 
 
-def test_policy_configmap_is_the_repository_policy() -> None:
-    volume_names = {v["configMap"]["name"] for _, _, v in mounts_of("configMap")}
-    policy_file = PurePosixPath(proxy_setting("--policy") or "").name
-    (configmap,) = [c for c in resources("ConfigMap") if c["metadata"]["name"] in volume_names]
-    assert configmap["data"][policy_file] == (ROOT / "policy.yaml").read_text(), (
-        "deploy/k8s/policy-configmap.yaml differs from policy.yaml: copy policy.yaml into it"
+@each_deployment
+def test_policy_configmap_is_the_repository_policy(where: Path) -> None:
+    configmap, key = policy_configmap(where)
+    assert configmap["data"][key] == (ROOT / "policy.yaml").read_text(), (
+        "deploy/k8s/policy/policy.yaml differs from policy.yaml: cp policy.yaml deploy/k8s/policy/"
     )
 
 
-def test_termination_grace_covers_the_drain() -> None:
-    period = pod()["spec"]["terminationGracePeriodSeconds"]
-    drained = pre_stop_sleep(proxy()) + shutdown_grace()
+@each_deployment
+def test_termination_grace_covers_the_drain(where: Path) -> None:
+    period = pod(where)["spec"]["terminationGracePeriodSeconds"]
+    drained = pre_stop_sleep(proxy(where)) + shutdown_grace(where)
     assert period > drained, f"terminationGracePeriodSeconds {period} <= preStop + grace {drained}"
 
 
@@ -640,10 +721,19 @@ def test_backend_outlives_the_proxy_drain() -> None:
         assert drained <= pre_stop_sleep(backend) < pod()["spec"]["terminationGracePeriodSeconds"]
 
 
-def test_proxy_env_names_are_serve_flags() -> None:
-    names = {v["name"] for v in proxy().get("env", []) if v["name"].startswith(ENV_PREFIX)}
+@each_deployment
+def test_proxy_env_names_are_serve_flags(where: Path) -> None:
+    names = {v["name"] for v in proxy(where).get("env", []) if v["name"].startswith(ENV_PREFIX)}
     unknown = names - serve_env_names()
     assert not unknown, f"no `authproxy serve` flag reads {sorted(unknown)}"
+
+
+@each_deployment
+def test_no_service_link_variables_reach_the_proxy(where: Path) -> None:
+    # With service links on, Kubernetes gives the pod NAME_SERVICE_HOST, NAME_PORT_..._TCP
+    # for every Service of its namespace: for the ext_authz Service `authproxy` (or any
+    # Service a user calls so), AUTHPROXY_* names next to the proxy's own settings.
+    assert pod(where)["spec"].get("enableServiceLinks") is False
 
 
 def documented_secrets() -> dict[str, set[str]]:
@@ -657,19 +747,20 @@ def documented_secrets() -> dict[str, set[str]]:
     return found
 
 
-def test_secrets_are_documented_and_never_committed() -> None:
+@each_deployment
+def test_secrets_are_documented_and_never_committed(where: Path) -> None:
     # No Secret manifests (placeholders would be one `kubectl apply` from production); every
     # Secret the pod uses, and every key of it that a container reads, has its
     # `kubectl create secret` line in deploy/README.md.
-    assert not resources("Secret"), "create Secrets with kubectl; do not commit them"
+    assert not resources("Secret", where), "create Secrets with kubectl; do not commit them"
     documented = documented_secrets()
     used: set[tuple[str, str]] = set()
-    for container in containers():
+    for container in containers(where):
         for var in container.get("env", []):
             ref = var.get("valueFrom", {}).get("secretKeyRef")
             if ref:
                 used.add((ref["name"], ref["key"]))
-    for container, mount, volume in mounts_of("secret"):
+    for container, mount, volume in mounts_of("secret", where):
         values = [
             *container.get("args", []),
             *(v.get("value", "") for v in container.get("env", [])),
@@ -685,26 +776,289 @@ def test_secrets_are_documented_and_never_committed() -> None:
         assert key in documented.get(name, set()), f"deploy/README.md does not create {name}/{key}"
 
 
-def test_network_policy_admits_only_the_proxy() -> None:
-    (policy,) = resources("NetworkPolicy")
+@each_deployment
+def test_network_policy_admits_only_the_proxy(where: Path) -> None:
+    (policy,) = resources("NetworkPolicy", where)
     spec = policy["spec"]
-    assert selects(spec["podSelector"], pod()["metadata"]["labels"])
+    assert selects(spec["podSelector"], pod(where)["metadata"]["labels"])
     assert "Ingress" in spec["policyTypes"]
     admitted = set()
     for rule in spec["ingress"]:
-        ports = {container_port(proxy(), p["port"]) for p in rule.get("ports", [])}
+        ports = {container_port(proxy(where), p["port"]) for p in rule.get("ports", [])}
         assert ports, "an ingress rule without ports admits every port"
-        if admin_port() in ports:
+        if admin_port(where) in ports:
             assert rule.get("from"), "the admin port is open to everyone"
         admitted |= ports
-    assert admitted == {listen_port(), admin_port()}, admitted
+    assert admitted == serving_ports(where) | {admin_port(where)}, admitted
 
 
-def test_disruption_budget_allows_draining_a_node() -> None:
-    (budget,) = resources("PodDisruptionBudget")
-    assert selects(budget["spec"]["selector"], pod()["metadata"]["labels"])
-    replicas = one("Deployment")["spec"].get("replicas", 1)
+@each_deployment
+def test_disruption_budget_allows_draining_a_node(where: Path) -> None:
+    (budget,) = resources("PodDisruptionBudget", where)
+    assert selects(budget["spec"]["selector"], pod(where)["metadata"]["labels"])
+    replicas = one("Deployment", where)["spec"].get("replicas", 1)
     if "minAvailable" in budget["spec"]:
         assert int(budget["spec"]["minAvailable"]) < replicas, "no pod could ever be evicted"
     else:
         assert int(budget["spec"]["maxUnavailable"]) >= 1
+
+
+# --- Kustomizations: what each applies, the generated policy, the images ----------------
+
+
+def kustomization(directory: Path) -> dict:
+    return yaml.safe_load((directory / "kustomization.yaml").read_text())
+
+
+def generator_files(spec: dict) -> list[str]:
+    """The files a kustomization's generators read (`[KEY=]PATH` entries)."""
+    generators = [*spec.get("configMapGenerator", []), *spec.get("secretGenerator", [])]
+    return [entry.rpartition("=")[2] for g in generators for entry in g.get("files", [])]
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=("sidecar", "policy", "ext-authz"))
+def test_kustomization_resources_exist_and_validate(directory: Path) -> None:
+    spec = kustomization(directory)
+    assert (spec["apiVersion"], spec["kind"]) == (
+        "kustomize.config.k8s.io/v1beta1",
+        "Kustomization",
+    )
+    for entry in spec.get("resources", []):
+        path = directory / entry
+        assert path.exists(), f"{directory}: resource {entry} does not exist"
+        if path.is_dir():
+            assert (path / "kustomization.yaml").is_file(), f"{entry} has no kustomization.yaml"
+            continue
+        documents = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        assert documents, f"{entry} holds no resource"
+        for document, version in itertools.product(documents, KUBERNETES_VERSIONS):
+            kubernetes_validate.validate(document, version, strict=True)
+    for entry in generator_files(spec):
+        # kubectl refuses files outside the kustomization's directory.
+        path = (directory / entry).resolve()
+        assert path.is_file() and path.is_relative_to(directory.resolve()), entry
+
+
+def test_every_manifest_is_applied_by_a_kustomization() -> None:
+    # A file no kustomization lists is never applied (`kubectl apply -k` reads only what
+    # kustomization.yaml names): only the mesh files are applied on their own.
+    assert {p.parent for p in K8S.rglob("kustomization.yaml")} == set(KUSTOMIZATIONS)
+    used = {EXT_AUTHZ / name for name in MESH_FILES}
+    for directory in KUSTOMIZATIONS:
+        spec = kustomization(directory)
+        used.add(directory / "kustomization.yaml")
+        used |= {directory / e for e in [*spec.get("resources", []), *generator_files(spec)]}
+    resolved = {p.resolve() for p in used}
+    unused = sorted(
+        str(p.relative_to(ROOT))
+        for p in K8S.rglob("*")
+        if p.is_file() and p.resolve() not in resolved
+    )
+    assert not unused, f"no kustomization applies {unused}"
+
+
+def test_policy_generator_reads_a_copy_of_the_repository_policy() -> None:
+    configmap, key = policy_configmap(K8S)
+    (generator,) = [
+        g
+        for g in kustomization(POLICY_BASE)["configMapGenerator"]
+        if g["name"] == configmap["metadata"]["name"]
+    ]
+    (entry,) = generator["files"]
+    name, _, path = entry.rpartition("=")
+    assert (name or PurePosixPath(path).name) == key
+    assert (POLICY_BASE / path).read_bytes() == (ROOT / "policy.yaml").read_bytes(), (
+        "deploy/k8s/policy/policy.yaml differs from policy.yaml: cp policy.yaml deploy/k8s/policy/"
+    )
+    for where in DEPLOYMENTS:  # one generator and one copy, included by both deployments
+        included = {(where / r).resolve() for r in kustomization(where)["resources"]}
+        assert POLICY_BASE.resolve() in included, where
+
+
+def test_policy_edit_is_reloaded_in_place(tmp_path: Path) -> None:
+    # `kubectl apply -k` after a policy edit changes the ConfigMap in place (same name, new
+    # data: the kubelet swaps the file into the mounted directory and the proxy reloads it)
+    # and nothing else. With a name hash the Deployments would change too and roll their
+    # pods, dropping their in-memory revocations, single-use records and rate limits.
+    policy = (ROOT / "policy.yaml").read_text()
+    edited = policy.replace("leeway: 30s", "leeway: 45s")
+    assert edited != policy
+    shutil.copytree(K8S, tmp_path / "k8s")
+    (tmp_path / "k8s" / POLICY_BASE.relative_to(K8S) / "policy.yaml").write_text(edited)
+    for where in DEPLOYMENTS:
+        before = {(r["kind"], r["metadata"]["name"]): r for _, r in manifests(where)}
+        rendered = kustomize(tmp_path / "k8s" / where.relative_to(K8S))
+        after = {(r["kind"], r["metadata"]["name"]): r for r in rendered}
+        assert after.keys() == before.keys(), "a resource was renamed"
+        configmap, key = policy_configmap(where)
+        name = ("ConfigMap", configmap["metadata"]["name"])
+        assert after[name]["data"][key] == edited
+        assert [k for k in before if before[k] != after[k]] == [name]
+
+
+def dockerfile_image_names() -> dict[str, str]:
+    """Build target -> image name, from the `docker build` lines in the Dockerfile."""
+    commands = re.finditer(r"docker build (?:--target (\S+) )?-t (\S+) \.", DOCKERFILE.read_text())
+    return {match[1] or final_stage(): match[2] for match in commands}
+
+
+@each_deployment
+def test_images_are_set_once_in_the_kustomization(where: Path) -> None:
+    images = kustomization(where)["images"]
+    names = [image["name"] for image in images]
+    assert len(names) == len(set(names)), f"an image is set twice: {names}"
+    built = dockerfile_image_names()
+    documents = yaml.safe_load_all((where / "deployment.yaml").read_text())
+    (deployment,) = [d for d in documents if d and d["kind"] == "Deployment"]
+    written = {c["name"]: c["image"] for c in deployment["spec"]["template"]["spec"]["containers"]}
+    rendered = {c["name"]: c["image"] for c in containers(where)}
+    for container, image in written.items():
+        # deployment.yaml names the image as the Dockerfile builds it, without tag or
+        # digest; the kustomization's `images:` entry sets the registry name and version.
+        assert ":" not in image and "@" not in image, f"{container}: {image}: set it in images:"
+        assert image == built[final_stage() if container == PROXY else "example-backend"]
+        (entry,) = [i for i in images if i["name"] == image]
+        version = f"@{entry['digest']}" if "digest" in entry else f":{entry['newTag']}"
+        assert rendered[container] == entry.get("newName", image) + version
+    assert set(names) == set(written.values()), "an images: entry names no container's image"
+    assert "images" not in kustomization(POLICY_BASE)
+
+
+def test_both_deployments_run_the_same_authproxy_image() -> None:
+    assert proxy(K8S)["image"] == proxy(EXT_AUTHZ)["image"]
+
+
+# --- ext_authz: the standalone Deployment and what Envoy Gateway or Istio point at ------
+
+
+def test_ext_authz_serves_envoy_and_no_sidecar() -> None:
+    container = proxy(EXT_AUTHZ)
+    cfg = serve_config_of(container)
+    assert cfg.upstream is None, "a sidecar needs a backend in the pod"
+    assert (cfg.ext_authz_grpc, cfg.ext_authz_http) == ("0.0.0.0:9191", "0.0.0.0:9192")
+    assert cfg.admin == "0.0.0.0:9901"
+    declared = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert declared == {
+        "grpc": port_of(cfg.ext_authz_grpc),
+        "http": port_of(cfg.ext_authz_http),
+        "admin": port_of(cfg.admin),
+    }
+
+
+def test_ext_authz_verifies_tokens_as_the_sidecar_does() -> None:
+    # Same policy, same keys: the same JWKS file and the HMAC secret of refresh tokens
+    # (the policy's `keys: [refresh-hmac]`) from the same Secret.
+    sidecar, ext_authz = serve_config_of(proxy(K8S)), serve_config_of(proxy(EXT_AUTHZ))
+    assert ext_authz.policy == sidecar.policy and ext_authz.jwks == sidecar.jwks
+    assert ext_authz.hmac_secret_envs == sidecar.hmac_secret_envs
+    for setting in sidecar.hmac_secret_envs:
+        variable = setting.rpartition("=")[2]
+        assert secret_ref(proxy(EXT_AUTHZ), variable) == secret_ref(proxy(K8S), variable)
+        assert secret_ref(proxy(EXT_AUTHZ), variable) is not None
+
+
+def ext_authz_grpc_service() -> tuple[str, int]:
+    """The Service name and port that reach the ext_authz gRPC (Check) listener."""
+    service = one("Service", EXT_AUTHZ)
+    grpc = port_of(serve_config_of(proxy(EXT_AUTHZ)).ext_authz_grpc or "")
+    (port,) = [
+        p["port"]
+        for p in service["spec"]["ports"]
+        if container_port(proxy(EXT_AUTHZ), p.get("targetPort", p["port"])) == grpc
+    ]
+    return service["metadata"]["name"], port
+
+
+def test_ext_authz_service_exposes_the_check_ports() -> None:
+    service = one("Service", EXT_AUTHZ)
+    assert selects(service["spec"]["selector"], pod(EXT_AUTHZ)["metadata"]["labels"])
+    cfg = serve_config_of(proxy(EXT_AUTHZ))
+    targets = {
+        p["name"]: (
+            container_port(proxy(EXT_AUTHZ), p.get("targetPort", p["port"])),
+            p["appProtocol"],
+        )
+        for p in service["spec"]["ports"]
+    }
+    # appProtocol: Envoy Gateway and Istio speak HTTP/2 to a gRPC port. No admin port.
+    assert targets == {
+        "grpc": (port_of(cfg.ext_authz_grpc or ""), "grpc"),
+        "http": (port_of(cfg.ext_authz_http or ""), "http"),
+    }
+
+
+def mesh_file(name: str) -> dict:
+    (document,) = [d for d in yaml.safe_load_all((EXT_AUTHZ / name).read_text()) if d]
+    return document
+
+
+def test_envoy_gateway_security_policy_calls_the_grpc_check_port() -> None:
+    policy = mesh_file("envoy-gateway-security-policy.yaml")
+    assert (policy["apiVersion"], policy["kind"]) == (
+        "gateway.envoyproxy.io/v1alpha1",
+        "SecurityPolicy",
+    )
+    assert "namespace" not in policy["metadata"], "apply it with -n, next to authproxy"
+    targets = policy["spec"]["targetRefs"]
+    assert targets
+    for target in targets:
+        assert target["group"] == "gateway.networking.k8s.io", target
+        assert target["kind"] in ("Gateway", "HTTPRoute", "GRPCRoute"), target
+    ext_auth = policy["spec"]["extAuth"]
+    unknown = set(ext_auth) - ENVOY_GATEWAY_EXT_AUTH_FIELDS
+    assert not unknown, f"Envoy Gateway's extAuth has no {sorted(unknown)}"
+    name, port = ext_authz_grpc_service()
+    assert ext_auth["grpc"] == {"backendRefs": [{"name": name, "port": port}]}
+    # Unset, Envoy sends a gRPC authorizer every header: authorization, content-type, and
+    # forged x-auth-* that authproxy must see to have them removed.
+    assert "headersToExtAuth" not in ext_auth
+    assert ext_auth["failOpen"] is False and ext_auth["statusOnError"] == 503
+
+
+def istio_provider() -> dict:
+    operator = mesh_file("istio-operator.yaml")
+    assert (operator["apiVersion"], operator["kind"]) == (
+        "install.istio.io/v1alpha1",
+        "IstioOperator",
+    )
+    (provider,) = operator["spec"]["meshConfig"]["extensionProviders"]
+    return provider
+
+
+def test_istio_provider_calls_the_grpc_check_port() -> None:
+    grpc = istio_provider()["envoyExtAuthzGrpc"]
+    unknown = set(grpc) - ISTIO_EXT_AUTHZ_GRPC_FIELDS
+    assert not unknown, f"Istio's envoyExtAuthzGrpc has no {sorted(unknown)}"
+    name, port = ext_authz_grpc_service()
+    # Istio names the Service by its fully qualified host: NAME.NAMESPACE.svc.cluster.local.
+    label = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+    assert re.fullmatch(rf"{re.escape(name)}\.{label}\.svc\.cluster\.local", grpc["service"])
+    assert grpc["port"] == port
+    assert grpc["failOpen"] is False and grpc["statusOnError"] == "503"
+
+
+def test_istio_helm_values_match_the_operator_overlay() -> None:
+    operator = mesh_file("istio-operator.yaml")
+    assert mesh_file("istio-values.yaml") == {"meshConfig": operator["spec"]["meshConfig"]}
+
+
+def test_istio_authorization_policy_delegates_to_the_provider() -> None:
+    policy = mesh_file("istio-authorization-policy.yaml")
+    assert (policy["apiVersion"], policy["kind"]) == ("security.istio.io/v1", "AuthorizationPolicy")
+    assert "namespace" not in policy["metadata"], "apply it with -n, next to the workload"
+    spec = policy["spec"]
+    assert spec["action"] == "CUSTOM"
+    assert spec["provider"] == {"name": istio_provider()["name"]}
+    assert spec["rules"] == [{}], "every request goes to authproxy: its policy decides"
+    # authproxy's own pods must not be selected: its Checks would wait on themselves.
+    assert not selects(spec["selector"], pod(EXT_AUTHZ)["metadata"]["labels"])
+
+
+def test_deploy_readme_names_existing_files() -> None:
+    text = DEPLOY_README.read_text()
+    applied = re.findall(r"apply -k (\S+)", text)
+    assert {ROOT / p for p in applied} >= set(DEPLOYMENTS), applied
+    for path in applied:
+        assert (ROOT / path / "kustomization.yaml").is_file(), path
+    for path in re.findall(r"\b(?:deploy/)?k8s/[\w./-]*\.yaml\b", text):
+        assert (ROOT / "deploy" / path.removeprefix("deploy/")).is_file(), path
