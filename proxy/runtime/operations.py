@@ -42,6 +42,11 @@ class Operations:
         self.metrics_registry = metrics
         self.reloader = reloader
         metrics.policy_loaded_now(authorizer.policy.version, self.reloader.loaded_at)
+        self._read_counters(metrics)
+
+    def _read_counters(self, metrics: Metrics) -> None:
+        """The counters the parts keep anyway, read when /metrics is scraped."""
+        keys, state = self.keys, self.state
         metrics.read(
             "authproxy_policy_reloads",
             "Policy reloads by result (unchanged: the file changed back or not at all)",
@@ -70,7 +75,7 @@ class Operations:
             "gauge",
             label="source",
         )
-        verifier = authorizer.verifier
+        verifier = self.authorizer.verifier
         metrics.read(
             "authproxy_token_cache_hits", "Verified-token cache hits", lambda: verifier.cache_hits
         )

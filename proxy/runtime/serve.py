@@ -108,6 +108,23 @@ def assemble_authorizer(
     )
 
 
+def build_admin(cfg: ServeConfig, state: StateStore, ops: Operations) -> AdminServer:
+    """The admin listener (`--admin`), with its bearer secret from `--admin-token-env`."""
+    assert cfg.admin is not None
+    check_address("--admin", cfg.admin)
+    token = None
+    if cfg.admin_token_env:
+        token = os.environ.get(cfg.admin_token_env)
+        if not token or len(token) < 16:
+            raise ConfigError(
+                f"--admin-token-env {cfg.admin_token_env}: the variable must hold a"
+                " secret of at least 16 characters"
+            )
+    if cfg.admin_metrics_auth and token is None:
+        raise ConfigError("--admin-metrics-auth needs --admin-token-env")
+    return AdminServer(state, cfg.admin, token, ops, cfg.admin_metrics_auth)
+
+
 class AuthProxy:
     """The whole process: one authorizer, and each front end the configuration asks for."""
 
@@ -149,20 +166,7 @@ class AuthProxy:
         )
         if self.sidecar is not None:
             self.ops.watch_sidecar(self.sidecar.upstream, self.sidecar.guard, self.sidecar.tls)
-        self.admin: AdminServer | None = None
-        if cfg.admin:
-            check_address("--admin", cfg.admin)
-            token = None
-            if cfg.admin_token_env:
-                token = os.environ.get(cfg.admin_token_env)
-                if not token or len(token) < 16:
-                    raise ConfigError(
-                        f"--admin-token-env {cfg.admin_token_env}: the variable must hold a"
-                        " secret of at least 16 characters"
-                    )
-            if cfg.admin_metrics_auth and token is None:
-                raise ConfigError("--admin-metrics-auth needs --admin-token-env")
-            self.admin = AdminServer(self.state, cfg.admin, token, self.ops, cfg.admin_metrics_auth)
+        self.admin = build_admin(cfg, self.state, self.ops) if cfg.admin else None
         self.check_grpc: CheckServer | None = None
         self.check_http: CheckHttpServer | None = None
         try:
