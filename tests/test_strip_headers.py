@@ -223,7 +223,7 @@ async def test_the_sidecar_and_ext_authz_remove_the_same_client_headers(
     those a client sent (hop-by-hop fields aside, which Envoy handles itself), and both
     set the same identity headers: one strip rule and one inject rule
     (`decide/auth_headers.py`)."""
-    from authproxy.ext_authz.answer import allow_for
+    from authproxy.ext_authz.answer import Allows, allow_for
 
     text = POLICY_YAML + "strip_headers:\n  add: [x-tenant, x-legacy-*]\n  keep: [x-email]\n"
     sent = [
@@ -242,7 +242,7 @@ async def test_the_sidecar_and_ext_authz_remove_the_same_client_headers(
     relayed = relay_headers(headers, decision, authorizer.policy.strip_headers)
     identity = {k for k, _ in decision.identity.headers} if decision.identity else set()
     kept_by_sidecar = {k.decode() for k, _ in relayed} - identity
-    allow = allow_for(decision, tuple(metadata), authorizer.policy)
+    allow = allow_for(decision, tuple(metadata), authorizer.policy, Allows())
     removed = set(allow.remove)
     kept_by_envoy = {k for k, _ in metadata if k not in removed}
     assert kept_by_sidecar == kept_by_envoy

@@ -7,7 +7,7 @@ case, any number of copies) from every call and sets only values it verified its
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from authproxy.keys.verify import HEADER_SAFE, VerifiedToken, claim_list, scopes
@@ -41,9 +41,6 @@ class Identity:
     claims: dict[str, Any]
     #: The identity headers for the backend, in a stable order.
     headers: tuple[tuple[str, str], ...]
-    #: Front ends cache renderings derived from this identity here; keys must include
-    #: everything else the rendering depends on (rule, policy version, ...).
-    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 _PREFIX_LEN = len(IDENTITY_HEADER_PREFIX)
@@ -55,12 +52,33 @@ def is_identity_header(key: str) -> bool:
     return key[:_PREFIX_LEN].lower().replace("_", "-") == IDENTITY_HEADER_PREFIX
 
 
-def identity_of(verified: VerifiedToken, spec: TokenSpec, policy: Policy) -> Identity:
-    """The identity a verified token carries; computed once per token and cached on it."""
-    base: Identity | None = verified.derived
-    if base is None or base.token_type != spec.type:
+class Identities:
+    """The identity of each verified token, made once per token and level (the verifier
+    hands out the same `VerifiedToken` while it caches it). Bounded: starts over when full."""
+
+    LIMIT = 10_000
+
+    def __init__(self) -> None:
+        self._made: dict[int, tuple[VerifiedToken, Identity]] = {}
+
+    def of(self, verified: VerifiedToken, spec: TokenSpec, policy: Policy) -> Identity:
+        found = self._made.get(id(verified))
+        if found is not None and found[0] is verified and found[1].token_type == spec.type:
+            return _with_claim_headers(found[1], verified, policy)
         base = _build(verified, spec)
-        verified.derived = base
+        if len(self._made) >= self.LIMIT:
+            self._made.clear()
+        self._made[id(verified)] = (verified, base)
+        return _with_claim_headers(base, verified, policy)
+
+
+def identity_of(verified: VerifiedToken, spec: TokenSpec, policy: Policy) -> Identity:
+    """The identity a verified token carries (made anew; `Identities` remembers them)."""
+    return _with_claim_headers(_build(verified, spec), verified, policy)
+
+
+def _with_claim_headers(base: Identity, verified: VerifiedToken, policy: Policy) -> Identity:
+    """`base` plus the policy's `claim_headers` the token's claims fill."""
     if not policy.claim_headers:
         return base
     extra = tuple(

@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from authproxy.decide.bearer import extract_bearer
 from authproxy.decide.decision import Decision
-from authproxy.decide.identity import Identity, identity_of
+from authproxy.decide.identity import Identities, Identity
 from authproxy.decide.reasons import Denied, Reason
 from authproxy.keys.selection import UnknownKey
 from authproxy.keys.verify import TokenVerifier, VerifiedToken
@@ -79,6 +79,8 @@ class Authorizer:
         self.limiter = limiter
         self.recorders = tuple(recorders)
         self.observers = tuple(observers)
+        #: Each verified token's identity, made once.
+        self._identities = Identities()
         #: `_http_rule`'s answers: (method, path) -> what applies.
         self._routes: PolicyMemo[tuple[str, str], Decision | tuple[str, Rule]] = PolicyMemo()
         #: `_method_rule`'s answers: method path -> rule (None: not a method path). A
@@ -267,7 +269,7 @@ class Authorizer:
                     verified = self.verifier.verify(token, spec, policy)
                 except UnknownKey as unknown:  # keys may have rotated at the issuer
                     verified = yield self.verifier.verify_refreshing(token, spec, policy, unknown)
-                identity = identity_of(verified, spec, policy)
+                identity = self._identities.of(verified, spec, policy)
                 if recording:
                     for check in self.state_checks:
                         waiting = check(rule, verified)

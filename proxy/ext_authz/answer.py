@@ -34,6 +34,7 @@ import grpc
 from authproxy.decide.auth_headers import client_may_not_send, identity_headers, names_set_by
 from authproxy.decide.bearer import AUTHORIZATION
 from authproxy.decide.decision import Decision
+from authproxy.decide.identity import Identity
 from authproxy.decide.pipeline import Authorizer
 from authproxy.decide.reasons import Reason
 from authproxy.policy.model import Policy
@@ -117,7 +118,34 @@ class Deny:
     metadata: dict[str, Any]
 
 
-async def answer(authorizer: Authorizer, request: CheckRequest) -> Allow | Deny:
+class Allows:
+    """The `Allow`s one front end hands out, shared between equal requests (same identity,
+    rule, policy version, principal and headers to remove), and the request header names
+    it has classified for the current policy's `strip_headers`. Bounded: each starts over
+    when full, since header names and odd header sets come from clients."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self.answers: dict[tuple, tuple[Identity | None, Allow]] = {}
+        self._kinds_of: StripHeaders | None = None
+        self._kinds: dict[str, str | bool] = {}
+
+    def kinds(self, strip: StripHeaders) -> dict[str, str | bool]:
+        """Header names classified for `strip` (a new policy's forgets the last one's)."""
+        if self._kinds_of is not strip:
+            self._kinds_of, self._kinds = strip, {}
+        elif len(self._kinds) >= self.LIMIT:
+            self._kinds = {}
+        return self._kinds
+
+    def remember(self, key: tuple, identity: Identity | None, allow: Allow) -> None:
+        if len(self.answers) >= self.LIMIT:
+            self.answers.clear()
+        self.answers[key] = (identity, allow)
+
+
+async def answer(authorizer: Authorizer, request: CheckRequest, allows: Allows) -> Allow | Deny:
     """Decide an Envoy check and translate the decision (the gRPC front end's path; the
     HTTP front end takes the same steps inline, `CheckHttpServer.check`)."""
     policy = authorizer.policy  # one snapshot: the reply's header names match the decision
@@ -127,7 +155,7 @@ async def answer(authorizer: Authorizer, request: CheckRequest) -> Allow | Deny:
     )
     if not decision.allowed:
         return deny_for(decision, grpc)
-    return allow_for(decision, request.headers, policy)
+    return allow_for(decision, request.headers, policy, allows)
 
 
 def refuse(authorizer: Authorizer, request: CheckRequest, message: str) -> Deny:
@@ -136,17 +164,15 @@ def refuse(authorizer: Authorizer, request: CheckRequest, message: str) -> Deny:
     return deny_for(decision, request.grpc)
 
 
-def allow_for(decision: Decision, headers: Headers, policy: Policy) -> Allow:
+def allow_for(decision: Decision, headers: Headers, policy: Policy, allows: Allows) -> Allow:
     """The `Allow` of an allowed decision for a request with `headers`.
 
     An allow depends only on the identity, the rule, the policy version and which headers
-    must go, so equal inputs share one `Allow` (and the front ends' rendering of it). The
-    cache lives on the identity, which lives as long as its token in the verifier's cache.
+    must go, so equal inputs share one `Allow` from `allows` (and the front ends' rendering
+    of it).
     """
     strip = policy.strip_headers
-    kinds_of, kinds = _kinds
-    if kinds_of is not strip:
-        kinds = _new_kinds(strip)
+    kinds = allows.kinds(strip)
     incoming: list[str] = []
     authorization = False
     for name, _ in headers:
@@ -160,11 +186,14 @@ def allow_for(decision: Decision, headers: Headers, policy: Policy) -> Allow:
     if authorization and decision.forward_token:
         authorization = False  # the rule forwards it
     identity = decision.identity
-    cache = identity.memo if identity is not None else _PUBLIC_ALLOWS
-    key: tuple = (decision.rule.pattern, decision.policy_version, decision.principal, authorization)
+    key: tuple = (
+        id(identity), decision.rule.pattern, decision.policy_version, decision.principal,
+        authorization,
+    )  # fmt: skip
     if incoming:
         key = (*key, *sorted(incoming))
-    allow = cache.get(key)
+    found = allows.answers.get(key)
+    allow = found[1] if found is not None and found[0] is identity else None
     if allow is None:
         names = set(names_set_by(policy)).union(incoming, strip.names)
         if authorization:
@@ -172,22 +201,8 @@ def allow_for(decision: Decision, headers: Headers, policy: Policy) -> Allow:
         headers = identity_headers(decision)
         names.difference_update(name for name, _ in headers)
         allow = _allow(decision, headers, tuple(sorted(names)))
-        if len(cache) < _CACHE_LIMIT:  # odd header sets cannot grow it without bound
-            cache[key] = allow
+        allows.remember(key, identity, allow)
     return allow
-
-
-#: Request header names already classified for one `StripHeaders` (the current policy's),
-#: by `_classify`; bounded, since header names come from clients.
-_kinds: tuple[StripHeaders | None, dict[str, str | bool]] = (None, {})
-_KINDS_LIMIT = 1024
-
-
-def _new_kinds(strip: StripHeaders) -> dict[str, str | bool]:
-    """Start remembering names for `strip` (a new policy's), forgetting the last one's."""
-    global _kinds
-    _kinds = (strip, {})
-    return _kinds[1]
 
 
 def _classify(name: str, strip: StripHeaders, kinds: dict[str, str | bool]) -> str | bool:
@@ -202,13 +217,8 @@ def _classify(name: str, strip: StripHeaders, kinds: dict[str, str | bool]) -> s
         kind = lower
     else:
         kind = lower == AUTHORIZATION
-    if len(kinds) < _KINDS_LIMIT:
-        kinds[name] = kind
+    kinds[name] = kind
     return kind
-
-
-_PUBLIC_ALLOWS: dict[tuple, Allow] = {}
-_CACHE_LIMIT = 64
 
 
 def _allow(

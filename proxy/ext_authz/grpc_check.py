@@ -26,7 +26,7 @@ from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2
 
 from authproxy.decide.pipeline import Authorizer
-from authproxy.ext_authz.answer import Allow, CheckRequest, Deny, Headers, answer, refuse
+from authproxy.ext_authz.answer import Allow, Allows, CheckRequest, Deny, Headers, answer, refuse
 from authproxy.wire.grpc_server import GrpcServer, Method, RpcError, framed
 from authproxy.wire.h2_engine import Limits
 from authproxy.wire.h2_server import PREFACE_TIMEOUT, bind
@@ -46,6 +46,7 @@ class CheckService:
 
     def __init__(self, authorizer: Authorizer) -> None:
         self.authorizer = authorizer
+        self.allows = Allows()
         self.errors_total = 0
 
     def method(self) -> Method:
@@ -74,7 +75,7 @@ class CheckService:
                 self.authorizer, check, "the check request has no HTTP method and path"
             )
         else:
-            result = await answer(self.authorizer, check)
+            result = await answer(self.authorizer, check, self.allows)
         if isinstance(result, Allow):
             return result.rendered_as(_RENDERED, _allow)
         return framed(

@@ -27,6 +27,7 @@ from time import monotonic
 from authproxy.decide.pipeline import Authorizer
 from authproxy.ext_authz.answer import (
     Allow,
+    Allows,
     CheckRequest,
     Deny,
     Headers,
@@ -73,6 +74,7 @@ class CheckHttpServer:
         self.reuse_port = reuse_port
         self.port = 0  # known once started
         self.authorizer = authorizer
+        self.allows = Allows()
         self.path_prefix = path_prefix
         self.limits = limits or HttpLimits()
         self.errors_total = 0
@@ -158,7 +160,9 @@ class CheckHttpServer:
             decision = await authorizer.decide_http(method, path, headers, grpc, policy, peer)
             if not decision.allowed:
                 return _deny_reply(deny_for(decision, grpc))
-            return allow_for(decision, headers, policy).rendered_as(_RENDERED, _allow_reply)
+            return allow_for(decision, headers, policy, self.allows).rendered_as(
+                _RENDERED, _allow_reply
+            )
         except Exception:
             self.errors_total += 1
             log.exception("ext_authz check failed; answering 500 (an error for Envoy)")

@@ -53,7 +53,7 @@ Refresher = Callable[[str, str | None], Awaitable[bool]]
 class VerifiedToken:
     """A token whose signature checked out: its header, claims and the key that verified it."""
 
-    __slots__ = ("alg", "checked", "claims", "derived", "exp", "header", "kid", "token")
+    __slots__ = ("alg", "checked", "claims", "exp", "header", "kid", "token")
 
     def __init__(
         self,
@@ -70,8 +70,6 @@ class VerifiedToken:
         self.alg = header["alg"]
         #: `exp` as validated by `_require_time` (a finite number).
         self.exp = exp
-        #: Per-token values computed once (identity headers); filled by `decide/identity.py`.
-        self.derived: Any = None
         #: (spec, nbf, iat) once every claim check but the clock's passed for that level's
         #: `TokenSpec` (held here, so `is` cannot match a new spec at a recycled address).
         self.checked: tuple[TokenSpec, float | None, float | None] | None = None
