@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
+import logging
+import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from authproxy import __version__
 from authproxy.cli.serve import KEY_SETTINGS, add_serve
@@ -25,9 +29,109 @@ from authproxy.policy.values import parse_duration
 from authproxy.runtime.serve import ConfigError, ServeConfig
 
 
+class _Probe(Exception):
+    """A usage error met while looking for unrecognized options (`_Parser.unknown`)."""
+
+
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one clear line instead of usage + error
+    """Usage errors as one `authproxy: error: ...` line naming the `--help` to read: that
+    of the (sub-)command the mistake was made in. A sub-command group given no command
+    lists its commands; an unrecognized option names the closest one the command has."""
+
+    _given: list[str] = []  # the arguments of the last parse_known_args
+    _probing = False
+
+    def parse_args(  # type: ignore[override]
+        self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        chosen = self
+        while (commands := _commands(chosen)) is not None:
+            name = getattr(parsed, commands.dest, None)
+            if name is None:
+                chosen.error(chosen.choose(commands))
+            chosen = commands.choices[name]
+        if extras:
+            chosen.error(chosen.unrecognized(extras))
+        return parsed
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        if self._probing:
+            raise _Probe(message)
+        commands = _commands(self)
+        typed = re.search(r"invalid choice: '([^']*)'", message)
+        if commands is not None and typed and message.startswith(f"argument {commands.dest}:"):
+            message = self.choose(commands, typed[1])
+        elif message.startswith("the following arguments are required"):
+            extras = self.unknown(self._given)  # a mistyped flag explains a missing one
+            if extras:
+                message = self.unrecognized(extras)
         self.exit(2, f"authproxy: error: {message} (see '{self.prog} --help')\n")
+
+    def choose(self, commands: argparse._SubParsersAction, typed: str | None = None) -> str:
+        """`choose a command: A, B`, after the unknown command `typed` and its closest one."""
+        where = f"{self.prog}: " if " " in self.prog else ""  # a sub-command group's name
+        listed = f"choose a command: {', '.join(commands.choices)}"
+        if typed is None:
+            return where + listed
+        close = difflib.get_close_matches(typed, commands.choices, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"{where}unknown command {typed!r}{hint}; {listed}"
+
+    def unrecognized(self, extras: list[str]) -> str:
+        """`unrecognized arguments: ...`, with the closest option to the first mistyped one."""
+        message = f"unrecognized arguments: {' '.join(extras)}"
+        options = [
+            option
+            for action in self._actions
+            if action.help != argparse.SUPPRESS
+            for option in action.option_strings
+        ]
+        names = {option.lstrip("-"): option for option in options}  # the dashes match anyway
+        for extra in extras:
+            if extra.startswith("-"):
+                word = extra.partition("=")[0].lstrip("-")
+                close = difflib.get_close_matches(word, names, n=1, cutoff=0.75)
+                if close:
+                    return f"{message}; did you mean {names[close[0]]}?"
+        return message
+
+    def unknown(self, args: list[str]) -> list[str]:
+        """The arguments this command does not know, parsing `args` with nothing required."""
+        if _commands(self) is not None:
+            return []
+        required = [(a, a.required) for a in [*self._actions, *self._mutually_exclusive_groups]]
+        self._probing = True
+        try:
+            for item, _ in required:
+                item.required = False
+            return super().parse_known_args(args, None)[1]
+        except _Probe:
+            return []
+        finally:
+            for item, was in required:
+                item.required = was
+            self._probing = False
+
+
+def _commands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
+    """The parser's sub-commands, if it has any."""
+    found = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return next(found, None)
+
+
+def _quiet_file_watch(level: str) -> None:
+    """The file watcher's own messages (`watchfiles`) only at `--log-level debug`, and
+    then only its INFO lines (one per change to a followed file): its DEBUG lines would
+    report every write in the watched directories, the proxy's own log file included."""
+    quiet = level.lower() != "debug"
+    logging.getLogger("watchfiles").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def _add_policy_check(policy_sub: argparse._SubParsersAction) -> None:
@@ -221,11 +325,11 @@ def _csv(value: str | None) -> list[str] | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="authproxy", description="gRPC auth sidecar")
     parser.add_argument("--version", action="version", version=f"authproxy {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     add_serve(sub)
 
     policy = sub.add_parser("policy", help="policy tools")
-    policy_sub = policy.add_subparsers(dest="policy_command", required=True, parser_class=_Parser)
+    policy_sub = policy.add_subparsers(dest="policy_command", parser_class=_Parser)
     _add_policy_check(policy_sub)
     _add_explain(sub)
 
@@ -256,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     kg.set_defaults(func=_keygen)
 
     token = sub.add_parser("token", help="token tools")
-    token_sub = token.add_subparsers(dest="token_command", required=True, parser_class=_Parser)
+    token_sub = token.add_subparsers(dest="token_command", parser_class=_Parser)
     mint = token_sub.add_parser("mint", help="issue a signed token for a policy level")
     mint.add_argument("--policy", default="policy.yaml")
     mint.add_argument("--type", required=True, help="level (2fa, refresh, access) or token type")
@@ -274,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "log_level", None):
+        _quiet_file_watch(args.log_level)
     try:
         return args.func(args)
     except (ConfigError, KeyLoadError, ValueError) as e:

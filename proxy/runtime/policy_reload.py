@@ -2,7 +2,8 @@
 
 The watcher follows the file's *directory* (watchfiles: inotify, or polling where that is
 unavailable), so it sees editors that replace the file and Kubernetes ConfigMap updates,
-which swap a `..data` symlink rather than writing the file. SIGHUP reloads too. A new
+which swap a `..data` symlink rather than writing the file; changes to other files there
+(a log file beside the policy) are ignored (`file_watch.Followed`). SIGHUP reloads too. A new
 version must parse and validate completely and name only keys the proxy has; then the
 `Authorizer`'s policy attribute is replaced in one assignment, so a call keeps the
 version it started with. An invalid edit is never applied: the last good policy stays,

@@ -169,16 +169,20 @@ class AuthProxy:
         self.admin = build_admin(cfg, self.state, self.ops) if cfg.admin else None
         self.check_grpc: CheckServer | None = None
         self.check_http: CheckHttpServer | None = None
-        try:
-            shared = cfg.workers > 1  # every worker listens on the same ports
-            if cfg.ext_authz_grpc and listen:
+        shared = cfg.workers > 1  # every worker listens on the same ports
+        if cfg.ext_authz_grpc and listen:
+            try:
                 self.check_grpc = CheckServer(self.authorizer, cfg.ext_authz_grpc, shared)
-            if cfg.ext_authz_http:
+            except (OSError, RuntimeError, ValueError) as e:
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+                raise ConfigError(f"--ext-authz-grpc {cfg.ext_authz_grpc}: {reason}") from None
+        if cfg.ext_authz_http:
+            try:
                 self.check_http = CheckHttpServer(
                     self.authorizer, cfg.ext_authz_http, cfg.ext_authz_http_path_prefix, shared
                 )
-        except (OSError, RuntimeError, ValueError) as e:
-            raise ConfigError(str(e)) from None
+            except (OSError, RuntimeError, ValueError) as e:
+                raise ConfigError(f"--ext-authz-http {cfg.ext_authz_http}: {e}") from None
         for mode, server in (("grpc", self.check_grpc), ("http", self.check_http)):
             if server is not None:
                 self.ops.watch_ext_authz(mode, server)

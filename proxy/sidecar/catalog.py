@@ -130,5 +130,17 @@ async def reflect_backend(address: str, timeout: float = 5.0) -> MethodCatalog:
     return catalog
 
 
+def reflection_problem(e: BaseException, timeout: float) -> tuple[bool, str]:
+    """Why a reflection attempt failed, as one line (`UNAVAILABLE: failed to connect ...`),
+    and whether it means the backend is not answering (down, unreachable, silent) rather
+    than answering with an error."""
+    if isinstance(e, grpc.aio.AioRpcError):
+        silent = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return silent, f"{e.code().name}: {_one_line(e.details())}"
+    if isinstance(e, TimeoutError):
+        return True, f"no answer within {timeout:g}s"
+    return False, _one_line(str(e)) or type(e).__name__
+
+
 def _one_line(text: str | None) -> str:
     return " ".join((text or "").split())

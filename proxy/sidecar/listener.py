@@ -23,7 +23,7 @@ from authproxy.policy.lint import uncovered
 from authproxy.runtime.config import ConfigError, ServeConfig, check_address, tls_from
 from authproxy.runtime.metrics import LabelledHistogram
 from authproxy.runtime.tls import UpstreamTls
-from authproxy.sidecar.catalog import CatalogError, MethodCatalog
+from authproxy.sidecar.catalog import CatalogError, MethodCatalog, reflection_problem
 from authproxy.sidecar.peer_identity import transport_principal
 from authproxy.sidecar.relay import Relay
 from authproxy.sidecar.stream_guard import StreamGuard
@@ -35,6 +35,8 @@ log = logging.getLogger("authproxy")
 
 #: Longest pause between two reflection attempts while the backend does not answer.
 MAX_REFLECTION_DELAY = 30.0
+#: How long one reflection attempt waits for the backend's answer.
+REFLECTION_TIMEOUT = 5.0
 
 
 class Sidecar:
@@ -118,12 +120,19 @@ class Sidecar:
         while True:
             try:
                 async with reflection_channel(self.upstream.target, self.upstream_tls) as channel:
-                    count = await self.catalog.add_from_reflection(channel)
+                    count = await self.catalog.add_from_reflection(channel, REFLECTION_TIMEOUT)
                 log.info("learned %d method kinds from upstream reflection", count)
                 self._log_uncovered()
                 return
             except Exception as e:  # any failure: kinds stay unknown for now, retry later
-                log.info("upstream reflection not available yet (%s); retrying", e)
+                silent, problem = reflection_problem(e, REFLECTION_TIMEOUT)
+                log.info(
+                    "reflection on %s %s (%s); retrying in %gs",
+                    self.upstream.target,
+                    "not answering" if silent else "failed",
+                    problem,
+                    delay,
+                )
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_REFLECTION_DELAY)
 
