@@ -5,8 +5,11 @@
 #   docker run --rm -p 8080:8080 -p 9901:9901 \
 #       -v "$PWD/policy.yaml:/etc/authproxy/policy/policy.yaml:ro" \
 #       -v "$PWD/keys/jwks.json:/etc/authproxy/keys/jwks.json:ro" \
+#       -e REFRESH_SECRET -e AUTHPROXY_HMAC_SECRET_ENV=refresh-hmac=REFRESH_SECRET \
 #       -e AUTHPROXY_UPSTREAM=backend:50051 authproxy       # sidecar on 8080, admin on 9901
 #   docker run ... -p 9191:9191 -e AUTHPROXY_EXT_AUTHZ_GRPC=0.0.0.0:9191 authproxy  # Envoy ext_authz
+# policy.yaml takes refresh tokens only from the HMAC key refresh-hmac: REFRESH_SECRET (32+
+# bytes) is passed from the shell (README.md, "Running it" and "Docker").
 # No policy and no keys are baked in: mount them (deploy/k8s/ mounts the policy from a
 # ConfigMap directory, so edits are hot-reloaded, and the JWKS from a Secret). The admin
 # listener on 0.0.0.0:9901 serves /healthz, /readyz, /metrics and /policy; its revocation
