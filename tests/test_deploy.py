@@ -326,7 +326,7 @@ def test_dockerignore_keeps_keys_and_clutter_out() -> None:
     for path in (
         ".git/HEAD",
         ".venv/bin/python",
-        "tests/test_cli.py",
+        "tests/cli/test_cli.py",
         "keys/signing.pem",
         "keys/jwks.json",
         "proxy/__pycache__/cli.cpython-312.pyc",

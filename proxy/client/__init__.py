@@ -3,7 +3,7 @@ the 2FA flow, driven by the same policy file the proxy enforces.
 
     from authproxy.client import AsyncAuthSession, MethodLevels
 
-    levels = MethodLevels.from_file("policy.yaml")     # or .from_admin("http://proxy:9090")
+    levels = MethodLevels.from_file("policy.yaml")     # or .from_admin("http://proxy:9901")
     async with AsyncAuthSession("proxy:8080", levels) as session:
         if (await session.login(email, password)).requires_2fa:
             await session.verify_2fa(input("code: "))

@@ -578,7 +578,7 @@ async def test_gzip_responses_and_gzip_requests_of_every_kind(proxy: Running, is
 
 # --- an independent client ------------------------------------------------------------------
 
-GRPC_JS = Path(__file__).parent / "data" / "grpc-js"
+GRPC_JS = Path(__file__).parents[1] / "data" / "grpc-js"
 
 
 async def test_an_independent_grpc_js_client_gets_faithful_service(

@@ -89,7 +89,7 @@ async def test_streams_beyond_the_limit_are_refused_and_the_connection_goes_on(
     limit (the race real clients can hit at connection start): the 40 beyond it are reset
     REFUSED_STREAM (never reaching the backend), not the connection: no GOAWAY, the 10 run
     to OK, and a new stream on the same connection works. (A client that exceeds a limit
-    it has acknowledged loses the connection: tests/test_overload.py.)"""
+    it has acknowledged loses the connection: tests/sidecar/test_overload.py.)"""
     running = await start_sidecar(tmp_path, backend.port, keys, max_concurrent_streams=10)
     conn = await RawConnection.open(running.sidecar.port, ack_settings=False)
     try:

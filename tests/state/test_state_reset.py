@@ -26,8 +26,8 @@ from tests.conftest import Keys
 from tests.echo_backend import EchoBackend
 from tests.operations_support import poll
 from tests.redis_server import RedisServer, redis_server, redis_url, running_state  # noqa: F401
-from tests.test_state import eventually
-from tests.test_state_shared import REVOKED, running_node
+from tests.state.test_state import eventually
+from tests.state.test_state_shared import REVOKED, running_node
 
 TIMEOUT = 5.0  # per Redis operation: generous, a busy machine must not fail these tests
 WITHIN = 10.0  # bound for a replica to notice the wipe and write back

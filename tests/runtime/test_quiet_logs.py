@@ -18,7 +18,7 @@ import pytest
 from authproxy.sidecar.catalog import reflection_problem
 from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY, Keys
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: Writes to the log file and to another file beside the policy, each.
 WRITES = 300
 

@@ -28,7 +28,7 @@ from tests.conftest import SERVICES, TEST_POLICY, descriptor_set
 from tests.echo_backend import UNARY, EchoBackend
 from tests.example_backend_harness import Example, free_port
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 #: For the example backend: a typo'd method, a service that does not exist, and
 #: UserService/DeleteAccount without a rule.

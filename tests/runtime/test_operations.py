@@ -42,7 +42,7 @@ from tests.operations_support import (
     value_of,
     write_atomically,
 )
-from tests.test_stream_guard import Chat
+from tests.sidecar.test_stream_guard import Chat
 
 #: How soon a valid edit must be serving (the watcher debounces 150 ms).
 RELOAD_BOUND = 2.0

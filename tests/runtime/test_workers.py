@@ -27,7 +27,7 @@ from tests.echo_backend import EchoBackend, start_echo_backend
 from tests.operations_support import parse_metrics
 from tests.redis_server import RedisServer, redis_server  # noqa: F401
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: Fresh connections per round: all on one worker by chance is 2 ** -39.
 CONNECTIONS = 40
 STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")

@@ -18,8 +18,8 @@ import pytest
 
 from authproxy.keys.issuer import TokenIssuer
 from tests.conftest import TEST_POLICY, ExtAuthz, Keys
+from tests.ext_authz.test_ext_authz_http_protocol import Answer, Client, front, get, with_limits
 from tests.ext_authz_support import running_ext_authz
-from tests.test_ext_authz_http_protocol import Answer, Client, front, get, with_limits
 
 PUBLIC = "/test.Public/Echo"
 ACCESS = "/test.Access/Echo"

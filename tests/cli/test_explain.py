@@ -28,7 +28,7 @@ from authproxy.state.store import MemoryState
 from tests.conftest import REFRESH_ENV, REFRESH_SECRET, SERVICES, TEST_POLICY, Keys, config_for
 from tests.helpers_tokens import b64url, b64url_decode
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 POLICY = (
     TEST_POLICY

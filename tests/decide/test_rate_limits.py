@@ -53,7 +53,7 @@ from tests.redis_server import (  # noqa: F401
     redis_url,
     running_state,
 )
-from tests.test_state_shared import OK, STATE_DOWN, running_node
+from tests.state.test_state_shared import OK, STATE_DOWN, running_node
 
 FIVE = "/rl.Five/Echo"  # public, 5/minute, key peer (the default)
 OTHER = "/rl.Other/Echo"  # public, 5/minute, key peer (written out)
@@ -92,7 +92,7 @@ methods:
   /rl.Twice/*: {level: public, rate_limit: [{limit: 3/minute}, {limit: 3/minute, key: peer}]}
 """
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PEER_A = "ipv4:198.51.100.1:40001"
 PEER_B = "ipv4:198.51.100.2:40001"
 LIMITED = "RATE_LIMITED"

@@ -10,7 +10,7 @@ from authproxy.policy.loader import PolicyError, load_policy, parse_policy
 from authproxy.policy.model import Policy
 from authproxy.policy.values import parse_duration
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FILE = "bad-policy.yaml"
 
 SPEC_EXAMPLE = """\

@@ -18,7 +18,7 @@ from authproxy.keys.issuer import TokenIssuer
 from tests.conftest import TEST_POLICY, Keys
 from tests.echo_backend import EchoBackend
 from tests.redis_server import redis_server, redis_url  # noqa: F401
-from tests.test_state_shared import OK, REUSED, mint, running_node
+from tests.state.test_state_shared import OK, REUSED, mint, running_node
 
 RATE_LIMITED = (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
 NO_ROLE = (grpc.StatusCode.PERMISSION_DENIED, "INSUFFICIENT_ROLE")

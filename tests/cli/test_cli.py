@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +14,9 @@ from authproxy.keys.issuer import load_signing_key
 from authproxy.keys.keyset import KeySet, hmac_key, jwk_thumbprint, load_jwks_file
 from authproxy.keys.verify import TokenVerifier
 from authproxy.policy.loader import load_policy
+from tests.cli_support import authproxy
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 POLICY = str(REPO / "policy.yaml")
 SECRET = "cli-test-refresh-secret-0123456789abcdef"
 #: Valid addresses: a serve that got past configuration would listen, so errors must come first.
@@ -27,15 +26,7 @@ ADDRESSES = ["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1"]
 def run(
     *args: str, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "authproxy", *args],
-        cwd=cwd,
-        env={**base, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return authproxy(*args, cwd=cwd, env=env)
 
 
 def assert_config_error(result: subprocess.CompletedProcess[str], words: str) -> str:

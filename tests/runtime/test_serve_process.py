@@ -21,7 +21,7 @@ from authproxy.policy.loader import load_policy
 from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY, Keys, error_info
 from tests.echo_backend import start_echo_backend
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 async def _wait_for_line(stream: asyncio.StreamReader, needle: str, seen: list[str]) -> None:

@@ -5,10 +5,8 @@ command lists its commands, a mistyped flag is named with the closest real one a
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,22 +14,16 @@ import pytest
 
 from authproxy.cli.main import build_parser, main
 from authproxy.keys import keygen
+from tests.cli_support import authproxy
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 POLICY = str(REPO / "policy.yaml")
 SECRET_ENV = "CLI_MESSAGES_REFRESH_SECRET"
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
-    env[SECRET_ENV] = "cli-messages-refresh-secret-0123456789abcdef"
-    return subprocess.run(
-        [sys.executable, "-m", "authproxy", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    return authproxy(
+        *args, cwd=cwd, env={SECRET_ENV: "cli-messages-refresh-secret-0123456789abcdef"}
     )
 
 

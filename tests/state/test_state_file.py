@@ -28,9 +28,9 @@ from authproxy.state.file import FileState
 from authproxy.state.store import EXPIRY_GRACE, StateUnavailable
 from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY, Keys, config_for, error_info
 from tests.echo_backend import start_echo_backend
-from tests.test_state_shared import SINGLE_USE_POLICY
+from tests.state.test_state_shared import SINGLE_USE_POLICY
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VOLATILE = "kept in memory only"
 START_BOUND = 30.0  # a process start on a busy machine
 

@@ -32,11 +32,11 @@ from authproxy.keys.keygen import generate_private_key
 from authproxy.keys.sources import FetchSettings, KeyFile, RemoteJwks
 from authproxy.runtime.serve import AuthProxy, ServeConfig
 from tests.certs import make_ca
+from tests.cli.test_cli import ADDRESSES, POLICY, assert_config_error, serve
 from tests.conftest import Keys
 from tests.echo_backend import EchoBackend
 from tests.idp_server import DISCOVERY, JWKS, MOVED, FakeIdp, SigningKey, server_tls, sign
 from tests.operations_support import OK, Node, http_json, poll, value_of, write_atomically
-from tests.test_cli import ADDRESSES, POLICY, assert_config_error, serve
 
 METHOD = "/test.Access/Echo"
 OWN = "auth-service"

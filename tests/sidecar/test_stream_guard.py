@@ -23,7 +23,7 @@ from authproxy.keys.issuer import TokenIssuer
 from tests.conftest import TEST_POLICY, Keys, descriptor_set, error_info
 from tests.echo_backend import EchoBackend
 from tests.redis_server import RedisServer, redis_server, redis_url  # noqa: F401
-from tests.test_state_shared import admin, running_node
+from tests.state.test_state_shared import admin, running_node
 
 CHAT = "/test.Access/Chat"
 COUNT = "/test.Access/Count"

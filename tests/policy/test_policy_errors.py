@@ -6,9 +6,7 @@ through the command itself, as a subprocess."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import yaml
 
 from authproxy.policy import yaml_source
 from authproxy.policy.loader import PolicyError, load_policy
+from tests.cli_support import authproxy
 
 TOKENS = "version: 1\ntokens:\n  access: {type: access, audience: api}\n"  # lines 1-3
 
@@ -239,15 +238,7 @@ def test_a_suggestion_is_only_a_key_not_already_set(tmp_path: Path) -> None:
 
 
 def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHPROXY_")}
-    return subprocess.run(
-        [sys.executable, "-m", "authproxy", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return authproxy(*args, cwd=tmp_path)
 
 
 def test_policy_check_prints_one_line_for_a_misspelled_key(tmp_path: Path) -> None:

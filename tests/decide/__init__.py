@@ -1,0 +1,1 @@
+"""Tests of the decision pipeline and the headers it rewrites (`proxy/decide/`)."""

@@ -1,0 +1,1 @@
+"""Tests of the Envoy ext_authz front ends (`proxy/ext_authz/`)."""

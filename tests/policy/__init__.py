@@ -1,0 +1,1 @@
+"""Tests of the policy: loading, errors, HTTP routes, lint (`proxy/policy/`)."""

@@ -1,0 +1,1 @@
+"""Tests of assembling and operating the proxy: operations, admin, workers, TLS (`proxy/runtime/`)."""

@@ -1,0 +1,1 @@
+"""Tests of the gRPC sidecar front end: relay, streams, limits (`proxy/sidecar/`)."""

@@ -1,0 +1,1 @@
+"""Tests of shared state: memory, Redis, the state file (`proxy/state/`)."""
