@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -91,10 +92,10 @@ async def cli(*args: str, cwd: Path) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "proxy",
+        "authproxy",
         *args,
         cwd=cwd,
-        env={**env, "PYTHONPATH": str(REPO)},
+        env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -334,3 +335,20 @@ def test_unreadable_protoset_exits_2_with_one_line(
     assert captured.err == (
         f"authproxy: error: {missing}: cannot read descriptor set: No such file or directory\n"
     )
+
+
+async def test_the_readme_sample_is_what_policy_check_prints(example: Example) -> None:
+    """The README's `policy check` sample against the example backend is the command's
+    real output, line for line (the policy's version hash and the port aside)."""
+    readme = (REPO / "README.md").read_text()
+    command = "$ authproxy policy check policy.yaml --backend 127.0.0.1:50051 --strict\n"
+    sample = readme[readme.index(command) + len(command) :].split("```", 1)[0].splitlines()
+    code, out, err = await cli(
+        "policy", "check", "policy.yaml", "--backend", address(example), "--strict", cwd=REPO
+    )
+    assert code == 1, err  # --strict: the sample's unmatched rule is an error
+    real = out.splitlines()
+    version = re.compile(r"version [0-9a-f]{12}")
+    shown = [version.sub("version V", line.replace(address(example), "127.0.0.1:50051"))
+             for line in real]  # fmt: skip
+    assert shown == [version.sub("version V", line) for line in sample]
