@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import difflib
-import logging
 import re
 import sys
 from pathlib import Path
@@ -124,14 +123,6 @@ def _commands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | N
     """The parser's sub-commands, if it has any."""
     found = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return next(found, None)
-
-
-def _quiet_file_watch(level: str) -> None:
-    """The file watcher's own messages (`watchfiles`) only at `--log-level debug`, and
-    then only its INFO lines (one per change to a followed file): its DEBUG lines would
-    report every write in the watched directories, the proxy's own log file included."""
-    quiet = level.lower() != "debug"
-    logging.getLogger("watchfiles").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def _add_policy_check(policy_sub: argparse._SubParsersAction) -> None:
@@ -378,8 +369,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "log_level", None):
-        _quiet_file_watch(args.log_level)
     try:
         return args.func(args)
     except (ConfigError, KeyLoadError, ValueError) as e:

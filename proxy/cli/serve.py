@@ -234,6 +234,11 @@ def serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The file watcher's own messages (`watchfiles`) only at debug, and then only its INFO
+    # lines (one per change to a followed file): its DEBUG lines would report every write
+    # in the watched directories, the proxy's own log file included.
+    quiet = args.log_level != "debug"
+    logging.getLogger("watchfiles").setLevel(logging.WARNING if quiet else logging.INFO)
     decision_log.log_to(args.decision_log)
     cfg = serve_config(args)
     if cfg.workers > 1 or args.worker_index is not None:

@@ -29,21 +29,21 @@ VALUE, LIST, ON, OFF = "value", "list", "on", "off"
 _UNSET = object()
 
 
-def env(flag: str) -> str | None:
-    return os.environ.get(env_name(flag)) or None
+def env(variable: str) -> str | None:
+    return os.environ.get(variable) or None
 
 
 def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
 
 
-def env_list(flag: str) -> list[str]:
-    value = env(flag)
+def env_list(variable: str) -> list[str]:
+    value = env(variable)
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
 
-def env_bool(flag: str, default: bool) -> bool:
-    value = env(flag)
+def env_bool(variable: str, default: bool) -> bool:
+    value = env(variable)
     return default if value is None else value.lower() in ("1", "true", "yes", "on")
 
 
@@ -103,8 +103,14 @@ class Setting:
         return self.flag.removeprefix("--").replace("-", "_")
 
     @property
+    def variable(self) -> str:
+        """Its environment variable (a `--no-X` switch's is X's)."""
+        return env_name(self.flag.replace("--no-", "--"))
+
+    @property
     def env(self) -> str:
-        return env_name(self.flag.replace("--no-", "--")) + ("=false" if self.kind == OFF else "")
+        """The variable as `--help` and the README show it (`X=false` for `--no-X`)."""
+        return self.variable + ("=false" if self.kind == OFF else "")
 
     def default_value(self) -> Any:
         if self.default is not _UNSET:
@@ -163,13 +169,13 @@ def add_flags(parser: argparse.ArgumentParser, settings: Iterable[Setting]) -> N
         if s.kind == LIST:
             options.update(action="append", default=None, metavar=s.metavar)
         elif s.kind == ON:
-            options.update(action="store_true", default=env_bool(s.flag, False))
+            options.update(action="store_true", default=env_bool(s.variable, False))
         elif s.kind == OFF:
-            options.update(action="store_true", default=not env_bool(s.flag[5:], True))
+            options.update(action="store_true", default=not env_bool(s.variable, True))
         else:
             # A variable's text goes through `parse` as a flag's does, so a bad value is a
             # one-line usage error (exit 2), and only for the command that reads it.
-            given = env(s.flag)
+            given = env(s.variable)
             default = given if given is not None else (None if s.default is _UNSET else s.default)
             options.update(default=default, metavar=s.metavar)
             if s.choices is not None:
@@ -188,7 +194,7 @@ def values(args: argparse.Namespace, settings: Iterable[Setting]) -> dict[str, A
             continue
         value = getattr(args, s.dest)
         if s.kind == LIST:
-            value = value or env_list(s.flag)
+            value = value or env_list(s.variable)
         elif s.kind == OFF:
             value = not value
         elif value is None:
