@@ -205,6 +205,9 @@ def test_running_it_works_as_written(tmp_path: Path) -> None:
         assert "HealthCheck: SERVING" in out, out
         assert "CreateRecord without a token: UNAUTHENTICATED TOKEN_MISSING" in out, out
         assert "CreateRecord with alice's token: record owned by alice" in out, out
+        # The client library's quickstart, through the same proxy.
+        assert "GetProfile: bob@example.com (user id " in out, out
+        assert out.endswith("logged out\n"), out
         # The block's closing `kill` stops the backend and the proxy.
         assert wait_exited(group_members(proc.pid), 20) == [], "a background process kept running"
         assert '"reason":"TOKEN_MISSING"' in (work / "proxy.log").read_text()

@@ -1,5 +1,6 @@
-"""Sessions: a channel whose calls carry the right token, plus the login flow of the seed
-`api.v1.AuthService` (Login → Verify2FA → RefreshToken → Logout).
+"""Sessions: a channel whose calls carry the right token, plus the login flow of the
+example backend's auth API, `api.v1.AuthService` (Login → Verify2FA → RefreshToken →
+Logout).
 
 `AuthSession` is for sync channels (thread-safe); `AsyncAuthSession` for grpc.aio (one
 event loop). Both take the method levels from the policy the proxy enforces, so the
@@ -29,7 +30,8 @@ DEFAULT_TIMEOUT = 10.0
 
 @dataclass(frozen=True)
 class AuthMethods:
-    """The auth calls the session makes (the seed's `api.v1.AuthService` messages)."""
+    """The auth calls the session makes (the example backend's `api.v1.AuthService`
+    messages)."""
 
     login: str = "/api.v1.AuthService/Login"
     verify_2fa: str = "/api.v1.AuthService/Verify2FA"

@@ -1,7 +1,8 @@
 """Issuing tokens: the code `authproxy token mint` and the example auth service share.
 
-Claims follow the seed design: sub, type, aud and iss from the policy's `tokens` section,
-iat, exp, a random jti, and optional roles, permissions and scope.
+Claims follow the design of the example backend's auth API (`api.v1`): sub, type, aud and
+iss from the policy's `tokens` section, iat, exp, a random jti, and optional roles,
+permissions and scope.
 """
 
 from __future__ import annotations

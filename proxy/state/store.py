@@ -21,8 +21,8 @@ from limits.aio.storage import MemoryStorage, Storage
 
 from authproxy.policy.values import MAX_LEEWAY
 
-#: How long a "log out all devices" record lasts unless configured: the longest refresh
-#: token lifetime the seeds use (30 days).
+#: How long a "log out all devices" record lasts unless configured: 30 days, a long
+#: refresh token lifetime (the example backend's refresh tokens last 7 days).
 DEFAULT_SUBJECT_TTL = 30 * 24 * 3600.0
 #: A token is accepted until `exp` plus the policy's leeway, so records about one token
 #: (revoked, used) are kept that much longer: the longest leeway a policy may set.
