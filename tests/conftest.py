@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 from google.protobuf import descriptor_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from authproxy.keys.issuer import SigningKey, TokenIssuer, hmac_signing_key
 from authproxy.keys.keygen import keygen
 from authproxy.policy.loader import parse_policy
-from authproxy.runtime.serve import AuthProxy, ServeConfig, Sidecar, build_authorizer
-from authproxy.state.store import MemoryState
+from authproxy.runtime.serve import ServeConfig
 from tests.echo_backend import UNARY, EchoBackend, start_echo_backend
 from tests.example_backend_harness import Example, running_example
+from tests.running_proxy import LARGE_MESSAGES, RunningProxy, start_proxy
 
 TEST_POLICY = """\
 version: 1
@@ -100,37 +96,6 @@ async def backend() -> AsyncIterator[EchoBackend]:
     await b.server.stop(None)
 
 
-@dataclass
-class Running:
-    sidecar: Sidecar
-    channel: grpc.aio.Channel
-
-    async def call(
-        self,
-        method: str,
-        request: bytes = b"{}",
-        token: str | None = None,
-        metadata: tuple = (),
-        timeout: float = 10.0,
-        **kwargs,
-    ) -> tuple[bytes, grpc.aio.UnaryUnaryCall]:
-        md = tuple(metadata) + ((("authorization", f"Bearer {token}"),) if token else ())
-        call = self.channel.unary_unary(method)(request, metadata=md, timeout=timeout, **kwargs)
-        return await call, call
-
-    async def report(self, method: str, token: str | None = None, metadata: tuple = ()) -> dict:
-        response, _ = await self.call(method, token=token, metadata=metadata)
-        report = json.loads(response)
-        return {**report, "md": _group(report["metadata"])}
-
-
-def _group(pairs: list[list[str]]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for k, v in pairs:
-        out.setdefault(k, []).append(v)
-    return out
-
-
 def config_for(tmp_path: Path, keys: Keys, policy: str, **fields) -> ServeConfig:
     """A ServeConfig on the test keys, with `policy` written to tmp_path/policy.yaml."""
     policy_file = tmp_path / "policy.yaml"
@@ -147,39 +112,26 @@ def config_for(tmp_path: Path, keys: Keys, policy: str, **fields) -> ServeConfig
     return cfg
 
 
-def sidecar_for(cfg: ServeConfig) -> Sidecar:
-    """The sidecar alone (no admin API, no ext_authz) on in-memory state."""
-    state = MemoryState(subject_ttl=cfg.subject_revocation_ttl)
-    return Sidecar(cfg, build_authorizer(cfg, state), state)
-
-
 async def start_sidecar(
     tmp_path: Path, upstream_port: int, keys: Keys, policy: str = TEST_POLICY, **overrides
-) -> Running:
+) -> RunningProxy:
+    """The proxy as a sidecar in front of `upstream_port` (no admin API, no ext_authz, no
+    policy watch, no reflection unless `overrides` say so) on in-memory state."""
     cfg = config_for(
         tmp_path,
         keys,
         policy,
         listen="127.0.0.1:0",
         upstream=f"127.0.0.1:{upstream_port}",
-        **{"upstream_reflection": False, **overrides},
+        **{"upstream_reflection": False, "watch_policy": False, **overrides},
     )
-    sidecar = sidecar_for(cfg)
-    await sidecar.start()
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{sidecar.port}",
-        options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ],
-    )
-    return Running(sidecar, channel)
+    return await start_proxy(cfg, channel_options=LARGE_MESSAGES)
 
 
 @pytest.fixture(params=["unary-path", "stream-path"])
 async def proxy(
     request, tmp_path: Path, backend: EchoBackend, keys: Keys
-) -> AsyncIterator[Running]:
+) -> AsyncIterator[RunningProxy]:
     """The sidecar in front of the echo backend; run once with method kinds known (known
     unary calls are not watched as streams) and once without (every call is)."""
     sets = (
@@ -187,26 +139,13 @@ async def proxy(
     )
     running = await start_sidecar(tmp_path, backend.port, keys, descriptor_sets=sets)
     yield running
-    await running.channel.close()
-    await running.sidecar.stop(0)
-
-
-@dataclass
-class ExtAuthz:
-    """The proxy running only its Envoy ext_authz front ends (gRPC Check and HTTP)."""
-
-    proxy: AuthProxy
-    channel: grpc.aio.Channel
-    http_url: str  # base URL of the HTTP mode, path prefix included
-
-    @property
-    def grpc_port(self) -> int:
-        return self.proxy.check_grpc.port  # type: ignore[union-attr]
+    await running.stop()
 
 
 async def start_ext_authz(
     tmp_path: Path, keys: Keys, policy: str = TEST_POLICY, path_prefix: str = "", **overrides
-) -> ExtAuthz:
+) -> RunningProxy:
+    """The proxy running only its Envoy ext_authz front ends (gRPC Check and HTTP)."""
     cfg = config_for(
         tmp_path,
         keys,
@@ -216,34 +155,15 @@ async def start_ext_authz(
         ext_authz_http_path_prefix=path_prefix,
         **overrides,
     )
-    proxy = AuthProxy(cfg)
-    await proxy.start()
-    port = proxy.check_grpc.port if proxy.check_grpc else 0
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    http_port = proxy.check_http.port if proxy.check_http else 0
-    return ExtAuthz(proxy, channel, f"http://127.0.0.1:{http_port}{path_prefix}")
+    return await start_proxy(cfg)
 
 
 @pytest.fixture
-async def ext_authz(tmp_path: Path, keys: Keys) -> AsyncIterator[ExtAuthz]:
+async def ext_authz(tmp_path: Path, keys: Keys) -> AsyncIterator[RunningProxy]:
     """Both ext_authz front ends on loopback with TEST_POLICY; no sidecar, no upstream."""
     running = await start_ext_authz(tmp_path, keys)
     yield running
-    await running.channel.close()
-    await running.proxy.stop(0)
-
-
-def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
-    """The ErrorInfo inside `grpc-status-details-bin`, if any."""
-    status = rpc_status.from_call(error)
-    if status is None:
-        return None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    return None
+    await running.stop()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,6 @@ import aiohttp
 import grpc
 import pytest
 from argon2 import PasswordHasher
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from authproxy.decide.identity import identity_of
 from authproxy.keys.issuer import hmac_signing_key
@@ -40,6 +37,8 @@ from authproxy.runtime.serve import AuthProxy, ConfigError, ServeConfig
 from examples.backend.api.v1 import api_pb2, api_pb2_grpc
 from examples.backend.passwords import Passwords
 from examples.backend.server import Backend, BackendConfig, start_backend
+from tests.helpers_tokens import bearer
+from tests.running_proxy import RunningProxy, error_info, start_proxy
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY = REPO / "policy.yaml"
@@ -156,16 +155,23 @@ class Proxied:
     """The example backend behind the real proxy; stubs call the PROXY (bearer tokens)."""
 
     example: Example  # the backend, called directly (with identity headers)
-    proxy: AuthProxy
-    channel: grpc.aio.Channel
+    running: RunningProxy
     auth: api_pb2_grpc.AuthServiceStub
     users: api_pb2_grpc.UserServiceStub
     data: api_pb2_grpc.DataServiceStub
 
     @property
+    def proxy(self) -> AuthProxy:
+        return self.running.proxy
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        assert self.running.channel is not None
+        return self.running.channel
+
+    @property
     def admin_url(self) -> str:
-        assert self.proxy.admin is not None
-        return f"http://127.0.0.1:{self.proxy.admin.port}"
+        return self.running.admin_base
 
     async def login(self, email: str, password: str = PASSWORD) -> Any:
         return await self.auth.Login(api_pb2.LoginRequest(email=email, password=password))
@@ -234,69 +240,37 @@ async def running_behind_proxy(
                 hmac_secret_envs=[f"refresh-hmac={REFRESH_ENV}"],
                 shutdown_grace=0.5,
             )
-            with _environment({REFRESH_ENV: secret, ADMIN_ENV: admin_token}):
-                proxy = AuthProxy(cfg)
+            env = {REFRESH_ENV: secret, ADMIN_ENV: admin_token}
             try:
-                await proxy.start()
+                running = await start_proxy(cfg, env=env)
             except ConfigError:  # the admin port was taken meanwhile: pick another
                 if attempt == 4:
                     raise
                 continue
-            assert proxy.sidecar is not None
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{proxy.sidecar.port}")
+            channel = running.channel
             try:
                 yield Proxied(
                     example,
-                    proxy,
-                    channel,
+                    running,
                     api_pb2_grpc.AuthServiceStub(channel),
                     api_pb2_grpc.UserServiceStub(channel),
                     api_pb2_grpc.DataServiceStub(channel),
                 )
             finally:
-                await channel.close()
-                await proxy.stop(0)
+                await running.stop()
             return
-
-
-def bearer(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),)
 
 
 def reason_of(error: grpc.aio.AioRpcError) -> str | None:
     """The proxy's `ErrorInfo.reason` in the error's status details; None if there is none."""
-    status = rpc_status.from_call(error)
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return None
+    info = error_info(error)
+    return info.reason if info is not None else None
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextmanager
-def _environment(values: dict[str, str | None]) -> Iterator[None]:
-    """Set (or, for None, remove) environment variables for the block."""
-    saved = {name: os.environ.get(name) for name in values}
-    try:
-        for name, value in values.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 async def rpc_error(call: Awaitable[Any]) -> grpc.aio.AioRpcError:

@@ -19,7 +19,8 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
 from authproxy.decide.reasons import Reason
-from tests.conftest import TEST_POLICY, ExtAuthz, Keys, start_ext_authz
+from tests.conftest import TEST_POLICY, Keys, start_ext_authz
+from tests.running_proxy import RunningProxy
 
 GRPC_CONTENT_TYPE = "application/grpc"
 Pairs = Iterable[tuple[str, str]]
@@ -46,14 +47,15 @@ http:
 
 
 @asynccontextmanager
-async def running_ext_authz(tmp_path: Path, keys: Keys, **kwargs: Any) -> AsyncIterator[ExtAuthz]:
+async def running_ext_authz(
+    tmp_path: Path, keys: Keys, **kwargs: Any
+) -> AsyncIterator[RunningProxy]:
     """`start_ext_authz` with its servers stopped again afterwards."""
     running = await start_ext_authz(tmp_path, keys, **kwargs)
     try:
         yield running
     finally:
-        await running.channel.close()
-        await running.proxy.stop(0)
+        await running.stop()
 
 
 # --- the gRPC Check API ------------------------------------------------------------------
@@ -115,14 +117,14 @@ def wrap(
 
 
 async def check(
-    running: ExtAuthz, request: external_auth_pb2.CheckRequest
+    running: RunningProxy, request: external_auth_pb2.CheckRequest
 ) -> external_auth_pb2.CheckResponse:
-    stub = external_auth_pb2_grpc.AuthorizationStub(running.channel)
+    stub = external_auth_pb2_grpc.AuthorizationStub(running.check)
     return await stub.Check(request, timeout=10)
 
 
 async def check_path(
-    running: ExtAuthz, path: str, **kwargs: Any
+    running: RunningProxy, path: str, **kwargs: Any
 ) -> external_auth_pb2.CheckResponse:
     return await check(running, check_request(path, **kwargs))
 
@@ -155,7 +157,7 @@ def outcome(response: external_auth_pb2.CheckResponse) -> str:
 
 
 async def outcomes(
-    running: ExtAuthz, requests: dict[str, external_auth_pb2.CheckRequest]
+    running: RunningProxy, requests: dict[str, external_auth_pb2.CheckRequest]
 ) -> dict[str, str]:
     """label -> outcome for many checks at once."""
     responses = await asyncio.gather(*(check(running, r) for r in requests.values()))

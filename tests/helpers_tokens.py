@@ -1,4 +1,6 @@
-"""Keys, a test policy and token crafting shared by the verification-related tests.
+"""Tokens for tests: `minted` (a real token from the test issuer) and `bearer` (it as
+metadata) for every test; keys, a test policy and hand-crafted tokens for the
+verification-related tests.
 
 Tokens are built by hand (header and payload JSON signed with PyJWT's algorithm objects)
 so tests can produce what PyJWT's own encoder refuses: duplicate JSON keys, `alg: none`,
@@ -15,6 +17,7 @@ from typing import Any
 from jwt.algorithms import get_default_algorithms
 
 from authproxy.decide.pipeline import Authorizer
+from authproxy.keys.issuer import TokenIssuer
 from authproxy.keys.keygen import generate_private_key
 from authproxy.keys.keyset import KeySet, VerificationKey, hmac_key, key_from_jwk, public_jwk
 from authproxy.keys.verify import TokenVerifier
@@ -189,8 +192,27 @@ def signed(header_json: str, payload: Any, signer: str = "ec") -> str:
     return sign_raw(header_json, payload, factory(), alg)
 
 
-def bearer(tok: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {tok}")]
+def bearer_value(token: str) -> str:
+    """The `authorization` value carrying `token` (the one place tests write the scheme)."""
+    return f"Bearer {token}"
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata (or header pairs) carrying `token` as the bearer credential; `dict()`
+    of it is the HTTP headers."""
+    return (("authorization", bearer_value(token)),)
+
+
+def minted(
+    issuer: TokenIssuer,
+    subject: str = "alice",
+    level: str = "access",
+    ttl: int = 300,
+    **claims: Any,
+) -> str:
+    """A token of `level` for `subject`, minted by the test issuer (the product's
+    `TokenIssuer`, signing with the test keys), valid for `ttl` seconds."""
+    return issuer.mint(level, subject, ttl=ttl, **claims).token
 
 
 def authorizer(clock: Clock | None = None, cache_size: int = 10_000) -> Authorizer:

@@ -1,4 +1,4 @@
-"""Running proxies for the operations tests: an in-process `AuthProxy` (sidecar plus admin
+"""RunningProxy proxies for the operations tests: an in-process `AuthProxy` (sidecar plus admin
 listener on loopback), a real `python -m authproxy serve` process, policy files written the
 way editors and Kubernetes write them, and the admin endpoints read as JSON or as
 Prometheus samples."""
@@ -6,7 +6,6 @@ Prometheus samples."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -17,13 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
 
-from authproxy.runtime.serve import AuthProxy, ServeConfig
-from tests.conftest import REFRESH_ENV, REFRESH_SECRET, Keys, error_info
+from authproxy.runtime.serve import ServeConfig
+from tests.conftest import REFRESH_ENV, REFRESH_SECRET, Keys
 from tests.echo_backend import EchoBackend
+from tests.running_proxy import RunningProxy, running_proxy
 
 REPO = Path(__file__).resolve().parents[1]
 OK = (grpc.StatusCode.OK, None)
@@ -79,107 +77,7 @@ class ConfigMapMount:
         old.rmdir()
 
 
-# --- the admin endpoints ------------------------------------------------------------------
-
-
-async def http_get(url: str) -> tuple[int, str, str]:
-    """(status, content-type, body) of one GET."""
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        return response.status, response.headers.get("content-type", ""), await response.text()
-
-
-async def http_json(url: str, method: str = "GET", body: Any = None) -> tuple[int, Any]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(method, url, json=body) as response,
-    ):
-        return response.status, await response.json(content_type=None)
-
-
-@dataclass
-class Sample:
-    name: str
-    labels: dict[str, str]
-    value: float
-
-
-def parse_metrics(text: str) -> tuple[set[str], list[Sample]]:
-    """(family names, every sample) of a Prometheus exposition."""
-    families, samples = set(), []
-    for family in text_string_to_metric_families(text):
-        families.add(family.name)
-        samples.extend(Sample(s.name, dict(s.labels), s.value) for s in family.samples)
-    return families, samples
-
-
-def value_of(samples: list[Sample], name: str, **labels: str) -> float | None:
-    """The value of the one sample `name` with exactly these labels (None: no such sample)."""
-    found = [s.value for s in samples if s.name == name and s.labels == labels]
-    assert len(found) <= 1, (name, labels, found)
-    return found[0] if found else None
-
-
 # --- one proxy in the test's event loop ---------------------------------------------------
-
-
-@dataclass
-class Node:
-    proxy: AuthProxy
-    channel: grpc.aio.Channel
-    policy_path: Path
-    stopped: bool = False
-    #: The reloader's counts when the test took over (see `watching`).
-    baseline: dict[str, int] = field(default_factory=dict)
-
-    def reloads(self) -> dict[str, int]:
-        """Reload results since the test took over."""
-        results = self.proxy.reloader.results
-        return {key: n - self.baseline.get(key, 0) for key, n in results.items()}
-
-    @property
-    def admin_base(self) -> str:
-        assert self.proxy.admin is not None
-        return f"http://127.0.0.1:{self.proxy.admin.port}"
-
-    @property
-    def sidecar_port(self) -> int:
-        assert self.proxy.sidecar is not None
-        return self.proxy.sidecar.port
-
-    async def call(
-        self, method: str, token: str | None = None, metadata: tuple = (), timeout: float = 10
-    ) -> tuple[grpc.StatusCode, str | None]:
-        """(status, ErrorInfo reason) of one unary call; OK when it passed."""
-        md = tuple(metadata) + ((("authorization", f"Bearer {token}"),) if token else ())
-        try:
-            await self.channel.unary_unary(method)(b"{}", metadata=md, timeout=timeout)
-        except grpc.aio.AioRpcError as e:
-            info = error_info(e)
-            return e.code(), info.reason if info is not None else None
-        return OK
-
-    async def report(
-        self, method: str, token: str | None = None, metadata: tuple = ()
-    ) -> dict[str, list[str]]:
-        """The metadata the echo backend received for one call to its Report method."""
-        md = tuple(metadata) + ((("authorization", f"Bearer {token}"),) if token else ())
-        response = await self.channel.unary_unary(method)(b"{}", metadata=md, timeout=10)
-        grouped: dict[str, list[str]] = {}
-        for key, value in json.loads(response)["metadata"]:
-            grouped.setdefault(key, []).append(value)
-        return grouped
-
-    async def policy(self) -> dict[str, Any]:
-        status, body = await http_json(f"{self.admin_base}/policy")
-        assert status == 200, body
-        return body
-
-    async def metrics(self) -> tuple[set[str], list[Sample], str]:
-        status, content_type, text = await http_get(f"{self.admin_base}/metrics")
-        assert status == 200, text
-        assert content_type.startswith("text/plain"), content_type
-        families, samples = parse_metrics(text)
-        return families, samples, text
 
 
 def proxy_config(
@@ -202,7 +100,7 @@ def proxy_config(
     return cfg
 
 
-async def watching(node: Node, attempts: int = 20) -> None:
+async def watching(node: RunningProxy, attempts: int = 20) -> None:
     """Return once the policy watch reports changes: the policy file's times are set
     (its text untouched) until two touches in a row are each followed by a reload,
     counted as `unchanged`. Two, because a proxy may also reload once as its watch
@@ -225,32 +123,24 @@ async def watching(node: Node, attempts: int = 20) -> None:
 
 
 @asynccontextmanager
-async def running_proxy(
+async def watched_proxy(
     keys: Keys,
     backend: EchoBackend,
     policy_path: Path,
     policy: str | None = None,
     **fields: Any,
-) -> AsyncIterator[Node]:
-    """An AuthProxy (sidecar in front of `backend`, admin API on loopback, policy watched)
-    on `policy_path`, written first when `policy` is given. With the watch on, it is live
+) -> AsyncIterator[RunningProxy]:
+    """The proxy (sidecar in front of `backend`, admin API on loopback, policy watched) on
+    `policy_path`, written first when `policy` is given. With the watch on, it is live
     before the test starts (`watching`)."""
     if policy is not None:
         policy_path.parent.mkdir(parents=True, exist_ok=True)
         policy_path.write_text(policy)
     cfg = proxy_config(keys, policy_path, backend, **fields)
-    proxy = AuthProxy(cfg)
-    await proxy.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{proxy.sidecar.port}")  # type: ignore[union-attr]
-    node = Node(proxy, channel, policy_path)
-    try:
+    async with running_proxy(cfg) as node:
         if cfg.watch_policy:
             await watching(node)
         yield node
-    finally:
-        await channel.close()
-        if not node.stopped:
-            await proxy.stop(0)
 
 
 async def poll(probe, until, within: float, every: float = 0.01) -> tuple[Any, float]:

@@ -30,6 +30,7 @@ from tests.example_backend_harness import (
     decoded,
     running_behind_proxy,
 )
+from tests.helpers_tokens import bearer
 
 
 async def test_full_flow_login_2fa_access_refresh_logout(tmp_path):
@@ -67,7 +68,7 @@ async def test_full_flow_login_2fa_access_refresh_logout(tmp_path):
             with pytest.raises(grpc.aio.AioRpcError) as spent:
                 await proxied.auth.RefreshToken(
                     api_pb2.RefreshTokenRequest(),
-                    metadata=(("authorization", f"Bearer {refresh.value}"),),
+                    metadata=bearer(refresh.value),
                 )
             assert spent.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
@@ -195,9 +196,7 @@ async def test_a_call_with_its_own_authorization_is_left_alone(tmp_path):
             users = api_pb2_grpc.UserServiceStub(session.channel)
             chosen = login.access_token  # another valid access token of the same user
             assert chosen != session.store.get("access").value  # type: ignore[union-attr]
-            await users.GetProfile(
-                api_pb2.GetProfileRequest(), metadata=(("authorization", f"Bearer {chosen}"),)
-            )
+            await users.GetProfile(api_pb2.GetProfileRequest(), metadata=bearer(chosen))
         method, metadata = recorder.calls[-1]
         assert method == GET_PROFILE
         assert sent_token(metadata) == chosen

@@ -26,6 +26,7 @@ from tests.ext_authz_support import (
     running_ext_authz,
     set_headers,
 )
+from tests.helpers_tokens import bearer, minted
 
 GOOD = "spiffe://cluster.local/ns/shop/sa/frontend"
 OTHER = "spiffe://cluster.local/ns/shop/sa/batch"
@@ -43,10 +44,6 @@ PEERS_POLICY = (
 def authorizer(tmp_path: Path, keys: Keys, policy: str = PEERS_POLICY) -> Authorizer:
     """An authorizer as serve builds one (the test keys, in-memory state)."""
     return build_authorizer(config_for(tmp_path, keys, policy), MemoryState())
-
-
-def bearer(issuer: TokenIssuer, level: str = "access") -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {issuer.mint(level, 'alice', ttl=300).token}")]
 
 
 # --- policy syntax ---------------------------------------------------------------------
@@ -99,7 +96,9 @@ def test_bad_peers_are_policy_errors_with_their_line(rule: str, problem: str):
 async def test_peers_requirement(
     tmp_path: Path, keys: Keys, issuer: TokenIssuer, method, principal, expected
 ):
-    decision = await authorizer(tmp_path, keys).decide(method, bearer(issuer), principal=principal)
+    decision = await authorizer(tmp_path, keys).decide(
+        method, bearer(minted(issuer)), principal=principal
+    )
     assert decision.reason == expected, decision.message
     assert decision.allowed is (expected is None)
     if expected is not None:
@@ -110,9 +109,9 @@ async def test_peer_message_names_what_is_accepted_and_what_came(
     tmp_path: Path, keys: Keys, issuer
 ):
     auth = authorizer(tmp_path, keys)
-    denied = await auth.decide("/test.Peer/Exact", bearer(issuer), principal=OTHER)
+    denied = await auth.decide("/test.Peer/Exact", bearer(minted(issuer)), principal=OTHER)
     assert GOOD in denied.message and OTHER in denied.message
-    missing = await auth.decide("/test.Peer/Exact", bearer(issuer))
+    missing = await auth.decide("/test.Peer/Exact", bearer(minted(issuer)))
     assert "needs a client certificate" in missing.message
 
 
@@ -133,8 +132,8 @@ async def test_principal_is_escaped_to_printable_ascii_for_its_header(tmp_path: 
 
 async def test_recheck_keeps_judging_the_streams_certificate(tmp_path: Path, keys: Keys, issuer):
     auth = authorizer(tmp_path, keys)
-    assert (await auth.recheck("/test.Peer/Exact", bearer(issuer), GOOD)).allowed
-    assert not (await auth.recheck("/test.Peer/Exact", bearer(issuer), OTHER)).allowed
+    assert (await auth.recheck("/test.Peer/Exact", bearer(minted(issuer)), GOOD)).allowed
+    assert not (await auth.recheck("/test.Peer/Exact", bearer(minted(issuer)), OTHER)).allowed
 
 
 # --- Envoy ext_authz: source.principal ---------------------------------------------------

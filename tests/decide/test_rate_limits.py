@@ -33,7 +33,7 @@ from authproxy.keys.issuer import TokenIssuer
 from authproxy.policy.loader import PolicyError, parse_policy
 from authproxy.runtime.serve import ConfigError, build_authorizer
 from authproxy.state.store import MemoryState, StateStore
-from tests.conftest import Keys, config_for, error_info, sidecar_for, start_sidecar
+from tests.conftest import Keys, config_for, start_sidecar
 from tests.echo_backend import EchoBackend
 from tests.ext_authz_support import (
     check,
@@ -44,6 +44,7 @@ from tests.ext_authz_support import (
     running_ext_authz,
     unpadded_b64decode,
 )
+from tests.helpers_tokens import minted
 from tests.operations_support import poll
 from tests.redis_server import (  # noqa: F401
     PATIENT,
@@ -53,6 +54,7 @@ from tests.redis_server import (  # noqa: F401
     redis_url,
     running_state,
 )
+from tests.running_proxy import error_info, running_proxy, with_token
 from tests.state.test_state_shared import OK, STATE_DOWN, running_node
 
 FIVE = "/rl.Five/Echo"  # public, 5/minute, key peer (the default)
@@ -101,10 +103,6 @@ RESOURCE_EXHAUSTED = (grpc.StatusCode.RESOURCE_EXHAUSTED, LIMITED)
 ROUNDING = 1e-3
 
 
-def token(issuer: TokenIssuer, sub: str = "alice", **kwargs: Any) -> str:
-    return issuer.mint("access", sub, ttl=300, **kwargs).token
-
-
 def verdict(decision: Decision) -> str:
     """OK, or the deny reason."""
     if decision.allowed:
@@ -120,7 +118,7 @@ async def decide(
     peer: str | None = PEER_A,
     headers: tuple[tuple[str, str], ...] = (),
 ) -> Decision:
-    md = headers + ((("authorization", f"Bearer {bearer}"),) if bearer else ())
+    md = with_token(headers, bearer)
     return await authorizer.decide(method, md, peer)
 
 
@@ -335,7 +333,7 @@ def authorizer(tmp_path: Path, keys: Keys, state: StateStore) -> Authorizer:
 async def test_exactly_5_of_100_concurrent_calls_pass(
     authorizer: Authorizer, issuer: TokenIssuer, method: str
 ):
-    bearer = token(issuer) if method == SUBJECT else None
+    bearer = minted(issuer) if method == SUBJECT else None
     start = time.time()
     decisions = await asyncio.gather(*(decide(authorizer, method, bearer) for _ in range(100)))
     elapsed = time.time() - start
@@ -395,32 +393,32 @@ async def test_trusted_proxies_forward_the_client_address(
 async def test_subject_key_counts_every_token_and_address_of_a_subject(
     authorizer: Authorizer, issuer: TokenIssuer
 ):
-    tokens = [token(issuer, "alice") for _ in range(5)]  # five tokens, one subject
+    tokens = [minted(issuer, "alice") for _ in range(5)]  # five tokens, one subject
     peers = [PEER_A, PEER_B, "ipv4:192.0.2.3:1", None, "unix:/tmp/s"]
     for bearer, peer in zip(tokens, peers, strict=True):
         assert verdict(await decide(authorizer, SUBJECT, bearer, peer=peer)) == "OK"
-    refused = await decide(authorizer, SUBJECT, token(issuer, "alice"), peer="ipv4:192.0.2.4:1")
+    refused = await decide(authorizer, SUBJECT, minted(issuer, "alice"), peer="ipv4:192.0.2.4:1")
     assert verdict(refused) == LIMITED
     assert "per subject" in refused.message
-    assert await verdicts(authorizer, SUBJECT, 5, bearer=token(issuer, "bob")) == ["OK"] * 5
+    assert await verdicts(authorizer, SUBJECT, 5, bearer=minted(issuer, "bob")) == ["OK"] * 5
 
 
 async def test_claim_key_counts_per_claim_value(authorizer: Authorizer, issuer: TokenIssuer):
-    phone = token(issuer, "alice", extra={"device_id": "phone-1"})
+    phone = minted(issuer, "alice", extra={"device_id": "phone-1"})
     assert await verdicts(authorizer, DEVICE, 4, bearer=phone) == ["OK"] * 3 + [LIMITED]
     # Another subject on the same device shares the device's bucket...
-    same_device = token(issuer, "bob", extra={"device_id": "phone-1"})
+    same_device = minted(issuer, "bob", extra={"device_id": "phone-1"})
     refused = await decide(authorizer, DEVICE, same_device, peer=PEER_B)
     assert verdict(refused) == LIMITED
     assert "per 'device_id'" in refused.message
     # ...and the same subject on another device has its own.
-    tablet = token(issuer, "alice", extra={"device_id": "tablet-1"})
+    tablet = minted(issuer, "alice", extra={"device_id": "tablet-1"})
     assert await verdicts(authorizer, DEVICE, 4, bearer=tablet) == ["OK"] * 3 + [LIMITED]
-    numeric = token(issuer, "carol", extra={"device_id": 42})
+    numeric = minted(issuer, "carol", extra={"device_id": 42})
     assert await verdicts(authorizer, DEVICE, 4, bearer=numeric) == ["OK"] * 3 + [LIMITED]
     # Long values are hashed whole: two values with a long common prefix stay apart.
-    long_one = token(issuer, "dave", extra={"device_id": "d" * 300 + "1"})
-    long_two = token(issuer, "dave", extra={"device_id": "d" * 300 + "2"})
+    long_one = minted(issuer, "dave", extra={"device_id": "d" * 300 + "1"})
+    long_two = minted(issuer, "dave", extra={"device_id": "d" * 300 + "2"})
     assert await verdicts(authorizer, DEVICE, 4, bearer=long_one) == ["OK"] * 3 + [LIMITED]
     assert await verdicts(authorizer, DEVICE, 4, bearer=long_two) == ["OK"] * 3 + [LIMITED]
 
@@ -441,7 +439,7 @@ async def test_claim_key_counts_per_claim_value(authorizer: Authorizer, issuer: 
 async def test_claim_key_without_a_usable_claim_is_unauthenticated(
     authorizer: Authorizer, issuer: TokenIssuer, claims: dict[str, Any]
 ):
-    decision = await decide(authorizer, DEVICE, token(issuer, extra=claims))
+    decision = await decide(authorizer, DEVICE, minted(issuer, extra=claims))
     assert verdict(decision) == "MISSING_CLAIM"
     assert decision.status == grpc.StatusCode.UNAUTHENTICATED
     assert "'device_id'" in decision.message
@@ -453,7 +451,7 @@ async def test_calls_refused_for_other_reasons_are_not_counted(
 ):
     # Missing role: ten refusals, then the subject still has its five calls.
     for _ in range(10):
-        assert verdict(await decide(authorizer, ADMIN, token(issuer, "alice"))) == (
+        assert verdict(await decide(authorizer, ADMIN, minted(issuer, "alice"))) == (
             "INSUFFICIENT_ROLE"
         )
     # Revoked: ten refusals of a revoked admin token of the same subject.
@@ -461,15 +459,17 @@ async def test_calls_refused_for_other_reasons_are_not_counted(
     await state.revoke_token(revoked.jti, revoked.exp)
     for _ in range(10):
         assert verdict(await decide(authorizer, ADMIN, revoked.token)) == "TOKEN_REVOKED"
-    admin = token(issuer, "alice", roles=["admin"])
+    admin = minted(issuer, "alice", roles=["admin"])
     assert await verdicts(authorizer, ADMIN, 6, bearer=admin) == ["OK"] * 5 + [LIMITED]
 
     # No token, or a bad one, on a rule keyed by client address.
-    for bearer in (None, "not-a-token", token(issuer)[:-4] + "AAAA"):
+    for bearer in (None, "not-a-token", minted(issuer)[:-4] + "AAAA"):
         for _ in range(5):
             decision = await decide(authorizer, TOKEN_PEER, bearer)
             assert decision.status == grpc.StatusCode.UNAUTHENTICATED, decision
-    assert await verdicts(authorizer, TOKEN_PEER, 6, bearer=token(issuer)) == ["OK"] * 5 + [LIMITED]
+    assert await verdicts(authorizer, TOKEN_PEER, 6, bearer=minted(issuer)) == ["OK"] * 5 + [
+        LIMITED
+    ]
 
 
 async def test_two_rules_never_share_a_counter(authorizer: Authorizer):
@@ -485,12 +485,12 @@ async def test_the_limits_of_one_rule_are_counted_separately(
 ):
     """BOTH: 4/minute per client address, then 2/minute per subject."""
     for sub in ("alice", "bob", "carol", "dave"):
-        assert verdict(await decide(authorizer, BOTH, token(issuer, sub))) == "OK"
-    refused = await decide(authorizer, BOTH, token(issuer, "erin"))
+        assert verdict(await decide(authorizer, BOTH, minted(issuer, sub))) == "OK"
+    refused = await decide(authorizer, BOTH, minted(issuer, "erin"))
     assert verdict(refused) == LIMITED
     assert "per client address" in refused.message
     # Refused by the first limit, that call never reached the second: erin has both calls.
-    erin = token(issuer, "erin")
+    erin = minted(issuer, "erin")
     assert verdict(await decide(authorizer, BOTH, erin, peer=PEER_B)) == "OK"
     assert verdict(await decide(authorizer, BOTH, erin, peer="ipv4:192.0.2.7:1")) == "OK"
     refused = await decide(authorizer, BOTH, erin, peer="ipv4:192.0.2.8:1")
@@ -505,10 +505,10 @@ async def test_a_call_refused_by_a_later_limit_does_not_use_up_an_earlier_one(
 ):
     """Refused calls never use up an allowance: a user over their own per-subject limit
     must not exhaust the per-address allowance of everyone behind the same address."""
-    frank = token(issuer, "frank")
+    frank = minted(issuer, "frank")
     assert await verdicts(authorizer, BOTH, 5, bearer=frank) == ["OK"] * 2 + [LIMITED] * 3
     # Two calls reached the address's window so far; gina (same address) has two more.
-    gina = token(issuer, "gina")
+    gina = minted(issuer, "gina")
     assert await verdicts(authorizer, BOTH, 2, bearer=gina) == ["OK", "OK"]
 
 
@@ -565,8 +565,8 @@ async def test_redis_keys_live_under_the_namespace_and_all_expire(
         assert await verdicts(first, FIVE, 6) == ["OK"] * 5 + [LIMITED]
         # Another namespace is another set of counters.
         assert await verdicts(second, FIVE, 5) == ["OK"] * 5
-        assert await verdicts(first, SUBJECT, 1, bearer=token(issuer)) == ["OK"]
-        device = token(issuer, extra={"device_id": long_value})
+        assert await verdicts(first, SUBJECT, 1, bearer=minted(issuer)) == ["OK"]
+        device = minted(issuer, extra={"device_id": long_value})
         assert await verdicts(first, DEVICE, 1, bearer=device) == ["OK"]
 
         client = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -608,10 +608,10 @@ async def test_the_sidecar_refuses_the_sixth_call_with_retry_info(
     try:
         start = time.time()
         for i in range(5):
-            response, _ = await running.call(FIVE, f"call {i}".encode())
+            response, _ = await running.unary(FIVE, f"call {i}".encode())
             assert response == f"call {i}".encode()
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await running.call(FIVE, b"sixth")
+            await running.unary(FIVE, b"sixth")
         elapsed = time.time() - start
         error = refused.value
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -625,11 +625,10 @@ async def test_the_sidecar_refuses_the_sixth_call_with_retry_info(
         assert 0 < delay <= 60
         assert delay >= 60 - elapsed - ROUNDING  # a minute after the first call
         # Other rules and other methods of other rules are unaffected.
-        response, _ = await running.call(OTHER, b"other")
+        response, _ = await running.unary(OTHER, b"other")
         assert response == b"other"
     finally:
-        await running.channel.close()
-        await running.sidecar.stop(0)
+        await running.stop()
     assert [m for m, _ in backend.calls].count(FIVE) == 5  # never saw the refused call
     assert [m for m, _ in backend.calls].count(OTHER) == 1
 
@@ -649,25 +648,15 @@ async def test_the_sidecar_believes_x_forwarded_for_from_a_trusted_proxy(
         upstream_reflection=False,
         trusted_proxies=[loopback],
     )
-    sidecar = sidecar_for(cfg)
-    await sidecar.start()
-    channel = grpc.aio.insecure_channel(f"{host}:{sidecar.port}")
+    async with running_proxy(cfg, host=host) as running:
 
-    async def call(client: str) -> tuple[grpc.StatusCode, str | None]:
-        md = (("x-forwarded-for", f"192.0.2.200, {client}"),)
-        try:
-            await channel.unary_unary(FIVE)(b"{}", metadata=md, timeout=10)
-        except grpc.aio.AioRpcError as e:
-            info = error_info(e)
-            return e.code(), info.reason if info is not None else None
-        return OK
+        async def call(client: str) -> tuple[grpc.StatusCode, str | None]:
+            return await running.call(
+                FIVE, metadata=(("x-forwarded-for", f"192.0.2.200, {client}"),)
+            )
 
-    try:
         first = [await call("203.0.113.1") for _ in range(6)]
         second = [await call("203.0.113.2") for _ in range(6)]
-    finally:
-        await channel.close()
-        await sidecar.stop(0)
     assert first == [OK] * 5 + [RESOURCE_EXHAUSTED]
     assert second == [OK] * 5 + [RESOURCE_EXHAUSTED]
 

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from authproxy.keys.issuer import TokenIssuer
 from authproxy.policy.strip_headers import DEFAULT_STRIP, OVERRIDE_HEADERS
-from tests.conftest import TEST_POLICY, ExtAuthz, Keys
+from tests.conftest import TEST_POLICY, Keys
 from tests.ext_authz_support import (
     HTTP_CODE,
     ROUTES_POLICY,
@@ -42,6 +42,8 @@ from tests.ext_authz_support import (
     status_details,
     wrap,
 )
+from tests.helpers_tokens import minted
+from tests.running_proxy import RunningProxy
 from tests.security.jws import craft
 
 ALLOW = "ALLOW"
@@ -51,14 +53,10 @@ HttpRequest = attribute_context_pb2.AttributeContext.HttpRequest
 
 
 @pytest.fixture
-async def routes(tmp_path: Path, keys: Keys) -> AsyncIterator[ExtAuthz]:
+async def routes(tmp_path: Path, keys: Keys) -> AsyncIterator[RunningProxy]:
     """The ext_authz front ends with ROUTES_POLICY (TEST_POLICY plus `http:` routes)."""
     async with running_ext_authz(tmp_path, keys, policy=ROUTES_POLICY) as running:
         yield running
-
-
-def token(issuer: TokenIssuer, level: str = "access", sub: str = "alice", **kw) -> str:
-    return issuer.mint(level, sub, ttl=300, **kw).token
 
 
 def summary(response: external_auth_pb2.CheckResponse) -> tuple[str, int, int]:
@@ -107,9 +105,9 @@ MATRIX = {
 
 @pytest.mark.parametrize("grpc_request", [True, False], ids=["grpc", "plain-http"])
 async def test_allow_deny_matrix_across_levels_and_token_types(
-    ext_authz: ExtAuthz, issuer: TokenIssuer, grpc_request: bool
+    ext_authz: RunningProxy, issuer: TokenIssuer, grpc_request: bool
 ):
-    tokens = {None: None, **{level: token(issuer, level) for level in LEVELS}}
+    tokens = {None: None, **{level: minted(issuer, level=level) for level in LEVELS}}
     requests = {
         f"{service}/{level}": check_request(
             f"/test.{service}/Echo", token=tokens[level], grpc=grpc_request
@@ -118,7 +116,7 @@ async def test_allow_deny_matrix_across_levels_and_token_types(
         for level in tokens
     }
     requests["Admin/access+admin"] = check_request(
-        "/test.Admin/Echo", token=token(issuer, roles=["admin"]), grpc=grpc_request
+        "/test.Admin/Echo", token=minted(issuer, roles=["admin"]), grpc=grpc_request
     )
     want = {
         f"{service}/{level}": expected(result)
@@ -131,10 +129,10 @@ async def test_allow_deny_matrix_across_levels_and_token_types(
 
 
 async def test_unknown_method_falls_to_the_default_access_rule(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
-    allowed = await check_path(ext_authz, "/test.Other/Echo", token=token(issuer))
-    denied = await check_path(ext_authz, "/test.Other/Echo", token=token(issuer, "refresh"))
+    allowed = await check_path(ext_authz, "/test.Other/Echo", token=minted(issuer))
+    denied = await check_path(ext_authz, "/test.Other/Echo", token=minted(issuer, level="refresh"))
     assert outcome(allowed) == ALLOW
     assert metadata(allowed)["rule"] == "default"
     assert metadata(allowed)["level"] == "access"
@@ -143,9 +141,11 @@ async def test_unknown_method_falls_to_the_default_access_rule(
 
 
 async def test_wrong_token_type_message_says_what_the_method_needs(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
-    response = await check_path(ext_authz, "/test.Access/Echo", token=token(issuer, "refresh"))
+    response = await check_path(
+        ext_authz, "/test.Access/Echo", token=minted(issuer, level="refresh")
+    )
     assert response.status.code == grpc.StatusCode.UNAUTHENTICATED.value[0]
     assert response.status.message == (
         "WRONG_TOKEN_TYPE: this method needs an access token; got a refresh token"
@@ -156,7 +156,7 @@ async def test_wrong_token_type_message_says_what_the_method_needs(
 
 
 async def test_allow_sets_identity_headers_from_the_token_with_overwrite(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
     minted = issuer.mint(
         "access", "alice", ttl=300, roles=["user", "ops"], permissions=["msg:read"], scopes=["read"]
@@ -184,7 +184,7 @@ async def test_allow_sets_identity_headers_from_the_token_with_overwrite(
 
 @pytest.mark.parametrize("form", ["headers", "header_map", "raw"])
 async def test_allow_removes_incoming_identity_headers_it_does_not_set_and_authorization(
-    ext_authz: ExtAuthz, issuer: TokenIssuer, form: str
+    ext_authz: RunningProxy, issuer: TokenIssuer, form: str
 ):
     spoofed = (
         ("x-auth-roles", "admin"),  # the token has no roles: nothing sets this
@@ -195,7 +195,7 @@ async def test_allow_removes_incoming_identity_headers_it_does_not_set_and_autho
         ("x-custom", "kept"),
     )
     response = await check_path(
-        ext_authz, "/test.Access/Echo", token=token(issuer), headers=spoofed, form=form
+        ext_authz, "/test.Access/Echo", token=minted(issuer), headers=spoofed, form=form
     )
     assert outcome(response) == ALLOW
     remove = list(response.ok_response.headers_to_remove)
@@ -209,7 +209,7 @@ async def test_allow_removes_incoming_identity_headers_it_does_not_set_and_autho
 
 
 async def test_headers_to_remove_never_names_a_header_that_is_set(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
     minted = issuer.mint("access", "alice", ttl=300, roles=["user"], scopes=["read"])
     response = await check_path(ext_authz, "/test.Access/Echo", token=minted.token)
@@ -228,8 +228,8 @@ async def test_headers_to_remove_never_names_a_header_that_is_set(
     assert set_headers(response)["x-auth-subject"] == "alice"
 
 
-async def test_forward_token_rule_keeps_authorization(ext_authz: ExtAuthz, issuer: TokenIssuer):
-    bearer = token(issuer)
+async def test_forward_token_rule_keeps_authorization(ext_authz: RunningProxy, issuer: TokenIssuer):
+    bearer = minted(issuer)
     forwarded = await check_path(ext_authz, "/test.Forward/Echo", token=bearer)
     stripped = await check_path(ext_authz, "/test.Access/Echo", token=bearer)
     assert outcome(forwarded) == ALLOW and outcome(stripped) == ALLOW
@@ -239,7 +239,7 @@ async def test_forward_token_rule_keeps_authorization(ext_authz: ExtAuthz, issue
 
 
 async def test_allow_dynamic_metadata_carries_decision_identity_and_claims(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
     minted = issuer.mint("access", "alice", ttl=300, roles=["user", "ops"], scopes=["read"])
     response = await check_path(ext_authz, "/test.Access/Echo", token=minted.token)
@@ -257,12 +257,12 @@ async def test_allow_dynamic_metadata_carries_decision_identity_and_claims(
 
 
 async def test_spoofed_subject_is_replaced_by_the_verified_one(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
     response = await check_path(
         ext_authz,
         "/test.Access/Echo",
-        token=token(issuer, sub="alice"),
+        token=minted(issuer, subject="alice"),
         headers=(("x-auth-subject", "mallory"), ("x-auth-roles", "admin")),
     )
     assert outcome(response) == ALLOW
@@ -276,7 +276,7 @@ async def test_spoofed_subject_is_replaced_by_the_verified_one(
 
 
 async def test_public_method_removes_every_spoofed_identity_header_and_sets_none(
-    ext_authz: ExtAuthz,
+    ext_authz: RunningProxy,
 ):
     spoofed = (
         ("x-auth-subject", "mallory"),
@@ -296,9 +296,9 @@ async def test_public_method_removes_every_spoofed_identity_header_and_sets_none
 
 
 async def test_public_method_still_strips_an_authorization_header_it_was_sent(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
-    response = await check_path(ext_authz, "/test.Public/Echo", token=token(issuer))
+    response = await check_path(ext_authz, "/test.Public/Echo", token=minted(issuer))
     assert outcome(response) == ALLOW
     assert "authorization" in response.ok_response.headers_to_remove
     assert list(response.ok_response.headers) == []
@@ -321,12 +321,12 @@ OTHER_HEADERS = (("x-forwarded-for", "10.0.0.1"), ("x-request-id", "r1"))
 @pytest.mark.parametrize("service", ["Public", "Access"])
 @pytest.mark.parametrize("grpc_request", [True, False], ids=["grpc", "plain-http"])
 async def test_every_allow_removes_foreign_identity_and_override_headers(
-    ext_authz: ExtAuthz, issuer: TokenIssuer, service: str, grpc_request: bool
+    ext_authz: RunningProxy, issuer: TokenIssuer, service: str, grpc_request: bool
 ):
     response = await check_path(
         ext_authz,
         f"/test.{service}/Echo",
-        token=token(issuer) if service == "Access" else None,
+        token=minted(issuer) if service == "Access" else None,
         headers=FOREIGN_IDENTITY + OTHER_HEADERS,
         grpc=grpc_request,
     )
@@ -351,7 +351,7 @@ async def test_strip_headers_in_the_policy_add_and_keep_names(
         response = await check_path(
             running,
             "/test.Access/Echo",
-            token=token(issuer),
+            token=minted(issuer),
             headers=(("x-legacy-user", "root"), ("x-email", "a@example.com")),
         )
     assert outcome(response) == ALLOW
@@ -376,7 +376,7 @@ OVERRIDES = {
 @pytest.mark.parametrize("form", ["headers", "raw"])
 @pytest.mark.parametrize("header", list(OVERRIDES))
 async def test_override_header_naming_another_method_or_url_is_refused(
-    routes: ExtAuthz, header: str, form: str
+    routes: RunningProxy, header: str, form: str
 ):
     # `GET /api/public/**` is public; DELETE there is denied and /api/admin/** needs admin.
     # A backend honouring the override would run what was never authorized: refuse.
@@ -399,7 +399,7 @@ async def test_override_header_naming_another_method_or_url_is_refused(
     assert header.lower().replace("_", "-") in same.ok_response.headers_to_remove
 
 
-async def test_override_header_on_a_grpc_request_is_refused(ext_authz: ExtAuthz):
+async def test_override_header_on_a_grpc_request_is_refused(ext_authz: RunningProxy):
     for header, value in (
         ("x-original-url", "/test.Admin/Echo"),
         ("x-http-method-override", "GET"),
@@ -412,7 +412,7 @@ async def test_override_header_on_a_grpc_request_is_refused(ext_authz: ExtAuthz)
 # --- the deny response -------------------------------------------------------------------
 
 
-async def test_missing_token_deny_for_a_grpc_request(ext_authz: ExtAuthz):
+async def test_missing_token_deny_for_a_grpc_request(ext_authz: RunningProxy):
     response = await check_path(ext_authz, "/test.Access/Echo")
     assert not response.HasField("ok_response")
     assert response.status.code == 16
@@ -441,7 +441,7 @@ async def test_missing_token_deny_for_a_grpc_request(ext_authz: ExtAuthz):
 
 
 async def test_missing_token_deny_for_a_plain_http_request_has_a_json_body(
-    ext_authz: ExtAuthz,
+    ext_authz: RunningProxy,
 ):
     response = await check_path(ext_authz, "/test.Access/Echo", method="GET", grpc=False)
     assert response.status.code == 16
@@ -460,7 +460,7 @@ async def test_missing_token_deny_for_a_plain_http_request_has_a_json_body(
 
 
 async def test_invalid_token_challenge_names_invalid_token_and_describes_it(
-    ext_authz: ExtAuthz,
+    ext_authz: RunningProxy,
 ):
     response = await check_path(ext_authz, "/test.Access/Echo", token="not-a-jwt", grpc=False)
     assert response.denied_response.status.code == 401
@@ -474,9 +474,9 @@ async def test_invalid_token_challenge_names_invalid_token_and_describes_it(
 
 
 async def test_insufficient_role_is_403_with_an_insufficient_scope_challenge(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
-    response = await check_path(ext_authz, "/test.Admin/Echo", token=token(issuer, roles=["user"]))
+    response = await check_path(ext_authz, "/test.Admin/Echo", token=minted(issuer, roles=["user"]))
     assert response.status.code == 7
     assert response.denied_response.status.code == 403
     headers = denied_headers(response)
@@ -491,9 +491,9 @@ async def test_insufficient_role_is_403_with_an_insufficient_scope_challenge(
 
 
 async def test_denied_method_is_403_without_a_bearer_challenge(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
-    response = await check_path(ext_authz, "/test.Denied/Echo", token=token(issuer), grpc=False)
+    response = await check_path(ext_authz, "/test.Denied/Echo", token=minted(issuer), grpc=False)
     assert response.status.code == 7
     assert response.denied_response.status.code == 403
     headers = denied_headers(response)
@@ -507,7 +507,7 @@ async def test_denied_method_is_403_without_a_bearer_challenge(
 
 
 async def test_grpc_message_is_percent_encoded_and_challenge_is_rfc6750_safe(
-    ext_authz: ExtAuthz,
+    ext_authz: RunningProxy,
 ):
     # An unknown kid is echoed in the deny message: non-ASCII, '%', '"' and '\' included.
     kid = 'clé "100%" \\'
@@ -541,9 +541,9 @@ async def test_grpc_message_is_percent_encoded_and_challenge_is_rfc6750_safe(
     ],
 )
 async def test_deny_status_codes_match_the_reason(
-    ext_authz: ExtAuthz, issuer: TokenIssuer, path: str, grpc_request: bool, reason: str
+    ext_authz: RunningProxy, issuer: TokenIssuer, path: str, grpc_request: bool, reason: str
 ):
-    bearer = token(issuer) if reason == "INSUFFICIENT_ROLE" else None
+    bearer = minted(issuer) if reason == "INSUFFICIENT_ROLE" else None
     response = await check_path(ext_authz, path, token=bearer, grpc=grpc_request)
     assert summary(response) == expected(reason)
     assert metadata(response)["decision"] == "deny"
@@ -575,9 +575,9 @@ QUERY_PATHS = {
 
 
 async def test_query_string_is_not_part_of_the_method_of_a_plain_http_request(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
-    bearer = token(issuer)
+    bearer = minted(issuer)
     requests = {path: check_request(path, token=bearer, grpc=False) for path in QUERY_PATHS}
     assert await outcomes(ext_authz, requests) == QUERY_PATHS
     response = await check_path(ext_authz, "/test.Access/Echo?x=1", token=bearer, grpc=False)
@@ -585,11 +585,11 @@ async def test_query_string_is_not_part_of_the_method_of_a_plain_http_request(
 
 
 async def test_grpc_request_with_a_query_or_fragment_is_method_malformed_like_the_sidecar(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
     # The sidecar refuses such a path (not '/package.Service/Method'); Envoy's Check must
     # not judge it by the part before '?' instead (here: Public, for a path naming Admin).
-    bearer = token(issuer)
+    bearer = minted(issuer)
     paths = [*QUERY_PATHS, "/test.Public/Echo?x=/test.Admin/Echo", "/test.Public/Echo?"]
     requests = {path: check_request(path, token=bearer) for path in paths}
     assert await outcomes(ext_authz, requests) == dict.fromkeys(paths, "METHOD_MALFORMED")
@@ -598,7 +598,7 @@ async def test_grpc_request_with_a_query_or_fragment_is_method_malformed_like_th
 
 
 async def test_headers_and_header_map_give_the_same_decision(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
     minted = issuer.mint("access", "alice", ttl=300, roles=["user"])
     cases = {
@@ -627,11 +627,11 @@ async def test_headers_and_header_map_give_the_same_decision(
 
 
 async def test_header_map_raw_value_is_read_when_value_is_empty(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
     http = HttpRequest(method="POST", path="/test.Access/Echo")
     http.header_map.headers.add(key="content-type", raw_value=b"application/grpc")
-    http.header_map.headers.add(key="authorization", raw_value=f"Bearer {token(issuer)}".encode())
+    http.header_map.headers.add(key="authorization", raw_value=f"Bearer {minted(issuer)}".encode())
     response = await check(ext_authz, wrap(http))
     assert outcome(response) == ALLOW
     assert set_headers(response)["x-auth-subject"] == "alice"
@@ -649,7 +649,7 @@ async def test_header_map_raw_value_is_read_when_value_is_empty(
     ids=["no-attributes", "empty-http", "grpc-no-path", "http-no-path", "no-method"],
 )
 async def test_check_without_http_method_and_path_is_request_malformed(
-    ext_authz: ExtAuthz, request_: external_auth_pb2.CheckRequest
+    ext_authz: RunningProxy, request_: external_auth_pb2.CheckRequest
 ):
     response = await check(ext_authz, request_)  # an answer, not an RPC error
     assert summary(response) == ("REQUEST_MALFORMED", 3, 400)
@@ -659,9 +659,9 @@ async def test_check_without_http_method_and_path_is_request_malformed(
 
 
 async def test_check_without_attributes_is_malformed_even_with_a_valid_token_elsewhere(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
-    http = HttpRequest(headers={"authorization": f"Bearer {token(issuer)}"})
+    http = HttpRequest(headers={"authorization": f"Bearer {minted(issuer)}"})
     response = await check(ext_authz, wrap(http))
     assert outcome(response) == "REQUEST_MALFORMED"
     assert ext_authz.proxy.check_grpc.service.errors_total == 0
@@ -681,9 +681,9 @@ async def test_check_without_attributes_is_malformed_even_with_a_valid_token_els
     ],
 )
 async def test_grpc_request_to_a_path_that_is_not_a_method_is_method_malformed(
-    ext_authz: ExtAuthz, issuer: TokenIssuer, path: str
+    ext_authz: RunningProxy, issuer: TokenIssuer, path: str
 ):
-    response = await check_path(ext_authz, path, token=token(issuer, roles=["admin"]))
+    response = await check_path(ext_authz, path, token=minted(issuer, roles=["admin"]))
     assert summary(response) == ("METHOD_MALFORMED", 7, 403)
 
 
@@ -699,10 +699,10 @@ PLAIN_VARIANTS = {
 
 
 async def test_plain_http_to_a_listed_method_is_judged_by_its_method_rule(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
-    user = token(issuer, roles=["user"])
-    admin = token(issuer, roles=["admin"])
+    user = minted(issuer, roles=["user"])
+    admin = minted(issuer, roles=["admin"])
     requests = {}
     for label, (path, headers) in PLAIN_VARIANTS.items():
         for who, bearer in (("user", user), ("admin", admin)):
@@ -718,10 +718,10 @@ async def test_plain_http_to_a_listed_method_is_judged_by_its_method_rule(
 
 
 async def test_http_route_cannot_open_a_listed_method_to_plain_http(
-    routes: ExtAuthz, issuer: TokenIssuer
+    routes: RunningProxy, issuer: TokenIssuer
 ):
     # ROUTES_POLICY has `"* /test.Admin/**": public`; /test.Admin/* in methods: still wins.
-    user = token(issuer, roles=["user"])
+    user = minted(issuer, roles=["user"])
     requests = {
         label: check_request(path, token=user, headers=headers, grpc=False)
         for label, (path, headers) in PLAIN_VARIANTS.items()
@@ -737,7 +737,7 @@ async def test_http_route_cannot_open_a_listed_method_to_plain_http(
     assert metadata(response)["rule"] == "/test.Admin/*"
 
 
-async def test_expired_token_is_token_expired_401(ext_authz: ExtAuthz, issuer: TokenIssuer):
+async def test_expired_token_is_token_expired_401(ext_authz: RunningProxy, issuer: TokenIssuer):
     expired = issuer.mint("access", "alice", ttl=-600).token
     response = await check_path(ext_authz, "/test.Access/Echo", token=expired)
     assert summary(response) == ("TOKEN_EXPIRED", 16, 401)
@@ -746,9 +746,9 @@ async def test_expired_token_is_token_expired_401(ext_authz: ExtAuthz, issuer: T
 
 
 async def test_authorization_values_merged_by_envoy_are_denied(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
-    first, second = token(issuer, sub="alice"), token(issuer, sub="bob")
+    first, second = minted(issuer, subject="alice"), minted(issuer, subject="bob")
     two = (("authorization", f"Bearer {first}"), ("authorization", f"Bearer {second}"))
     merged = await check_path(ext_authz, "/test.Access/Echo", headers=two, form="headers")
     assert summary(merged)[1:] == (16, 401)
@@ -767,8 +767,10 @@ async def test_authorization_values_merged_by_envoy_are_denied(
 
 
 @pytest.mark.parametrize("service", ["", "envoy.service.auth.v3.Authorization"])
-async def test_health_service_on_the_check_port_reports_serving(ext_authz: ExtAuthz, service: str):
-    stub = health_pb2_grpc.HealthStub(ext_authz.channel)
+async def test_health_service_on_the_check_port_reports_serving(
+    ext_authz: RunningProxy, service: str
+):
+    stub = health_pb2_grpc.HealthStub(ext_authz.check)
     reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -781,10 +783,10 @@ class _BrokenVerifier:
 
 
 async def test_internal_error_fails_the_rpc_with_internal_not_an_allow(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
     service = ext_authz.proxy.check_grpc.service
-    bearer = token(issuer)
+    bearer = minted(issuer)
     before = service.errors_total
     ext_authz.proxy.authorizer.verifier = _BrokenVerifier()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -802,12 +804,12 @@ async def test_internal_error_fails_the_rpc_with_internal_not_an_allow(
 
 
 async def test_http_routes_most_specific_wins_whatever_the_file_order(
-    routes: ExtAuthz, issuer: TokenIssuer
+    routes: RunningProxy, issuer: TokenIssuer
 ):
-    user = token(issuer, roles=["user"])
-    admin = token(issuer, roles=["admin"])
-    ops = token(issuer, roles=["ops"])
-    refresh = token(issuer, "refresh")
+    user = minted(issuer, roles=["user"])
+    admin = minted(issuer, roles=["admin"])
+    ops = minted(issuer, roles=["ops"])
+    refresh = minted(issuer, level="refresh")
     cases = {
         # (method, path, token): (outcome, rule)
         ("GET", "/api/messages/room1", None): ("TOKEN_MISSING", "GET /api/messages/{room}"),
@@ -845,9 +847,9 @@ async def test_http_routes_most_specific_wins_whatever_the_file_order(
 
 
 async def test_http_route_paths_are_normalised_once_before_matching(
-    routes: ExtAuthz, issuer: TokenIssuer
+    routes: RunningProxy, issuer: TokenIssuer
 ):
-    user = token(issuer, roles=["user"])
+    user = minted(issuer, roles=["user"])
     cases = {
         # trailing slash ignored
         "/api/messages/room1/": (ALLOW, "GET /api/messages/{room}"),
@@ -902,8 +904,8 @@ AMBIGUOUS_PATHS = [
 ]
 
 
-async def test_ambiguous_paths_are_request_malformed(routes: ExtAuthz, issuer: TokenIssuer):
-    admin = token(issuer, roles=["admin"])
+async def test_ambiguous_paths_are_request_malformed(routes: RunningProxy, issuer: TokenIssuer):
+    admin = minted(issuer, roles=["admin"])
     got = {}
     for path in AMBIGUOUS_PATHS:
         response = await check_path(routes, path, method="GET", token=admin, grpc=False)
@@ -922,7 +924,7 @@ async def test_ambiguous_paths_are_request_malformed(routes: ExtAuthz, issuer: T
     assert body["error"] == "invalid_argument" and body["reason"] == "REQUEST_MALFORMED"
 
 
-async def test_overlong_path_is_request_malformed(routes: ExtAuthz):
+async def test_overlong_path_is_request_malformed(routes: RunningProxy):
     path = "/api/public/" + "a" * 9000
     response = await check_path(routes, path, method="GET", grpc=False)
     assert summary(response) == ("REQUEST_MALFORMED", 3, 400)
@@ -934,7 +936,7 @@ async def test_metrics_are_served_with_both_ext_authz_listeners_and_count_their_
     tmp_path: Path, keys: Keys, issuer: TokenIssuer
 ):
     async with running_ext_authz(tmp_path, keys, admin="127.0.0.1:0") as running:
-        allowed = await check_path(running, "/test.Access/Report", token=token(issuer))
+        allowed = await check_path(running, "/test.Access/Report", token=minted(issuer))
         denied = await check_path(running, "/test.Access/Report")
         assert (outcome(allowed), outcome(denied)) == (ALLOW, "TOKEN_MISSING")
         admin = f"http://127.0.0.1:{running.proxy.admin.port}/metrics"  # type: ignore[union-attr]

@@ -22,7 +22,7 @@ from yarl import URL
 
 from authproxy.keys.issuer import TokenIssuer
 from authproxy.policy.strip_headers import DEFAULT_STRIP
-from tests.conftest import TEST_POLICY, ExtAuthz, Keys
+from tests.conftest import TEST_POLICY, Keys
 from tests.ext_authz_support import (
     ROUTES_POLICY,
     check_path,
@@ -32,19 +32,21 @@ from tests.ext_authz_support import (
     set_headers,
     status_details,
 )
+from tests.helpers_tokens import bearer, minted
+from tests.running_proxy import RunningProxy
 
 GRPC = {"content-type": "application/grpc"}
 TO_REMOVE = "x-envoy-auth-headers-to-remove"
 
 
 @pytest.fixture
-async def routes(tmp_path: Path, keys: Keys) -> AsyncIterator[ExtAuthz]:
+async def routes(tmp_path: Path, keys: Keys) -> AsyncIterator[RunningProxy]:
     async with running_ext_authz(tmp_path, keys, policy=ROUTES_POLICY) as running:
         yield running
 
 
 @pytest.fixture
-async def prefixed(tmp_path: Path, keys: Keys) -> AsyncIterator[ExtAuthz]:
+async def prefixed(tmp_path: Path, keys: Keys) -> AsyncIterator[RunningProxy]:
     async with running_ext_authz(tmp_path, keys, path_prefix="/check") as running:
         yield running
 
@@ -53,14 +55,6 @@ async def prefixed(tmp_path: Path, keys: Keys) -> AsyncIterator[ExtAuthz]:
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
         yield s
-
-
-def token(issuer: TokenIssuer, level: str = "access", sub: str = "alice", **kw) -> str:
-    return issuer.mint(level, sub, ttl=300, **kw).token
-
-
-def bearer(value: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {value}"}
 
 
 class Answer:
@@ -88,7 +82,7 @@ class Answer:
 
 async def ask(
     session: aiohttp.ClientSession,
-    running: ExtAuthz,
+    running: RunningProxy,
     path: str,
     method: str = "POST",
     headers: Any = None,
@@ -99,7 +93,7 @@ async def ask(
         return Answer(resp.status, resp.headers, await resp.read())
 
 
-def base_url(running: ExtAuthz) -> str:
+def base_url(running: RunningProxy) -> str:
     return f"http://127.0.0.1:{running.proxy.check_http.port}"
 
 
@@ -108,12 +102,12 @@ def base_url(running: ExtAuthz) -> str:
 
 @pytest.mark.parametrize("grpc_request", [True, False], ids=["grpc", "plain-http"])
 async def test_allow_is_200_with_identity_headers_and_headers_to_remove(
-    ext_authz: ExtAuthz, session, issuer: TokenIssuer, grpc_request: bool
+    ext_authz: RunningProxy, session, issuer: TokenIssuer, grpc_request: bool
 ):
-    minted = issuer.mint("access", "alice", ttl=300, roles=["user", "ops"], scopes=["read"])
+    issued = issuer.mint("access", "alice", ttl=300, roles=["user", "ops"], scopes=["read"])
     headers = {
         **(GRPC if grpc_request else {}),
-        **bearer(minted.token),
+        **dict(bearer(issued.token)),
         "x-auth-permissions": "all",
         "x_auth_roles": "admin",
         "X-Auth-Extra": "1",
@@ -127,9 +121,9 @@ async def test_allow_is_200_with_identity_headers_and_headers_to_remove(
         "x-auth-token-type": "access",
         "x-auth-roles": "user,ops",
         "x-auth-scopes": "read",
-        "x-auth-jti": minted.jti,
+        "x-auth-jti": issued.jti,
         "x-auth-issuer": "test-issuer",
-        "x-auth-claims": minted.token.split(".")[1],
+        "x-auth-claims": issued.token.split(".")[1],
     }
     remove = answer.to_remove
     assert len(remove) == len(set(remove))
@@ -139,10 +133,10 @@ async def test_allow_is_200_with_identity_headers_and_headers_to_remove(
 
 
 async def test_spoofed_identity_headers_are_replaced_and_never_both_set_and_removed(
-    ext_authz: ExtAuthz, session, issuer: TokenIssuer
+    ext_authz: RunningProxy, session, issuer: TokenIssuer
 ):
     headers = {
-        **bearer(token(issuer, sub="alice")),
+        **dict(bearer(minted(issuer, subject="alice"))),
         "x-auth-subject": "mallory",
         "x-auth-token-type": "refresh",
         "x-auth-roles": "admin",
@@ -158,9 +152,9 @@ async def test_spoofed_identity_headers_are_replaced_and_never_both_set_and_remo
 
 
 async def test_forward_token_rule_keeps_authorization(
-    ext_authz: ExtAuthz, session, issuer: TokenIssuer
+    ext_authz: RunningProxy, session, issuer: TokenIssuer
 ):
-    headers = {**GRPC, **bearer(token(issuer))}
+    headers = {**GRPC, **dict(bearer(minted(issuer)))}
     forwarded = await ask(session, ext_authz, "/test.Forward/Echo", headers=headers)
     stripped = await ask(session, ext_authz, "/test.Access/Echo", headers=headers)
     assert forwarded.status == stripped.status == 200
@@ -169,7 +163,7 @@ async def test_forward_token_rule_keeps_authorization(
 
 
 async def test_public_request_gets_no_identity_and_spoofed_headers_removed(
-    ext_authz: ExtAuthz, session
+    ext_authz: RunningProxy, session
 ):
     headers = {**GRPC, "x-auth-subject": "mallory", "x_auth_roles": "admin"}
     answer = await ask(session, ext_authz, "/test.Public/Echo", headers=headers)
@@ -180,10 +174,10 @@ async def test_public_request_gets_no_identity_and_spoofed_headers_removed(
 
 @pytest.mark.parametrize("path", ["/test.Public/Echo", "/test.Access/Echo"])
 async def test_every_allow_removes_foreign_identity_and_override_headers(
-    ext_authz: ExtAuthz, session, issuer: TokenIssuer, path: str
+    ext_authz: RunningProxy, session, issuer: TokenIssuer, path: str
 ):
     headers = {
-        **bearer(token(issuer)),
+        **dict(bearer(minted(issuer))),
         "X-Forwarded-User": "root",
         "remote-user": "root",
         "x-pomerium-claim-email": "root@example.com",
@@ -223,7 +217,7 @@ async def test_strip_headers_in_the_policy_add_and_keep_names(
     ],
 )
 async def test_override_header_naming_another_method_or_url_is_refused(
-    routes: ExtAuthz, session, header: str, value: str
+    routes: RunningProxy, session, header: str, value: str
 ):
     path = "/api/public/docs"  # `GET /api/public/**` is public; DELETE there is denied
     plain = await ask(session, routes, path, method="GET")
@@ -241,10 +235,10 @@ async def test_override_header_naming_another_method_or_url_is_refused(
 
 
 async def test_method_and_path_are_taken_from_the_request_line(
-    routes: ExtAuthz, session, issuer: TokenIssuer
+    routes: RunningProxy, session, issuer: TokenIssuer
 ):
-    user = bearer(token(issuer))
-    refresh = bearer(token(issuer, "refresh"))
+    user = dict(bearer(minted(issuer)))
+    refresh = dict(bearer(minted(issuer, level="refresh")))
     got = {}
     for method, path, headers in (
         ("GET", "/api/messages/room1", user),
@@ -271,10 +265,13 @@ async def test_method_and_path_are_taken_from_the_request_line(
 
 
 async def test_refresh_route_sets_the_refresh_identity(
-    routes: ExtAuthz, session, issuer: TokenIssuer
+    routes: RunningProxy, session, issuer: TokenIssuer
 ):
     answer = await ask(
-        session, routes, "/api/auth/refresh", headers=bearer(token(issuer, "refresh", sub="bob"))
+        session,
+        routes,
+        "/api/auth/refresh",
+        headers=dict(bearer(minted(issuer, level="refresh", subject="bob"))),
     )
     assert answer.status == 200
     assert answer.headers["x-auth-subject"] == "bob"
@@ -282,9 +279,9 @@ async def test_refresh_route_sets_the_refresh_identity(
 
 
 async def test_query_and_escapes_do_not_change_which_rule_applies(
-    routes: ExtAuthz, session, issuer: TokenIssuer
+    routes: RunningProxy, session, issuer: TokenIssuer
 ):
-    user = bearer(token(issuer, roles=["user"]))
+    user = dict(bearer(minted(issuer, roles=["user"])))
     got = {}
     for path in (
         "/api/messages/room1?x=1",
@@ -307,10 +304,10 @@ async def test_query_and_escapes_do_not_change_which_rule_applies(
 
 
 async def test_path_prefix_is_required_and_stripped(
-    prefixed: ExtAuthz, session, issuer: TokenIssuer
+    prefixed: RunningProxy, session, issuer: TokenIssuer
 ):
     assert prefixed.http_url.endswith("/check")
-    headers = bearer(token(issuer))
+    headers = dict(bearer(minted(issuer)))
     base = base_url(prefixed)
     got = {}
     for path in (
@@ -347,9 +344,9 @@ async def test_path_prefix_is_required_and_stripped(
 
 
 async def test_path_prefix_does_not_hide_the_rule_of_the_stripped_path(
-    prefixed: ExtAuthz, session, issuer: TokenIssuer
+    prefixed: RunningProxy, session, issuer: TokenIssuer
 ):
-    user = bearer(token(issuer, roles=["user"]))
+    user = dict(bearer(minted(issuer, roles=["user"])))
     admin_path = await ask(session, prefixed, "/test.Admin/Echo", headers={**GRPC, **user})
     denied = await ask(session, prefixed, "/test.Denied/Echo", headers=user)
     assert (admin_path.status, admin_path.headers["grpc-status"]) == (403, "7")
@@ -360,12 +357,12 @@ async def test_path_prefix_does_not_hide_the_rule_of_the_stripped_path(
 
 
 async def test_deny_bodies_are_json_with_reason_and_challenges(
-    ext_authz: ExtAuthz, session, issuer: TokenIssuer
+    ext_authz: RunningProxy, session, issuer: TokenIssuer
 ):
-    user = bearer(token(issuer, roles=["user"]))
+    user = dict(bearer(minted(issuer, roles=["user"])))
     missing = await ask(session, ext_authz, "/test.Access/Echo", method="GET")
     invalid = await ask(
-        session, ext_authz, "/test.Access/Echo", method="GET", headers=bearer("a.b")
+        session, ext_authz, "/test.Access/Echo", method="GET", headers=dict(bearer("a.b"))
     )
     role = await ask(session, ext_authz, "/test.Admin/Echo", method="GET", headers=user)
     denied = await ask(session, ext_authz, "/test.Denied/Echo", method="GET", headers=user)
@@ -414,14 +411,14 @@ async def test_deny_bodies_are_json_with_reason_and_challenges(
 
 
 async def test_grpc_deny_carries_grpc_status_message_and_details(
-    ext_authz: ExtAuthz, session, issuer: TokenIssuer
+    ext_authz: RunningProxy, session, issuer: TokenIssuer
 ):
     missing = await ask(session, ext_authz, "/test.Access/Echo", headers=GRPC)
     role = await ask(
         session,
         ext_authz,
         "/test.Admin/Echo",
-        headers={"content-type": "application/grpc+proto", **bearer(token(issuer))},
+        headers={"content-type": "application/grpc+proto", **dict(bearer(minted(issuer)))},
     )
     for answer, status, code, reason in (
         (missing, 401, "16", "TOKEN_MISSING"),
@@ -441,10 +438,10 @@ async def test_grpc_deny_carries_grpc_status_message_and_details(
 
 
 async def test_token_larger_than_max_token_bytes_is_token_too_large_from_the_pipeline(
-    ext_authz: ExtAuthz, session
+    ext_authz: RunningProxy, session
 ):
     big = "a" * 9000  # over TEST_POLICY's default max_token_bytes (8192)
-    answer = await ask(session, ext_authz, "/test.Access/Echo", headers=bearer(big))
+    answer = await ask(session, ext_authz, "/test.Access/Echo", headers=dict(bearer(big)))
     assert answer.status == 401
     assert answer.json["reason"] == "TOKEN_TOO_LARGE"
     assert answer.headers["www-authenticate"].startswith('Bearer error="invalid_token"')
@@ -455,17 +452,19 @@ async def test_token_up_to_the_highest_max_token_bytes_reaches_the_pipeline(
 ):
     policy = TEST_POLICY.replace("leeway: 5s\n", "leeway: 5s\nmax_token_bytes: 65536\n")
     async with running_ext_authz(tmp_path, keys, policy=policy) as running:
-        at_limit = await ask(session, running, "/test.Access/Echo", headers=bearer("a" * 65536))
-        over = await ask(session, running, "/test.Access/Echo", headers=bearer("a" * 65560))
+        at_limit = await ask(
+            session, running, "/test.Access/Echo", headers=dict(bearer("a" * 65536))
+        )
+        over = await ask(session, running, "/test.Access/Echo", headers=dict(bearer("a" * 65560)))
     # Judged by the pipeline (a 401 with a reason), not refused by the HTTP parser (400).
     assert (at_limit.status, at_limit.json["reason"]) == (401, "TOKEN_MALFORMED")
     assert (over.status, over.json["reason"]) == (401, "TOKEN_TOO_LARGE")
 
 
 async def test_two_authorization_headers_on_the_wire_are_denied(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
-    alice, bob = token(issuer, sub="alice"), token(issuer, sub="bob")
+    alice, bob = minted(issuer, subject="alice"), minted(issuer, subject="bob")
     port = ext_authz.proxy.check_http.port
     for first, second in (("Authorization", "Authorization"), ("authorization", "AUTHORIZATION")):
         request = (
@@ -490,11 +489,13 @@ async def test_two_authorization_headers_on_the_wire_are_denied(
 # --- the server --------------------------------------------------------------------------
 
 
-async def test_server_header_names_no_library(ext_authz: ExtAuthz, session, issuer: TokenIssuer):
+async def test_server_header_names_no_library(
+    ext_authz: RunningProxy, session, issuer: TokenIssuer
+):
     answers = [
-        await ask(session, ext_authz, "/test.Access/Echo", headers=bearer(token(issuer))),
+        await ask(session, ext_authz, "/test.Access/Echo", headers=dict(bearer(minted(issuer)))),
         await ask(session, ext_authz, "/test.Access/Echo"),
-        await ask(session, ext_authz, "/test.Admin/Echo", headers=bearer(token(issuer))),
+        await ask(session, ext_authz, "/test.Admin/Echo", headers=dict(bearer(minted(issuer)))),
         await ask(session, ext_authz, "/api/a/../b"),
     ]
     assert [a.status for a in answers] == [200, 401, 403, 400]
@@ -515,7 +516,7 @@ async def test_server_header_names_no_library(ext_authz: ExtAuthz, session, issu
     ids=["garbage", "header-too-large", "request-line-too-long"],
 )
 async def test_requests_the_parser_refuses_get_a_json_answer_without_library_versions(
-    ext_authz: ExtAuthz, request_bytes: bytes, expected: int
+    ext_authz: RunningProxy, request_bytes: bytes, expected: int
 ):
     status, head, body = await raw_http(ext_authz.proxy.check_http.port, request_bytes)
     assert status == expected
@@ -537,7 +538,7 @@ class _BrokenVerifier:
 
 
 async def test_internal_error_answers_500_not_an_allow(
-    ext_authz: ExtAuthz, session, issuer: TokenIssuer
+    ext_authz: RunningProxy, session, issuer: TokenIssuer
 ):
     front = ext_authz.proxy.check_http
     before = front.errors_total
@@ -546,7 +547,7 @@ async def test_internal_error_answers_500_not_an_allow(
         session,
         ext_authz,
         "/test.Access/Echo",
-        headers={**GRPC, **bearer(token(issuer)), "x-auth-subject": "mallory"},
+        headers={**GRPC, **dict(bearer(minted(issuer))), "x-auth-subject": "mallory"},
     )
     assert answer.status == 500
     assert answer.identity() == {}
@@ -560,12 +561,12 @@ async def test_internal_error_answers_500_not_an_allow(
 
 
 async def test_grpc_and_http_front_ends_share_one_decision(
-    ext_authz: ExtAuthz, session, issuer: TokenIssuer
+    ext_authz: RunningProxy, session, issuer: TokenIssuer
 ):
     """The HTTP answer's identity equals what the gRPC Check sets for the same token."""
-    minted = token(issuer, roles=["user"], scopes=["read"])
-    over_http = await ask(session, ext_authz, "/test.Access/Echo", headers=bearer(minted))
-    over_grpc = await check_path(ext_authz, "/test.Access/Echo", token=minted, grpc=False)
+    token = minted(issuer, roles=["user"], scopes=["read"])
+    over_http = await ask(session, ext_authz, "/test.Access/Echo", headers=dict(bearer(token)))
+    over_grpc = await check_path(ext_authz, "/test.Access/Echo", token=token, grpc=False)
     assert over_http.status == 200
     assert over_http.identity() == set_headers(over_grpc)
     assert sorted(over_http.to_remove) == sorted(over_grpc.ok_response.headers_to_remove)

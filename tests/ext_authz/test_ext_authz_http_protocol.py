@@ -21,8 +21,10 @@ import pytest
 from authproxy.ext_authz.http_check import CheckHttpServer
 from authproxy.ext_authz.http_request import HttpLimits
 from authproxy.keys.issuer import TokenIssuer
-from tests.conftest import ExtAuthz, Keys
+from tests.conftest import Keys
 from tests.ext_authz_support import running_ext_authz
+from tests.helpers_tokens import bearer, minted
+from tests.running_proxy import RunningProxy
 
 PUBLIC = "/test.Public/Echo"
 ACCESS = "/test.Access/Echo"
@@ -87,29 +89,29 @@ class Client:
         self.writer.close()
 
 
-def get(path: str, *headers: str, method: str = "GET", version: str = "1.1") -> bytes:
-    lines = [f"{method} {path} HTTP/{version}", "Host: authz", *headers]
+def get(
+    path: str, *headers: str | tuple[str, str], method: str = "GET", version: str = "1.1"
+) -> bytes:
+    """One HTTP/1 request; each header a raw line or a (name, value) pair."""
+    lines = [f"{method} {path} HTTP/{version}", "Host: authz"]
+    lines += [h if isinstance(h, str) else f"{h[0]}: {h[1]}" for h in headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def bearer(issuer: TokenIssuer) -> str:
-    return f"Authorization: Bearer {issuer.mint('access', 'alice', ttl=300).token}"
-
-
 @pytest.fixture
-async def client(ext_authz: ExtAuthz) -> AsyncIterator[Client]:
+async def client(ext_authz: RunningProxy) -> AsyncIterator[Client]:
     c = await Client.open(ext_authz.proxy.check_http.port)
     yield c
     c.close()
 
 
-def front(running: ExtAuthz) -> CheckHttpServer:
+def front(running: RunningProxy) -> CheckHttpServer:
     server = running.proxy.check_http
     assert server is not None
     return server
 
 
-def with_limits(running: ExtAuthz, **changes: float) -> None:
+def with_limits(running: RunningProxy, **changes: float) -> None:
     """New limits for connections opened from now on."""
     server = front(running)
     server.limits = replace(server.limits, **changes)
@@ -118,7 +120,7 @@ def with_limits(running: ExtAuthz, **changes: float) -> None:
 Check = Callable[..., Awaitable]
 
 
-def slowed(running: ExtAuthz, when: str, wait: Callable[[], Awaitable[None]]) -> None:
+def slowed(running: RunningProxy, when: str, wait: Callable[[], Awaitable[None]]) -> None:
     """Checks of paths containing `when` first await `wait()` (a check waiting for I/O);
     for connections opened from now on."""
     server = front(running)
@@ -136,11 +138,11 @@ def slowed(running: ExtAuthz, when: str, wait: Callable[[], Awaitable[None]]) ->
 
 
 async def test_keep_alive_connection_answers_request_after_request(
-    ext_authz: ExtAuthz, client: Client, issuer: TokenIssuer
+    ext_authz: RunningProxy, client: Client, issuer: TokenIssuer
 ):
     await client.send(get(PUBLIC))
     first = await client.answer()
-    await client.send(get(ACCESS, bearer(issuer)))
+    await client.send(get(ACCESS, *bearer(minted(issuer))))
     second = await client.answer()
     await client.send(get(ACCESS))
     third = await client.answer()
@@ -155,7 +157,7 @@ async def test_keep_alive_connection_answers_request_after_request(
 
 
 async def test_pipelined_requests_are_answered_in_order_even_when_one_waits(
-    ext_authz: ExtAuthz, issuer: TokenIssuer
+    ext_authz: RunningProxy, issuer: TokenIssuer
 ):
     slowed(ext_authz, "slow", lambda: asyncio.sleep(0.05))
     client = await Client.open(front(ext_authz).port)
@@ -164,7 +166,7 @@ async def test_pipelined_requests_are_answered_in_order_even_when_one_waits(
             get(PUBLIC + "?slow")  # waits: the ones behind it are ready first
             + get(ACCESS)
             + get("/api/a/../b")
-            + get(ACCESS + "?slow", bearer(issuer))
+            + get(ACCESS + "?slow", *bearer(minted(issuer)))
             + get(PUBLIC, method="HEAD")
             + get(PUBLIC)
         )
@@ -181,7 +183,7 @@ async def test_pipelined_requests_are_answered_in_order_even_when_one_waits(
 
 
 async def test_connection_close_is_answered_then_the_connection_closed(
-    ext_authz: ExtAuthz, client: Client
+    ext_authz: RunningProxy, client: Client
 ):
     await client.send(get(PUBLIC, "Connection: close") + get(PUBLIC))  # the 2nd is not read
     answer = await client.answer()
@@ -190,7 +192,7 @@ async def test_connection_close_is_answered_then_the_connection_closed(
     assert await client.closed()
 
 
-async def test_http_1_0_closes_unless_keep_alive_is_asked_for(ext_authz: ExtAuthz):
+async def test_http_1_0_closes_unless_keep_alive_is_asked_for(ext_authz: RunningProxy):
     port = front(ext_authz).port
     plain = await Client.open(port)
     kept = await Client.open(port)
@@ -211,7 +213,7 @@ async def test_http_1_0_closes_unless_keep_alive_is_asked_for(ext_authz: ExtAuth
 
 
 async def test_head_answer_has_no_body_and_the_connection_stays_in_step(
-    ext_authz: ExtAuthz, client: Client
+    ext_authz: RunningProxy, client: Client
 ):
     await client.send(get(ACCESS, method="HEAD") + get(ACCESS))
     head = await client.answer(head_request=True)
@@ -225,7 +227,7 @@ async def test_head_answer_has_no_body_and_the_connection_stays_in_step(
 
 
 async def test_request_bodies_are_read_and_the_next_request_follows(
-    ext_authz: ExtAuthz, client: Client
+    ext_authz: RunningProxy, client: Client
 ):
     body = b"x" * 3000
     chunked = b"5\r\nhello\r\n0\r\n\r\n"
@@ -241,7 +243,7 @@ async def test_request_bodies_are_read_and_the_next_request_follows(
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
-async def test_body_over_the_limit_is_413_and_closes(ext_authz: ExtAuthz, framing: str):
+async def test_body_over_the_limit_is_413_and_closes(ext_authz: RunningProxy, framing: str):
     with_limits(ext_authz, max_body=1000)
     client = await Client.open(front(ext_authz).port)
     try:
@@ -261,7 +263,7 @@ async def test_body_over_the_limit_is_413_and_closes(ext_authz: ExtAuthz, framin
         client.close()
 
 
-async def test_body_at_the_limit_is_accepted(ext_authz: ExtAuthz):
+async def test_body_at_the_limit_is_accepted(ext_authz: RunningProxy):
     with_limits(ext_authz, max_body=1000)
     client = await Client.open(front(ext_authz).port)
     try:
@@ -314,7 +316,7 @@ async def trickle(client: Client, pieces: Callable[[], bytes], every: float) -> 
     return await answer
 
 
-async def test_a_header_block_arriving_in_pieces_is_bounded(ext_authz: ExtAuthz):
+async def test_a_header_block_arriving_in_pieces_is_bounded(ext_authz: RunningProxy):
     with_limits(ext_authz, max_head=8192, max_field=4096)
     client = await Client.open(front(ext_authz).port)
     try:
@@ -326,7 +328,7 @@ async def test_a_header_block_arriving_in_pieces_is_bounded(ext_authz: ExtAuthz)
         client.close()
 
 
-async def test_limits_leave_room_for_the_largest_token(ext_authz: ExtAuthz, client: Client):
+async def test_limits_leave_room_for_the_largest_token(ext_authz: RunningProxy, client: Client):
     await client.send(get(ACCESS, "Authorization: Bearer " + "a" * 65536))
     answer = await client.answer()
     assert (answer.status, answer.reason) == (401, "TOKEN_TOO_LARGE")  # the pipeline's word
@@ -335,7 +337,7 @@ async def test_limits_leave_room_for_the_largest_token(ext_authz: ExtAuthz, clie
 # --- timeouts ------------------------------------------------------------------------------
 
 
-async def test_a_request_trickling_in_is_cut_off_at_the_request_timeout(ext_authz: ExtAuthz):
+async def test_a_request_trickling_in_is_cut_off_at_the_request_timeout(ext_authz: RunningProxy):
     with_limits(ext_authz, request_timeout=0.5, idle_timeout=60)
     client = await Client.open(front(ext_authz).port)
     started = time.monotonic()
@@ -349,7 +351,7 @@ async def test_a_request_trickling_in_is_cut_off_at_the_request_timeout(ext_auth
     assert time.monotonic() - started >= 0.5  # not before the timeout
 
 
-async def test_an_idle_connection_is_closed_after_the_idle_timeout(ext_authz: ExtAuthz):
+async def test_an_idle_connection_is_closed_after_the_idle_timeout(ext_authz: RunningProxy):
     with_limits(ext_authz, idle_timeout=0.5, request_timeout=60)
     client = await Client.open(front(ext_authz).port)
     try:
@@ -362,7 +364,7 @@ async def test_an_idle_connection_is_closed_after_the_idle_timeout(ext_authz: Ex
         client.close()
 
 
-async def test_a_connection_that_never_sends_is_closed_too(ext_authz: ExtAuthz):
+async def test_a_connection_that_never_sends_is_closed_too(ext_authz: RunningProxy):
     with_limits(ext_authz, idle_timeout=0.5)
     client = await Client.open(front(ext_authz).port)
     try:
@@ -375,7 +377,7 @@ async def test_a_connection_that_never_sends_is_closed_too(ext_authz: ExtAuthz):
 
 
 async def test_a_check_may_use_asyncio_timeout_and_wait(
-    ext_authz: ExtAuthz, client: Client, issuer: TokenIssuer
+    ext_authz: RunningProxy, client: Client, issuer: TokenIssuer
 ):
     """The first step of a check runs outside any task of its own: what it starts (here a
     timeout, as redis-py does) must see a current task, and survive a wait."""
@@ -387,12 +389,12 @@ async def test_a_check_may_use_asyncio_timeout_and_wait(
 
     authorizer = ext_authz.proxy.authorizer
     authorizer.state_checks = (*authorizer.state_checks, with_timeout)
-    await client.send(get(ACCESS, bearer(issuer)) + get(ACCESS, bearer(issuer)))
+    await client.send(get(ACCESS, *bearer(minted(issuer))) + get(ACCESS, *bearer(minted(issuer))))
     assert [(await client.answer()).status for _ in range(2)] == [200, 200]
 
 
 async def test_a_timeout_set_in_the_first_step_cancels_the_check_not_the_connection(
-    ext_authz: ExtAuthz, client: Client, issuer: TokenIssuer
+    ext_authz: RunningProxy, client: Client, issuer: TokenIssuer
 ):
     fired = asyncio.Event()
 
@@ -408,20 +410,20 @@ async def test_a_timeout_set_in_the_first_step_cancels_the_check_not_the_connect
     checks = authorizer.state_checks
     authorizer.state_checks = (*checks, stuck)
     errors = front(ext_authz).errors_total
-    await client.send(get(ACCESS, bearer(issuer)))
+    await client.send(get(ACCESS, *bearer(minted(issuer))))
     answer = await client.answer()
     assert fired.is_set()
     assert answer.status == 500  # the check failed: an error for Envoy, never an allow
     assert front(ext_authz).errors_total == errors + 1
     authorizer.state_checks = checks
-    await client.send(get(ACCESS, bearer(issuer)))
+    await client.send(get(ACCESS, *bearer(minted(issuer))))
     assert (await client.answer()).status == 200  # the same connection goes on
 
 
 # --- listening and stopping ----------------------------------------------------------------
 
 
-async def test_reuse_port_lets_two_servers_share_a_port(ext_authz: ExtAuthz):
+async def test_reuse_port_lets_two_servers_share_a_port(ext_authz: RunningProxy):
     authorizer = ext_authz.proxy.authorizer
     first = CheckHttpServer(authorizer, "127.0.0.1:0", reuse_port=True)
     await first.start()
@@ -472,7 +474,7 @@ def test_default_limits_are_the_documented_ones():
     assert limits.idle_timeout == 75.0  # aiohttp's keep-alive default, as before
 
 
-async def test_a_client_that_never_reads_its_answers_is_dropped(ext_authz: ExtAuthz):
+async def test_a_client_that_never_reads_its_answers_is_dropped(ext_authz: RunningProxy):
     with_limits(ext_authz, idle_timeout=0.5)
     server = front(ext_authz)
     sock = socket.socket()

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 
 from authproxy.keys.issuer import TokenIssuer
-from tests.conftest import TEST_POLICY, ExtAuthz, Keys
+from tests.conftest import TEST_POLICY, Keys
 from tests.ext_authz.test_ext_authz_http_protocol import Answer, Client, front, get, with_limits
 from tests.ext_authz_support import running_ext_authz
+from tests.helpers_tokens import bearer, minted
+from tests.running_proxy import RunningProxy
 
 PUBLIC = "/test.Public/Echo"
 ACCESS = "/test.Access/Echo"
@@ -27,10 +29,6 @@ FORWARD = "/test.Forward/Echo"
 TO_REMOVE = "x-envoy-auth-headers-to-remove"
 #: Headers whose names start like this are removed (a `strip_headers` prefix).
 CORP_POLICY = TEST_POLICY + "strip_headers: {add: [x-corp-*]}\n"
-
-
-def bearer(issuer: TokenIssuer, sub: str) -> str:
-    return f"Authorization: Bearer {issuer.mint('access', sub, ttl=300).token}"
 
 
 def removed(answer: Answer) -> set[str]:
@@ -43,25 +41,25 @@ def without_date(answer: Answer) -> list[tuple[str, str]]:
 
 
 @pytest.fixture
-async def client(ext_authz: ExtAuthz) -> AsyncIterator[Client]:
+async def client(ext_authz: RunningProxy) -> AsyncIterator[Client]:
     c = await Client.open(front(ext_authz).port)
     yield c
     c.close()
 
 
 @pytest.fixture
-async def corp(tmp_path: Path, keys: Keys) -> AsyncIterator[ExtAuthz]:
+async def corp(tmp_path: Path, keys: Keys) -> AsyncIterator[RunningProxy]:
     async with running_ext_authz(tmp_path, keys, policy=CORP_POLICY) as running:
         yield running
 
 
 async def test_pipelined_checks_each_get_their_own_identity(client: Client, issuer: TokenIssuer):
-    alice, bob, alice_again = (bearer(issuer, sub) for sub in ("alice", "bob", "alice"))
+    alice, bob, alice_again = (bearer(minted(issuer, sub)) for sub in ("alice", "bob", "alice"))
     await client.send(
-        get(ACCESS, alice)
-        + get(ACCESS, bob)
-        + get(ACCESS, alice_again)  # same subject, another token
-        + get(ACCESS, alice)
+        get(ACCESS, *alice)
+        + get(ACCESS, *bob)
+        + get(ACCESS, *alice_again)  # same subject, another token
+        + get(ACCESS, *alice)
         + get(PUBLIC)
     )
     answers = [await client.answer() for _ in range(5)]
@@ -75,11 +73,11 @@ async def test_pipelined_checks_each_get_their_own_identity(client: Client, issu
 async def test_a_spoofed_header_changes_the_answer_and_the_next_plain_check_is_clean(
     client: Client, issuer: TokenIssuer
 ):
-    alice = bearer(issuer, "alice")
+    alice = bearer(minted(issuer, "alice"))
     await client.send(
-        get(ACCESS, alice)
-        + get(ACCESS, alice, "X-Auth-Spoof: admin", "X-Pomerium-Claim-Email: root@corp")
-        + get(ACCESS, alice)
+        get(ACCESS, *alice)
+        + get(ACCESS, *alice, "X-Auth-Spoof: admin", "X-Pomerium-Claim-Email: root@corp")
+        + get(ACCESS, *alice)
     )
     plain, spoofed, again = [await client.answer() for _ in range(3)]
     assert plain.status == spoofed.status == again.status == 200
@@ -91,10 +89,10 @@ async def test_a_spoofed_header_changes_the_answer_and_the_next_plain_check_is_c
 async def test_forwarding_and_stripping_rules_keep_their_own_authorization_answer(
     client: Client, issuer: TokenIssuer
 ):
-    alice = bearer(issuer, "alice")
+    alice = bearer(minted(issuer, "alice"))
     grpc = "Content-Type: application/grpc"
     await client.send(
-        get(FORWARD, alice, grpc) + get(ACCESS, alice, grpc) + get(FORWARD, alice, grpc)
+        get(FORWARD, *alice, grpc) + get(ACCESS, *alice, grpc) + get(FORWARD, *alice, grpc)
     )
     forwarded, stripped, forwarded_again = [await client.answer() for _ in range(3)]
     assert forwarded.status == stripped.status == forwarded_again.status == 200
@@ -102,7 +100,7 @@ async def test_forwarding_and_stripping_rules_keep_their_own_authorization_answe
     assert "authorization" in removed(stripped)
 
 
-async def test_header_names_are_classified_whatever_their_case(corp: ExtAuthz):
+async def test_header_names_are_classified_whatever_their_case(corp: RunningProxy):
     client = await Client.open(front(corp).port)
     try:
         await client.send(get(PUBLIC, "x-corp-user: a") + get(PUBLIC, "X-CORP-USER: a"))
@@ -113,7 +111,7 @@ async def test_header_names_are_classified_whatever_their_case(corp: ExtAuthz):
     assert "x-corp-user" in removed(upper)
 
 
-async def test_a_policy_reload_classifies_header_names_again(corp: ExtAuthz, tmp_path: Path):
+async def test_a_policy_reload_classifies_header_names_again(corp: RunningProxy, tmp_path: Path):
     client = await Client.open(front(corp).port)
     try:
         await client.send(get(PUBLIC, "X-Corp-User: a"))
@@ -128,7 +126,7 @@ async def test_a_policy_reload_classifies_header_names_again(corp: ExtAuthz, tmp
     assert "x-corp-user" not in removed(after)
 
 
-async def test_header_names_past_the_remembered_ones_are_still_classified(corp: ExtAuthz):
+async def test_header_names_past_the_remembered_ones_are_still_classified(corp: RunningProxy):
     """Header names come from clients: more distinct names than are remembered (1,024)
     must still be judged one by one."""
     client = await Client.open(front(corp).port)
@@ -147,7 +145,7 @@ async def test_header_names_past_the_remembered_ones_are_still_classified(corp: 
 
 
 async def test_the_kept_answer_follows_the_date(client: Client, issuer: TokenIssuer):
-    request = get(ACCESS, bearer(issuer, "alice"))
+    request = get(ACCESS, *bearer(minted(issuer, "alice")))
     await client.send(request)
     first = await client.answer()
     await asyncio.sleep(int(time.time()) + 1.05 - time.time())  # into the next second
@@ -170,7 +168,7 @@ async def test_the_kept_answer_follows_the_date(client: Client, issuer: TokenIss
     ids=["multibyte-under", "multibyte-over", "undecodable-over"],
 )
 async def test_a_header_field_arriving_in_pieces_is_measured_in_bytes(
-    ext_authz: ExtAuthz, value: str | bytes, status: int
+    ext_authz: RunningProxy, value: str | bytes, status: int
 ):
     with_limits(ext_authz, max_field=4096)
     client = await Client.open(front(ext_authz).port)

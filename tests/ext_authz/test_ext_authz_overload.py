@@ -41,6 +41,5 @@ async def test_a_burst_of_checks_is_answered_never_cancelled(tmp_path: Path, key
     finally:
         for channel in channels:
             await channel.close()
-        await running.channel.close()
-        await running.proxy.stop(0)
+        await running.stop()
     assert answers == {"ALLOW": 4000}, answers

@@ -30,7 +30,7 @@ from authproxy.keys.keygen import RETIRE_AT, keygen, rotate
 from authproxy.keys.keyset import KeySet, load_jwks_file
 from authproxy.policy.loader import parse_policy
 from authproxy.runtime.admin import AdminServer
-from authproxy.runtime.serve import AuthProxy, ServeConfig
+from authproxy.runtime.serve import ServeConfig
 from authproxy.state import atomic_file
 from authproxy.state.store import MemoryState
 from examples.backend.api.v1 import api_pb2
@@ -45,6 +45,7 @@ from tests.example_backend_harness import (
     running_behind_proxy,
     running_example,
 )
+from tests.running_proxy import running_proxy
 
 DAY = 24 * 3600
 
@@ -286,13 +287,8 @@ async def admin_of(tmp_path: Path, jwks: list[str], **fields: Any) -> AsyncItera
         watch_policy=False,
         **fields,
     )
-    proxy = AuthProxy(cfg)
-    await proxy.start()
-    try:
-        assert proxy.admin is not None
-        yield f"http://127.0.0.1:{proxy.admin.port}"
-    finally:
-        await proxy.stop(0)
+    async with running_proxy(cfg) as running:
+        yield running.admin_base
 
 
 def rotated_keys(tmp_path: Path) -> tuple[Path, SigningKey, SigningKey]:

@@ -30,13 +30,14 @@ from jwt.algorithms import ECAlgorithm
 
 from authproxy.keys.keygen import generate_private_key
 from authproxy.keys.sources import FetchSettings, KeyFile, RemoteJwks
-from authproxy.runtime.serve import AuthProxy, ServeConfig
+from authproxy.runtime.serve import ServeConfig
 from tests.certs import make_ca
 from tests.cli.test_cli import ADDRESSES, POLICY, assert_config_error, serve
 from tests.conftest import Keys
 from tests.echo_backend import EchoBackend
 from tests.idp_server import DISCOVERY, JWKS, MOVED, FakeIdp, SigningKey, server_tls, sign
-from tests.operations_support import OK, Node, http_json, poll, value_of, write_atomically
+from tests.operations_support import OK, poll, write_atomically
+from tests.running_proxy import RunningProxy, http_json, running_proxy, value_of
 
 METHOD = "/test.Access/Echo"
 OWN = "auth-service"
@@ -76,8 +77,8 @@ async def remote_proxy(
     issuers: tuple[str, ...] = (),
     fetch: FetchSettings = FAST,
     **fields: Any,
-) -> AsyncIterator[Node]:
-    """An AuthProxy (sidecar + admin listener on loopback) with only the key sources
+) -> AsyncIterator[RunningProxy]:
+    """The proxy (sidecar + admin listener on loopback) with only the key sources
     `fields` names (oidc_issuers, jwks, issuer_jwks, ...) and a policy whose access
     tokens must come from `issuers` (any issuer when empty)."""
     policy_path = tmp_path / "policy.yaml"
@@ -95,14 +96,8 @@ async def remote_proxy(
     for key, value in fields.items():
         assert hasattr(cfg, key), key
         setattr(cfg, key, value)
-    proxy = AuthProxy(cfg)
-    await proxy.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{proxy.sidecar.port}")  # type: ignore[union-attr]
-    try:
-        yield Node(proxy, channel, policy_path)
-    finally:
-        await channel.close()
-        await proxy.stop(0)
+    async with running_proxy(cfg) as node:
+        yield node
 
 
 @pytest.fixture
@@ -114,7 +109,7 @@ async def idp() -> AsyncIterator[FakeIdp]:
     await server.close()
 
 
-def remote(node: Node, index: int = 0) -> RemoteJwks:
+def remote(node: RunningProxy, index: int = 0) -> RemoteJwks:
     return node.proxy.keys.remote[index]
 
 
@@ -144,7 +139,7 @@ async def past_refetch_interval(idp: FakeIdp, fetch: FetchSettings = FAST) -> No
         await asyncio.sleep(wait + 0.05)
 
 
-async def readyz(node: Node) -> tuple[int, dict[str, Any]]:
+async def readyz(node: RunningProxy) -> tuple[int, dict[str, Any]]:
     return await http_json(f"{node.admin_base}/readyz")
 
 

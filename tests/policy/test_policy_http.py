@@ -16,6 +16,7 @@ from authproxy.keys.verify import TokenVerifier
 from authproxy.policy.loader import PolicyError, load_policy, parse_policy
 from authproxy.policy.model import Policy
 from tests.conftest import TEST_POLICY, Keys
+from tests.helpers_tokens import bearer, minted
 
 FILE = "http-policy.yaml"
 #: Three valid lines; extra lines of a case start at line 4.
@@ -280,11 +281,6 @@ def auth(policy: Policy, keys: Keys) -> Authorizer:
     return Authorizer(policy, TokenVerifier(KeySet(load_jwks_file(str(keys.jwks)))))
 
 
-def bearer(issuer: TokenIssuer, **claims: list[str]) -> list[tuple[str, str]]:
-    token = issuer.mint("access", "alice", ttl=300, **claims).token
-    return [("authorization", f"Bearer {token}")]
-
-
 def test_http_policy_parses(policy: Policy) -> None:
     assert len(policy.http) == 10
     assert policy.rule_count == 7 + 1 + 10
@@ -292,14 +288,14 @@ def test_http_policy_parses(policy: Policy) -> None:
 
 async def test_grpc_request_is_judged_by_methods(auth: Authorizer, issuer: TokenIssuer) -> None:
     path = "/test.Admin/Echo"
-    plain = await auth.decide_http("POST", path, bearer(issuer, roles=["user"]), grpc=True)
+    plain = await auth.decide_http("POST", path, bearer(minted(issuer, roles=["user"])), grpc=True)
     assert (plain.allowed, plain.reason, plain.method) == (
         False,
         Reason.INSUFFICIENT_ROLE,
         "/test.Admin/Echo",
     )
     assert plain.rule.pattern == "/test.Admin/*"
-    admin = await auth.decide_http("POST", path, bearer(issuer, roles=["admin"]), grpc=True)
+    admin = await auth.decide_http("POST", path, bearer(minted(issuer, roles=["admin"])), grpc=True)
     assert (admin.allowed, admin.method, admin.rule.pattern) == (
         True,
         "/test.Admin/Echo",
@@ -320,14 +316,18 @@ async def test_grpc_request_is_judged_by_methods(auth: Authorizer, issuer: Token
 async def test_grpc_request_with_a_query_or_fragment_is_method_malformed_as_in_the_sidecar(
     auth: Authorizer, issuer: TokenIssuer, path: str
 ) -> None:
-    decision = await auth.decide_http("POST", path, bearer(issuer, roles=["admin"]), grpc=True)
+    decision = await auth.decide_http(
+        "POST", path, bearer(minted(issuer, roles=["admin"])), grpc=True
+    )
     assert (decision.allowed, decision.reason, decision.method) == (
         False,
         Reason.METHOD_MALFORMED,
         path,
     )
     # The same path as plain HTTP keeps its query handling: the method's rule, query removed.
-    plain = await auth.decide_http("POST", path, bearer(issuer, roles=["admin"]), grpc=False)
+    plain = await auth.decide_http(
+        "POST", path, bearer(minted(issuer, roles=["admin"])), grpc=False
+    )
     assert plain.allowed and plain.method == path.partition("?")[0].partition("#")[0]
 
 
@@ -339,7 +339,7 @@ async def test_grpc_request_ignores_http_routes(auth: Authorizer) -> None:
 
 
 async def test_grpc_request_to_an_exact_method(auth: Authorizer, issuer: TokenIssuer) -> None:
-    decision = await auth.decide_http("POST", "/test.Exact/Get", bearer(issuer), grpc=True)
+    decision = await auth.decide_http("POST", "/test.Exact/Get", bearer(minted(issuer)), grpc=True)
     assert (decision.allowed, decision.reason) == (False, Reason.METHOD_DENIED)
     assert decision.rule.pattern == "/test.Exact/Get"
 
@@ -362,7 +362,9 @@ async def test_grpc_request_to_an_exact_method(auth: Authorizer, issuer: TokenIs
 async def test_grpc_request_with_a_non_method_path_is_malformed(
     auth: Authorizer, issuer: TokenIssuer, path: str
 ) -> None:
-    decision = await auth.decide_http("POST", path, bearer(issuer, roles=["admin"]), grpc=True)
+    decision = await auth.decide_http(
+        "POST", path, bearer(minted(issuer, roles=["admin"])), grpc=True
+    )
     assert (decision.allowed, decision.reason) == (False, Reason.METHOD_MALFORMED)
     assert decision.status == grpc.StatusCode.PERMISSION_DENIED
 
@@ -387,13 +389,17 @@ async def test_non_grpc_request_to_a_listed_method_is_judged_by_methods(
     anonymous = await auth.decide_http(http_method, path, [], grpc=False)
     assert (anonymous.allowed, anonymous.reason) == (False, Reason.TOKEN_MISSING)
     assert anonymous.rule.pattern == "/test.Admin/*"
-    user = await auth.decide_http(http_method, path, bearer(issuer, roles=["user"]), grpc=False)
+    user = await auth.decide_http(
+        http_method, path, bearer(minted(issuer, roles=["user"])), grpc=False
+    )
     assert (user.allowed, user.reason, user.rule.pattern) == (
         False,
         Reason.INSUFFICIENT_ROLE,
         "/test.Admin/*",
     )
-    admin = await auth.decide_http(http_method, path, bearer(issuer, roles=["admin"]), grpc=False)
+    admin = await auth.decide_http(
+        http_method, path, bearer(minted(issuer, roles=["admin"])), grpc=False
+    )
     assert (admin.allowed, admin.rule.pattern) == (True, "/test.Admin/*")
 
 
@@ -410,7 +416,7 @@ async def test_non_grpc_request_to_a_listed_method_is_judged_by_methods(
 async def test_listed_method_rules_win_over_http_routes(
     auth: Authorizer, issuer: TokenIssuer, path: str, pattern: str, reason: Reason | None
 ) -> None:
-    decision = await auth.decide_http("GET", path, bearer(issuer), grpc=False)
+    decision = await auth.decide_http("GET", path, bearer(minted(issuer)), grpc=False)
     assert (decision.allowed, decision.reason, decision.rule.pattern) == (
         reason is None,
         reason,
@@ -469,28 +475,32 @@ async def test_most_specific_http_route_else_default(
 
 async def test_http_route_roles_are_enforced(auth: Authorizer, issuer: TokenIssuer) -> None:
     path = "/api/admin/users"
-    user = await auth.decide_http("GET", path, bearer(issuer, roles=["user"]), grpc=False)
+    user = await auth.decide_http("GET", path, bearer(minted(issuer, roles=["user"])), grpc=False)
     assert (user.allowed, user.reason, user.status) == (
         False,
         Reason.INSUFFICIENT_ROLE,
         grpc.StatusCode.PERMISSION_DENIED,
     )
     assert user.rule.pattern == "* /api/admin/**"
-    admin = await auth.decide_http("GET", path, bearer(issuer, roles=["admin"]), grpc=False)
+    admin = await auth.decide_http("GET", path, bearer(minted(issuer, roles=["admin"])), grpc=False)
     assert (admin.allowed, admin.rule.pattern) == (True, "* /api/admin/**")
     assert admin.identity is not None and admin.identity.roles == ("admin",)
 
 
 async def test_http_route_scopes_are_enforced(auth: Authorizer, issuer: TokenIssuer) -> None:
     path = "/api/messages/general"
-    none = await auth.decide_http("POST", path, bearer(issuer, scopes=["read"]), grpc=False)
+    none = await auth.decide_http("POST", path, bearer(minted(issuer, scopes=["read"])), grpc=False)
     assert (none.allowed, none.reason) == (False, Reason.INSUFFICIENT_SCOPE)
-    write = await auth.decide_http("POST", path, bearer(issuer, scopes=["write"]), grpc=False)
+    write = await auth.decide_http(
+        "POST", path, bearer(minted(issuer, scopes=["write"])), grpc=False
+    )
     assert (write.allowed, write.rule.pattern) == (True, "POST /api/**")
 
 
 async def test_http_route_deny_and_missing_token(auth: Authorizer, issuer: TokenIssuer) -> None:
-    denied = await auth.decide_http("DELETE", "/x", bearer(issuer, roles=["admin"]), grpc=False)
+    denied = await auth.decide_http(
+        "DELETE", "/x", bearer(minted(issuer, roles=["admin"])), grpc=False
+    )
     assert (denied.allowed, denied.reason) == (False, Reason.METHOD_DENIED)
     missing = await auth.decide_http("GET", "/api/messages/random", [], grpc=False)
     assert (missing.allowed, missing.reason) == (False, Reason.TOKEN_MISSING)
@@ -506,7 +516,7 @@ async def test_unmatched_request_gets_the_default_rule(
         Reason.TOKEN_MISSING,
         "default",
     )
-    signed = await auth.decide_http("GET", "/nothing", bearer(issuer), grpc=False)
+    signed = await auth.decide_http("GET", "/nothing", bearer(minted(issuer)), grpc=False)
     assert (signed.allowed, signed.rule.pattern, signed.method) == (True, "default", "GET /nothing")
 
 
@@ -558,7 +568,9 @@ async def test_http_decision_method_is_method_and_path(
     ids=lambda v: repr(v) if len(v) < 40 else f"long-{len(v)}",
 )
 async def test_malformed_path_is_refused(auth: Authorizer, issuer: TokenIssuer, path: str) -> None:
-    decision = await auth.decide_http("GET", path, bearer(issuer, roles=["admin"]), grpc=False)
+    decision = await auth.decide_http(
+        "GET", path, bearer(minted(issuer, roles=["admin"])), grpc=False
+    )
     assert (decision.allowed, decision.reason) == (False, Reason.REQUEST_MALFORMED)
     assert decision.status == grpc.StatusCode.INVALID_ARGUMENT
     assert decision.method == f"GET {path}"
@@ -578,7 +590,7 @@ async def test_repeated_requests_get_the_same_decisions_as_the_first(
 ) -> None:
     """`decide_http` remembers which rule a (method, path) gets; the steps after that —
     token, requirements — still run for every request."""
-    user, admin = bearer(issuer, roles=["user"]), bearer(issuer, roles=["admin"])
+    user, admin = bearer(minted(issuer, roles=["user"])), bearer(minted(issuer, roles=["admin"]))
     requests = [
         ("GET", "/api/admin/users", user),
         ("GET", "/api/admin/users", admin),

@@ -27,21 +27,19 @@ from authproxy.keys.issuer import TokenIssuer
 from authproxy.policy.loader import parse_policy
 from authproxy.runtime.decision_log import LOGGER
 from authproxy.runtime.serve import AuthProxy
-from tests.conftest import TEST_POLICY, Keys, error_info
+from tests.conftest import TEST_POLICY, Keys
 from tests.echo_backend import EchoBackend, start_echo_backend
+from tests.helpers_tokens import bearer
 from tests.operations_support import (
     OK,
     ConfigMapMount,
-    Node,
-    http_get,
-    http_json,
     poll,
     proxy_config,
-    running_proxy,
     serve_process,
-    value_of,
+    watched_proxy,
     write_atomically,
 )
+from tests.running_proxy import RunningProxy, error_info, http_get, http_json, value_of
 from tests.sidecar.test_stream_guard import Chat
 
 #: How soon a valid edit must be serving (the watcher debounces 150 ms).
@@ -81,7 +79,7 @@ def line_of(text: str, needle: str) -> int:
     return line
 
 
-async def reloads_settled(node: Node, key: str, count: int) -> dict[str, int]:
+async def reloads_settled(node: RunningProxy, key: str, count: int) -> dict[str, int]:
     """The reloader's result counts once `key` reached `count` (or the bound passed)."""
 
     async def results() -> dict[str, int]:
@@ -118,7 +116,7 @@ async def test_a_valid_edit_is_live_within_2s_under_load_with_no_failed_call(
 ):
     """Calls to a method both versions allow keep succeeding through the swap, while the
     edited method flips within the bound."""
-    async with running_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
+    async with watched_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
         token = issuer.mint("access", "alice", ttl=300).token
         assert await node.call(DENIED) == DENIED_NOW
         outcomes: list[tuple] = []
@@ -176,7 +174,7 @@ async def test_an_invalid_edit_keeps_the_last_good_policy_until_a_fix_loads(
     log name the file and line; the error is counted; then a valid version loads."""
     caplog.set_level(logging.ERROR, logger="authproxy.policy")
     text, offending = INVALID_EDITS[edit]
-    async with running_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
+    async with watched_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
         token = issuer.mint("access", "alice", ttl=300).token
         path = str(node.policy_path)
         write_atomically(node.policy_path, text)
@@ -213,7 +211,7 @@ async def test_reverting_an_invalid_edit_clears_the_reload_error(
 ):
     """Rolling a bad edit back to the active version is a fix too: the file is valid and
     serving, so `/policy` must not keep reporting the bad edit."""
-    async with running_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
+    async with watched_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
         write_atomically(node.policy_path, POLICY + "  /test.Broken/*: superuser\n")
         await reloads_settled(node, "error", 1)
         assert (await node.policy())["last_reload_error"] is not None
@@ -251,7 +249,7 @@ async def test_a_configmap_symlink_swap_is_picked_up(
     tmp_path: Path, keys: Keys, backend: EchoBackend
 ):
     mount = ConfigMapMount(tmp_path / "config", POLICY)
-    async with running_proxy(keys, backend, mount.path) as node:
+    async with watched_proxy(keys, backend, mount.path) as node:
         assert await node.call(DENIED) == DENIED_NOW
         mount.update(FLIPPED)
         result, elapsed = await poll(lambda: node.call(DENIED), lambda r: r == OK, RELOAD_BOUND)
@@ -273,7 +271,7 @@ async def test_an_edit_that_changes_nothing_is_counted_unchanged(
 ):
     """Saved again with the same bytes (seen by the watch, or reloaded as on SIGHUP):
     counted as `unchanged`, nothing swapped or reloaded, an open stream carries on."""
-    async with running_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
+    async with watched_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
         loaded_at = (await node.policy())["loaded_at"]
         policy = node.proxy.authorizer.policy
         chat = Chat(node.channel, "/test.Access/Chat", issuer.mint("access", "a", ttl=300).token)
@@ -347,7 +345,7 @@ STRICTER = POLICY.replace(
 async def test_a_reload_ends_the_open_streams_the_new_version_refuses_and_only_those(
     tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
 ):
-    async with running_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
+    async with watched_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
         alice = issuer.mint("access", "alice", ttl=300).token
         admin = issuer.mint("access", "root", ttl=300, roles=["admin"]).token
         lacks_role = Chat(node.channel, "/test.Access/Chat", alice)
@@ -396,7 +394,7 @@ async def test_re_judging_open_streams_records_no_use_and_no_rate_limit_hit(
     """A stream on a single-use, 1-per-minute rule used its token and its one call; being
     judged again on reload must not count as a second use (REFRESH_REUSED, revoking the
     subject) or a second call (RATE_LIMITED)."""
-    async with running_proxy(keys, backend, tmp_path / "policy.yaml", LIMITED) as node:
+    async with watched_proxy(keys, backend, tmp_path / "policy.yaml", LIMITED) as node:
         token = issuer.mint("access", "alice", ttl=300)
         chat = Chat(node.channel, "/test.Limited/Chat", token.token)
         assert await chat.roundtrip() == b"echo:hi"
@@ -414,7 +412,7 @@ async def test_re_judging_open_streams_records_no_use_and_no_rate_limit_hit(
 async def test_reload_ends_streams_false_keeps_refused_streams_open(
     tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
 ):
-    async with running_proxy(
+    async with watched_proxy(
         keys, backend, tmp_path / "policy.yaml", POLICY, reload_ends_streams=False
     ) as node:
         alice = issuer.mint("access", "alice", ttl=300).token
@@ -446,27 +444,27 @@ def identity_headers(md: dict[str, list[str]]) -> dict[str, list[str]]:
 async def test_a_shadow_rule_lets_a_would_be_deny_through_with_the_verified_identity(
     tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
 ):
-    async with running_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
+    async with watched_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
         alice = issuer.mint("access", "alice", ttl=300, roles=["viewer"])
-        md = await node.report(SHADOW, alice.token)  # lacks the admin role
+        md = (await node.report(SHADOW, alice.token))["md"]  # lacks the admin role
         assert md["x-auth-subject"] == ["alice"]
         assert md["x-auth-roles"] == ["viewer"]
         assert md["x-auth-jti"] == [alice.jti]
         assert "authorization" not in md
 
         # No token at all: through, and the backend sees no identity, not even a forged one.
-        md = await node.report(SHADOW, None, metadata=(("x-auth-subject", "mallory"),))
+        md = (await node.report(SHADOW, None, metadata=(("x-auth-subject", "mallory"),)))["md"]
         assert identity_headers(md) == {}
         # A token that does not verify (wrong type): through, without an identity.
         twofa = issuer.mint("2fa", "alice", ttl=300).token
-        md = await node.report(SHADOW, twofa)
+        md = (await node.report(SHADOW, twofa))["md"]
         assert identity_headers(md) == {}
 
 
 async def test_an_enforce_rule_next_to_a_shadow_rule_still_denies(
     tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
 ):
-    async with running_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
+    async with watched_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
         alice = issuer.mint("access", "alice", ttl=300).token
         assert await node.call(SHADOW, alice) == OK
         assert await node.call(ENFORCE, alice) == (
@@ -485,7 +483,7 @@ async def test_a_shadow_would_deny_is_counted_and_logged_with_its_reason(
     backend: EchoBackend,
     decision_lines: list[str],
 ):
-    async with running_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
+    async with watched_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
         alice = issuer.mint("access", "alice", ttl=300)
         root = issuer.mint("access", "root", ttl=300, roles=["admin"])
         assert await node.call(SHADOW, alice.token) == OK
@@ -538,13 +536,13 @@ GLOBAL_SHADOW = TEST_POLICY.replace("version: 1\n", "version: 1\nmode: shadow\n"
 async def test_global_shadow_mode_with_a_per_rule_enforce_override(
     tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
 ):
-    async with running_proxy(keys, backend, tmp_path / "policy.yaml", GLOBAL_SHADOW) as node:
+    async with watched_proxy(keys, backend, tmp_path / "policy.yaml", GLOBAL_SHADOW) as node:
         alice = issuer.mint("access", "alice", ttl=300).token
         twofa = issuer.mint("2fa", "alice", ttl=300).token
         # Every rule without a mode of its own is in shadow: mappings, strings, the default.
-        md = await node.report("/test.Admin/Report", alice)
+        md = (await node.report("/test.Admin/Report", alice))["md"]
         assert md["x-auth-subject"] == ["alice"]
-        md = await node.report(ACCESS_REPORT, twofa)  # wrong token type: no identity
+        md = (await node.report(ACCESS_REPORT, twofa))["md"]  # wrong token type: no identity
         assert identity_headers(md) == {}
         assert await node.call("/test.Other/Report") == OK  # the default rule, no token
         # The override enforces.
@@ -576,7 +574,7 @@ async def test_single_use_reuse_in_shadow_does_not_revoke_the_subject(
     policy = POLICY.replace(
         _REFRESH_LINE, "  /test.Refresh/*: {level: refresh, single_use: true, mode: shadow}\n"
     )
-    async with running_proxy(keys, backend, tmp_path / "policy.yaml", policy) as node:
+    async with watched_proxy(keys, backend, tmp_path / "policy.yaml", policy) as node:
         access = issuer.mint("access", "alice", ttl=300)
         refresh = issuer.mint("refresh", "alice", ttl=300).token
         assert await node.call("/test.Refresh/Echo", refresh) == OK
@@ -601,7 +599,7 @@ async def test_single_use_reuse_in_shadow_does_not_revoke_the_subject(
 async def test_healthz_and_readyz_answer_200_when_ready(
     tmp_path: Path, keys: Keys, backend: EchoBackend
 ):
-    async with running_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
+    async with watched_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
         status, _, body = await http_get(f"{node.admin_base}/healthz")
         assert status == 200 and json.loads(body) == {"status": "ok"}
         status, body = await http_json(f"{node.admin_base}/readyz")
@@ -615,7 +613,7 @@ async def test_readyz_is_503_naming_the_upstream_when_the_backend_is_down(
     tmp_path: Path, keys: Keys
 ):
     backend = await start_echo_backend()
-    async with running_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
+    async with watched_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
         status, body = await http_json(f"{node.admin_base}/readyz")
         assert status == 200, body
         await backend.server.stop(None)
@@ -634,7 +632,7 @@ async def test_readyz_is_503_naming_the_upstream_when_the_backend_is_down(
 async def test_metrics_have_bounded_labels_and_the_operational_families(
     tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
 ):
-    async with running_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
+    async with watched_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
         alice = issuer.mint("access", "alice", ttl=300)
         assert await node.call(ECHO, alice.token) == OK
         assert await node.call(ECHO, alice.token) == OK
@@ -688,7 +686,7 @@ async def test_policy_endpoint_reports_the_active_policy(
     tmp_path: Path, keys: Keys, backend: EchoBackend
 ):
     started = time.time()
-    async with running_proxy(
+    async with watched_proxy(
         keys, backend, tmp_path / "policy.yaml", POLICY, watch_policy=False
     ) as node:
         status = await node.policy()
@@ -717,7 +715,7 @@ ADMIN_SECRET = "ops-admin-secret-0123456789"
 async def test_the_revocation_api_is_refused_on_a_non_loopback_admin_address_without_a_token(
     tmp_path: Path, keys: Keys, backend: EchoBackend, monkeypatch: pytest.MonkeyPatch
 ):
-    async with running_proxy(
+    async with watched_proxy(
         keys, backend, tmp_path / "open" / "policy.yaml", POLICY, admin="0.0.0.0:0"
     ) as node:
         base = node.admin_base  # connects through 127.0.0.1
@@ -732,7 +730,7 @@ async def test_the_revocation_api_is_refused_on_a_non_loopback_admin_address_wit
             assert status == 200, path
 
     monkeypatch.setenv(ADMIN_ENV, ADMIN_SECRET)
-    async with running_proxy(
+    async with watched_proxy(
         keys,
         backend,
         tmp_path / "secured" / "policy.yaml",
@@ -768,7 +766,7 @@ async def test_a_deny_writes_one_json_line_with_the_documented_fields_and_no_tok
     backend: EchoBackend,
     decision_lines: list[str],
 ):
-    async with running_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
+    async with watched_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
         alice = issuer.mint("access", "alice", ttl=300)
         assert await node.call(ENFORCE, alice.token) == (
             grpc.StatusCode.PERMISSION_DENIED,
@@ -804,7 +802,7 @@ async def test_allows_are_logged_only_as_sampled(
     log_allows: float,
     logged_allows: int,
 ):
-    async with running_proxy(
+    async with watched_proxy(
         keys, backend, tmp_path / "policy.yaml", POLICY, log_allows=log_allows
     ) as node:
         token = issuer.mint("access", "alice", ttl=300).token
@@ -832,7 +830,7 @@ async def test_stop_drains_an_open_stream_while_readyz_is_503_and_new_calls_are_
     tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend
 ):
     grace = 5.0
-    async with running_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
+    async with watched_proxy(keys, backend, tmp_path / "policy.yaml", POLICY) as node:
         token = issuer.mint("access", "alice", ttl=300).token
         chat = Chat(node.channel, "/test.Access/Chat", token)
         assert await chat.roundtrip(b"before") == b"echo:before"
@@ -848,7 +846,7 @@ async def test_stop_drains_an_open_stream_while_readyz_is_503_and_new_calls_are_
 
         # New calls are refused (UNAVAILABLE; CANCELLED for one that races the GOAWAY)
         # and never reach the backend.
-        md = (("authorization", f"Bearer {token}"),)
+        md = bearer(token)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{node.sidecar_port}") as fresh:
 
             async def new_call() -> grpc.StatusCode:

@@ -18,8 +18,10 @@ from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from authproxy.policy.loader import load_policy
-from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY, Keys, error_info
+from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY, Keys
 from tests.echo_backend import start_echo_backend
+from tests.helpers_tokens import bearer
+from tests.running_proxy import error_info
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,7 +59,7 @@ async def test_serve_process_serves_and_drains_on_sigterm(tmp_path: Path, keys: 
             assert error_info(caught.value).reason == "TOKEN_MISSING"
 
             token = issuer.mint("access", "alice", ttl=300).token
-            md = (("authorization", f"Bearer {token}"),)
+            md = bearer(token)
             hang = channel.unary_unary("/test.Access/Hang")(b"{}", metadata=md, timeout=30)
             await asyncio.wait_for(backend.hang_started.wait(), 10)
             proc.send_signal(signal.SIGTERM)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from authproxy.runtime.serve import AuthProxy
 from tests.conftest import Keys, config_for
 from tests.example_backend_harness import Example
+from tests.running_proxy import running_proxy
 
 POLICY = """\
 version: 1
@@ -37,15 +37,11 @@ async def test_uncovered_served_methods_are_logged_once_at_startup(
         upstream=f"127.0.0.1:{example.backend.port}",
         watch_policy=False,
     )
-    proxy = AuthProxy(cfg)
     caplog.set_level(logging.INFO, logger="authproxy")
-    await proxy.start()
-    try:
-        assert proxy.sidecar is not None and proxy.sidecar.learning is not None
+    async with running_proxy(cfg) as running:
+        assert running.sidecar.learning is not None
         async with asyncio.timeout(15):  # learned, then logged, before the task ends
-            await asyncio.shield(proxy.sidecar.learning)
-    finally:
-        await proxy.stop(0)
+            await asyncio.shield(running.sidecar.learning)
     warnings = [r.getMessage() for r in caplog.records if "have no rule" in r.getMessage()]
     assert len(warnings) == 1, warnings
     line = warnings[0]

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection as grpc_reflection
 
-from authproxy.runtime.serve import AuthProxy, ConfigError, Sidecar
+from authproxy.runtime.serve import ConfigError
 from authproxy.runtime.tls import (
     ServerTls,
     ServerTlsFiles,
@@ -31,10 +31,11 @@ from authproxy.runtime.tls import (
 )
 from authproxy.sidecar.catalog import Kind
 from authproxy.sidecar.peer_identity import principal_of
-from authproxy.sidecar.upstream_pool import UpstreamPool
 from tests.certs import CA, Leaf, make_ca
-from tests.conftest import TEST_POLICY, Keys, config_for, error_info
+from tests.conftest import TEST_POLICY, Keys, config_for
 from tests.echo_backend import EchoBackend
+from tests.helpers_tokens import bearer, minted
+from tests.running_proxy import RunningProxy, error_info, start_proxy
 
 HEALTH = "grpc.health.v1.Health"
 GOOD = "spiffe://cluster/ns/a/sa/good"
@@ -115,30 +116,7 @@ class SecretDir:
 # -- a proxy and a backend ------------------------------------------------------------------
 
 
-@dataclass
-class TlsProxy:
-    proxy: AuthProxy
-
-    @property
-    def sidecar(self) -> Sidecar:
-        assert self.proxy.sidecar is not None
-        return self.proxy.sidecar
-
-    @property
-    def port(self) -> int:
-        return self.sidecar.port
-
-    @property
-    def tls(self) -> ServerTls:
-        assert self.sidecar.tls is not None
-        return self.sidecar.tls
-
-    @property
-    def upstream(self) -> UpstreamPool:
-        return self.sidecar.upstream
-
-
-async def start_proxy(
+async def start_tls_proxy(
     tmp_path: Path,
     keys: Keys,
     backend_port: int,
@@ -146,7 +124,7 @@ async def start_proxy(
     upstream_tls: UpstreamTlsFiles | None = None,
     policy: str = TEST_POLICY,
     reflection: bool = False,
-) -> TlsProxy:
+) -> RunningProxy:
     """The whole proxy (`AuthProxy`) with a TLS listener and/or TLS to the backend;
     `reflection`: it learns method kinds from the backend's server reflection."""
     fields = {}
@@ -170,9 +148,7 @@ async def start_proxy(
         watch_policy=False,
         **fields,
     )
-    proxy = AuthProxy(cfg)
-    await proxy.start()
-    return TlsProxy(proxy)
+    return await start_proxy(cfg)
 
 
 class WhoAmIBackend(EchoBackend):
@@ -205,12 +181,12 @@ async def start_tls_backend(
 
 
 @pytest.fixture
-async def proxies() -> AsyncIterator[list[TlsProxy]]:
+async def proxies() -> AsyncIterator[list[RunningProxy]]:
     """Proxies a test starts; closed at its end."""
-    started: list[TlsProxy] = []
+    started: list[RunningProxy] = []
     yield started
     for p in started:
-        await p.proxy.stop(0)
+        await p.stop()
 
 
 # -- clients ----------------------------------------------------------------------------------
@@ -232,7 +208,7 @@ async def report(
     channel: grpc.aio.Channel, method: str, token: str | None = None, metadata: tuple = ()
 ) -> dict[str, list[str]]:
     """Call an echo backend's Report method; the metadata it received, grouped by key."""
-    md = metadata + ((("authorization", f"Bearer {token}"),) if token else ())
+    md = metadata + (bearer(token) if token else ())
     response = await channel.unary_unary(method)(b"{}", metadata=md, timeout=10)
     grouped: dict[str, list[str]] = {}
     for k, v in json.loads(response)["metadata"]:
@@ -268,52 +244,56 @@ async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 
         await asyncio.sleep(0.02)
 
 
-def access(issuer) -> str:
-    return issuer.mint("access", "alice", ttl=300).token
-
-
 # -- TLS inbound ------------------------------------------------------------------------------
 
 
 async def test_tls_client_trusting_the_ca_reaches_the_backend(
     tmp_path: Path, keys: Keys, issuer, backend: EchoBackend, pki: Pki, proxies
 ):
-    p = await start_proxy(tmp_path, keys, backend.port, write_server_files(tmp_path, pki.server))
+    p = await start_tls_proxy(
+        tmp_path, keys, backend.port, write_server_files(tmp_path, pki.server)
+    )
     proxies.append(p)
-    async with client(p.port, pki.ca) as channel:
-        md = await report(channel, "/test.Access/Report", access(issuer), (("x-auth-peer", GOOD),))
+    async with client(p.sidecar_port, pki.ca) as channel:
+        md = await report(channel, "/test.Access/Report", minted(issuer), (("x-auth-peer", GOOD),))
     assert md["x-auth-subject"] == ["alice"]
     assert "x-auth-peer" not in md  # forged; and without mTLS there is no principal
-    assert not p.tls.requires_client_cert
-    assert p.tls.not_after == pki.server.cert.not_valid_after_utc.timestamp()
+    assert not p.sidecar.tls.requires_client_cert
+    assert p.sidecar.tls.not_after == pki.server.cert.not_valid_after_utc.timestamp()
 
 
 async def test_plaintext_client_is_refused_by_the_tls_listener(
     tmp_path: Path, keys: Keys, backend: EchoBackend, pki: Pki, proxies
 ):
-    p = await start_proxy(tmp_path, keys, backend.port, write_server_files(tmp_path, pki.server))
+    p = await start_tls_proxy(
+        tmp_path, keys, backend.port, write_server_files(tmp_path, pki.server)
+    )
     proxies.append(p)
-    assert await refused(client(p.port))
+    assert await refused(client(p.sidecar_port))
     assert backend.calls == []
 
 
 async def test_client_trusting_another_ca_is_refused(
     tmp_path: Path, keys: Keys, backend: EchoBackend, pki: Pki, proxies
 ):
-    p = await start_proxy(tmp_path, keys, backend.port, write_server_files(tmp_path, pki.server))
+    p = await start_tls_proxy(
+        tmp_path, keys, backend.port, write_server_files(tmp_path, pki.server)
+    )
     proxies.append(p)
-    assert await refused(client(p.port, pki.other_ca))
+    assert await refused(client(p.sidecar_port, pki.other_ca))
     assert backend.calls == []
 
 
 # -- mTLS --------------------------------------------------------------------------------------
 
 
-async def start_mtls_proxy(tmp_path, keys, backend, pki, proxies, policy=TEST_POLICY) -> TlsProxy:
+async def start_mtls_proxy(
+    tmp_path, keys, backend, pki, proxies, policy=TEST_POLICY
+) -> RunningProxy:
     files = write_server_files(tmp_path, pki.server, client_ca=pki.ca)
-    p = await start_proxy(tmp_path, keys, backend.port, files, policy=policy)
+    p = await start_tls_proxy(tmp_path, keys, backend.port, files, policy=policy)
     proxies.append(p)
-    assert p.tls.requires_client_cert
+    assert p.sidecar.tls.requires_client_cert
     return p
 
 
@@ -321,8 +301,8 @@ async def test_mtls_client_certificate_from_the_ca_passes(
     tmp_path: Path, keys: Keys, issuer, backend: EchoBackend, pki: Pki, proxies
 ):
     p = await start_mtls_proxy(tmp_path, keys, backend, pki, proxies)
-    async with client(p.port, pki.ca, pki.client_good) as channel:
-        md = await report(channel, "/test.Access/Report", access(issuer))
+    async with client(p.sidecar_port, pki.ca, pki.client_good) as channel:
+        md = await report(channel, "/test.Access/Report", minted(issuer))
     assert md["x-auth-subject"] == ["alice"]
 
 
@@ -330,7 +310,7 @@ async def test_mtls_without_client_certificate_fails_the_handshake(
     tmp_path: Path, keys: Keys, backend: EchoBackend, pki: Pki, proxies
 ):
     p = await start_mtls_proxy(tmp_path, keys, backend, pki, proxies)
-    assert await refused(client(p.port, pki.ca))
+    assert await refused(client(p.sidecar_port, pki.ca))
     assert backend.calls == []
 
 
@@ -338,7 +318,7 @@ async def test_mtls_client_certificate_from_untrusted_ca_fails(
     tmp_path: Path, keys: Keys, backend: EchoBackend, pki: Pki, proxies
 ):
     p = await start_mtls_proxy(tmp_path, keys, backend, pki, proxies)
-    assert await refused(client(p.port, pki.ca, pki.client_untrusted))
+    assert await refused(client(p.sidecar_port, pki.ca, pki.client_untrusted))
     assert backend.calls == []
 
 
@@ -347,8 +327,8 @@ async def test_spiffe_id_reaches_backend_as_x_auth_peer_and_forged_one_is_stripp
 ):
     p = await start_mtls_proxy(tmp_path, keys, backend, pki, proxies)
     forged = (("x-auth-peer", OTHER), ("x-auth-peer", "CN=root"), ("x_auth_peer", "x"))
-    async with client(p.port, pki.ca, pki.client_good) as channel:
-        md = await report(channel, "/test.Access/Report", access(issuer), forged)
+    async with client(p.sidecar_port, pki.ca, pki.client_good) as channel:
+        md = await report(channel, "/test.Access/Report", minted(issuer), forged)
         public = await report(channel, "/test.Public/Report", metadata=forged)
     assert md["x-auth-peer"] == [GOOD]
     assert public["x-auth-peer"] == [GOOD]
@@ -359,13 +339,13 @@ async def test_peers_rule_allows_listed_spiffe_id_and_denies_another_certificate
     tmp_path: Path, keys: Keys, issuer, backend: EchoBackend, pki: Pki, proxies
 ):
     p = await start_mtls_proxy(tmp_path, keys, backend, pki, proxies, policy=PEER_POLICY)
-    token = access(issuer)
-    async with client(p.port, pki.ca, pki.client_good) as channel:
+    token = minted(issuer)
+    async with client(p.sidecar_port, pki.ca, pki.client_good) as channel:
         md = await report(channel, "/test.Peer/Report", token)
     assert md["x-auth-peer"] == [GOOD]
     assert md["x-auth-subject"] == ["alice"]
     backend.calls.clear()
-    async with client(p.port, pki.ca, pki.client_other) as channel:
+    async with client(p.sidecar_port, pki.ca, pki.client_other) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             # Claiming the allowed identity in metadata changes nothing.
             await report(channel, "/test.Peer/Report", token, (("x-auth-peer", GOOD),))
@@ -379,8 +359,8 @@ async def test_certificate_without_uri_san_has_its_subject_dn_as_principal(
     tmp_path: Path, keys: Keys, issuer, backend: EchoBackend, pki: Pki, proxies
 ):
     p = await start_mtls_proxy(tmp_path, keys, backend, pki, proxies)
-    async with client(p.port, pki.ca, pki.client_dn) as channel:
-        md = await report(channel, "/test.Access/Report", access(issuer))
+    async with client(p.sidecar_port, pki.ca, pki.client_dn) as channel:
+        md = await report(channel, "/test.Access/Report", minted(issuer))
     assert md["x-auth-peer"] == ["CN=batch-job,O=Example Corp"]
 
 
@@ -401,52 +381,54 @@ async def test_rotation_keeps_open_stream_and_new_connections_get_the_new_certif
     secret = SecretDir(tmp_path / "secret")
     secret.publish({"tls.crt": pki.server.chain_pem, "tls.key": pki.server.key_pem})
     files = ServerTlsFiles(secret.path("tls.crt"), secret.path("tls.key"))
-    p = await start_proxy(tmp_path, keys, backend.port, files)
+    p = await start_tls_proxy(tmp_path, keys, backend.port, files)
     proxies.append(p)
-    old = client(p.port, pki.ca)
+    old = client(p.sidecar_port, pki.ca)
     stream = old.stream_stream("/test.Access/Chat")(
-        metadata=(("authorization", f"Bearer {access(issuer)}"),), timeout=30
+        metadata=(("authorization", f"Bearer {minted(issuer)}"),), timeout=30
     )
     await stream.write(b"1")
     assert await stream.read() == b"echo:1"
-    assert not await connects(client(p.port, pki.other_ca))
+    assert not await connects(client(p.sidecar_port, pki.other_ca))
 
     secret.publish({"tls.crt": pki.server_next.chain_pem, "tls.key": pki.server_next.key_pem})
-    await eventually(lambda: p.tls.reloads["ok"] == 1, "the reload")
+    await eventually(lambda: p.sidecar.tls.reloads["ok"] == 1, "the reload")
 
-    assert await connects(client(p.port, pki.other_ca))  # a new connection: the new cert
-    assert not await connects(client(p.port, pki.ca))
-    assert p.tls.not_after == pki.server_next.cert.not_valid_after_utc.timestamp()
+    assert await connects(client(p.sidecar_port, pki.other_ca))  # a new connection: the new cert
+    assert not await connects(client(p.sidecar_port, pki.ca))
+    assert p.sidecar.tls.not_after == pki.server_next.cert.not_valid_after_utc.timestamp()
     await stream.write(b"2")  # the connection made before keeps going
     assert await stream.read() == b"echo:2"
     await stream.done_writing()
     assert await stream.code() == grpc.StatusCode.OK
     assert await old.unary_unary("/test.Public/Echo")(b"x", timeout=10) == b"x"
     await old.close()
-    assert p.tls.reloads == {"ok": 1, "error": 0}
-    assert not p.tls.check()  # nothing changed since
+    assert p.sidecar.tls.reloads == {"ok": 1, "error": 0}
+    assert not p.sidecar.tls.check()  # nothing changed since
 
 
 async def test_mismatched_new_pair_keeps_the_old_certificate_and_counts_an_error(
     tmp_path: Path, keys: Keys, backend: EchoBackend, pki: Pki, proxies
 ):
     files = write_server_files(tmp_path / "tls", pki.server)
-    p = await start_proxy(tmp_path, keys, backend.port, files)
+    p = await start_tls_proxy(tmp_path, keys, backend.port, files)
     proxies.append(p)
     # cert-manager style: the new certificate first, its key a moment later.
     Path(files.cert).write_bytes(pki.server_next.chain_pem)
-    await eventually(lambda: p.tls.reloads["error"] >= 1, "the refused reload")
-    assert p.tls.reloads["ok"] == 0
-    assert await connects(client(p.port, pki.ca))  # the old pair still serves new connections
-    assert not await connects(client(p.port, pki.other_ca))
-    assert p.tls.not_after == pki.server.cert.not_valid_after_utc.timestamp()
-    errors = p.tls.reloads["error"]
-    assert not p.tls.check()  # the same bad set is not counted twice
-    assert p.tls.reloads["error"] == errors
+    await eventually(lambda: p.sidecar.tls.reloads["error"] >= 1, "the refused reload")
+    assert p.sidecar.tls.reloads["ok"] == 0
+    assert await connects(
+        client(p.sidecar_port, pki.ca)
+    )  # the old pair still serves new connections
+    assert not await connects(client(p.sidecar_port, pki.other_ca))
+    assert p.sidecar.tls.not_after == pki.server.cert.not_valid_after_utc.timestamp()
+    errors = p.sidecar.tls.reloads["error"]
+    assert not p.sidecar.tls.check()  # the same bad set is not counted twice
+    assert p.sidecar.tls.reloads["error"] == errors
 
     Path(files.key).write_bytes(pki.server_next.key_pem)
-    await eventually(lambda: p.tls.reloads["ok"] == 1, "the reload")
-    assert await connects(client(p.port, pki.other_ca))
+    await eventually(lambda: p.sidecar.tls.reloads["ok"] == 1, "the reload")
+    assert await connects(client(p.sidecar_port, pki.other_ca))
 
 
 async def test_expired_server_certificate_is_served_with_a_warning(
@@ -482,10 +464,10 @@ async def test_upstream_tls_with_server_name_reaches_the_backend(
     tls_backend = await start_tls_backend(pki.backend)
     try:
         files = upstream_files(tmp_path, pki.ca)
-        p = await start_proxy(tmp_path, keys, tls_backend.port, upstream_tls=files)
+        p = await start_tls_proxy(tmp_path, keys, tls_backend.port, upstream_tls=files)
         proxies.append(p)
-        async with client(p.port) as channel:
-            md = await report(channel, "/test.Access/Report", access(issuer))
+        async with client(p.sidecar_port) as channel:
+            md = await report(channel, "/test.Access/Report", minted(issuer))
         assert md["x-auth-subject"] == ["alice"]
     finally:
         await tls_backend.server.stop(None)
@@ -497,11 +479,11 @@ async def test_upstream_tls_with_the_wrong_ca_is_unavailable(
     tls_backend = await start_tls_backend(pki.backend)
     try:
         files = upstream_files(tmp_path, pki.other_ca)
-        p = await start_proxy(tmp_path, keys, tls_backend.port, upstream_tls=files)
+        p = await start_tls_proxy(tmp_path, keys, tls_backend.port, upstream_tls=files)
         proxies.append(p)
-        async with client(p.port) as channel:
+        async with client(p.sidecar_port) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await report(channel, "/test.Access/Report", access(issuer))
+                await report(channel, "/test.Access/Report", minted(issuer))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert f"upstream 127.0.0.1:{tls_backend.port} is unavailable" in caught.value.details()
         assert tls_backend.calls == []
@@ -519,14 +501,14 @@ async def test_upstream_mtls_presents_the_client_certificate(
     tls_backend = await start_tls_backend(pki.backend, client_ca=pki.ca)
     try:
         with_cert = upstream_files(tmp_path / "a", pki.ca, pki.proxy_v1)
-        p = await start_proxy(tmp_path, keys, tls_backend.port, upstream_tls=with_cert)
+        p = await start_tls_proxy(tmp_path, keys, tls_backend.port, upstream_tls=with_cert)
         proxies.append(p)
-        async with client(p.port) as channel:
+        async with client(p.sidecar_port) as channel:
             assert await whoami(channel) == ["proxy-v1"]
         without = upstream_files(tmp_path / "b", pki.ca)
-        q = await start_proxy(tmp_path, keys, tls_backend.port, upstream_tls=without)
+        q = await start_tls_proxy(tmp_path, keys, tls_backend.port, upstream_tls=without)
         proxies.append(q)
-        async with client(q.port) as channel:
+        async with client(q.sidecar_port) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await whoami(channel)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -540,17 +522,17 @@ async def test_upstream_certificate_rotation_opens_new_connections_and_calls_kee
     tls_backend = await start_tls_backend(pki.backend, client_ca=pki.ca)
     try:
         files = upstream_files(tmp_path / "upstream", pki.ca, pki.proxy_v1)
-        p = await start_proxy(tmp_path, keys, tls_backend.port, upstream_tls=files)
+        p = await start_tls_proxy(tmp_path, keys, tls_backend.port, upstream_tls=files)
         proxies.append(p)
-        channel = client(p.port)
+        channel = client(p.sidecar_port)
         assert await whoami(channel) == ["proxy-v1"]
         stream = channel.stream_stream("/test.Public/Chat")(timeout=30)
         await stream.write(b"1")
         assert await stream.read() == b"echo:1"
-        [first] = p.upstream.connections
+        [first] = p.sidecar.upstream.connections
 
         pki.proxy_v2.write(tmp_path / "upstream", "upstream-client")
-        await eventually(lambda: p.upstream.tls.reloads["ok"] == 1, "the reload")
+        await eventually(lambda: p.sidecar.upstream.tls.reloads["ok"] == 1, "the reload")
         assert await whoami(channel) == ["proxy-v2"]  # new calls: a new connection
         assert first.going_away  # it takes no new calls
 
@@ -565,7 +547,7 @@ async def test_upstream_certificate_rotation_opens_new_connections_and_calls_kee
         await tls_backend.server.stop(None)
 
 
-async def learned_kinds(p: TlsProxy) -> dict[str, Kind]:
+async def learned_kinds(p: RunningProxy) -> dict[str, Kind]:
     """The method kinds once reflection has learned them (it retries while it fails)."""
     assert p.sidecar.learning is not None
     async with asyncio.timeout(15):
@@ -581,7 +563,9 @@ async def test_method_kinds_are_learned_by_reflection_through_upstream_mtls(
     tls_backend = await start_tls_backend(pki.backend, client_ca=pki.ca, reflection=True)
     try:
         files = upstream_files(tmp_path, pki.ca, pki.proxy_v1)
-        p = await start_proxy(tmp_path, keys, tls_backend.port, upstream_tls=files, reflection=True)
+        p = await start_tls_proxy(
+            tmp_path, keys, tls_backend.port, upstream_tls=files, reflection=True
+        )
         proxies.append(p)
         kinds = await learned_kinds(p)
         assert kinds[f"/{HEALTH}/Check"] is Kind.UNARY
@@ -599,9 +583,11 @@ async def test_without_upstream_ca_calls_and_reflection_trust_the_system_store(
     tls_backend = await start_tls_backend(pki.backend, reflection=True)
     try:
         files = UpstreamTlsFiles(server_name="backend.test")
-        p = await start_proxy(tmp_path, keys, tls_backend.port, upstream_tls=files, reflection=True)
+        p = await start_tls_proxy(
+            tmp_path, keys, tls_backend.port, upstream_tls=files, reflection=True
+        )
         proxies.append(p)
-        async with client(p.port) as channel:
+        async with client(p.sidecar_port) as channel:
             assert await whoami(channel) == []  # relayed over TLS (no client certificate)
         kinds = await learned_kinds(p)
         assert kinds[f"/{HEALTH}/Check"] is Kind.UNARY
@@ -693,7 +679,7 @@ async def test_the_proxy_does_not_start_with_an_unusable_tls_file(
     files = write_server_files(tmp_path, pki.server)
     Path(files.key).write_bytes(pki.server_next.key_pem)
     with pytest.raises(ConfigError) as caught:
-        await start_proxy(tmp_path, keys, backend.port, files)
+        await start_tls_proxy(tmp_path, keys, backend.port, files)
     assert str(caught.value) == (
         f"--tls-key {files.key}: does not match the certificate in --tls-cert {files.cert}"
     )

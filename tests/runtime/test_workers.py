@@ -22,10 +22,11 @@ import grpc
 from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY, Keys, error_info
+from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY, Keys
 from tests.echo_backend import EchoBackend, start_echo_backend
-from tests.operations_support import parse_metrics
+from tests.helpers_tokens import bearer
 from tests.redis_server import RedisServer, redis_server  # noqa: F401
+from tests.running_proxy import error_info, parse_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 #: Fresh connections per round: all on one worker by chance is 2 ** -39.
@@ -196,9 +197,7 @@ async def fresh_calls(port: int, method: str, token: str) -> list[str]:
         options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
             try:
-                await channel.unary_unary(method)(
-                    b"{}", metadata=(("authorization", f"Bearer {token}"),), timeout=15
-                )
+                await channel.unary_unary(method)(b"{}", metadata=bearer(token), timeout=15)
             except grpc.aio.AioRpcError as e:
                 info = error_info(e)
                 return info.reason if info is not None else e.code().name

@@ -24,8 +24,10 @@ from cryptography.x509.oid import NameOID
 
 from authproxy.keys.issuer import SigningKey
 from authproxy.keys.keyset import public_jwk
-from tests.conftest import Keys, Running, error_info
+from tests.conftest import Keys
 from tests.echo_backend import EchoBackend
+from tests.helpers_tokens import bearer
+from tests.running_proxy import RunningProxy, error_info
 from tests.security.jws import claims, craft
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
@@ -49,14 +51,14 @@ class Case:
 
 
 def _metadata(case: Case) -> tuple[tuple[str, str | bytes], ...]:
-    auth = (("authorization", f"Bearer {case.token}"),) if case.token is not None else ()
+    auth = bearer(case.token) if case.token is not None else ()
     return tuple(case.metadata) + auth
 
 
-async def outcome(running: Running, case: Case) -> tuple[str, str | None]:
+async def outcome(running: RunningProxy, case: Case) -> tuple[str, str | None]:
     """(status name, ErrorInfo reason) of one call; ("OK", None) when it succeeds."""
     try:
-        await running.call(case.method, metadata=_metadata(case))
+        await running.unary(case.method, metadata=_metadata(case))
     except grpc.aio.AioRpcError as error:
         try:
             info = error_info(error)
@@ -67,7 +69,7 @@ async def outcome(running: Running, case: Case) -> tuple[str, str | None]:
     return "OK", None
 
 
-async def assert_denied(running: Running, backend: EchoBackend, cases: Iterable[Case]) -> None:
+async def assert_denied(running: RunningProxy, backend: EchoBackend, cases: Iterable[Case]) -> None:
     """Every case ends with its status and reason; all mismatches are reported at once."""
     cases = list(cases)
     assert len({c.label for c in cases}) == len(cases), "case labels must be unique"
@@ -78,7 +80,7 @@ async def assert_denied(running: Running, backend: EchoBackend, cases: Iterable[
     assert backend.calls == []
 
 
-async def assert_allowed(running: Running, token: str, method: str = ACCESS, **kw) -> dict:
+async def assert_allowed(running: RunningProxy, token: str, method: str = ACCESS, **kw) -> dict:
     report = await running.report(method, token=token, **kw)
     assert report["md"]["x-auth-subject"] == ["alice"]
     return report

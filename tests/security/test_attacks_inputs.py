@@ -10,8 +10,10 @@ import grpc
 import pytest
 
 from authproxy.keys.issuer import TokenIssuer
-from tests.conftest import Keys, Running
+from tests.conftest import Keys
 from tests.echo_backend import EchoBackend
+from tests.helpers_tokens import bearer
+from tests.running_proxy import RunningProxy
 from tests.security.attack_support import (
     ACCESS,
     METHODS,
@@ -31,7 +33,7 @@ def _filler_token(length: int) -> str:
     return "e" * third + "." + "e" * third + "." + "e" * (length - 2 * third - 2)
 
 
-async def test_oversized_tokens(proxy: Running, backend: EchoBackend):
+async def test_oversized_tokens(proxy: RunningProxy, backend: EchoBackend):
     cases = [
         Case("9KiB", "TOKEN_TOO_LARGE", _filler_token(9 * 1024)),
         Case("60KiB", "TOKEN_TOO_LARGE", _filler_token(60 * 1024)),
@@ -42,7 +44,7 @@ async def test_oversized_tokens(proxy: Running, backend: EchoBackend):
     await assert_denied(proxy, backend, cases)
 
 
-async def test_token_size_limit_boundary(proxy: Running, backend: EchoBackend, keys: Keys):
+async def test_token_size_limit_boundary(proxy: RunningProxy, backend: EchoBackend, keys: Keys):
     """max_token_bytes is 8192: a genuine token of that size is allowed, one byte over is
     TOKEN_TOO_LARGE. The allowed call is checked at the decision (and through the proxy
     for anything but TOKEN_TOO_LARGE): its x-auth-claims header copies the ~8 KB claim
@@ -71,7 +73,7 @@ async def test_token_size_limit_boundary(proxy: Running, backend: EchoBackend, k
 
 
 async def test_accepted_token_with_big_claims_reaches_a_default_backend(
-    proxy: Running, backend: EchoBackend, keys: Keys
+    proxy: RunningProxy, backend: EchoBackend, keys: Keys
 ):
     """A token the proxy accepts must not make the relayed call fail. Expected: OK.
     (Found: proxy/decide/identity.py `_build` forwards the whole claim set as x-auth-claims,
@@ -88,7 +90,7 @@ async def test_accepted_token_with_big_claims_reaches_a_default_backend(
 
 
 async def test_deny_stays_readable_when_the_token_echoes_huge_strings(
-    proxy: Running, backend: EchoBackend, keys: Keys
+    proxy: RunningProxy, backend: EchoBackend, keys: Keys
 ):
     """A deny must reach the client as UNAUTHENTICATED with its ErrorInfo. Expected: that.
     (Found: deny messages quote attacker strings in full: proxy/keys/verify.py `_candidates`
@@ -117,15 +119,15 @@ async def test_deny_stays_readable_when_the_token_echoes_huge_strings(
 
 @pytest.mark.parametrize("header", ["authorization", "x-big"])
 async def test_one_mebibyte_header_is_refused_and_the_proxy_stays_up(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer, header
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer, header
 ):
     token = issuer.mint("access", "alice", ttl=300).token
     big = "Bearer " + "a" * (1024 * 1024) if header == "authorization" else "a" * (1024 * 1024)
     md: tuple[tuple[str, str], ...] = ((header, big),)
     if header != "authorization":
-        md += (("authorization", f"Bearer {token}"),)
+        md += bearer(token)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await proxy.call(ACCESS, metadata=md)
+        await proxy.unary(ACCESS, metadata=md)
     # One field over 64 KiB: the HPACK decoder (libnghttp2) ends the connection
     # (COMPRESSION_ERROR) before anything decides; the client sees UNAVAILABLE.
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -134,14 +136,14 @@ async def test_one_mebibyte_header_is_refused_and_the_proxy_stays_up(
 
 
 async def test_a_header_list_over_the_limit_is_refused_and_the_connection_stays(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer
 ):
     """Fields under 64 KiB each, 120 KiB in all (the limit is 80 KiB): that call alone is
     refused with RESOURCE_EXHAUSTED before the pipeline; the connection serves on."""
     token = issuer.mint("access", "alice", ttl=300).token
     md = (("x-a", "a" * 60_000), ("x-b", "b" * 60_000), ("authorization", f"Bearer {token}"))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await proxy.call(ACCESS, metadata=md)
+        await proxy.unary(ACCESS, metadata=md)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "request headers of" in (caught.value.details() or "")
     assert backend.calls == []
@@ -149,7 +151,7 @@ async def test_a_header_list_over_the_limit_is_refused_and_the_connection_stays(
 
 
 async def test_deeply_nested_json_in_the_header_is_malformed(
-    proxy: Running, backend: EchoBackend, keys: Keys
+    proxy: RunningProxy, backend: EchoBackend, keys: Keys
 ):
     """Pre-authentication: the header is parsed before any signature check. Expected:
     UNAUTHENTICATED / TOKEN_MALFORMED. (Found: RecursionError escapes
@@ -172,7 +174,7 @@ async def test_deeply_nested_json_in_the_header_is_malformed(
 
 
 async def test_deeply_nested_json_in_a_signed_payload_is_malformed(
-    proxy: Running, backend: EchoBackend, keys: Keys
+    proxy: RunningProxy, backend: EchoBackend, keys: Keys
 ):
     """Same with a validly signed payload (the issuer's key is needed). Expected:
     TOKEN_MALFORMED. (Found: RecursionError, call ends UNKNOWN.)"""
@@ -185,7 +187,7 @@ async def test_deeply_nested_json_in_a_signed_payload_is_malformed(
 
 
 async def test_authorization_header_count_and_scheme(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer
 ):
     valid = issuer.mint("access", "alice", ttl=300).token
     other = issuer.mint("access", "bob", ttl=300).token
@@ -236,7 +238,7 @@ async def test_authorization_header_count_and_scheme(
     ids=["lower", "upper", "mixed", "extra-spaces"],
 )
 async def test_bearer_scheme_is_case_insensitive_and_allows_extra_spaces(
-    proxy: Running, issuer: TokenIssuer, value
+    proxy: RunningProxy, issuer: TokenIssuer, value
 ):
     token = issuer.mint("access", "alice", ttl=300).token
     await assert_allowed(proxy, None, metadata=(("authorization", value.format(t=token)),))
@@ -244,14 +246,14 @@ async def test_bearer_scheme_is_case_insensitive_and_allows_extra_spaces(
 
 @pytest.mark.parametrize("value", ["  Bearer {t}  ", "Bearer {t}   ", "Bearer     "])
 async def test_authorization_with_surrounding_whitespace_is_refused_by_http2(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer, value
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer, value
 ):
     """RFC 9113 8.2.1: a field value must not start or end with whitespace. The HTTP/2
     engine resets such a stream (PROTOCOL_ERROR; gRPC clients report INTERNAL) before
     anything decides on it, and the backend never sees it."""
     token = issuer.mint("access", "alice", ttl=300).token
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await proxy.call(ACCESS, metadata=(("authorization", value.format(t=token)),))
+        await proxy.unary(ACCESS, metadata=(("authorization", value.format(t=token)),))
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert "RST_STREAM" in (caught.value.details() or "")
     assert backend.calls == []
@@ -259,13 +261,13 @@ async def test_authorization_with_surrounding_whitespace_is_refused_by_http2(
 
 @pytest.mark.parametrize("value", ["Bearer\t{t}", "Bearer \t{t}", "Bearer {t}\n", "Bearer\x00{t}"])
 async def test_control_characters_in_authorization_never_reach_the_proxy_via_grpc(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer, value
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer, value
 ):
     """The grpc client refuses them (not printable ASCII); the same bytes sent over raw
     HTTP/2 are covered in test_http2_tricks.py."""
     token = issuer.mint("access", "alice", ttl=300).token
     with pytest.raises(Exception) as caught:
-        await proxy.call(ACCESS, metadata=(("authorization", value.format(t=token)),))
+        await proxy.unary(ACCESS, metadata=(("authorization", value.format(t=token)),))
     assert not isinstance(caught.value, grpc.aio.AioRpcError)  # refused before sending
     assert backend.calls == []
 
@@ -293,7 +295,7 @@ FORGED: tuple[tuple[str, str | bytes], ...] = (
 
 @pytest.mark.parametrize("level", ["public", "2fa", "refresh", "access"])
 async def test_spoofed_identity_headers_never_reach_the_backend(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer, level
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer, level
 ):
     minted = issuer.mint(level, "alice", ttl=300) if level != "public" else None
     report = await proxy.report(
@@ -317,7 +319,7 @@ async def test_spoofed_identity_headers_never_reach_the_backend(
 
 @pytest.mark.parametrize("level", ["2fa", "refresh", "access"])
 async def test_spoofed_identity_headers_on_a_denied_call_reach_nothing(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer, level
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer, level
 ):
     await assert_denied(
         proxy,

@@ -12,8 +12,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from authproxy.keys.issuer import SigningKey
-from tests.conftest import Keys, Running
+from tests.conftest import Keys
 from tests.echo_backend import EchoBackend
+from tests.running_proxy import RunningProxy
 from tests.security.attack_support import (
     Case,
     assert_denied,
@@ -26,7 +27,9 @@ from tests.security.jws import Raw, b64url, claims, craft, pairs, signed
 
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
-async def test_alg_none_in_every_spelling(proxy: Running, backend: EchoBackend, keys: Keys, alg):
+async def test_alg_none_in_every_spelling(
+    proxy: RunningProxy, backend: EchoBackend, keys: Keys, alg
+):
     cases = []
     for kid_label, header in (
         ("no-kid", {"alg": alg}),
@@ -50,7 +53,7 @@ async def test_alg_none_in_every_spelling(proxy: Running, backend: EchoBackend, 
 
 
 async def test_alg_lookalikes_are_not_none_and_not_accepted(
-    proxy: Running, backend: EchoBackend, keys: Keys
+    proxy: RunningProxy, backend: EchoBackend, keys: Keys
 ):
     kid = keys.es256.kid
     sig = b64url(b"x" * 64)
@@ -105,7 +108,7 @@ def _public_key_as_bytes(sk: SigningKey) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("target", ["rs256", "es256"])
 async def test_hmac_signed_with_the_public_key(
-    proxy: Running, backend: EchoBackend, keys: Keys, target
+    proxy: RunningProxy, backend: EchoBackend, keys: Keys, target
 ):
     """The classic HS256-with-the-RSA-public-key attack: the key named by kid never accepts
     HS*; without a kid only the real HMAC key is tried, and the forged MAC does not match."""
@@ -145,7 +148,7 @@ async def url_recorder() -> AsyncIterator[dict[str, Any]]:
 
 
 async def test_keys_and_key_urls_in_the_header_are_ignored(
-    proxy: Running, backend: EchoBackend, keys: Keys, url_recorder
+    proxy: RunningProxy, backend: EchoBackend, keys: Keys, url_recorder
 ):
     a = attacker()
     url = url_recorder["url"]
@@ -177,7 +180,7 @@ async def test_keys_and_key_urls_in_the_header_are_ignored(
 # --- kid tricks ------------------------------------------------------------------------------
 
 
-async def test_kid_tricks(proxy: Running, backend: EchoBackend, keys: Keys):
+async def test_kid_tricks(proxy: RunningProxy, backend: EchoBackend, keys: Keys):
     a = attacker()
     payload = claims()
     cases = [
@@ -234,7 +237,7 @@ async def test_kid_tricks(proxy: Running, backend: EchoBackend, keys: Keys):
 
 
 async def test_duplicate_members_in_header_and_payload(
-    proxy: Running, backend: EchoBackend, keys: Keys
+    proxy: RunningProxy, backend: EchoBackend, keys: Keys
 ):
     es = keys.es256
     kid = es.kid
@@ -292,7 +295,9 @@ async def test_duplicate_members_in_header_and_payload(
 # --- numeric claims ------------------------------------------------------------------------
 
 
-async def test_time_claims_must_be_finite_numbers(proxy: Running, backend: EchoBackend, keys: Keys):
+async def test_time_claims_must_be_finite_numbers(
+    proxy: RunningProxy, backend: EchoBackend, keys: Keys
+):
     es = keys.es256
     cases = [
         Case("exp-string", "INVALID_CLAIM", signed(es, pairs(exp="9999999999"))),
@@ -318,7 +323,7 @@ async def test_time_claims_must_be_finite_numbers(proxy: Running, backend: EchoB
 
 @pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
 async def test_time_claim_too_big_for_a_float_is_refused(
-    proxy: Running, backend: EchoBackend, keys: Keys, claim
+    proxy: RunningProxy, backend: EchoBackend, keys: Keys, claim
 ):
     """A 400-digit integer is valid JSON and a Python int, but not a float: INVALID_CLAIM.
     (At commit abcd4e4, `math.isfinite` raised OverflowError in proxy/keys/verify.py

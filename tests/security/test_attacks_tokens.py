@@ -16,8 +16,9 @@ from authproxy.keys.issuer import TokenIssuer
 from authproxy.keys.keyset import KeySet, load_jwks_file
 from authproxy.keys.verify import TokenVerifier
 from authproxy.policy.loader import parse_policy
-from tests.conftest import TEST_POLICY, Keys, Running, start_sidecar
+from tests.conftest import TEST_POLICY, Keys, start_sidecar
 from tests.echo_backend import EchoBackend
+from tests.running_proxy import RunningProxy
 from tests.security.attack_support import (
     METHODS,
     Case,
@@ -35,7 +36,7 @@ TOKEN_LEVELS = ("2fa", "refresh", "access")
 @pytest.mark.parametrize("presented", TOKEN_LEVELS)
 @pytest.mark.parametrize("required", TOKEN_LEVELS)
 async def test_token_type_matrix(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer, presented, required
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer, presented, required
 ):
     token = issuer.mint(presented, "alice", ttl=300).token
     if presented == required:
@@ -48,7 +49,7 @@ async def test_token_type_matrix(
 
 @pytest.mark.parametrize("level", TOKEN_LEVELS)
 async def test_right_type_with_wrong_claims(
-    proxy: Running, backend: EchoBackend, keys: Keys, issuer: TokenIssuer, level
+    proxy: RunningProxy, backend: EchoBackend, keys: Keys, issuer: TokenIssuer, level
 ):
     now = int(time.time())
     sk = level_key(keys, level)
@@ -98,7 +99,7 @@ async def test_right_type_with_wrong_claims(
 
 
 async def test_refresh_tokens_only_from_the_refresh_key(
-    proxy: Running, backend: EchoBackend, keys: Keys
+    proxy: RunningProxy, backend: EchoBackend, keys: Keys
 ):
     """The policy restricts refresh tokens to kid `refresh-hmac`: a perfectly formed refresh
     token signed by the (valid, configured) access or 2FA key is refused."""
@@ -127,7 +128,7 @@ async def test_refresh_tokens_only_from_the_refresh_key(
     await assert_allowed(proxy, signed(keys.refresh, claims("refresh")), refresh)
 
 
-async def test_type_confusion(proxy: Running, backend: EchoBackend, keys: Keys):
+async def test_type_confusion(proxy: RunningProxy, backend: EchoBackend, keys: Keys):
     """`typ` in the header means nothing to the level check; `type` must be exactly the
     level's string."""
     ref, es = keys.refresh, keys.es256
@@ -167,7 +168,7 @@ async def test_type_confusion(proxy: Running, backend: EchoBackend, keys: Keys):
 
 
 async def test_signature_stripping_and_substitution(
-    proxy: Running, backend: EchoBackend, keys: Keys, issuer: TokenIssuer
+    proxy: RunningProxy, backend: EchoBackend, keys: Keys, issuer: TokenIssuer
 ):
     token = issuer.mint("access", "alice", ttl=300).token
     other = issuer.mint("access", "alice", ttl=300).token  # same key, other jti
@@ -219,8 +220,7 @@ async def test_cached_token_is_refused_after_expiry_through_the_proxy(
         backend.calls.clear()
         await assert_denied(running, backend, [Case("expired", "TOKEN_EXPIRED", minted.token)])
     finally:
-        await running.channel.close()
-        await running.sidecar.stop(0)
+        await running.stop()
 
 
 class ManualClock:

@@ -16,8 +16,9 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from authproxy.keys.issuer import TokenIssuer
-from tests.conftest import Running
 from tests.echo_backend import EchoBackend
+from tests.helpers_tokens import bearer_value, minted
+from tests.running_proxy import RunningProxy
 from tests.security.h2client import H2Response, grpc_request_headers, h2_call
 
 ACCESS = "/test.Access/Report"
@@ -30,10 +31,6 @@ def malformed(response: H2Response) -> bool:
     """The HTTP/2 engine refused a malformed request (RFC 9113 8.1.1): RST_STREAM
     PROTOCOL_ERROR, before anything decided on it."""
     return response.reset_code == PROTOCOL_ERROR and response.grpc_status is None
-
-
-def bearer(token: str) -> bytes:
-    return f"Bearer {token}".encode()
 
 
 def reason_of(response: H2Response) -> str | None:
@@ -51,7 +48,7 @@ def reason_of(response: H2Response) -> str | None:
 
 
 async def send(
-    running: Running, extra: list[tuple[bytes, bytes]], path: str = ACCESS
+    running: RunningProxy, extra: list[tuple[bytes, bytes]], path: str = ACCESS
 ) -> H2Response:
     port = running.sidecar.port
     return await h2_call(port, grpc_request_headers(port, path) + extra, timeout=5.0)
@@ -67,11 +64,11 @@ def subjects_seen(backend: EchoBackend) -> list[str | bytes]:
 
 
 async def test_harness_valid_token_over_raw_http2(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer
 ):
     """The hand-built request works: the call succeeds and carries the verified subject."""
     token = issuer.mint("access", "alice", ttl=300).token
-    response = await send(proxy, [(b"authorization", bearer(token))])
+    response = await send(proxy, [(b"authorization", bearer_value(token).encode())])
     assert response.grpc_status == OK, response
     assert response.data[:1] == b"\x00"  # one uncompressed gRPC message
     report = json.loads(response.data[5:])
@@ -82,7 +79,7 @@ async def test_harness_valid_token_over_raw_http2(
 @pytest.mark.parametrize("name", [b"X-Auth-Subject", b"X-AUTH-SUBJECT", b"x-Auth-subject"])
 @pytest.mark.parametrize("path", [ACCESS, PUBLIC], ids=["access", "public"])
 async def test_uppercase_identity_header_never_reaches_the_backend(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer, name: bytes, path: str
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer, name: bytes, path: str
 ):
     """HTTP/2 field names are lower case (RFC 9113 8.2.1): the engine resets the stream
     (PROTOCOL_ERROR) before anything decides. Were it let through, the backend would see
@@ -90,7 +87,7 @@ async def test_uppercase_identity_header_never_reaches_the_backend(
     token = issuer.mint("access", "alice", ttl=300).token
     extra = [(name, b"root"), (b"X-Auth-Roles", b"admin")]
     if path == ACCESS:
-        extra.append((b"authorization", bearer(token)))
+        extra.append((b"authorization", bearer_value(token).encode()))
     response = await send(proxy, extra, path)
     assert malformed(response) or response.grpc_status == OK, response
     if path == PUBLIC:
@@ -104,24 +101,28 @@ async def test_uppercase_identity_header_never_reaches_the_backend(
 
 @pytest.mark.parametrize("path", [ACCESS, PUBLIC], ids=["access", "public"])
 async def test_identity_header_repeated_fifty_times(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer, path: str
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer, path: str
 ):
     token = issuer.mint("access", "alice", ttl=300).token
     extra = [(b"x-auth-subject", f"root{i}".encode()) for i in range(50)]
     if path == ACCESS:
-        extra.append((b"authorization", bearer(token)))
+        extra.append((b"authorization", bearer_value(token).encode()))
     response = await send(proxy, extra, path)
     assert response.grpc_status == OK, response
     assert subjects_seen(backend) == (["alice"] if path == ACCESS else [])
 
 
 async def test_two_authorization_headers_with_different_tokens(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer
 ):
     alice = issuer.mint("access", "alice", ttl=300).token
     bob = issuer.mint("access", "bob", ttl=300).token
     response = await send(
-        proxy, [(b"authorization", bearer(alice)), (b"authorization", bearer(bob))]
+        proxy,
+        [
+            (b"authorization", bearer_value(alice).encode()),
+            (b"authorization", bearer_value(bob).encode()),
+        ],
     )
     assert (response.grpc_status, reason_of(response)) == (UNAUTHENTICATED, "TOKEN_AMBIGUOUS")
     assert backend.calls == []
@@ -143,11 +144,11 @@ async def test_two_authorization_headers_with_different_tokens(
     ],
 )
 async def test_uppercase_authorization_never_lets_a_bad_or_second_token_through(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer, fields
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer, fields
 ):
     tokens = {
-        b"valid": bearer(issuer.mint("access", "alice", ttl=300).token),
-        b"other": bearer(issuer.mint("access", "bob", ttl=300).token),
+        b"valid": bearer_value(minted(issuer)).encode(),
+        b"other": bearer_value(minted(issuer, "bob")).encode(),
         b"invalid": b"Bearer x.y.z",
     }
     response = await send(proxy, [(name, tokens[value]) for name, value in fields])
@@ -160,12 +161,12 @@ async def test_uppercase_authorization_never_lets_a_bad_or_second_token_through(
 
 
 async def test_uppercase_authorization_alone_with_a_valid_token(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer
 ):
     """RFC 9113 makes the request malformed; the HTTP/2 engine resets the stream. Never OK
     with a forged or missing identity."""
     token = issuer.mint("access", "alice", ttl=300).token
-    response = await send(proxy, [(b"Authorization", bearer(token))])
+    response = await send(proxy, [(b"Authorization", bearer_value(token).encode())])
     assert malformed(response) or response.grpc_status == OK, response
     assert set(subjects_seen(backend)) <= {"alice"}
     assert len(backend.calls) <= 1
@@ -183,7 +184,7 @@ async def test_uppercase_authorization_alone_with_a_valid_token(
     ids=["obs-fold", "obs-fold-tab", "trailing-nul", "nul-before-token", "nul-inside"],
 )
 async def test_control_characters_in_authorization_are_refused(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer, value: bytes
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer, value: bytes
 ):
     token = issuer.mint("access", "alice", ttl=300).token
     response = await send(proxy, [(b"authorization", value.replace(b"{t}", token.encode()))])
@@ -199,7 +200,7 @@ async def test_control_characters_in_authorization_are_refused(
     ids=["trailing-crlf", "leading-crlf"],
 )
 async def test_line_breaks_around_the_authorization_value_are_refused(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer, value: bytes
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer, value: bytes
 ):
     """RFC 9113 8.2.1: a field value with CR, LF or NUL makes the request malformed, and
     RFC 6750 allows only spaces between scheme and token. Expected: TOKEN_MALFORMED (or
@@ -226,7 +227,7 @@ async def test_line_breaks_around_the_authorization_value_are_refused(
     ids=["obs-fold", "nul", "lf-injection", "non-ascii", "public-nul"],
 )
 async def test_illegal_bytes_in_other_headers_end_the_call_and_never_reach_the_backend(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer, path: str, value: bytes
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer, path: str, value: bytes
 ):
     """An allowed call (access with a valid token, or public with none) whose other
     metadata holds bytes gRPC does not allow in a text value (printable ASCII only). The
@@ -239,7 +240,7 @@ async def test_illegal_bytes_in_other_headers_end_the_call_and_never_reach_the_b
     token = issuer.mint("access", "alice", ttl=300).token
     extra = [(b"x-custom", value)]
     if path == ACCESS:
-        extra.append((b"authorization", bearer(token)))
+        extra.append((b"authorization", bearer_value(token).encode()))
     port = proxy.sidecar.port
     try:
         response = await h2_call(port, grpc_request_headers(port, path) + extra, timeout=1.5)
@@ -252,7 +253,7 @@ async def test_illegal_bytes_in_other_headers_end_the_call_and_never_reach_the_b
 
 
 async def test_tab_after_the_scheme_is_malformed(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer
 ):
     token = issuer.mint("access", "alice", ttl=300).token
     for value in (b"Bearer\t" + token.encode(), b"Bearer \t" + token.encode()):
@@ -275,7 +276,7 @@ async def test_tab_after_the_scheme_is_malformed(
     ],
 )
 async def test_path_tricks_never_borrow_a_public_rule(
-    proxy: Running, backend: EchoBackend, path: str, status: int, reason: str
+    proxy: RunningProxy, backend: EchoBackend, path: str, status: int, reason: str
 ):
     response = await send(proxy, [], path)
     assert (response.grpc_status, reason_of(response)) == (status, reason), response

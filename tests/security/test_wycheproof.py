@@ -40,8 +40,10 @@ from authproxy.keys.keyset import (
     key_from_jwk,
 )
 from authproxy.keys.verify import TokenVerifier
-from tests.conftest import Keys, descriptor_set, error_info, start_sidecar
+from tests.conftest import Keys, descriptor_set, start_sidecar
 from tests.echo_backend import EchoBackend
+from tests.helpers_tokens import bearer
+from tests.running_proxy import error_info
 
 DATA = (
     Path(__file__).resolve().parent.parent / "data" / "wycheproof" / "json_web_signature_test.json"
@@ -345,9 +347,9 @@ async def test_must_reject_vectors_through_the_proxy(
                     expected = denied.reason.value
                 if reference.accepted:
                     signature_accepted.add(v.tc_id)
-                md = (("authorization", f"Bearer {v.jws}"),)
+                md = bearer(v.jws)
                 try:
-                    await running.call("/test.Access/Report", metadata=md)
+                    await running.unary("/test.Access/Report", metadata=md)
                     results[v.tc_id] = ("OK", None, expected)
                 except grpc.aio.AioRpcError as error:
                     info = error_info(error)
@@ -371,12 +373,11 @@ async def test_must_reject_vectors_through_the_proxy(
                     probe.signature(v.jws)
                 assert probe.accepted, v
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
-                    await running.call("/test.Access/Report", token=v.jws)
+                    await running.unary("/test.Access/Report", token=v.jws)
                 assert error_info(caught.value).reason == "TOKEN_MALFORMED"
                 control_count += 1
         finally:
-            await running.channel.close()
-            await running.sidecar.stop(0)
+            await running.stop()
 
     assert len(results) == MUST_REJECT_COUNT
     illegal = {v.tc_id for v in all_vectors() if not v.valid and not header_value_is_legal(v.jws)}

@@ -25,10 +25,12 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from authproxy.keys.issuer import TokenIssuer
-from tests.conftest import TEST_POLICY, Keys, Running, descriptor_set, start_sidecar
+from tests.conftest import TEST_POLICY, Keys, descriptor_set, start_sidecar
 from tests.echo_backend import EchoBackend, big_message, start_echo_backend
 from tests.h2_streams import ResettingBackend
+from tests.helpers_tokens import bearer, minted
 from tests.operations_support import serve_process
+from tests.running_proxy import RunningProxy
 from tests.security.h2client import grpc_request_headers, h2_call
 
 MiB = 1024 * 1024
@@ -36,10 +38,6 @@ BIG_CHANNEL = [
     ("grpc.max_receive_message_length", 64 * MiB),
     ("grpc.max_send_message_length", 64 * MiB),
 ]
-
-
-def bearer(issuer: TokenIssuer, subject: str = "alice") -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {issuer.mint('access', subject, ttl=300).token}"),)
 
 
 def rss_bytes(pid: int | str = "self") -> int:
@@ -51,13 +49,12 @@ def rss_bytes(pid: int | str = "self") -> int:
 
 
 @pytest.fixture
-async def sidecar(tmp_path: Path, backend: EchoBackend, keys: Keys) -> AsyncIterator[Running]:
+async def sidecar(tmp_path: Path, backend: EchoBackend, keys: Keys) -> AsyncIterator[RunningProxy]:
     """One sidecar in front of the echo backend (for methods the test protoset does not
     name, which both of the `proxy` fixture's variants would relay alike)."""
     running = await start_sidecar(tmp_path, backend.port, keys)
     yield running
-    await running.channel.close()
-    await running.sidecar.stop(0)
+    await running.stop()
 
 
 # --- flow control: a slow reader ------------------------------------------------------------
@@ -122,16 +119,18 @@ async def test_a_slow_reader_holds_the_backend_back_and_the_proxy_buffers_little
 # --- big messages and the size limit ------------------------------------------------------
 
 
-async def test_ten_mib_messages_both_ways(proxy: Running, issuer: TokenIssuer):
+async def test_ten_mib_messages_both_ways(proxy: RunningProxy, issuer: TokenIssuer):
     """A 10 MiB request and its 10 MiB echo (unary), then three 10 MiB messages each way
     on one bidi stream, each echoed before the next is sent."""
     payload = bytes(range(256)) * (10 * MiB // 256)
-    response, _ = await proxy.call(
-        "/test.Access/Echo", payload, token=None, metadata=bearer(issuer)
+    response, _ = await proxy.unary(
+        "/test.Access/Echo", payload, token=None, metadata=bearer(minted(issuer))
     )
     assert response == payload
 
-    chat = proxy.channel.stream_stream("/test.Access/Chat")(metadata=bearer(issuer), timeout=60)
+    chat = proxy.channel.stream_stream("/test.Access/Chat")(
+        metadata=bearer(minted(issuer)), timeout=60
+    )
     for n in range(3):
         message = bytes([n]) * 7 + payload[7:]
         await chat.write(message)
@@ -147,7 +146,7 @@ LIMIT = 1 * MiB
 @pytest.fixture(params=["unary-path", "stream-path"])
 async def limited(
     request, tmp_path: Path, backend: EchoBackend, keys: Keys
-) -> AsyncIterator[Running]:
+) -> AsyncIterator[RunningProxy]:
     """A sidecar whose `max_message_bytes` is LIMIT (the backend and client allow 64 MiB)."""
     sets = (
         [str(descriptor_set(tmp_path / "echo.protoset"))] if request.param == "unary-path" else []
@@ -156,8 +155,7 @@ async def limited(
         tmp_path, backend.port, keys, max_message_bytes=LIMIT, descriptor_sets=sets
     )
     yield running
-    await running.channel.close()
-    await running.sidecar.stop(0)
+    await running.stop()
 
 
 async def _code_of(awaitable) -> grpc.StatusCode:
@@ -168,7 +166,7 @@ async def _code_of(awaitable) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-async def test_a_request_over_the_message_limit_is_resource_exhausted(limited: Running):
+async def test_a_request_over_the_message_limit_is_resource_exhausted(limited: RunningProxy):
     """Unary and on a stream: a request message of exactly `max_message_bytes` passes, one
     byte more ends the call RESOURCE_EXHAUSTED; the proxy serves on afterwards."""
     echo = limited.channel.unary_unary("/test.Public/Echo")
@@ -187,7 +185,7 @@ async def test_a_request_over_the_message_limit_is_resource_exhausted(limited: R
     assert await echo(b"after", timeout=30) == b"after"
 
 
-async def test_a_response_over_the_message_limit_is_resource_exhausted(limited: Running):
+async def test_a_response_over_the_message_limit_is_resource_exhausted(limited: RunningProxy):
     """The backend answers a small request with a message of exactly `max_message_bytes`
     (passes) or one byte more (the client gets RESOURCE_EXHAUSTED, not the message); on a
     server stream, the messages before the big one arrive first."""
@@ -218,7 +216,7 @@ async def test_a_thousand_concurrent_streams_on_one_connection(
     only once all 1,000 are there, so a relay that holds some back never finishes them.
     All end OK."""
     running = await start_sidecar(tmp_path, backend.port, keys, max_concurrent_streams=1000)
-    md = bearer(issuer)
+    md = bearer(minted(issuer))
     request = json.dumps({"n": 1000}).encode()
     try:
         public = running.channel.unary_unary("/test.Public/Barrier")
@@ -234,8 +232,7 @@ async def test_a_thousand_concurrent_streams_on_one_connection(
 
         results = Counter(await asyncio.gather(*(call(n) for n in range(1000))))
     finally:
-        await running.channel.close()
-        await running.sidecar.stop(0)
+        await running.stop()
     arrived = backend.barrier_arrived
     assert results == {b"ok": 1000}, f"{results}; {arrived} calls reached the backend"
     assert arrived == 1000
@@ -251,7 +248,7 @@ async def test_a_burst_of_two_thousand_mixed_calls_each_gets_its_own_answer(
     CANCELLED, none is dropped, no answer goes to another call."""
     running = await start_sidecar(tmp_path, backend.port, keys)
     subjects = ("alice", "bob", "carol")
-    tokens = {s: bearer(issuer, s) for s in subjects}
+    tokens = {s: bearer(minted(issuer, s)) for s in subjects}
     target = f"127.0.0.1:{running.sidecar.port}"
     channels = [
         grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
@@ -294,8 +291,7 @@ async def test_a_burst_of_two_thousand_mixed_calls_each_gets_its_own_answer(
     finally:
         for channel in channels:
             await channel.close()
-        await running.channel.close()
-        await running.sidecar.stop(0)
+        await running.stop()
     assert outcomes == {"ok": 2000}, outcomes
 
 
@@ -303,12 +299,12 @@ async def test_a_burst_of_two_thousand_mixed_calls_each_gets_its_own_answer(
 
 
 async def test_a_client_cancelling_a_stream_cancels_the_backend_stream(
-    sidecar: Running, backend: EchoBackend, issuer: TokenIssuer
+    sidecar: RunningProxy, backend: EchoBackend, issuer: TokenIssuer
 ):
     """A bidi stream that has relayed a message and then waits: the client cancels, and
     the backend's handler is cancelled."""
     call = sidecar.channel.stream_stream("/test.Access/HangStream")(
-        metadata=bearer(issuer), timeout=60
+        metadata=bearer(minted(issuer)), timeout=60
     )
     assert await call.read() == b"first"
     await asyncio.wait_for(backend.stream_started.wait(), 10)
@@ -318,13 +314,13 @@ async def test_a_client_cancelling_a_stream_cancels_the_backend_stream(
 
 
 async def test_a_backend_abort_mid_stream_reaches_the_client_after_its_messages(
-    proxy: Running, issuer: TokenIssuer
+    proxy: RunningProxy, issuer: TokenIssuer
 ):
     """The backend sends three messages, then ends the stream DATA_LOSS with a message and
     trailers (text and -bin): the client gets the three messages, then exactly that."""
     request = json.dumps({"messages": 3, "code": "DATA_LOSS", "message": "disk gone"}).encode()
     call = proxy.channel.unary_stream("/test.Access/AbortStream")(
-        request, metadata=bearer(issuer), timeout=30
+        request, metadata=bearer(minted(issuer)), timeout=30
     )
     received = []
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -357,15 +353,14 @@ async def test_a_backend_resetting_a_stream_ends_the_client_call_unavailable(
             assert received in ([], [b"first"])
         assert raw.requests == 2
     finally:
-        await running.channel.close()
-        await running.sidecar.stop(0)
+        await running.stop()
         await raw.stop()
 
 
 # --- deadlines ----------------------------------------------------------------------------
 
 
-async def test_the_deadline_reaches_the_backend_and_never_grows(proxy: Running):
+async def test_the_deadline_reaches_the_backend_and_never_grows(proxy: RunningProxy):
     """A request with `grpc-timeout: 10S` (exactly; the raw client does not round): the
     backend's call has a deadline, at most 10 s away and not much less."""
     port = proxy.sidecar.port
@@ -377,23 +372,23 @@ async def test_the_deadline_reaches_the_backend_and_never_grows(proxy: Running):
 
 
 async def test_an_expired_deadline_ends_the_call_and_cancels_the_backend_call(
-    proxy: Running, backend: EchoBackend, issuer: TokenIssuer
+    proxy: RunningProxy, backend: EchoBackend, issuer: TokenIssuer
 ):
     """A call the backend never answers, with a 1 s deadline: the client gets
     DEADLINE_EXCEEDED and the backend's handler is cancelled."""
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await proxy.call("/test.Access/Hang", metadata=bearer(issuer), timeout=1.0)
+        await proxy.unary("/test.Access/Hang", metadata=bearer(minted(issuer)), timeout=1.0)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 15
     await asyncio.wait_for(backend.cancelled.wait(), 10)
 
 
 async def test_an_expired_deadline_on_a_stream_cancels_the_backend_stream(
-    sidecar: Running, backend: EchoBackend, issuer: TokenIssuer
+    sidecar: RunningProxy, backend: EchoBackend, issuer: TokenIssuer
 ):
     call = sidecar.channel.stream_stream("/test.Access/HangStream")(
-        metadata=bearer(issuer), timeout=2.0
+        metadata=bearer(minted(issuer)), timeout=2.0
     )
     assert await call.read() == b"first"
     assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -401,7 +396,7 @@ async def test_an_expired_deadline_on_a_stream_cancels_the_backend_stream(
 
 
 async def test_a_deadline_the_client_does_not_enforce_is_enforced_behind_it(
-    proxy: Running, backend: EchoBackend
+    proxy: RunningProxy, backend: EchoBackend
 ):
     """A raw client sends `grpc-timeout: 1S` and then just waits: the call still ends with
     grpc-status DEADLINE_EXCEEDED (4), and the backend's handler is cancelled."""
@@ -427,7 +422,7 @@ async def test_a_backend_stopping_gracefully_lets_the_open_stream_finish_then_a_
     port = first.port
     running = await start_sidecar(tmp_path, port, keys)
     second: EchoBackend | None = None
-    md = bearer(issuer)
+    md = bearer(minted(issuer))
     try:
         chat = running.channel.stream_stream("/test.Access/Chat")(metadata=md, timeout=120)
         await chat.write(b"before")
@@ -437,7 +432,7 @@ async def test_a_backend_stopping_gracefully_lets_the_open_stream_finish_then_a_
         # The backend takes no new calls now: wait until one through the proxy fails.
         async with asyncio.timeout(30):
             while True:
-                code = await _code_of(running.call("/test.Public/Report", timeout=5))
+                code = await _code_of(running.unary("/test.Public/Report", timeout=5))
                 if code != grpc.StatusCode.OK:
                     break
                 await asyncio.sleep(0.05)
@@ -463,8 +458,7 @@ async def test_a_backend_stopping_gracefully_lets_the_open_stream_finish_then_a_
         assert report["md"]["x-auth-subject"] == ["alice"]
         assert [m for m, _ in second.calls][-1] == "/test.Access/Report"
     finally:
-        await running.channel.close()
-        await running.sidecar.stop(0)
+        await running.stop()
         await first.server.stop(None)
         if second is not None:
             await second.server.stop(None)
@@ -492,24 +486,26 @@ def _as_report(pairs) -> list[list[str]]:
     return [[k, v if isinstance(v, str) else "bin:" + v.hex()] for k, v in pairs]
 
 
-async def test_request_metadata_reaches_the_backend_byte_exact(proxy: Running, issuer: TokenIssuer):
+async def test_request_metadata_reaches_the_backend_byte_exact(
+    proxy: RunningProxy, issuer: TokenIssuer
+):
     """Text values (every printable character, 4,000 characters, repeated keys in order)
     and -bin values (every byte value, padding, zeros, repeated) reach the backend exactly
     as sent, in order."""
     report = await proxy.report(
-        "/test.Access/Report", metadata=(*bearer(issuer), *REQUEST_METADATA)
+        "/test.Access/Report", metadata=(*bearer(minted(issuer)), *REQUEST_METADATA)
     )
     seen = [pair for pair in report["metadata"] if pair[0].startswith("x-m-")]
     assert seen == _as_report(REQUEST_METADATA)
 
 
 async def test_response_headers_and_trailers_reach_the_client_byte_exact(
-    sidecar: Running, issuer: TokenIssuer
+    sidecar: RunningProxy, issuer: TokenIssuer
 ):
     """The backend sends the same pairs back as response headers and as trailers: the
     client reads them exactly, in order, text and -bin."""
-    response, call = await sidecar.call(
-        "/test.Access/Mirror", b"mirror", metadata=(*bearer(issuer), *REQUEST_METADATA)
+    response, call = await sidecar.unary(
+        "/test.Access/Mirror", b"mirror", metadata=(*bearer(minted(issuer)), *REQUEST_METADATA)
     )
     assert response == b"mirror"
     headers = [(k, v) for k, v in await call.initial_metadata() if k.startswith("x-m-")]
@@ -522,14 +518,14 @@ async def test_response_headers_and_trailers_reach_the_client_byte_exact(
     "message", ["no such record", "100% unicode: grüße, ☃, 雪\nsecond line\t%41"]
 )
 async def test_status_message_and_details_from_the_backend_survive_byte_exact(
-    proxy: Running, issuer: TokenIssuer, message: str
+    proxy: RunningProxy, issuer: TokenIssuer, message: str
 ):
     """A backend's error: the client gets its code, its message (percent-encoded on the
     wire: non-ASCII, `%` and control characters come back as they were), the
     `grpc-status-details-bin` bytes exactly, and its header and trailers."""
     request = json.dumps({"code": "FAILED_PRECONDITION", "message": message}).encode()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await proxy.call("/test.Access/Fail", request, metadata=bearer(issuer))
+        await proxy.unary("/test.Access/Fail", request, metadata=bearer(minted(issuer)))
     error = caught.value
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error.details() == message
@@ -545,16 +541,18 @@ async def test_status_message_and_details_from_the_backend_survive_byte_exact(
     assert ("x-fail-header", "h") in tuple(error.initial_metadata())
 
 
-async def test_gzip_responses_and_gzip_requests_of_every_kind(proxy: Running, issuer: TokenIssuer):
+async def test_gzip_responses_and_gzip_requests_of_every_kind(
+    proxy: RunningProxy, issuer: TokenIssuer
+):
     """The backend compresses its response (gzip); the client compresses its requests
     (unary, client streaming, bidi); both sides get the exact bytes."""
-    md = bearer(issuer)
+    md = bearer(minted(issuer))
     payload = b"compress me, " * 100_000  # 1.3 MB, compresses well
-    response, _ = await proxy.call("/test.Access/Compressed", payload, metadata=md)
+    response, _ = await proxy.unary("/test.Access/Compressed", payload, metadata=md)
     assert response == payload
 
     gzip = grpc.Compression.Gzip
-    response, _ = await proxy.call("/test.Access/Echo", payload, metadata=md, compression=gzip)
+    response, _ = await proxy.unary("/test.Access/Echo", payload, metadata=md, compression=gzip)
     assert response == payload
 
     async def messages():
@@ -582,7 +580,7 @@ GRPC_JS = Path(__file__).parents[1] / "data" / "grpc-js"
 
 
 async def test_an_independent_grpc_js_client_gets_faithful_service(
-    sidecar: Running, backend: EchoBackend, issuer: TokenIssuer
+    sidecar: RunningProxy, backend: EchoBackend, issuer: TokenIssuer
 ):
     """grpc-js (Node), not grpc core: a 3 MiB unary echo with the backend's headers and
     trailers (-bin too), request metadata byte for byte, a server stream, a bidi stream,

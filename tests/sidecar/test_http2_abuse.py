@@ -25,7 +25,7 @@ from hyperframe.frame import (
 )
 
 from authproxy.runtime.serve import ServeConfig
-from tests.conftest import Keys, Running, start_sidecar
+from tests.conftest import Keys, start_sidecar
 from tests.echo_backend import EchoBackend
 from tests.h2_streams import (
     ENABLE_PUSH,
@@ -38,6 +38,7 @@ from tests.h2_streams import (
     parse_frames,
     read_to_eof,
 )
+from tests.running_proxy import RunningProxy
 from tests.security.h2client import grpc_frame
 
 MiB = 1024 * 1024
@@ -55,11 +56,10 @@ def rss_bytes() -> int:
 
 
 @pytest.fixture
-async def sidecar(tmp_path: Path, backend: EchoBackend, keys: Keys) -> AsyncIterator[Running]:
+async def sidecar(tmp_path: Path, backend: EchoBackend, keys: Keys) -> AsyncIterator[RunningProxy]:
     running = await start_sidecar(tmp_path, backend.port, keys)
     yield running
-    await running.channel.close()
-    await running.sidecar.stop(0)
+    await running.stop()
 
 
 async def fresh_connection_serves(port: int, backend: EchoBackend) -> None:
@@ -113,8 +113,7 @@ async def test_streams_beyond_the_limit_are_refused_and_the_connection_goes_on(
         assert calls_to(backend, "/test.Public/Held") == 10
     finally:
         await conn.close()
-        await running.channel.close()
-        await running.sidecar.stop(0)
+        await running.stop()
 
 
 # --- rapid reset ------------------------------------------------------------------------------
@@ -123,7 +122,7 @@ RESETS = 5000
 
 
 async def test_rapid_reset_neither_reaches_the_backend_nor_stops_the_proxy(
-    sidecar: Running, backend: EchoBackend
+    sidecar: RunningProxy, backend: EchoBackend
 ):
     """5,000 complete requests, each reset (RST_STREAM CANCEL) right after it is sent, as
     fast as the socket takes them (CVE-2023-44487). The proxy may GOAWAY the connection
@@ -157,7 +156,7 @@ async def test_rapid_reset_neither_reaches_the_backend_nor_stops_the_proxy(
 
 
 async def test_a_one_mib_header_list_is_refused_and_the_proxy_serves_on(
-    sidecar: Running, backend: EchoBackend
+    sidecar: RunningProxy, backend: EchoBackend
 ):
     """A request whose header block is 1 MiB (1,100 fields of 1,000 bytes, in HEADERS plus
     CONTINUATION frames): the stream is refused (reset or an error status) or the
@@ -187,7 +186,7 @@ CONTINUATIONS = 4096  # 64 MiB of header block, if the proxy reads it all
 
 
 async def test_an_endless_continuation_flood_is_cut_off_without_growing(
-    sidecar: Running, backend: EchoBackend
+    sidecar: RunningProxy, backend: EchoBackend
 ):
     """HEADERS without END_HEADERS, then CONTINUATION frames of 16 KiB, up to 64 MiB: the
     proxy closes the connection or reads on without keeping the block (this process grows
@@ -233,7 +232,7 @@ BATCH = 10_000
 
 @pytest.mark.parametrize("kind", ["ping", "settings"])
 async def test_a_flood_of_frames_that_need_an_ack_is_bounded(
-    sidecar: Running, backend: EchoBackend, kind: str
+    sidecar: RunningProxy, backend: EchoBackend, kind: str
 ):
     """Two million PINGs (or SETTINGS), each asking for an ACK, written without reading a
     single ACK: the proxy stops reading, closes the connection or keeps up, but never
@@ -289,8 +288,7 @@ async def test_a_connection_that_never_sends_the_preface_is_closed(
             writer.close()
         await fresh_connection_serves(running.sidecar.port, backend)
     finally:
-        await running.channel.close()
-        await running.sidecar.stop(0)
+        await running.stop()
 
 
 HTTP1 = {
@@ -326,5 +324,4 @@ async def test_an_http1_request_gets_a_clean_error_or_a_close(
         assert backend.calls == []
         await fresh_connection_serves(running.sidecar.port, backend)
     finally:
-        await running.channel.close()
-        await running.sidecar.stop(0)
+        await running.stop()

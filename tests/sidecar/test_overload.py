@@ -17,17 +17,15 @@ import pytest
 from authproxy.cli.main import build_parser
 from authproxy.cli.serve import serve_config
 from authproxy.keys.issuer import TokenIssuer
-from tests.conftest import TEST_POLICY, Keys, Running, start_sidecar
+from tests.conftest import TEST_POLICY, Keys, start_sidecar
 from tests.echo_backend import EchoBackend
 from tests.h2_streams import MAX_CONCURRENT_STREAMS, PROTOCOL_ERROR, REFUSED_STREAM, RawConnection
+from tests.helpers_tokens import bearer, bearer_value, minted
 from tests.operations_support import serve_process
+from tests.running_proxy import RunningProxy
 
 OK, CANCELLED, UNAVAILABLE = 0, 1, 14
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
-
-
-def bearer(issuer: TokenIssuer) -> tuple[bytes, bytes]:
-    return b"authorization", f"Bearer {issuer.mint('access', 'alice', ttl=300).token}".encode()
 
 
 async def test_a_burst_of_concurrent_calls_ends_ok_or_retryable_never_cancelled(
@@ -39,7 +37,7 @@ async def test_a_burst_of_concurrent_calls_ends_ok_or_retryable_never_cancelled(
     application, and every one above 3,000)."""
     running = await start_sidecar(tmp_path, backend.port, keys)
     token = issuer.mint("access", "alice", ttl=300).token
-    md = (("authorization", f"Bearer {token}"),)
+    md = bearer(token)
     target = f"127.0.0.1:{running.sidecar.port}"
     # One connection per channel (a shared subchannel pool would put all on one).
     channels = [
@@ -62,8 +60,7 @@ async def test_a_burst_of_concurrent_calls_ends_ok_or_retryable_never_cancelled(
     finally:
         for channel in channels:
             await channel.close()
-        await running.channel.close()
-        await running.sidecar.stop(0)
+        await running.stop()
     assert codes[grpc.StatusCode.CANCELLED] == 0, codes
     assert codes[grpc.StatusCode.OK] > 0 and set(codes) <= {grpc.StatusCode.OK, *RETRYABLE}, codes
 
@@ -97,8 +94,7 @@ async def test_the_listener_advertises_its_stream_limit_and_refuses_streams_beyo
     finally:
         await conn.close()
         await rude.close()
-        await running.channel.close()
-        await running.sidecar.stop(0)
+        await running.stop()
 
 
 async def test_the_default_stream_limit_is_100(tmp_path: Path, backend: EchoBackend, keys: Keys):
@@ -108,8 +104,7 @@ async def test_the_default_stream_limit_is_100(tmp_path: Path, backend: EchoBack
         assert conn.settings.get(MAX_CONCURRENT_STREAMS) == 100
     finally:
         await conn.close()
-        await running.channel.close()
-        await running.sidecar.stop(0)
+        await running.stop()
 
 
 def test_the_stream_limit_flag_and_its_environment_variable(monkeypatch):
@@ -126,14 +121,14 @@ def test_the_stream_limit_flag_and_its_environment_variable(monkeypatch):
 
 
 async def test_a_call_the_backend_side_cancels_reaches_the_client_as_unavailable(
-    proxy: Running, issuer: TokenIssuer
+    proxy: RunningProxy, issuer: TokenIssuer
 ):
     """The client did not cancel: the backend (or its grpc core, under load or stopping)
     did. The client gets a status it retries, naming the upstream."""
     token = issuer.mint("access", "alice", ttl=300).token
     request = json.dumps({"code": "CANCELLED", "message": "dropped by the backend"}).encode()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await proxy.call("/test.Access/Fail", request, token=token)
+        await proxy.unary("/test.Access/Fail", request, token=token)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     details = caught.value.details()
     assert "cancelled the call" in details and "dropped by the backend" in details
@@ -154,7 +149,12 @@ async def test_calls_racing_sigterm_are_answered_never_cancelled(
         conn = await RawConnection.open(port)
         try:
             assert conn.settings.get(MAX_CONCURRENT_STREAMS) == 500  # the flag reaches it
-            ids = [conn.call("/test.Access/Echo", [bearer(issuer)]) for _ in range(500)]
+            ids = [
+                conn.call(
+                    "/test.Access/Echo", [(b"authorization", bearer_value(minted(issuer)).encode())]
+                )
+                for _ in range(500)
+            ]
             await conn.ping()
             served.signal(signal.SIGTERM)
             await conn.read_until(lambda: all(conn.streams[i].done for i in ids), 60)

@@ -20,10 +20,12 @@ import pytest
 
 from authproxy.decide.reasons import Reason
 from authproxy.keys.issuer import TokenIssuer
-from tests.conftest import TEST_POLICY, Keys, descriptor_set, error_info
+from tests.conftest import TEST_POLICY, Keys, descriptor_set
 from tests.echo_backend import EchoBackend
+from tests.helpers_tokens import bearer
 from tests.redis_server import RedisServer, redis_server, redis_url  # noqa: F401
-from tests.state.test_state_shared import admin, running_node
+from tests.running_proxy import error_info
+from tests.state.test_state_shared import admin, revocations_url, running_node
 
 CHAT = "/test.Access/Chat"
 COUNT = "/test.Access/Count"
@@ -42,7 +44,7 @@ class Chat:
     """One open bidi stream through the proxy: say something, hear it back."""
 
     def __init__(self, channel: grpc.aio.Channel, method: str, token: str | None) -> None:
-        md = (("authorization", f"Bearer {token}"),) if token else ()
+        md = bearer(token) if token else ()
         self.call = channel.stream_stream(method)(metadata=md, timeout=30)
 
     async def roundtrip(self, text: bytes = b"hi") -> bytes:
@@ -91,7 +93,7 @@ async def test_a_server_stream_ends_when_its_token_expires(
     """A long server-streaming call is cut at expiry too (the backend streams slowly)."""
     async with running_node(tmp_path, keys, backend, "a", POLICY) as node:
         token = issuer.mint("access", "alice", ttl=1)
-        md = (("authorization", f"Bearer {token.token}"),)
+        md = bearer(token.token)
         call = node.channel.unary_stream(COUNT)(b'{"n": 100000000}', metadata=md, timeout=30)
         received = 0
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -126,7 +128,9 @@ async def test_revoking_the_token_ends_its_open_stream_and_only_that_one(
         assert await chat.roundtrip() == b"echo:hi"
         assert await other.roundtrip() == b"echo:hi"
 
-        status, _, _ = await admin(node.admin_url, body={"jti": revoked.jti, "exp": revoked.exp})
+        status, _, _ = await admin(
+            revocations_url(node), body={"jti": revoked.jti, "exp": revoked.exp}
+        )
         assert status == 201
         code, reason, _ = await chat.ended(within=5)
         assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, Reason.TOKEN_REVOKED)
@@ -198,7 +202,7 @@ async def test_a_unary_call_in_flight_is_not_cut_by_a_revocation(
     kinds = [str(descriptor_set(tmp_path / "echo.protoset"))]
     async with running_node(tmp_path, keys, backend, "a", POLICY, descriptor_sets=kinds) as node:
         token = issuer.mint("access", "alice", ttl=300)
-        md = (("authorization", f"Bearer {token.token}"),)
+        md = bearer(token.token)
         call = node.channel.unary_unary("/test.Access/Hang")(b"{}", metadata=md, timeout=30)
         await asyncio.wait_for(backend.hang_started.wait(), 10)
         assert len(node.proxy.sidecar.guard) == 0
@@ -215,7 +219,7 @@ async def test_a_call_of_unknown_kind_is_watched_like_a_stream(
     ended like one when its token is revoked."""
     async with running_node(tmp_path, keys, backend, "a", POLICY) as node:
         token = issuer.mint("access", "alice", ttl=300)
-        md = (("authorization", f"Bearer {token.token}"),)
+        md = bearer(token.token)
         call = node.channel.unary_unary("/test.Access/Hang")(b"{}", metadata=md, timeout=30)
         await asyncio.wait_for(backend.hang_started.wait(), 10)
         assert len(node.proxy.sidecar.guard) == 1
@@ -237,7 +241,7 @@ async def test_a_call_of_unknown_kind_revoked_while_awaiting_its_answer_still_ge
         # A grace no busy machine exceeds: what is proven is what passes within it.
         node.proxy.sidecar.guard.answer_grace = 60.0
         token = issuer.mint("access", "alice", ttl=300)
-        md = (("authorization", f"Bearer {token.token}"),)
+        md = bearer(token.token)
         call = node.channel.unary_unary("/test.Access/Held")(b"{}", metadata=md, timeout=30)
         await asyncio.wait_for(backend.held.wait(), 10)
         await node.proxy.state.revoke_token(token.jti, token.exp)
@@ -259,7 +263,7 @@ async def test_a_stream_revoked_while_awaiting_its_answer_gets_one_message_at_mo
         # A grace no busy machine exceeds: what is proven is what passes within it.
         node.proxy.sidecar.guard.answer_grace = 60.0
         token = issuer.mint("access", "alice", ttl=300)
-        md = (("authorization", f"Bearer {token.token}"),)
+        md = bearer(token.token)
         call = node.channel.unary_stream("/test.Access/HeldCount")(b"{}", metadata=md, timeout=30)
         await asyncio.wait_for(backend.held.wait(), 10)
         await node.proxy.state.revoke_token(token.jti, token.exp)
@@ -292,7 +296,7 @@ async def test_a_revocation_on_one_replica_ends_a_stream_on_another_within_1s(
         chat = Chat(b.channel, CHAT, token.token)
         assert await chat.roundtrip() == b"echo:hi"
         started = time.time()
-        status, _, _ = await admin(a.admin_url, body={"jti": token.jti, "exp": token.exp})
+        status, _, _ = await admin(revocations_url(a), body={"jti": token.jti, "exp": token.exp})
         assert status == 201
         code, reason, when = await chat.ended(within=5)
         assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, Reason.TOKEN_REVOKED)
@@ -327,7 +331,7 @@ async def test_streams_ended_mid_send_all_get_their_status(
     the path, it does not force the race every time.)"""
     async with running_node(tmp_path, keys, backend, "a", POLICY) as node:
         minted = issuer.mint("access", "carol", ttl=300)
-        md = (("authorization", f"Bearer {minted.token}"),)
+        md = bearer(minted.token)
         calls = [
             node.channel.unary_stream(COUNT)(b'{"n": 100000000}', metadata=md, timeout=20)
             for _ in range(24)
@@ -347,7 +351,9 @@ async def test_streams_ended_mid_send_all_get_their_status(
         # Nobody reads: flow control stops each relay inside a send to its client. The
         # guard ends the streams there.
         await asyncio.sleep(0.3)
-        status, _, _ = await admin(node.admin_url, body={"sub": "carol", "before": time.time() + 1})
+        status, _, _ = await admin(
+            revocations_url(node), body={"sub": "carol", "before": time.time() + 1}
+        )
         assert status == 201
         await asyncio.sleep(0.3)
         results = await asyncio.gather(*(drain(call) for call in calls))

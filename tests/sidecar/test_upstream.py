@@ -29,7 +29,7 @@ async def test_upstream_down_is_unavailable_then_recovers(tmp_path: Path, keys: 
     token = issuer.mint("access", "alice", ttl=300).token
     try:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await running.call("/test.Access/Report", token=token)
+            await running.unary("/test.Access/Report", token=token)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert f"upstream 127.0.0.1:{port} is unavailable" in caught.value.details()
         assert running.sidecar.upstream.errors_total >= 1
@@ -42,8 +42,7 @@ async def test_upstream_down_is_unavailable_then_recovers(tmp_path: Path, keys: 
         finally:
             await backend.server.stop(None)
     finally:
-        await running.channel.close()
-        await running.sidecar.stop(0)
+        await running.stop()
 
 
 async def test_method_kinds_learned_from_upstream_reflection(tmp_path: Path, keys: Keys):
@@ -64,6 +63,5 @@ async def test_method_kinds_learned_from_upstream_reflection(tmp_path: Path, key
             Kind.BIDI_STREAMING
         )
     finally:
-        await running.channel.close()
-        await running.sidecar.stop(0)
+        await running.stop()
         await server.stop(None)

@@ -18,7 +18,7 @@ from authproxy.keys.issuer import TokenIssuer
 from tests.conftest import TEST_POLICY, Keys
 from tests.echo_backend import EchoBackend
 from tests.redis_server import redis_server, redis_url  # noqa: F401
-from tests.state.test_state_shared import OK, REUSED, mint, running_node
+from tests.state.test_state_shared import OK, REUSED, running_node
 
 RATE_LIMITED = (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
 NO_ROLE = (grpc.StatusCode.PERMISSION_DENIED, "INSUFFICIENT_ROLE")
@@ -63,8 +63,8 @@ async def test_a_refused_call_does_not_spend_a_single_use_token(
 ):
     async with running_node(tmp_path, keys, backend, "a", POLICY, redis=state_url) as node:
         if refused == RATE_LIMITED:  # use up the subject's one call an hour
-            assert await node.call(method, mint(issuer, "refresh", "ivan").token) == OK
-        retried = mint(issuer, "refresh", "ivan")
+            assert await node.call(method, issuer.mint("refresh", "ivan", ttl=300).token) == OK
+        retried = issuer.mint("refresh", "ivan", ttl=300)
         assert await node.call(method, retried.token) == refused
         assert await node.call(method, retried.token) == refused  # not REFRESH_REUSED
         assert not await node.proxy.state.used(retried.claims["jti"])
@@ -80,10 +80,13 @@ async def test_a_replay_is_refused_before_the_rate_limit_counts_it(
     """Rate limits count only calls that would otherwise be allowed: two replays of a spent
     token leave the second of the subject's two calls an hour to a fresh token."""
     async with running_node(tmp_path, keys, backend, "a", POLICY, redis=state_url) as node:
-        first = mint(issuer, "refresh", "judy").token
+        first = issuer.mint("refresh", "judy", ttl=300).token
         assert await node.call("/test.SpendQuiet/Echo", first) == OK
         assert await node.call("/test.SpendQuiet/Echo", first) == REUSED
         assert await node.call("/test.SpendQuiet/Echo", first) == REUSED
-        assert await node.call("/test.SpendQuiet/Echo", mint(issuer, "refresh", "judy").token) == OK
-        third = mint(issuer, "refresh", "judy").token
+        assert (
+            await node.call("/test.SpendQuiet/Echo", issuer.mint("refresh", "judy", ttl=300).token)
+            == OK
+        )
+        third = issuer.mint("refresh", "judy", ttl=300).token
         assert await node.call("/test.SpendQuiet/Echo", third) == RATE_LIMITED

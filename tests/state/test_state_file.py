@@ -23,11 +23,12 @@ import grpc
 import pytest
 
 from authproxy.keys.issuer import TokenIssuer
-from authproxy.runtime.serve import AuthProxy
 from authproxy.state.file import FileState
 from authproxy.state.store import EXPIRY_GRACE, StateUnavailable
-from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY, Keys, config_for, error_info
+from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY, Keys, config_for
 from tests.echo_backend import start_echo_backend
+from tests.helpers_tokens import bearer
+from tests.running_proxy import error_info, running_proxy
 from tests.state.test_state_shared import SINGLE_USE_POLICY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,7 +73,7 @@ async def serve_process(
 async def call(port: int, method: str, token: str) -> str:
     """OK, or the deny reason."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        md = (("authorization", f"Bearer {token}"),)
+        md = bearer(token)
         try:
             await channel.unary_unary(method)(b"{}", metadata=md, timeout=10)
         except grpc.aio.AioRpcError as e:
@@ -210,7 +211,6 @@ async def test_a_warning_says_revocations_are_lost_on_restart(
     cfg = config_for(tmp_path, keys, policy, ext_authz_grpc="127.0.0.1:0", admin=admin)
     if state_file:
         cfg.state_file = str(tmp_path / "state.json")
-    proxy = AuthProxy(cfg)
-    await proxy.start()  # said at start, once every configuration check passed
-    await proxy.stop(0)
+    async with running_proxy(cfg):  # said at start, once every configuration check passed
+        pass
     assert (VOLATILE in caplog.text) is warned, caplog.text

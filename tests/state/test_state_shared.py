@@ -15,7 +15,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +23,18 @@ import grpc
 import jwt
 import pytest
 
-from authproxy.keys.issuer import MintedToken, TokenIssuer
+from authproxy.keys.issuer import TokenIssuer
 from authproxy.runtime.serve import AuthProxy, ConfigError
 from authproxy.state.store import EXPIRY_GRACE
 from tests.conftest import (
     REFRESH_SECRET,
     TEST_POLICY,
-    ExtAuthz,
     Keys,
     config_for,
     descriptor_set,
-    error_info,
-    start_ext_authz,
 )
 from tests.echo_backend import EchoBackend
-from tests.ext_authz_support import check_path, metadata, outcome
+from tests.ext_authz_support import check_path, metadata, outcome, running_ext_authz
 from tests.operations_support import poll
 from tests.redis_server import (  # noqa: F401
     PATIENT_CONFIG,
@@ -47,6 +43,7 @@ from tests.redis_server import (  # noqa: F401
     redis_server,
     redis_url,
 )
+from tests.running_proxy import RunningProxy, running_proxy
 
 ACCESS = "/test.Access/Echo"
 PUBLIC = "/test.Public/Echo"
@@ -77,27 +74,9 @@ ADMIN_SECRET = "admin-secret-0123456789"
 # --- running proxies ----------------------------------------------------------------------
 
 
-@dataclass
-class Node:
-    """One AuthProxy: the sidecar in front of the echo backend, plus its admin API."""
-
-    proxy: AuthProxy
-    channel: grpc.aio.Channel
-
-    @property
-    def admin_url(self) -> str:
-        assert self.proxy.admin is not None
-        return f"http://127.0.0.1:{self.proxy.admin.port}/v1/revocations"
-
-    async def call(self, method: str, token: str | None = None) -> tuple[grpc.StatusCode, Any]:
-        """(status code, ErrorInfo reason) of one unary call; (OK, None) when it passed."""
-        md = (("authorization", f"Bearer {token}"),) if token else ()
-        try:
-            await self.channel.unary_unary(method)(b"{}", metadata=md, timeout=10)
-        except grpc.aio.AioRpcError as e:
-            info = error_info(e)
-            return e.code(), info.reason if info is not None else None
-        return OK
+def revocations_url(node: RunningProxy) -> str:
+    """The admin API's revocation list."""
+    return f"{node.admin_base}/v1/revocations"
 
 
 @asynccontextmanager
@@ -108,7 +87,9 @@ async def running_node(
     name: str,
     policy: str = TEST_POLICY,
     **fields: Any,
-) -> AsyncIterator[Node]:
+) -> AsyncIterator[RunningProxy]:
+    """One whole proxy named `name` (its own directory): the sidecar in front of the echo
+    backend, plus its admin API."""
     directory = tmp_path / name
     directory.mkdir()
     cfg = config_for(
@@ -121,27 +102,8 @@ async def running_node(
         admin="127.0.0.1:0",
         **fields,
     )
-    proxy = AuthProxy(cfg)
-    await proxy.start()
-    assert proxy.sidecar is not None
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{proxy.sidecar.port}")
-    try:
-        yield Node(proxy, channel)
-    finally:
-        await channel.close()
-        await finish_closing(proxy.stop(0), proxy.state, f"proxy {name}")
-
-
-@asynccontextmanager
-async def running_ext_authz(
-    tmp_path: Path, keys: Keys, **overrides: Any
-) -> AsyncIterator[ExtAuthz]:
-    running = await start_ext_authz(tmp_path, keys, **overrides)
-    try:
-        yield running
-    finally:
-        await running.channel.close()
-        await finish_closing(running.proxy.stop(0), running.proxy.state, "ext_authz proxy")
+    async with running_proxy(cfg) as node:
+        yield node
 
 
 async def admin(
@@ -158,10 +120,6 @@ async def admin(
         session.request(method, url, json=body, data=data, headers=headers) as response,
     ):
         return response.status, dict(response.headers), await response.json(content_type=None)
-
-
-def mint(issuer: TokenIssuer, level: str, sub: str) -> MintedToken:
-    return issuer.mint(level, sub, ttl=300)
 
 
 async def wait_for_next_second(moment: float) -> None:
@@ -187,14 +145,14 @@ async def test_a_revoked_token_stays_refused_after_its_exp_within_the_leeway(
         token = issuer.mint("access", "alice", ttl=1)
         late = issuer.mint("access", "alice", ttl=1)
         assert await node.call(ACCESS, token.token) == OK
-        status, _, _ = await admin(node.admin_url, body={"jti": token.jti, "exp": token.exp})
+        status, _, _ = await admin(revocations_url(node), body={"jti": token.jti, "exp": token.exp})
         assert status == 201
         while time.time() < token.exp + 1:
             await asyncio.sleep(0.1)
         assert await node.call(ACCESS, late.token) == OK  # expired, within the leeway
         assert await node.call(ACCESS, token.token) == REVOKED
         # A token that expired a moment ago can still be revoked (it is still accepted).
-        status, _, _ = await admin(node.admin_url, body={"jti": late.jti, "exp": late.exp})
+        status, _, _ = await admin(revocations_url(node), body={"jti": late.jti, "exp": late.exp})
         assert status == 201
         assert await node.call(ACCESS, late.token) == REVOKED
 
@@ -210,15 +168,15 @@ async def test_a_revocation_through_one_proxy_is_enforced_by_the_other_within_1s
         running_node(tmp_path, keys, backend, "a", redis=redis_url) as a,
         running_node(tmp_path, keys, backend, "b", redis=redis_url) as b,
     ):
-        token = mint(issuer, "access", "alice")
-        other = mint(issuer, "access", "alice")  # same subject, another jti
+        token = issuer.mint("access", "alice", ttl=300)
+        other = issuer.mint("access", "alice", ttl=300)  # same subject, another jti
         for node in (a, b):
             assert await node.call(ACCESS, token.token) == OK
             assert await node.call(ACCESS, token.token) == OK  # now from the verified cache
             assert node.proxy.authorizer.verifier.cache_hits >= 1
 
         start = time.monotonic()
-        status, _, body = await admin(a.admin_url, body={"jti": token.jti, "exp": token.exp})
+        status, _, body = await admin(revocations_url(a), body={"jti": token.jti, "exp": token.exp})
         posted = time.monotonic() - start
         assert status == 201, body
         assert body == {"revoked": {"jti": token.jti, "exp": token.exp}}
@@ -253,12 +211,12 @@ async def test_a_subject_revocation_covers_older_tokens_only(
         running_node(tmp_path, keys, backend, "a", redis=redis_url) as a,
         running_node(tmp_path, keys, backend, "b", redis=redis_url) as b,
     ):
-        old = mint(issuer, "access", "carol")
-        bystander = mint(issuer, "access", "dave")
+        old = issuer.mint("access", "carol", ttl=300)
+        bystander = issuer.mint("access", "dave", ttl=300)
         assert await b.call(ACCESS, old.token) == OK
 
         before = time.time()
-        status, _, body = await admin(a.admin_url, body={"sub": "carol", "before": before})
+        status, _, body = await admin(revocations_url(a), body={"sub": "carol", "before": before})
         assert status == 201, body
         result, elapsed = await poll(lambda: b.call(ACCESS, old.token), lambda r: r != OK, 3.0)
         assert result == REVOKED
@@ -266,7 +224,7 @@ async def test_a_subject_revocation_covers_older_tokens_only(
         assert await a.call(ACCESS, old.token) == REVOKED
 
         await wait_for_next_second(before)
-        new = mint(issuer, "access", "carol")
+        new = issuer.mint("access", "carol", ttl=300)
         assert new.claims["iat"] >= before
         for node in (a, b):
             assert await node.call(ACCESS, new.token) == OK  # issued after the cut-off
@@ -285,8 +243,8 @@ async def test_redis_outage_fails_closed_and_recovers_without_restarting_the_pro
     redis_server: RedisServer,  # noqa: F811
 ):
     async with running_node(tmp_path, keys, backend, "a", redis=redis_server.url) as node:
-        access = mint(issuer, "access", "erin").token
-        refresh = mint(issuer, "refresh", "erin").token
+        access = issuer.mint("access", "erin", ttl=300).token
+        refresh = issuer.mint("refresh", "erin", ttl=300).token
         assert await node.call(ACCESS, access) == OK
         assert await node.call(REFRESH, refresh) == OK
         failures = node.proxy.state.failures_total
@@ -324,9 +282,9 @@ async def test_reusing_a_single_use_token_revokes_its_subject(
     tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend, state_url: str | None
 ):
     async with running_node(tmp_path, keys, backend, "a", SINGLE_USE_POLICY, redis=state_url) as n:
-        access = mint(issuer, "access", "frank")
-        refresh = mint(issuer, "refresh", "frank")
-        bystander = mint(issuer, "access", "grace")
+        access = issuer.mint("access", "frank", ttl=300)
+        refresh = issuer.mint("refresh", "frank", ttl=300)
+        bystander = issuer.mint("access", "grace", ttl=300)
         assert await n.call(ACCESS, access.token) == OK
         assert await n.call(REFRESH, refresh.token) == OK
         assert await n.call(REFRESH, refresh.token) == REUSED
@@ -341,15 +299,15 @@ async def test_reuse_without_revoke_on_reuse_leaves_the_subject_alone(
     tmp_path: Path, keys: Keys, issuer: TokenIssuer, backend: EchoBackend, state_url: str | None
 ):
     async with running_node(tmp_path, keys, backend, "a", NO_REVOKE_POLICY, redis=state_url) as n:
-        access = mint(issuer, "access", "frank")
-        refresh = mint(issuer, "refresh", "frank")
+        access = issuer.mint("access", "frank", ttl=300)
+        refresh = issuer.mint("refresh", "frank", ttl=300)
         assert await n.call(REFRESH, refresh.token) == OK
         assert await n.call(REFRESH, refresh.token) == REUSED
         assert await n.call(REFRESH, refresh.token) == REUSED
         assert await n.call(ACCESS, access.token) == OK
         assert await n.proxy.state.revocations() == []
         # Another refresh token of the same subject is still good, once.
-        second = mint(issuer, "refresh", "frank")
+        second = issuer.mint("refresh", "frank", ttl=300)
         assert await n.call(REFRESH, second.token) == OK
 
 
@@ -374,7 +332,7 @@ async def test_exactly_one_of_100_concurrent_presentations_succeeds(
         running_node(tmp_path, keys, backend, "b", SINGLE_USE_POLICY, **node) as b,
     ):
         nodes = [a, b][:count]
-        refresh = mint(issuer, "refresh", "henry").token
+        refresh = issuer.mint("refresh", "henry", ttl=300).token
         results = await asyncio.gather(
             *(nodes[i % count].call(REFRESH, refresh) for i in range(100))
         )
@@ -390,14 +348,9 @@ async def test_exactly_one_of_100_concurrent_presentations_succeeds(
 
 
 @asynccontextmanager
-async def admin_proxy(tmp_path: Path, keys: Keys, **overrides: Any) -> AsyncIterator[ExtAuthz]:
+async def admin_proxy(tmp_path: Path, keys: Keys, **overrides: Any) -> AsyncIterator[RunningProxy]:
     async with running_ext_authz(tmp_path, keys, admin="127.0.0.1:0", **overrides) as running:
         yield running
-
-
-def admin_url(running: ExtAuthz) -> str:
-    assert running.proxy.admin is not None
-    return f"http://127.0.0.1:{running.proxy.admin.port}/v1/revocations"
 
 
 async def test_admin_api_refuses_bad_requests(
@@ -426,7 +379,7 @@ async def test_admin_api_refuses_bad_requests(
         "empty object": {},
     }
     async with admin_proxy(tmp_path, keys, redis=redis_url) as running:
-        url = admin_url(running)
+        url = revocations_url(running)
         for data in bad_json:
             status, headers, body = await admin(url, data=data)
             assert (status, body["reason"]) == (400, "BAD_JSON"), (data, body)
@@ -451,7 +404,7 @@ async def test_admin_api_lists_the_active_revocations(
     exp = math.floor(time.time()) + 600
     before = math.floor(time.time()) - 60
     async with admin_proxy(tmp_path, keys, redis=redis_url, subject_revocation_ttl=3600.0) as r:
-        url = admin_url(r)
+        url = revocations_url(r)
         status, _, body = await admin(url, body={"jti": "jti-1", "exp": exp})
         assert (status, body) == (201, {"revoked": {"jti": "jti-1", "exp": exp}})
         status, _, body = await admin(url, body={"sub": "ivan", "before": before})
@@ -475,7 +428,7 @@ async def test_admin_api_with_a_bearer_token(
     future = math.floor(time.time()) + 600
     revocation = {"jti": "jti-1", "exp": future}
     async with admin_proxy(tmp_path, keys, admin_token_env=ADMIN_ENV) as running:
-        url = admin_url(running)
+        url = revocations_url(running)
         for authorization in (
             None,
             "Bearer wrong-secret-0123456789",
@@ -518,7 +471,7 @@ async def test_admin_api_answers_503_while_redis_is_down(
 ):
     future = math.floor(time.time()) + 600
     async with admin_proxy(tmp_path, keys, redis=redis_server.url) as running:
-        url = admin_url(running)
+        url = revocations_url(running)
         assert (await admin(url, body={"jti": "before-outage", "exp": future}))[0] == 201
         redis_server.kill()
         for method, body in (
@@ -534,7 +487,7 @@ async def test_admin_api_answers_503_while_redis_is_down(
 # --- the Envoy ext_authz path ---------------------------------------------------------------
 
 
-async def http_check(running: ExtAuthz, path: str, token: str | None) -> tuple[int, str | None]:
+async def http_check(running: RunningProxy, path: str, token: str | None) -> tuple[int, str | None]:
     headers = {"authorization": f"Bearer {token}"} if token else {}
     async with (
         aiohttp.ClientSession() as session,
@@ -552,13 +505,13 @@ async def test_ext_authz_refuses_revoked_tokens_and_fails_closed_without_redis(
     redis_server: RedisServer,  # noqa: F811
 ):
     async with admin_proxy(tmp_path, keys, redis=redis_server.url) as running:
-        revoked = mint(issuer, "access", "kim")
-        good = mint(issuer, "access", "kim")
+        revoked = issuer.mint("access", "kim", ttl=300)
+        good = issuer.mint("access", "kim", ttl=300)
         response = await check_path(running, ACCESS, token=revoked.token)
         assert outcome(response) == "ALLOW"
         assert await http_check(running, ACCESS, revoked.token) == (200, None)
 
-        url = admin_url(running)
+        url = revocations_url(running)
         status, _, _ = await admin(url, body={"jti": revoked.jti, "exp": revoked.exp})
         assert status == 201
         response = await check_path(running, ACCESS, token=revoked.token)
