@@ -12,18 +12,14 @@ never loaded.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import aiohttp
-
 from authproxy.decide.reasons import Denied, Reason
 from authproxy.keys.keyset import KeySet, VerificationKey
-from authproxy.keys.sources import KeyFile, KeySource, RemoteJwks
+from authproxy.keys.sources import KeyFetcher, KeyFile, KeySource, RemoteJwks
 from authproxy.runtime.file_watch import FileWatch
 
 log = logging.getLogger("authproxy.keys")
@@ -33,24 +29,21 @@ class KeyRing:
     def __init__(
         self,
         sources: Sequence[KeySource],
-        ssl_context: ssl.SSLContext | None = None,
+        fetcher: KeyFetcher | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """Raises `KeyLoadError` when the configured keys clash (one issuer, one kid twice)."""
+        """`fetcher` is the HTTP client the remote sources fetch with (closed with the
+        ring). Raises `KeyLoadError` when the configured keys clash (one issuer, one kid
+        twice)."""
         self.sources = list(sources)
         self.remote = [s for s in self.sources if isinstance(s, RemoteJwks)]
         self.files = [s for s in self.sources if isinstance(s, KeyFile)]
-        self.ssl_context = ssl_context
+        self.fetcher = fetcher
         self.clock = clock
         self.current = KeySet(self._usable())  # strict at start: a clash is a config error
-        self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._watch = FileWatch([f.path for f in self.files], self._files_changed, "key files")
         self._retire_timer: asyncio.TimerHandle | None = None
-        for source in self.sources:
-            source.on_change = self.rebuild
-        for remote in self.remote:
-            remote.session = self.session
 
     # --- the set -----------------------------------------------------------------------
 
@@ -138,21 +131,14 @@ class KeyRing:
         self._tasks.clear()
         if self._retire_timer is not None:
             self._retire_timer.cancel()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def session(self) -> aiohttp.ClientSession:
-        """The HTTP client for remote sets (one connection pool, made on first use)."""
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(ssl=self.ssl_context or True, limit=8)
-            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
-        return self._session
+        if self.fetcher is not None:
+            await self.fetcher.close()
 
     async def _follow(self, source: RemoteJwks) -> None:
         while True:
             await source.wait_due()  # follows unknown-kid fetches made meanwhile
-            await source.fetch("scheduled")
+            if await source.fetch("scheduled"):
+                self.rebuild()
 
     async def _files_changed(self, why: str) -> None:
         changed = False
@@ -170,8 +156,9 @@ class KeyRing:
         candidates = [s for s in self.remote if s.issuer in (None, claimed_issuer)]
         if not candidates:
             return False
-        results = await asyncio.gather(*(s.refetch_unknown() for s in candidates))
-        if any(results):
+        # Shielded: the set is rebuilt after a fetch that changed it even when the call
+        # that asked goes away meanwhile.
+        if await asyncio.shield(self._refetch(candidates)):
             return True
         missing = [s for s in candidates if not s.loaded]
         if missing:
@@ -183,12 +170,8 @@ class KeyRing:
             )
         return False
 
-
-def ssl_context_for(ca_file: str | None) -> ssl.SSLContext | None:
-    """The TLS context for fetching keys: the system roots, or only `ca_file`'s CAs."""
-    if ca_file is None:
-        return None
-    context = ssl.create_default_context(cafile=ca_file)
-    with contextlib.suppress(AttributeError):
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
+    async def _refetch(self, candidates: Sequence[RemoteJwks]) -> bool:
+        results = await asyncio.gather(*(s.refetch_unknown() for s in candidates))
+        if any(results):
+            self.rebuild()
+        return any(results)

@@ -25,6 +25,7 @@ import hashlib
 import logging
 import random
 import re
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +66,37 @@ class FetchError(Exception):
     """A fetch that produced no usable key set; the message says why."""
 
 
+class KeyFetcher:
+    """The HTTP client every remote key set fetches with: one connection pool (made on
+    first use, which needs a running event loop), TLS verified against the system roots
+    or only `ssl_context`'s CAs. Built with the sources; the `KeyRing` closes it."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.ssl_context = ssl_context
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(ssl=self.ssl_context or True, limit=8)
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def ssl_context_for(ca_file: str | None) -> ssl.SSLContext | None:
+    """The TLS context for fetching keys: the system roots, or only `ca_file`'s CAs."""
+    if ca_file is None:
+        return None
+    context = ssl.create_default_context(cafile=ca_file)
+    with contextlib.suppress(AttributeError):
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 class KeySource:
     """One origin of keys. `keys` is the last good set; `results` counts loads."""
 
@@ -76,8 +108,6 @@ class KeySource:
         self.loaded_at: float | None = None
         self.last_error: str | None = None
         self.results: dict[str, int] = {}
-        #: Called after the keys changed (set by the `KeyRing`).
-        self.on_change: Callable[[], None] = lambda: None
 
     def _count(self, result: str) -> None:
         self.results[result] = self.results.get(result, 0) + 1
@@ -145,13 +175,13 @@ class RemoteJwks(KeySource):
         url: str,
         issuer: str | None,
         settings: FetchSettings,
+        fetcher: KeyFetcher,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(url, issuer)
         self.url = url
         self.settings = settings
-        #: The HTTP client to fetch with, set by the `KeyRing` (one pool for every set).
-        self.session: Callable[[], aiohttp.ClientSession] | None = None
+        self.fetcher = fetcher
         self.clock = clock
         self._digest = b""
         self._fresh_until = 0.0  # clock(): when the cached set should be fetched again
@@ -241,7 +271,6 @@ class RemoteJwks(KeySource):
             f"; added {', '.join(sorted(new - old))}" if new - old else "",
             f"; removed {', '.join(sorted(old - new))}" if old - new and old else "",
         )
-        self.on_change()
         return True
 
     def _succeeded(self, max_age: float | None) -> None:
@@ -281,8 +310,7 @@ class RemoteJwks(KeySource):
         """The body of a 200 answer and its max-age; FetchError otherwise."""
         limit = self.settings.max_bytes
         try:
-            assert self.session is not None, "a KeyRing supplies the session"
-            async with self.session().get(
+            async with self.fetcher.session().get(
                 url,
                 allow_redirects=False,
                 headers={"accept": "application/json, application/jwk-set+json"},
@@ -314,9 +342,10 @@ class OidcJwks(RemoteJwks):
         self,
         issuer: str,
         settings: FetchSettings,
+        fetcher: KeyFetcher,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(discovery_url(issuer), issuer, settings, clock)
+        super().__init__(discovery_url(issuer), issuer, settings, fetcher, clock)
         self._jwks_uri: str | None = None
 
     async def jwks_url(self) -> str:

@@ -11,14 +11,16 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from authproxy.keys.keyset import KeyLoadError, split_kid
-from authproxy.keys.ring import KeyRing, ssl_context_for
+from authproxy.keys.ring import KeyRing
 from authproxy.keys.sources import (
     FetchSettings,
+    KeyFetcher,
     KeyFile,
     KeySource,
     OidcJwks,
     RemoteJwks,
     SecretKeys,
+    ssl_context_for,
 )
 from authproxy.policy.loader import PolicyError, parse_policy, read_policy_file
 from authproxy.policy.model import Policy
@@ -103,14 +105,14 @@ def load_keys(cfg: ServeConfig) -> KeyRing:
     sets are fetched once it is). ConfigError for a bad file, URL or secret."""
     sources: list[KeySource] = []
     try:
-        context = ssl_context_for(cfg.jwks_ca)
+        fetcher = KeyFetcher(ssl_context_for(cfg.jwks_ca))
     except (OSError, ssl.SSLError) as e:
         raise ConfigError(f"--jwks-ca {cfg.jwks_ca}: cannot load CA certificates: {e}") from None
 
     def source(location: str, issuer: str | None) -> KeySource:
         if location.startswith(("https://", "http://")):
             check_url("--jwks", location)
-            return RemoteJwks(location, issuer, cfg.jwks_fetch)
+            return RemoteJwks(location, issuer, cfg.jwks_fetch, fetcher)
         return KeyFile(location, issuer)
 
     try:
@@ -122,14 +124,14 @@ def load_keys(cfg: ServeConfig) -> KeyRing:
             sources.append(source(location, issuer))
         for issuer in cfg.oidc_issuers:
             check_url("--oidc-issuer", issuer)
-            sources.append(OidcJwks(issuer, cfg.jwks_fetch))
+            sources.append(OidcJwks(issuer, cfg.jwks_fetch, fetcher))
         for spec in cfg.public_keys:
             kid, path = split_kid(spec)
             sources.append(KeyFile(path, pem=True, pem_kid=kid))
         for spec in cfg.hmac_secret_envs:
             kid, env = split_kid(spec)
             sources.append(SecretKeys(env, kid))
-        return KeyRing(sources, context)
+        return KeyRing(sources, fetcher)
     except KeyLoadError as e:
         raise ConfigError(str(e)) from None
 
