@@ -109,22 +109,10 @@ async def reflect_backend(address: str, timeout: float = 5.0) -> MethodCatalog:
     channel = grpc.aio.insecure_channel(address)
     try:
         await catalog.add_from_reflection(channel, timeout)
-    except TimeoutError:
-        raise CatalogError(
-            f"backend {address}: no answer from server reflection within {timeout:g}s"
-        ) from None
-    except grpc.aio.AioRpcError as e:
-        if e.code() == grpc.StatusCode.UNIMPLEMENTED:
-            problem = "does not serve gRPC server reflection (grpc.reflection.v1alpha)"
-        elif e.code() == grpc.StatusCode.UNAVAILABLE:
-            problem = f"is unreachable: {_one_line(e.details())}"
-        else:
-            problem = f"answered reflection with {e.code().name}: {_one_line(e.details())}"
-        raise CatalogError(f"backend {address} {problem}") from None
-    except CatalogError as e:
-        raise CatalogError(f"backend {address}: {e}") from None
-    except Exception as e:  # a broken reflection stream: still one clear line
-        raise CatalogError(f"backend {address}: reflection failed: {_one_line(repr(e))}") from None
+    except Exception as e:  # whatever went wrong: one line naming the address
+        silent, problem = reflection_problem(e, timeout)
+        outcome = "not answering" if silent else "failed"
+        raise CatalogError(f"backend {address}: reflection {outcome} ({problem})") from None
     finally:
         await channel.close()
     return catalog
@@ -133,10 +121,17 @@ async def reflect_backend(address: str, timeout: float = 5.0) -> MethodCatalog:
 def reflection_problem(e: BaseException, timeout: float) -> tuple[bool, str]:
     """Why a reflection attempt failed, as one line (`UNAVAILABLE: failed to connect ...`),
     and whether it means the backend is not answering (down, unreachable, silent) rather
-    than answering with an error."""
+    than answering with an error. The one classification: the lint's error and the
+    sidecar's retry log both word it so."""
     if isinstance(e, grpc.aio.AioRpcError):
-        silent = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-        return silent, f"{e.code().name}: {_one_line(e.details())}"
+        code = e.code()
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return (
+                False,
+                "UNIMPLEMENTED: no gRPC server reflection service (grpc.reflection.v1alpha)",
+            )
+        silent = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return silent, f"{code.name}: {_one_line(e.details())}"
     if isinstance(e, TimeoutError):
         return True, f"no answer within {timeout:g}s"
     return False, _one_line(str(e)) or type(e).__name__

@@ -118,7 +118,8 @@ async def test_a_backend_without_reflection_is_one_clear_error(backend: EchoBack
     with pytest.raises(CatalogError) as info:
         await reflect_backend(where)
     assert str(info.value) == (
-        f"backend {where} does not serve gRPC server reflection (grpc.reflection.v1alpha)"
+        f"backend {where}: reflection failed"
+        " (UNIMPLEMENTED: no gRPC server reflection service (grpc.reflection.v1alpha))"
     )
 
 
@@ -129,7 +130,7 @@ async def test_a_silent_backend_times_out_naming_the_address() -> None:
         where = f"127.0.0.1:{listener.getsockname()[1]}"
         with pytest.raises(CatalogError) as info:
             await reflect_backend(where, timeout=0.3)
-    assert str(info.value) == f"backend {where}: no answer from server reflection within 0.3s"
+    assert str(info.value) == f"backend {where}: reflection not answering (no answer within 0.3s)"
 
 
 # --- the lint ----------------------------------------------------------------------------
@@ -261,7 +262,8 @@ def test_cli_unreachable_backend_exits_2_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1
-    assert result.stderr.startswith(f"authproxy: error: backend {where} is unreachable: ")
+    prefix = f"authproxy: error: backend {where}: reflection not answering (UNAVAILABLE: "
+    assert result.stderr.startswith(prefix), result.stderr
 
 
 def test_json_report_has_the_documented_keys(
