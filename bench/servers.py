@@ -103,7 +103,7 @@ async def serve(kind: str, port: int, upstream_target: str | None) -> None:
     if kind == "passthrough":
         assert upstream_target is not None, "passthrough needs --upstream"
         relay = build_passthrough(upstream_target)
-        await relay.listen("127.0.0.1", port)
+        await relay.listen(f"127.0.0.1:{port}")
         await stopping.wait()
         await relay.stop(0)
         return

@@ -104,7 +104,7 @@ async def test_the_passthrough_relays_calls_and_headers_without_deciding():
     backend). Unary and bidi calls are relayed both ways."""
     backend = await start_echo_backend()
     relay = build_passthrough(f"127.0.0.1:{backend.port}")
-    port = await relay.listen("127.0.0.1", 0)
+    port = await relay.listen("127.0.0.1:0")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             sent = (

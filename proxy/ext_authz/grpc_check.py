@@ -29,7 +29,7 @@ from authproxy.decide.pipeline import Authorizer
 from authproxy.ext_authz.answer import Allow, Allows, CheckRequest, Deny, Headers, answer, refuse
 from authproxy.wire.grpc_server import GrpcServer, Method, RpcError, framed
 from authproxy.wire.h2_engine import Limits
-from authproxy.wire.h2_server import PREFACE_TIMEOUT, bind
+from authproxy.wire.h2_server import PREFACE_TIMEOUT
 from authproxy.wire.health_service import HealthService
 
 log = logging.getLogger("authproxy.ext_authz")
@@ -132,8 +132,7 @@ def _options(headers: Headers) -> list[base_pb2.HeaderValueOption]:
 class CheckServer:
     """The ext_authz gRPC listener: Check plus gRPC health (for Envoy's health checks).
 
-    The port is bound when this is built (a port in use is a configuration error before
-    anything starts); `start` listens. `stop(grace)`: health turns NOT_SERVING (Watch
+    `start` binds and listens (OSError when the port cannot be had). `stop(grace)`: health turns NOT_SERVING (Watch
     streams are told), GOAWAY, the checks in flight are answered within `grace`, then
     what is still open ends UNAVAILABLE and the connections close."""
 
@@ -152,8 +151,9 @@ class CheckServer:
         self.health = HealthService()
         methods = {CHECK: self.service.method(), **self.health.methods()}
         self.server = GrpcServer(methods, limits, preface_timeout)
-        self._sockets = bind(listen, reuse_port)
-        self.port: int = self._sockets[0].getsockname()[1]
+        self.address = listen
+        self.reuse_port = reuse_port
+        self.port = 0  # known once started
 
     @property
     def errors_total(self) -> int:
@@ -161,7 +161,7 @@ class CheckServer:
         return self.service.errors_total
 
     async def start(self) -> None:
-        await self.server.serve(self._sockets)
+        self.port = await self.server.listen(self.address, reuse_port=self.reuse_port)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -169,6 +169,3 @@ class CheckServer:
         self.health.enter_graceful_shutdown()
         if self.server.servers:
             await self.server.stop(grace)
-        else:  # never started
-            for sock in self._sockets:
-                sock.close()

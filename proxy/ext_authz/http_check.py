@@ -39,7 +39,7 @@ from authproxy.ext_authz.answer import (
 from authproxy.ext_authz.http_protocol import HttpConnection
 from authproxy.ext_authz.http_reply import SERVER_LINE, Reply
 from authproxy.ext_authz.http_request import HttpLimits
-from authproxy.runtime.http_listener import split_address
+from authproxy.wire.listen import bind
 
 log = logging.getLogger("authproxy.ext_authz")
 
@@ -79,22 +79,24 @@ class CheckHttpServer:
         self.limits = limits or HttpLimits()
         self.errors_total = 0
         self.connections: set[HttpConnection] = set()
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Event | None = None
 
     async def start(self) -> None:
-        host, port = split_address(self.address)
+        """Bind and listen (OSError when the port cannot be had)."""
+        sockets = bind(self.address, self.reuse_port)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._connection,
-            host or None,
-            port,
-            reuse_address=True,
-            reuse_port=self.reuse_port or None,
-            backlog=1024,
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+        try:
+            for sock in sockets:
+                self._servers.append(
+                    await loop.create_server(self._connection, sock=sock, backlog=1024)
+                )
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        self.port = sockets[0].getsockname()[1]
         self._sweep()
 
     async def stop(self, grace: float) -> None:
@@ -103,9 +105,10 @@ class CheckHttpServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        if self._server is None:
+        if not self._servers:
             return
-        self._server.close()
+        for server in self._servers:
+            server.close()
         self._all_closed = asyncio.Event()
         for connection in tuple(self.connections):
             connection.drain()
@@ -114,8 +117,9 @@ class CheckHttpServer:
                 await asyncio.wait_for(self._all_closed.wait(), grace)
         for connection in tuple(self.connections):
             connection.abort()
-        await self._server.wait_closed()
-        self._server = None
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
 
     def _connection(self) -> HttpConnection:
         connection = HttpConnection(self.check, self.limits, self._closed)

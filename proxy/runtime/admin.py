@@ -44,8 +44,8 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 
 from authproxy.keys.jsonstrict import loads_strict
-from authproxy.runtime.http_listener import listen
 from authproxy.state.store import EXPIRY_GRACE, StateStore, StateUnavailable
+from authproxy.wire.listen import bind
 
 log = logging.getLogger("authproxy.admin")
 
@@ -118,7 +118,17 @@ class AdminServer:
         assert known is access, f"{path}: one path, one access class"
 
     async def start(self) -> None:
-        self.port = await listen(self._runner, self.address)
+        """Bind and listen (OSError when the port cannot be had)."""
+        sockets = bind(self.address)
+        try:
+            await self._runner.setup()
+            for sock in sockets:
+                await web.SockSite(self._runner, sock).start()
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        self.port = sockets[0].getsockname()[1]
 
     async def stop(self, grace: float = 0) -> None:
         await self._runner.cleanup()

@@ -128,10 +128,9 @@ def build_admin(cfg: ServeConfig, state: StateStore, ops: Operations) -> AdminSe
 class AuthProxy:
     """The whole process: one authorizer, and each front end the configuration asks for."""
 
-    def __init__(self, cfg: ServeConfig, listen: bool = True) -> None:
-        """`listen=False` leaves out the ext_authz gRPC server, the one listener that binds
-        when it is built (the others bind in `start`): a configuration check, for a proxy
-        that is never started."""
+    def __init__(self, cfg: ServeConfig) -> None:
+        """Builds every part and checks the configuration (ConfigError); nothing listens
+        before `start`, so a proxy that is never started is a configuration check."""
         if not (cfg.upstream or cfg.ext_authz_grpc or cfg.ext_authz_http):
             raise ConfigError(
                 "nothing to serve: give --upstream (the sidecar) and/or --ext-authz-grpc"
@@ -170,18 +169,14 @@ class AuthProxy:
         self.check_grpc: CheckServer | None = None
         self.check_http: CheckHttpServer | None = None
         shared = cfg.workers > 1  # every worker listens on the same ports
-        if cfg.ext_authz_grpc and listen:
-            try:
-                self.check_grpc = CheckServer(self.authorizer, cfg.ext_authz_grpc, shared)
-            except (OSError, RuntimeError, ValueError) as e:
-                reason = e.strerror if isinstance(e, OSError) and e.strerror else e
-                raise ConfigError(f"--ext-authz-grpc {cfg.ext_authz_grpc}: {reason}") from None
+        if cfg.ext_authz_grpc:
+            self.check_grpc = CheckServer(self.authorizer, cfg.ext_authz_grpc, shared)
         if cfg.ext_authz_http:
             try:
                 self.check_http = CheckHttpServer(
                     self.authorizer, cfg.ext_authz_http, cfg.ext_authz_http_path_prefix, shared
                 )
-            except (OSError, RuntimeError, ValueError) as e:
+            except ValueError as e:
                 raise ConfigError(f"--ext-authz-http {cfg.ext_authz_http}: {e}") from None
         for mode, server in (("grpc", self.check_grpc), ("http", self.check_http)):
             if server is not None:
@@ -200,28 +195,33 @@ class AuthProxy:
         await self.keys.start()
         if self.keys.remote:  # a moment for the first fetches; readiness waits for them anyway
             await self.keys.wait_loaded(self.cfg.jwks_fetch.timeout)
-        if self.admin is not None:
-            try:
-                await self.admin.start()
-            except OSError as e:
-                await self.state.close()
-                await self.keys.close()
-                raise ConfigError(f"--admin {self.cfg.admin}: {e}") from None
-            log.info("admin API listening on port %d", self.admin.port)
-        if self.sidecar is not None:
-            await self.sidecar.start()
-        if self.check_grpc is not None:
-            await self.check_grpc.start()
-            log.info("ext_authz gRPC (Check) listening on port %d", self.check_grpc.port)
-        if self.check_http is not None:
-            try:
-                await self.check_http.start()
-            except OSError as e:
-                await self.stop(0)
-                raise ConfigError(f"--ext-authz-http {self.cfg.ext_authz_http}: {e}") from None
-            log.info("ext_authz HTTP listening on port %d", self.check_http.port)
+        try:
+            await self._open_listeners()
+        except ConfigError:
+            await self.stop(0)  # what did open closes again
+            raise
         if self.cfg.watch_policy:
             self.reloader.start()
+
+    async def _open_listeners(self) -> None:
+        """Each listener binds now, in this order; a port it cannot have is a ConfigError
+        naming its flag and address."""
+        cfg = self.cfg
+        listeners = (
+            ("--admin", cfg.admin, self.admin, "admin API"),
+            ("--listen", cfg.listen, self.sidecar, None),  # the sidecar logs its own line
+            ("--ext-authz-grpc", cfg.ext_authz_grpc, self.check_grpc, "ext_authz gRPC (Check)"),
+            ("--ext-authz-http", cfg.ext_authz_http, self.check_http, "ext_authz HTTP"),
+        )
+        for flag, address, listener, what in listeners:
+            if listener is None:
+                continue
+            try:
+                await listener.start()
+            except OSError as e:
+                raise ConfigError(f"{flag} {address}: {e.strerror or e}") from None
+            if what is not None:
+                log.info("%s listening on port %d", what, listener.port)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: readiness goes false, the front ends stop taking calls and let the ones
@@ -239,10 +239,10 @@ class AuthProxy:
 
 
 async def check(cfg: ServeConfig) -> None:
-    """Build everything `run` would from `cfg` but the listeners, without starting it: a
+    """Build everything `run` would from `cfg`, without starting it (nothing listens): a
     configuration problem raises the `ConfigError` `run` would (the workers' supervisor
     checks this way before it starts any worker; a port it cannot bind, a worker finds)."""
-    proxy = AuthProxy(cfg, listen=False)
+    proxy = AuthProxy(cfg)
     await proxy.stop(0)
 
 

@@ -88,16 +88,13 @@ class Sidecar:
         self.learning: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        host, _, port = self.cfg.listen.rpartition(":")
-        try:
-            self.port = await self.relay.listen(
-                host.strip("[]") or "0.0.0.0",
-                int(port),
-                self.tls.context if self.tls is not None else None,
-                reuse_port=self.cfg.workers > 1,
-            )
-        except OSError as e:
-            raise ConfigError(f"--listen {self.cfg.listen}: {e}") from None
+        """Listen on `--listen` (OSError when the port cannot be had), then start the
+        backend connections and learning method kinds."""
+        self.port = await self.relay.listen(
+            self.cfg.listen,
+            self.tls.context if self.tls is not None else None,
+            reuse_port=self.cfg.workers > 1,
+        )
         if self.tls is not None:
             self.tls.start()
         self.upstream.start()

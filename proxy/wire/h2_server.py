@@ -39,6 +39,7 @@ from authproxy.wire.h2_engine import (
     flush_all,
     server_connection,
 )
+from authproxy.wire.listen import bind
 
 log = logging.getLogger("authproxy.h2")
 
@@ -221,15 +222,18 @@ class H2Server:
     # --- listening ----------------------------------------------------------------------
 
     async def listen(
-        self, host: str, port: int, tls: ssl.SSLContext | None = None, reuse_port: bool = False
+        self, address: str, tls: ssl.SSLContext | None = None, reuse_port: bool = False
     ) -> int:
-        """Bind and listen on `host:port` (asyncio's binding); the bound port."""
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            self.protocol, host, port, ssl=tls, reuse_port=reuse_port or None
-        )
-        self.servers.append(server)
-        return server.sockets[0].getsockname()[1]
+        """Bind `HOST:PORT` (`wire/listen.py`) and listen there; the bound port. OSError
+        (naming the address) when it cannot be had."""
+        sockets = bind(address, reuse_port)
+        try:
+            await self.serve(sockets, tls)
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        return sockets[0].getsockname()[1]
 
     async def serve(self, sockets: list[socket.socket], tls: ssl.SSLContext | None = None) -> None:
         """Listen on sockets bound beforehand (`bind`)."""
@@ -263,37 +267,3 @@ class H2Server:
         self.flush()
         for connection in list(self.connections):
             connection.close()
-
-
-def bind(address: str, reuse_port: bool = False) -> list[socket.socket]:
-    """Sockets bound to `HOST:PORT` (`[::1]:PORT`), not yet listening; one per address the
-    host resolves to, all on one port (the first one's, for port 0). `[::]` takes IPv4 too
-    (dual stack, as grpc binds it). Binding before anything starts makes a port in use an
-    error of the configuration; `reuse_port` (SO_REUSEPORT) lets worker processes share
-    the port."""
-    host, _, port_text = address.rpartition(":")
-    host = host.strip("[]")
-    port = int(port_text)
-    sockets: list[socket.socket] = []
-    try:
-        infos = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        for family, kind, proto, _, where in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                dual = host == "::"
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
-            if port == 0 and len(sockets) > 1:
-                where = (where[0], sockets[0].getsockname()[1], *where[2:])
-            sock.bind(where)
-            sock.setblocking(False)
-    except OSError as e:
-        for sock in sockets:
-            sock.close()
-        raise OSError(e.errno, f"cannot listen on {address}: {e.strerror or e}") from None
-    return sockets

@@ -97,7 +97,7 @@ async def test_a_health_check_that_completes_while_stopping_is_not_serving(serve
 # --- binding ---------------------------------------------------------------------------
 
 
-async def test_the_port_is_bound_when_built_and_shared_only_with_reuse_port(
+async def test_the_port_is_bound_when_started_and_shared_only_with_reuse_port(
     tmp_path: Path, keys: Keys
 ):
     authorizer = new_authorizer(tmp_path, keys)
@@ -105,21 +105,26 @@ async def test_the_port_is_bound_when_built_and_shared_only_with_reuse_port(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
+        refused = CheckServer(authorizer, f"127.0.0.1:{port}")  # built: nothing bound yet
         with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
-            CheckServer(authorizer, f"127.0.0.1:{port}")
+            await refused.start()
+        await refused.stop(0)
     first = CheckServer(authorizer, "127.0.0.1:0", reuse_port=True)
-    second = CheckServer(authorizer, f"127.0.0.1:{first.port}", reuse_port=True)
     try:
         await first.start()
+        second = CheckServer(authorizer, f"127.0.0.1:{first.port}", reuse_port=True)
         await second.start()
-        for server in (first, second):
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-                stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-                answer = await stub.Check(check_request("/test.Public/Echo"), timeout=10)
-                assert outcome(answer) == "ALLOW"
+        try:
+            assert second.port == first.port
+            for server in (first, second):
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                    stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+                    answer = await stub.Check(check_request("/test.Public/Echo"), timeout=10)
+                    assert outcome(answer) == "ALLOW"
+        finally:
+            await second.stop(0)
     finally:
         await first.stop(0)
-        await second.stop(0)
 
 
 # --- stopping ------------------------------------------------------------------------------
