@@ -3,7 +3,7 @@
 network cut) and restarted on the same port, empty.
 
 The benchmark's shared-state runs and the test suite's shared-state tests both start
-theirs here (`tests/redis_server.py` adds the pytest fixtures), so both run Redis the
+theirs here (`tests/support/redis_server.py` adds the pytest fixtures), so both run Redis the
 same way. Nothing here imports pytest or `tests/`.
 """
 

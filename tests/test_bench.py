@@ -22,7 +22,7 @@ import grpc
 from bench import pipe
 from bench.passthrough import build_passthrough
 from bench.report import RATIO_LINES, TARGETS_TABLE
-from tests.echo_backend import start_echo_backend
+from tests.support.echo_backend import start_echo_backend
 
 REPO = Path(__file__).resolve().parents[1]
 

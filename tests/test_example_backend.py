@@ -19,7 +19,7 @@ from authproxy.decide.reasons import Denied, Reason
 from authproxy.keys.issuer import MintedToken
 from examples.backend.api.v1 import api_pb2
 from examples.backend.sessions import LOGGED_OUT, MAX_2FA_FAILURES, SessionLedger
-from tests.example_backend_harness import (
+from tests.support.example_backend import (
     ADMIN_EMAIL,
     PASSWORD,
     UNAUTH,

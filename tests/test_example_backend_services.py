@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from authproxy.keys.keygen import keygen
 from examples.backend.api.v1 import api_pb2, api_pb2_grpc
-from tests.example_backend_harness import (
+from tests.support.example_backend import (
     ADMIN_EMAIL,
     POLICY,
     REPO,

@@ -22,7 +22,7 @@ from examples.backend.api.v1 import api_pb2
 from examples.backend.auth_service import INVALID_LOGIN, PASSWORD_UNCHANGED
 from examples.backend.passwords import Passwords
 from examples.backend.sessions import LOGGED_OUT, SESSION_ENDED
-from tests.example_backend_harness import (
+from tests.support.example_backend import (
     PASSWORD,
     UNAUTH,
     Example,

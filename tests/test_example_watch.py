@@ -26,7 +26,7 @@ from examples.backend.api.v1 import api_pb2
 from examples.backend.data_service import WATCH_FELL_BEHIND
 from examples.backend.server import BackendConfig, start_backend
 from examples.backend.store import Store
-from tests.example_backend_harness import (
+from tests.support.example_backend import (
     POLICY,
     UNAUTH,
     Example,

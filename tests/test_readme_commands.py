@@ -49,11 +49,11 @@ import pytest
 
 from authproxy.keys.keygen import keygen
 from authproxy.runtime.serve import DEFAULT_LISTEN
-from tests.echo_backend import start_echo_backend
-from tests.test_deploy import exec_form, final_stage, image_env, in_image
+from tests.support.dockerfile import exec_form, final_stage, image_env, in_image
+from tests.support.echo_backend import start_echo_backend
+from tests.support.readme import README, section, shell_blocks
 
 REPO = Path(__file__).resolve().parents[1]
-README = (REPO / "README.md").read_text()
 VENV = Path(sys.prefix)
 SCRIPT_SECONDS = 120
 START_SECONDS = 30
@@ -64,29 +64,6 @@ INSTALL_LINES = ("python3 -m venv ", "pip install ")
 
 
 # --- reading the README -----------------------------------------------------------------
-
-
-def section(text: str, heading: str) -> str:
-    """The text under `heading` (like "## Running it"), up to the next heading of the same
-    or a higher level; headings inside code blocks do not count."""
-    level = len(heading.split(" ")[0])
-    lines, out, inside, fenced = text.splitlines(), [], False, False
-    for line in lines:
-        if line.startswith("```"):
-            fenced = not fenced
-        is_heading = not fenced and re.match(r"#{1,6} ", line)
-        if inside and is_heading and len(line.split(" ")[0]) <= level:
-            break
-        if inside:
-            out.append(line)
-        if line.strip() == heading:
-            inside = True
-    assert inside, f"README.md has no {heading!r} section"
-    return "\n".join(out)
-
-
-def shell_blocks(text: str) -> list[str]:
-    return re.findall(r"^```sh\n(.*?)^```", text, flags=re.S | re.M)
 
 
 def commands(block: str, comment: str = "") -> list[str]:

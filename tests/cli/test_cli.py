@@ -14,30 +14,15 @@ from authproxy.keys.issuer import load_signing_key
 from authproxy.keys.keyset import KeySet, hmac_key, jwk_thumbprint, load_jwks_file
 from authproxy.keys.verify import TokenVerifier
 from authproxy.policy.loader import load_policy
-from tests.cli_support import authproxy
+from tests.support.cli import ADDRESSES, POLICY, SECRET, assert_config_error, authproxy, serve
 
 REPO = Path(__file__).resolve().parents[2]
-POLICY = str(REPO / "policy.yaml")
-SECRET = "cli-test-refresh-secret-0123456789abcdef"
-#: Valid addresses: a serve that got past configuration would listen, so errors must come first.
-ADDRESSES = ["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1"]
 
 
 def run(
     *args: str, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return authproxy(*args, cwd=cwd, env=env)
-
-
-def assert_config_error(result: subprocess.CompletedProcess[str], words: str) -> str:
-    """Exit 2 and exactly one `authproxy: error:` line (containing `words`); no traceback."""
-    assert result.returncode == 2, result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("authproxy: error:")]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert words in result.stderr
-    assert result.stdout == ""
-    return lines[0]
 
 
 def test_version_names_the_installed_package(tmp_path: Path) -> None:
@@ -212,12 +197,6 @@ def test_mint_errors(tmp_path: Path, args: list[str], words: str) -> None:
 @pytest.fixture
 def jwks(tmp_path: Path, signing_key: tuple[Path, Path]) -> str:
     return str(signing_key[1])
-
-
-def serve(
-    tmp_path: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return run("serve", *args, cwd=tmp_path, env={"CLI_REFRESH_SECRET": SECRET, **(env or {})})
 
 
 def test_serve_bad_policy(tmp_path: Path, jwks: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from authproxy.cli.main import build_parser, main
 from authproxy.keys import keygen
-from tests.cli_support import authproxy
+from tests.support.cli import authproxy
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = str(REPO / "policy.yaml")

@@ -25,8 +25,10 @@ from authproxy.decide.reasons import Reason
 from authproxy.keys.issuer import TokenIssuer
 from authproxy.runtime.serve import ServeConfig, build_authorizer
 from authproxy.state.store import MemoryState
-from tests.conftest import REFRESH_ENV, REFRESH_SECRET, SERVICES, TEST_POLICY, Keys, config_for
-from tests.helpers_tokens import b64url, b64url_decode
+from tests.support.keys import REFRESH_ENV, REFRESH_SECRET, Keys
+from tests.support.policies import SERVICES, TEST_POLICY
+from tests.support.running_proxy import config_for
+from tests.support.tokens import b64url, b64url_decode
 
 REPO = Path(__file__).resolve().parents[2]
 

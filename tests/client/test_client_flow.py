@@ -14,7 +14,7 @@ from authproxy.client import AsyncAuthSession, AuthSession, MethodLevels, NoToke
 from authproxy.policy.loader import PolicyError, load_policy
 from authproxy.policy.model import PUBLIC
 from examples.backend.api.v1 import api_pb2, api_pb2_grpc
-from tests.client_support import (
+from tests.support.client import (
     GET_PROFILE,
     Recorder,
     forwarding_policy,
@@ -22,15 +22,15 @@ from tests.client_support import (
     signed_up,
     target,
 )
-from tests.echo_backend import start_echo_backend
-from tests.example_backend_harness import (
+from tests.support.echo_backend import start_echo_backend
+from tests.support.example_backend import (
     ADMIN_SECRET,
     PASSWORD,
     POLICY,
     decoded,
     running_behind_proxy,
 )
-from tests.helpers_tokens import bearer
+from tests.support.tokens import bearer
 
 
 async def test_full_flow_login_2fa_access_refresh_logout(tmp_path):

@@ -21,7 +21,7 @@ from authproxy.client import (
     denial_reason,
 )
 from examples.backend.api.v1 import api_pb2, api_pb2_grpc
-from tests.client_support import (
+from tests.support.client import (
     GET_PROFILE,
     REFRESH,
     Recorder,
@@ -30,7 +30,7 @@ from tests.client_support import (
     signed_up,
     target,
 )
-from tests.example_backend_harness import PASSWORD, POLICY, running_behind_proxy
+from tests.support.example_backend import PASSWORD, POLICY, running_behind_proxy
 
 LEVELS = MethodLevels.from_file(POLICY)
 WATCH = "/api.v1.DataService/WatchRecords"

@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 
 import pyotp
 
-from tests.client_support import signed_up, target
-from tests.example_backend_harness import ADMIN_SECRET, PASSWORD, REPO, running_behind_proxy
-from tests.test_readme_commands import README, section, shell_blocks
+from tests.support.client import signed_up, target
+from tests.support.example_backend import ADMIN_SECRET, PASSWORD, REPO, running_behind_proxy
+from tests.support.readme import README, section, shell_blocks
 
 SCRIPT = REPO / "examples" / "client_quickstart.py"
 RUN_SECONDS = 60

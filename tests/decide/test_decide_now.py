@@ -19,7 +19,7 @@ from authproxy.decide.state_checks import SingleUse, revocation_check
 from authproxy.keys.verify import TokenVerifier, VerifiedToken
 from authproxy.policy.model import Rule
 from authproxy.state.store import MemoryState
-from tests.helpers_tokens import (
+from tests.support.tokens import (
     METHOD_FOR,
     POLICY_YAML,
     Clock,

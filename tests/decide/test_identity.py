@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from authproxy.decide.identity import Identities, identity_of
 from authproxy.keys.verify import TokenVerifier
-from tests.helpers_tokens import METHOD_FOR, Clock, authorizer, bearer, keyset, policy, token
+from tests.support.tokens import METHOD_FOR, Clock, authorizer, bearer, keyset, policy, token
 
 
 def test_the_same_verified_token_gets_the_same_identity_object():

@@ -11,7 +11,7 @@ from authproxy.decide.auth_headers import InvalidMetadata, relay_headers
 from authproxy.decide.decision import Decision
 from authproxy.decide.pipeline import Authorizer
 from authproxy.keys.verify import TokenVerifier
-from tests.helpers_tokens import (
+from tests.support.tokens import (
     METHOD_FOR,
     POLICY_YAML,
     Clock,

@@ -17,8 +17,7 @@ from authproxy.keys.keyset import KeyLoadError, KeySet, hmac_key
 from authproxy.policy.loader import PolicyError, parse_policy
 from authproxy.runtime.serve import build_authorizer
 from authproxy.state.store import MemoryState
-from tests.conftest import TEST_POLICY, Keys, config_for
-from tests.ext_authz_support import (
+from tests.support.ext_authz import (
     check,
     check_request,
     metadata,
@@ -26,7 +25,10 @@ from tests.ext_authz_support import (
     running_ext_authz,
     set_headers,
 )
-from tests.helpers_tokens import bearer, minted
+from tests.support.keys import Keys
+from tests.support.policies import TEST_POLICY
+from tests.support.running_proxy import config_for
+from tests.support.tokens import bearer, minted
 
 GOOD = "spiffe://cluster.local/ns/shop/sa/frontend"
 OTHER = "spiffe://cluster.local/ns/shop/sa/batch"

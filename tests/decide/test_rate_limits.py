@@ -33,9 +33,8 @@ from authproxy.keys.issuer import TokenIssuer
 from authproxy.policy.loader import PolicyError, parse_policy
 from authproxy.runtime.serve import ConfigError, build_authorizer
 from authproxy.state.store import MemoryState, StateStore
-from tests.conftest import Keys, config_for, start_sidecar
-from tests.echo_backend import EchoBackend
-from tests.ext_authz_support import (
+from tests.support.echo_backend import EchoBackend
+from tests.support.ext_authz import (
     check,
     check_request,
     denied_headers,
@@ -44,18 +43,20 @@ from tests.ext_authz_support import (
     running_ext_authz,
     unpadded_b64decode,
 )
-from tests.helpers_tokens import minted
-from tests.operations_support import poll
-from tests.redis_server import (  # noqa: F401
-    PATIENT,
-    PATIENT_CONFIG,
-    RedisServer,
-    redis_server,
-    redis_url,
-    running_state,
+from tests.support.keys import Keys
+from tests.support.redis_server import PATIENT, PATIENT_CONFIG, RedisServer, running_state
+from tests.support.running_proxy import (
+    OK,
+    STATE_DOWN,
+    config_for,
+    error_info,
+    running_node,
+    running_proxy,
+    start_sidecar,
+    with_token,
 )
-from tests.running_proxy import error_info, running_proxy, with_token
-from tests.state.test_state_shared import OK, STATE_DOWN, running_node
+from tests.support.tokens import minted
+from tests.support.waits import poll
 
 FIVE = "/rl.Five/Echo"  # public, 5/minute, key peer (the default)
 OTHER = "/rl.Other/Echo"  # public, 5/minute, key peer (written out)
@@ -553,7 +554,7 @@ async def test_redis_keys_live_under_the_namespace_and_all_expire(
     tmp_path: Path,
     keys: Keys,
     issuer: TokenIssuer,
-    redis_url: str,  # noqa: F811
+    redis_url: str,
 ):
     long_value = "L" * 300
     async with (
@@ -665,7 +666,7 @@ async def test_two_sidecars_sharing_redis_let_exactly_5_of_100_calls_through(
     tmp_path: Path,
     keys: Keys,
     backend: EchoBackend,
-    redis_url: str,  # noqa: F811
+    redis_url: str,
 ):
     async with (
         # A count under concurrency, not a timing: patient Redis timeouts.
@@ -682,7 +683,7 @@ async def test_redis_outage_fail_closed_or_open_and_recovery(
     tmp_path: Path,
     keys: Keys,
     backend: EchoBackend,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ):
     async with running_node(tmp_path, keys, backend, "a", POLICY, redis=redis_server.url) as n:
         limiter = limiter_of(n.proxy.authorizer)

@@ -16,7 +16,7 @@ from authproxy.decide.pipeline import Authorizer
 from authproxy.keys.verify import TokenVerifier
 from authproxy.policy.loader import PolicyError, parse_policy
 from authproxy.policy.strip_headers import DEFAULT_IDENTITY, DEFAULT_STRIP, OVERRIDE_HEADERS
-from tests.helpers_tokens import METHOD_FOR, POLICY_YAML, Clock, bearer, keyset, token
+from tests.support.tokens import METHOD_FOR, POLICY_YAML, Clock, bearer, keyset, token
 
 FILE = "strip.yaml"
 #: Two valid lines; a case's own lines start at line 3.

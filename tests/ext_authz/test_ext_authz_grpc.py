@@ -25,8 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from authproxy.keys.issuer import TokenIssuer
 from authproxy.policy.strip_headers import DEFAULT_STRIP, OVERRIDE_HEADERS
-from tests.conftest import TEST_POLICY, Keys
-from tests.ext_authz_support import (
+from tests.support.ext_authz import (
     HTTP_CODE,
     ROUTES_POLICY,
     check,
@@ -42,9 +41,11 @@ from tests.ext_authz_support import (
     status_details,
     wrap,
 )
-from tests.helpers_tokens import minted
-from tests.running_proxy import RunningProxy
-from tests.security.jws import craft
+from tests.support.jws import craft
+from tests.support.keys import Keys
+from tests.support.policies import TEST_POLICY
+from tests.support.running_proxy import RunningProxy
+from tests.support.tokens import minted
 
 ALLOW = "ALLOW"
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD

@@ -1,7 +1,7 @@
 """The ext_authz gRPC listener as an HTTP/2 server (`CheckServer` on `wire/grpc_server.py`):
 what a request must be, the answer's wire form, connection limits and failures in the
 decision, over real loopback sockets with real grpc clients and, where a grpc client
-cannot send what is needed, raw HTTP/2 frames (`tests/ext_authz_h2_support.py`).
+cannot send what is needed, raw HTTP/2 frames (`tests/support/ext_authz_h2.py`).
 
 A request must be a POST with a gRPC content type to a known method, carrying exactly
 one uncompressed message within 4 MiB that parses; the answer is headers, one message
@@ -26,11 +26,11 @@ from hyperframe.frame import DataFrame
 from authproxy.ext_authz.grpc_check import SERVICE_NAME
 from authproxy.keys.issuer import TokenIssuer
 from authproxy.wire.h2_engine import Limits
-from tests.conftest import Keys
-from tests.ext_authz_h2_support import CHECK, Served, access_check, frames, serving
-from tests.ext_authz_support import check_request, outcome
-from tests.h2_streams import MAX_CONCURRENT_STREAMS, REFUSED_STREAM, read_to_eof
-from tests.security.h2client import grpc_frame, grpc_request_headers, h2_call
+from tests.support.ext_authz import check_request, outcome
+from tests.support.ext_authz_h2 import CHECK, Served, access_check, frames, serving
+from tests.support.h2_streams import MAX_CONCURRENT_STREAMS, REFUSED_STREAM, read_to_eof
+from tests.support.h2client import grpc_frame, grpc_request_headers, h2_call
+from tests.support.keys import Keys
 
 MiB = 1024 * 1024
 

@@ -2,7 +2,7 @@
 NOT_SERVING once stopping, as grpc's HealthServicer answers), binding (at construction;
 SO_REUSEPORT for workers) and graceful stop (GOAWAY, checks in flight answered within
 the grace, the rest UNAVAILABLE, the connections closed), over real loopback sockets
-with grpc clients and raw HTTP/2 frames (`tests/ext_authz_h2_support.py`).
+with grpc clients and raw HTTP/2 frames (`tests/support/ext_authz_h2.py`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2
 
 from authproxy.ext_authz.grpc_check import SERVICE_NAME, CheckServer
 from authproxy.keys.issuer import TokenIssuer
-from tests.conftest import Keys
-from tests.ext_authz_h2_support import (
+from tests.support.ext_authz import check_request, outcome
+from tests.support.ext_authz_h2 import (
     CHECK,
     Held,
     Served,
@@ -29,8 +29,8 @@ from tests.ext_authz_h2_support import (
     new_authorizer,
     serving,
 )
-from tests.ext_authz_support import check_request, outcome
-from tests.security.h2client import grpc_frame
+from tests.support.h2client import grpc_frame
+from tests.support.keys import Keys
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

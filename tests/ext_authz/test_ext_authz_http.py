@@ -22,18 +22,18 @@ from yarl import URL
 
 from authproxy.keys.issuer import TokenIssuer
 from authproxy.policy.strip_headers import DEFAULT_STRIP
-from tests.conftest import TEST_POLICY, Keys
-from tests.ext_authz_support import (
+from tests.support.ext_authz import (
     ROUTES_POLICY,
     check_path,
-    header_values,
-    raw_http,
     running_ext_authz,
     set_headers,
     status_details,
 )
-from tests.helpers_tokens import bearer, minted
-from tests.running_proxy import RunningProxy
+from tests.support.ext_authz_http import header_values, raw_http
+from tests.support.keys import Keys
+from tests.support.policies import TEST_POLICY
+from tests.support.running_proxy import RunningProxy
+from tests.support.tokens import bearer, minted
 
 GRPC = {"content-type": "application/grpc"}
 TO_REMOVE = "x-envoy-auth-headers-to-remove"

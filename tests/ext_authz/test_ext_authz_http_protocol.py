@@ -9,11 +9,9 @@ test relies on), and a test about time checks both sides: not too early, not nev
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,81 +19,14 @@ import pytest
 from authproxy.ext_authz.http_check import CheckHttpServer
 from authproxy.ext_authz.http_request import HttpLimits
 from authproxy.keys.issuer import TokenIssuer
-from tests.conftest import Keys
-from tests.ext_authz_support import running_ext_authz
-from tests.helpers_tokens import bearer, minted
-from tests.running_proxy import RunningProxy
+from tests.support.ext_authz import running_ext_authz
+from tests.support.ext_authz_http import WAIT, Answer, Client, front, get, with_limits
+from tests.support.keys import Keys
+from tests.support.running_proxy import RunningProxy
+from tests.support.tokens import bearer, minted
 
 PUBLIC = "/test.Public/Echo"
 ACCESS = "/test.Access/Echo"
-WAIT = 5.0  # the longest any single wait may take
-
-
-class Answer:
-    def __init__(self, status_line: bytes, headers: list[tuple[str, str]], body: bytes) -> None:
-        self.version, status, _ = status_line.decode("latin-1").split(" ", 2)
-        self.status = int(status)
-        self.headers = headers
-        self.body = body
-
-    def values(self, name: str) -> list[str]:
-        return [v for k, v in self.headers if k == name]
-
-    @property
-    def reason(self) -> str:
-        return json.loads(self.body)["reason"]
-
-
-class Client:
-    """One raw connection: what is sent is exactly what the server reads."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, port: int) -> Client:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        return cls(reader, writer)
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def answer(self, head_request: bool = False) -> Answer:
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), WAIT)
-        lines = head[:-4].split(b"\r\n")
-        headers = []
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers.append((name.strip().lower().decode(), value.strip().decode("latin-1")))
-        length = int(next(v for k, v in headers if k == "content-length"))
-        body = b""
-        if length and not head_request:
-            body = await asyncio.wait_for(self.reader.readexactly(length), WAIT)
-        return Answer(lines[0], headers, body)
-
-    async def closed(self) -> bool:
-        """Whether the server closes the connection (EOF) within the bounded wait."""
-        try:
-            rest = await asyncio.wait_for(self.reader.read(1 << 16), WAIT)
-        except TimeoutError:
-            return False
-        except ConnectionResetError:
-            return True
-        return rest == b""
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def get(
-    path: str, *headers: str | tuple[str, str], method: str = "GET", version: str = "1.1"
-) -> bytes:
-    """One HTTP/1 request; each header a raw line or a (name, value) pair."""
-    lines = [f"{method} {path} HTTP/{version}", "Host: authz"]
-    lines += [h if isinstance(h, str) else f"{h[0]}: {h[1]}" for h in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 @pytest.fixture
@@ -103,18 +34,6 @@ async def client(ext_authz: RunningProxy) -> AsyncIterator[Client]:
     c = await Client.open(ext_authz.proxy.check_http.port)
     yield c
     c.close()
-
-
-def front(running: RunningProxy) -> CheckHttpServer:
-    server = running.proxy.check_http
-    assert server is not None
-    return server
-
-
-def with_limits(running: RunningProxy, **changes: float) -> None:
-    """New limits for connections opened from now on."""
-    server = front(running)
-    server.limits = replace(server.limits, **changes)
 
 
 Check = Callable[..., Awaitable]

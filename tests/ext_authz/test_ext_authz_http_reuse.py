@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 from authproxy.keys.issuer import TokenIssuer
-from tests.conftest import TEST_POLICY, Keys
-from tests.ext_authz.test_ext_authz_http_protocol import Answer, Client, front, get, with_limits
-from tests.ext_authz_support import running_ext_authz
-from tests.helpers_tokens import bearer, minted
-from tests.running_proxy import RunningProxy
+from tests.support.ext_authz import running_ext_authz
+from tests.support.ext_authz_http import Answer, Client, front, get, with_limits
+from tests.support.keys import Keys
+from tests.support.policies import TEST_POLICY
+from tests.support.running_proxy import RunningProxy
+from tests.support.tokens import bearer, minted
 
 PUBLIC = "/test.Public/Echo"
 ACCESS = "/test.Access/Echo"

@@ -13,8 +13,9 @@ from pathlib import Path
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
-from tests.conftest import Keys, start_ext_authz
-from tests.ext_authz_support import check_request, outcome
+from tests.support.ext_authz import check_request, outcome
+from tests.support.keys import Keys
+from tests.support.running_proxy import start_ext_authz
 
 
 async def test_a_burst_of_checks_is_answered_never_cancelled(tmp_path: Path, keys: Keys):

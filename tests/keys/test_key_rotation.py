@@ -34,8 +34,7 @@ from authproxy.runtime.serve import ServeConfig
 from authproxy.state import atomic_file
 from authproxy.state.store import MemoryState
 from examples.backend.api.v1 import api_pb2
-from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY
-from tests.example_backend_harness import (
+from tests.support.example_backend import (
     PASSWORD,
     UNAUTH,
     Proxied,
@@ -45,7 +44,9 @@ from tests.example_backend_harness import (
     running_behind_proxy,
     running_example,
 )
-from tests.running_proxy import running_proxy
+from tests.support.keys import REFRESH_ENV, REFRESH_SECRET
+from tests.support.policies import TEST_POLICY
+from tests.support.running_proxy import running_proxy
 
 DAY = 24 * 3600
 

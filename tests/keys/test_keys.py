@@ -28,7 +28,7 @@ from authproxy.keys.keyset import (
     split_kid,
 )
 from authproxy.keys.verify import TokenVerifier
-from tests.helpers_tokens import ec_key, ed_key, rsa_key, sign_raw
+from tests.support.tokens import ec_key, ed_key, rsa_key, sign_raw
 
 #: RFC 7638 section 3.1: the example RSA key and its SHA-256 thumbprint.
 RFC7638_JWK = {

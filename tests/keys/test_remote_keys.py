@@ -1,4 +1,4 @@
-"""Remote verification keys against a real identity provider (`tests/idp_server.py`, an
+"""Remote verification keys against a real identity provider (`tests/support/idp_server.py`, an
 aiohttp server on 127.0.0.1): OpenID Connect discovery, JWKS URLs, issuer-bound key
 files, rotation and the unknown-kid refetch, the cache lifetime from `Cache-Control`,
 an identity provider that is down or misbehaving, TLS, live key-file reloads and
@@ -31,13 +31,14 @@ from jwt.algorithms import ECAlgorithm
 from authproxy.keys.keygen import generate_private_key
 from authproxy.keys.sources import FetchSettings, KeyFile, RemoteJwks
 from authproxy.runtime.serve import ServeConfig
-from tests.certs import make_ca
-from tests.cli.test_cli import ADDRESSES, POLICY, assert_config_error, serve
-from tests.conftest import Keys
-from tests.echo_backend import EchoBackend
-from tests.idp_server import DISCOVERY, JWKS, MOVED, FakeIdp, SigningKey, server_tls, sign
-from tests.operations_support import OK, poll, write_atomically
-from tests.running_proxy import RunningProxy, http_json, running_proxy, value_of
+from tests.support.certs import make_ca
+from tests.support.cli import ADDRESSES, POLICY, assert_config_error, serve
+from tests.support.echo_backend import EchoBackend
+from tests.support.idp_server import DISCOVERY, JWKS, MOVED, FakeIdp, SigningKey, server_tls, sign
+from tests.support.keys import Keys
+from tests.support.operations import write_atomically
+from tests.support.running_proxy import OK, RunningProxy, http_json, running_proxy, value_of
+from tests.support.waits import poll
 
 METHOD = "/test.Access/Echo"
 OWN = "auth-service"

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from authproxy.decide.reasons import Denied, Reason
 from authproxy.keys.verify import TokenVerifier
-from tests.helpers_tokens import (
+from tests.support.tokens import (
     METHOD_FOR,
     NOW,
     POLICY_YAML,

@@ -25,9 +25,9 @@ from authproxy.policy.lint import lint, uncovered
 from authproxy.policy.loader import parse_policy
 from authproxy.sidecar.catalog import CatalogError, MethodCatalog, reflect_backend
 from examples.backend.api.v1 import api_pb2
-from tests.conftest import SERVICES, TEST_POLICY, descriptor_set
-from tests.echo_backend import UNARY, EchoBackend
-from tests.example_backend_harness import Example, free_port
+from tests.support.echo_backend import UNARY, EchoBackend
+from tests.support.example_backend import Example, free_port
+from tests.support.policies import SERVICES, TEST_POLICY, descriptor_set
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ import yaml
 
 from authproxy.policy import yaml_source
 from authproxy.policy.loader import PolicyError, load_policy
-from tests.cli_support import authproxy
+from tests.support.cli import authproxy
 
 TOKENS = "version: 1\ntokens:\n  access: {type: access, audience: api}\n"  # lines 1-3
 

@@ -15,8 +15,9 @@ from authproxy.keys.keyset import KeySet, load_jwks_file
 from authproxy.keys.verify import TokenVerifier
 from authproxy.policy.loader import PolicyError, load_policy, parse_policy
 from authproxy.policy.model import Policy
-from tests.conftest import TEST_POLICY, Keys
-from tests.helpers_tokens import bearer, minted
+from tests.support.keys import Keys
+from tests.support.policies import TEST_POLICY
+from tests.support.tokens import bearer, minted
 
 FILE = "http-policy.yaml"
 #: Three valid lines; extra lines of a case start at line 4.

@@ -21,8 +21,10 @@ from authproxy.client import MethodLevels
 from authproxy.runtime.admin import Access, AdminServer
 from authproxy.runtime.serve import AuthProxy, ConfigError
 from authproxy.state.store import MemoryState
-from tests.conftest import TEST_POLICY, Keys, config_for
-from tests.state.test_state_shared import ADMIN_ENV, ADMIN_SECRET, admin_proxy
+from tests.support.admin import ADMIN_ENV, ADMIN_SECRET, admin_proxy
+from tests.support.keys import Keys
+from tests.support.policies import TEST_POLICY
+from tests.support.running_proxy import config_for
 
 #: Probes, Prometheus, and public keys (fetched by other proxies' `--jwks URL`, no secret).
 OPEN_WITH_A_TOKEN = {"/healthz", "/readyz", "/metrics", "/.well-known/jwks.json", "/public-key"}

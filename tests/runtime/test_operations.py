@@ -27,20 +27,20 @@ from authproxy.keys.issuer import TokenIssuer
 from authproxy.policy.loader import parse_policy
 from authproxy.runtime.decision_log import LOGGER
 from authproxy.runtime.serve import AuthProxy
-from tests.conftest import TEST_POLICY, Keys
-from tests.echo_backend import EchoBackend, start_echo_backend
-from tests.helpers_tokens import bearer
-from tests.operations_support import (
-    OK,
+from tests.support.chat import Chat
+from tests.support.echo_backend import EchoBackend, start_echo_backend
+from tests.support.keys import Keys
+from tests.support.operations import (
     ConfigMapMount,
-    poll,
     proxy_config,
     serve_process,
     watched_proxy,
     write_atomically,
 )
-from tests.running_proxy import RunningProxy, error_info, http_get, http_json, value_of
-from tests.sidecar.test_stream_guard import Chat
+from tests.support.policies import TEST_POLICY
+from tests.support.running_proxy import OK, RunningProxy, error_info, http_get, http_json, value_of
+from tests.support.tokens import bearer
+from tests.support.waits import poll
 
 #: How soon a valid edit must be serving (the watcher debounces 150 ms).
 RELOAD_BOUND = 2.0

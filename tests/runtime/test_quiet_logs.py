@@ -16,7 +16,8 @@ import aiohttp
 import pytest
 
 from authproxy.sidecar.catalog import reflection_problem
-from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY, Keys
+from tests.support.keys import REFRESH_ENV, REFRESH_SECRET, Keys
+from tests.support.policies import TEST_POLICY
 
 REPO = Path(__file__).resolve().parents[2]
 #: Writes to the log file and to another file beside the policy, each.

@@ -18,10 +18,11 @@ from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from authproxy.policy.loader import load_policy
-from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY, Keys
-from tests.echo_backend import start_echo_backend
-from tests.helpers_tokens import bearer
-from tests.running_proxy import error_info
+from tests.support.echo_backend import start_echo_backend
+from tests.support.keys import REFRESH_ENV, REFRESH_SECRET, Keys
+from tests.support.policies import TEST_POLICY
+from tests.support.running_proxy import error_info
+from tests.support.tokens import bearer
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Keys, config_for
-from tests.example_backend_harness import Example
-from tests.running_proxy import running_proxy
+from tests.support.example_backend import Example
+from tests.support.keys import Keys
+from tests.support.running_proxy import config_for, running_proxy
 
 POLICY = """\
 version: 1

@@ -2,7 +2,7 @@
 identity (`x-auth-peer`, `peers:` rules), certificate rotation without dropped
 connections, TLS and mTLS to the backend with new connections on rotation, server
 reflection through the same upstream TLS, and one-line errors for unusable files.
-Certificates come from `tests/certs.py` (EC P-256)."""
+Certificates come from `tests/support/certs.py` (EC P-256)."""
 
 from __future__ import annotations
 
@@ -31,11 +31,12 @@ from authproxy.runtime.tls import (
 )
 from authproxy.sidecar.catalog import Kind
 from authproxy.sidecar.peer_identity import principal_of
-from tests.certs import CA, Leaf, make_ca
-from tests.conftest import TEST_POLICY, Keys, config_for
-from tests.echo_backend import EchoBackend
-from tests.helpers_tokens import bearer, minted
-from tests.running_proxy import RunningProxy, error_info, start_proxy
+from tests.support.certs import CA, Leaf, make_ca
+from tests.support.echo_backend import EchoBackend
+from tests.support.keys import Keys
+from tests.support.policies import TEST_POLICY
+from tests.support.running_proxy import RunningProxy, config_for, error_info, start_proxy
+from tests.support.tokens import bearer, minted
 
 HEALTH = "grpc.health.v1.Health"
 GOOD = "spiffe://cluster/ns/a/sa/good"

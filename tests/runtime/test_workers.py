@@ -22,11 +22,12 @@ import grpc
 from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
-from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY, Keys
-from tests.echo_backend import EchoBackend, start_echo_backend
-from tests.helpers_tokens import bearer
-from tests.redis_server import RedisServer, redis_server  # noqa: F401
-from tests.running_proxy import error_info, parse_metrics
+from tests.support.echo_backend import EchoBackend, start_echo_backend
+from tests.support.keys import REFRESH_ENV, REFRESH_SECRET, Keys
+from tests.support.policies import TEST_POLICY
+from tests.support.redis_server import RedisServer
+from tests.support.running_proxy import error_info, parse_metrics
+from tests.support.tokens import bearer
 
 REPO = Path(__file__).resolve().parents[2]
 #: Fresh connections per round: all on one worker by chance is 2 ** -39.
@@ -225,7 +226,7 @@ async def test_two_workers_share_the_ports_and_stop_on_sigterm(
     tmp_path: Path,
     keys: Keys,
     issuer,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ):
     backend = await start_echo_backend()
     ports, flags = worker_flags(tmp_path, keys, backend, redis_server.url)
@@ -286,7 +287,7 @@ async def test_a_revocation_posted_to_worker_0_is_enforced_by_worker_1(
     tmp_path: Path,
     keys: Keys,
     issuer,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ):
     backend = await start_echo_backend()
     ports, flags = worker_flags(tmp_path, keys, backend, redis_server.url)
@@ -329,7 +330,7 @@ async def test_a_revocation_posted_to_worker_0_is_enforced_by_worker_1(
 async def test_a_worker_that_dies_stops_the_others_and_the_supervisor_fails(
     tmp_path: Path,
     keys: Keys,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ):
     backend = await start_echo_backend()
     ports, flags = worker_flags(tmp_path, keys, backend, redis_server.url)

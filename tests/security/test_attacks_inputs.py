@@ -10,11 +10,7 @@ import grpc
 import pytest
 
 from authproxy.keys.issuer import TokenIssuer
-from tests.conftest import Keys
-from tests.echo_backend import EchoBackend
-from tests.helpers_tokens import bearer
-from tests.running_proxy import RunningProxy
-from tests.security.attack_support import (
+from tests.support.attacks import (
     ACCESS,
     METHODS,
     Case,
@@ -23,7 +19,11 @@ from tests.security.attack_support import (
     es_attacker,
     outcome,
 )
-from tests.security.jws import LEVELS, Raw, b64url, claims, craft, pairs, signed
+from tests.support.echo_backend import EchoBackend
+from tests.support.jws import LEVELS, Raw, b64url, claims, craft, pairs, signed
+from tests.support.keys import Keys
+from tests.support.running_proxy import RunningProxy
+from tests.support.tokens import bearer
 
 # --- huge inputs ---------------------------------------------------------------------------
 

@@ -12,16 +12,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from authproxy.keys.issuer import SigningKey
-from tests.conftest import Keys
-from tests.echo_backend import EchoBackend
-from tests.running_proxy import RunningProxy
-from tests.security.attack_support import (
+from tests.support.attacks import (
     Case,
     assert_denied,
     attacker,
     es_attacker,
 )
-from tests.security.jws import Raw, b64url, claims, craft, pairs, signed
+from tests.support.echo_backend import EchoBackend
+from tests.support.jws import Raw, b64url, claims, craft, pairs, signed
+from tests.support.keys import Keys
+from tests.support.running_proxy import RunningProxy
 
 # --- alg none ----------------------------------------------------------------------------
 

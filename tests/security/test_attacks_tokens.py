@@ -16,17 +16,18 @@ from authproxy.keys.issuer import TokenIssuer
 from authproxy.keys.keyset import KeySet, load_jwks_file
 from authproxy.keys.verify import TokenVerifier
 from authproxy.policy.loader import parse_policy
-from tests.conftest import TEST_POLICY, Keys, start_sidecar
-from tests.echo_backend import EchoBackend
-from tests.running_proxy import RunningProxy
-from tests.security.attack_support import (
+from tests.support.attacks import (
     METHODS,
     Case,
     assert_allowed,
     assert_denied,
     level_key,
 )
-from tests.security.jws import LEVELS, Raw, b64url, claims, craft, pairs, signed
+from tests.support.echo_backend import EchoBackend
+from tests.support.jws import LEVELS, Raw, b64url, claims, craft, pairs, signed
+from tests.support.keys import Keys
+from tests.support.policies import TEST_POLICY
+from tests.support.running_proxy import RunningProxy, start_sidecar
 
 # --- token types, audiences, issuers, times ----------------------------------------------
 

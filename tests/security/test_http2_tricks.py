@@ -4,7 +4,7 @@ Uppercase field names (malformed in HTTP/2, RFC 9113 8.2.1), repeated identity h
 duplicate and uppercase `authorization`, control characters in values, and odd `:path`
 values. Whatever the HTTP/2 layer of the sidecar does with them (refuse the stream, or
 pass them on), the backend must never see a forged identity and a bad token must never
-pass. Every exchange is bounded by a timeout (see `tests/security/h2client.py`).
+pass. Every exchange is bounded by a timeout (see `tests/support/h2client.py`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from authproxy.keys.issuer import TokenIssuer
-from tests.echo_backend import EchoBackend
-from tests.helpers_tokens import bearer_value, minted
-from tests.running_proxy import RunningProxy
-from tests.security.h2client import H2Response, grpc_request_headers, h2_call
+from tests.support.echo_backend import EchoBackend
+from tests.support.h2client import H2Response, grpc_request_headers, h2_call
+from tests.support.running_proxy import RunningProxy
+from tests.support.tokens import bearer_value, minted
 
 ACCESS = "/test.Access/Report"
 PUBLIC = "/test.Public/Report"

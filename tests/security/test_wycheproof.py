@@ -40,10 +40,11 @@ from authproxy.keys.keyset import (
     key_from_jwk,
 )
 from authproxy.keys.verify import TokenVerifier
-from tests.conftest import Keys, descriptor_set, start_sidecar
-from tests.echo_backend import EchoBackend
-from tests.helpers_tokens import bearer
-from tests.running_proxy import error_info
+from tests.support.echo_backend import EchoBackend
+from tests.support.keys import Keys
+from tests.support.policies import descriptor_set
+from tests.support.running_proxy import error_info, start_sidecar
+from tests.support.tokens import bearer
 
 DATA = (
     Path(__file__).resolve().parent.parent / "data" / "wycheproof" / "json_web_signature_test.json"

@@ -25,13 +25,14 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from authproxy.keys.issuer import TokenIssuer
-from tests.conftest import TEST_POLICY, Keys, descriptor_set, start_sidecar
-from tests.echo_backend import EchoBackend, big_message, start_echo_backend
-from tests.h2_streams import ResettingBackend
-from tests.helpers_tokens import bearer, minted
-from tests.operations_support import serve_process
-from tests.running_proxy import RunningProxy
-from tests.security.h2client import grpc_request_headers, h2_call
+from tests.support.echo_backend import EchoBackend, big_message, start_echo_backend
+from tests.support.h2client import grpc_request_headers, h2_call
+from tests.support.keys import Keys
+from tests.support.operations import serve_process
+from tests.support.policies import TEST_POLICY, descriptor_set
+from tests.support.resetting_backend import ResettingBackend
+from tests.support.running_proxy import RunningProxy, start_sidecar
+from tests.support.tokens import bearer, minted
 
 MiB = 1024 * 1024
 BIG_CHANNEL = [

@@ -1,4 +1,4 @@
-"""HTTP/2 abuse against the sidecar's listener, frame by frame (`tests/h2_streams.py`):
+"""HTTP/2 abuse against the sidecar's listener, frame by frame (`tests/support/h2_streams.py`):
 streams beyond the advertised limit, rapid reset, huge and endless header blocks, SETTINGS
 and PING floods, connections that never speak HTTP/2 and HTTP/1.1 on the gRPC port.
 
@@ -25,9 +25,8 @@ from hyperframe.frame import (
 )
 
 from authproxy.runtime.serve import ServeConfig
-from tests.conftest import Keys, start_sidecar
-from tests.echo_backend import EchoBackend
-from tests.h2_streams import (
+from tests.support.echo_backend import EchoBackend
+from tests.support.h2_streams import (
     ENABLE_PUSH,
     MAX_CONCURRENT_STREAMS,
     REFUSED_STREAM,
@@ -38,8 +37,9 @@ from tests.h2_streams import (
     parse_frames,
     read_to_eof,
 )
-from tests.running_proxy import RunningProxy
-from tests.security.h2client import grpc_frame
+from tests.support.h2client import grpc_frame
+from tests.support.keys import Keys
+from tests.support.running_proxy import RunningProxy, start_sidecar
 
 MiB = 1024 * 1024
 OK = ("status", 0)

@@ -1,7 +1,7 @@
 """Load and shutdown: every call through the sidecar gets a decision, a response, or a
 status a gRPC client can act on (UNAVAILABLE, RESOURCE_EXHAUSTED, or a REFUSED_STREAM
 reset, which gRPC clients retry by themselves), never a CANCELLED the client did not ask
-for. Real sockets, real servers; the raw HTTP/2 client is `tests/h2_streams.py`."""
+for. Real sockets, real servers; the raw HTTP/2 client is `tests/support/h2_streams.py`."""
 
 from __future__ import annotations
 
@@ -17,12 +17,18 @@ import pytest
 from authproxy.cli.main import build_parser
 from authproxy.cli.serve import serve_config
 from authproxy.keys.issuer import TokenIssuer
-from tests.conftest import TEST_POLICY, Keys, start_sidecar
-from tests.echo_backend import EchoBackend
-from tests.h2_streams import MAX_CONCURRENT_STREAMS, PROTOCOL_ERROR, REFUSED_STREAM, RawConnection
-from tests.helpers_tokens import bearer, bearer_value, minted
-from tests.operations_support import serve_process
-from tests.running_proxy import RunningProxy
+from tests.support.echo_backend import EchoBackend
+from tests.support.h2_streams import (
+    MAX_CONCURRENT_STREAMS,
+    PROTOCOL_ERROR,
+    REFUSED_STREAM,
+    RawConnection,
+)
+from tests.support.keys import Keys
+from tests.support.operations import serve_process
+from tests.support.policies import TEST_POLICY
+from tests.support.running_proxy import RunningProxy, start_sidecar
+from tests.support.tokens import bearer, bearer_value, minted
 
 OK, CANCELLED, UNAVAILABLE = 0, 1, 14
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}

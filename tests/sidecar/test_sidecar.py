@@ -13,10 +13,11 @@ import json
 import grpc
 import pytest
 
-from tests.conftest import TEST_POLICY, Keys, start_sidecar
-from tests.echo_backend import EchoBackend
-from tests.helpers_tokens import minted
-from tests.running_proxy import RunningProxy, error_info
+from tests.support.echo_backend import EchoBackend
+from tests.support.keys import Keys
+from tests.support.policies import TEST_POLICY
+from tests.support.running_proxy import RunningProxy, error_info, start_sidecar
+from tests.support.tokens import minted
 
 
 async def test_access_call_reaches_backend_with_verified_identity(proxy: RunningProxy, issuer):

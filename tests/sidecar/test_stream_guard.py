@@ -20,12 +20,14 @@ import pytest
 
 from authproxy.decide.reasons import Reason
 from authproxy.keys.issuer import TokenIssuer
-from tests.conftest import TEST_POLICY, Keys, descriptor_set
-from tests.echo_backend import EchoBackend
-from tests.helpers_tokens import bearer
-from tests.redis_server import RedisServer, redis_server, redis_url  # noqa: F401
-from tests.running_proxy import error_info
-from tests.state.test_state_shared import admin, revocations_url, running_node
+from tests.support.admin import admin, revocations_url
+from tests.support.chat import Chat
+from tests.support.echo_backend import EchoBackend
+from tests.support.keys import Keys
+from tests.support.policies import TEST_POLICY, descriptor_set
+from tests.support.redis_server import RedisServer
+from tests.support.running_proxy import error_info, running_node
+from tests.support.tokens import bearer
 
 CHAT = "/test.Access/Chat"
 COUNT = "/test.Access/Count"
@@ -38,38 +40,6 @@ POLICY = TEST_POLICY.replace("leeway: 5s", "leeway: 0s") + (
     "  /test.Keep/*: {level: access, end_streams: false}\n"
 )
 assert "leeway: 0s" in POLICY
-
-
-class Chat:
-    """One open bidi stream through the proxy: say something, hear it back."""
-
-    def __init__(self, channel: grpc.aio.Channel, method: str, token: str | None) -> None:
-        md = bearer(token) if token else ()
-        self.call = channel.stream_stream(method)(metadata=md, timeout=30)
-
-    async def roundtrip(self, text: bytes = b"hi") -> bytes:
-        await self.call.write(text)
-        return await self.call.read()
-
-    async def finish(self) -> grpc.StatusCode:
-        """Half-close and wait for the status."""
-        await self.call.done_writing()
-        return await self.call.code()
-
-    async def ended(self, within: float) -> tuple[grpc.StatusCode, str | None, float]:
-        """(status, ErrorInfo reason, when) once the proxy ends the stream."""
-        try:
-            async with asyncio.timeout(within):
-                while True:
-                    message = await self.call.read()
-                    if message is grpc.aio.EOF:
-                        break
-        except grpc.aio.AioRpcError as e:
-            info = error_info(e)
-            return e.code(), info.reason if info is not None else None, time.time()
-        except TimeoutError:
-            return grpc.StatusCode.OK, "still open", time.time()
-        return await self.call.code(), None, time.time()
 
 
 async def test_a_stream_ends_when_its_token_expires_not_before(
@@ -286,7 +256,7 @@ async def test_a_revocation_on_one_replica_ends_a_stream_on_another_within_1s(
     keys: Keys,
     issuer: TokenIssuer,
     backend: EchoBackend,
-    redis_url: str,  # noqa: F811
+    redis_url: str,
 ):
     async with (
         running_node(tmp_path, keys, backend, "a", POLICY, redis=redis_url) as a,
@@ -308,7 +278,7 @@ async def test_open_streams_fail_closed_when_redis_is_gone(
     keys: Keys,
     issuer: TokenIssuer,
     backend: EchoBackend,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ):
     async with running_node(tmp_path, keys, backend, "a", POLICY, redis=redis_server.url) as a:
         chat = Chat(a.channel, CHAT, issuer.mint("access", "alice", ttl=300).token)

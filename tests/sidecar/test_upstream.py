@@ -13,8 +13,9 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from authproxy.sidecar.catalog import Kind
-from tests.conftest import Keys, start_sidecar
-from tests.echo_backend import start_echo_backend
+from tests.support.echo_backend import start_echo_backend
+from tests.support.keys import Keys
+from tests.support.running_proxy import start_sidecar
 
 
 def free_port() -> int:

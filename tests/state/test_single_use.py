@@ -15,10 +15,10 @@ import grpc
 import pytest
 
 from authproxy.keys.issuer import TokenIssuer
-from tests.conftest import TEST_POLICY, Keys
-from tests.echo_backend import EchoBackend
-from tests.redis_server import redis_server, redis_url  # noqa: F401
-from tests.state.test_state_shared import OK, REUSED, running_node
+from tests.support.echo_backend import EchoBackend
+from tests.support.keys import Keys
+from tests.support.policies import TEST_POLICY
+from tests.support.running_proxy import OK, REUSED, running_node
 
 RATE_LIMITED = (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
 NO_ROLE = (grpc.StatusCode.PERMISSION_DENIED, "INSUFFICIENT_ROLE")

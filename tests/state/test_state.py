@@ -26,14 +26,8 @@ from authproxy.state.store import (
     StateStore,
     StateUnavailable,
 )
-from tests.redis_server import (  # noqa: F401
-    PATIENT,
-    RedisServer,
-    finish_closing,
-    redis_server,
-    redis_url,
-    running_state,
-)
+from tests.support.redis_server import PATIENT, RedisServer, finish_closing, running_state
+from tests.support.waits import eventually
 
 SUBJECT_TTL = 3600.0
 
@@ -102,16 +96,6 @@ async def state_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend
 @pytest.fixture
 async def store(state_backend: Backend) -> StateStore:
     return await state_backend.make()
-
-
-async def eventually(predicate: Callable[[], bool], within: float = 2.0) -> bool:
-    """Poll `predicate` every 10 ms for up to `within` seconds (pub/sub is asynchronous)."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 # --- revocation by token ----------------------------------------------------------------
@@ -261,7 +245,7 @@ async def test_exactly_one_of_100_concurrent_first_uses_wins(
     assert results.count(False) == 99
 
 
-async def test_exactly_one_first_use_wins_across_two_redis_states(redis_url: str):  # noqa: F811
+async def test_exactly_one_first_use_wins_across_two_redis_states(redis_url: str):
     """Two proxies (two RedisState instances) sharing one Redis race on one jti."""
     async with running_state(redis_url, **PATIENT) as a, running_state(redis_url, **PATIENT) as b:
         exp = math.floor(time.time()) + 300
@@ -277,7 +261,7 @@ async def test_exactly_one_first_use_wins_across_two_redis_states(redis_url: str
 # --- Redis specifics: bounded storage, propagation, namespaces, outages ---------------------
 
 
-async def test_every_redis_record_expires(redis_url: str):  # noqa: F811
+async def test_every_redis_record_expires(redis_url: str):
     now = time.time()
     exp = math.floor(now) + 120
     subject_ttl = 600.0
@@ -307,7 +291,7 @@ async def test_every_redis_record_expires(redis_url: str):  # noqa: F811
         await raw.aclose()
 
 
-async def test_a_revocation_reaches_another_redis_state(redis_url: str):  # noqa: F811
+async def test_a_revocation_reaches_another_redis_state(redis_url: str):
     async with running_state(redis_url) as a, running_state(redis_url) as b:
         exp = math.floor(time.time()) + 300
         await a.revoke_token("jti-1", exp)
@@ -321,7 +305,7 @@ async def test_a_revocation_reaches_another_redis_state(redis_url: str):  # noqa
             assert not c.revoked("other", "bob", time.time() - 60)
 
 
-async def test_namespaces_do_not_see_each_other(redis_url: str):  # noqa: F811
+async def test_namespaces_do_not_see_each_other(redis_url: str):
     async with (
         running_state(redis_url, namespace="tenant-a") as a1,
         running_state(redis_url, namespace="tenant-a") as a2,
@@ -349,7 +333,7 @@ async def test_namespaces_do_not_see_each_other(redis_url: str):  # noqa: F811
 
 
 async def test_redis_state_fails_closed_without_redis_and_recovers(
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ):
     """`check_fresh` raises once no pong came for `staleness`; operations raise
     StateUnavailable; after a restart on the same port the view is current again."""
@@ -380,7 +364,7 @@ async def test_redis_state_fails_closed_without_redis_and_recovers(
 
 
 async def test_a_healthy_redis_state_stays_current_for_many_staleness_periods(
-    redis_url: str,  # noqa: F811
+    redis_url: str,
 ):
     """The heartbeat keeps the view trusted while Redis is up: idle, and with the event
     loop busy serving (16 tasks burning CPU in 0.5 ms slices). Staleness 2 s (heartbeats
@@ -409,7 +393,7 @@ async def test_a_healthy_redis_state_stays_current_for_many_staleness_periods(
                 await asyncio.gather(*burners, return_exceptions=True)
 
 
-async def test_close_returns_right_after_start(redis_url: str):  # noqa: F811
+async def test_close_returns_right_after_start(redis_url: str):
     """Stopping a proxy must not hang: `RedisState.close()` right after `start()` (the
     follower is then sending its first ping) returns within 1 s, every time."""
     hung = []

@@ -25,11 +25,11 @@ import pytest
 from authproxy.keys.issuer import TokenIssuer
 from authproxy.state.file import FileState
 from authproxy.state.store import EXPIRY_GRACE, StateUnavailable
-from tests.conftest import REFRESH_ENV, REFRESH_SECRET, TEST_POLICY, Keys, config_for
-from tests.echo_backend import start_echo_backend
-from tests.helpers_tokens import bearer
-from tests.running_proxy import error_info, running_proxy
-from tests.state.test_state_shared import SINGLE_USE_POLICY
+from tests.support.echo_backend import start_echo_backend
+from tests.support.keys import REFRESH_ENV, REFRESH_SECRET, Keys
+from tests.support.policies import SINGLE_USE_POLICY, TEST_POLICY
+from tests.support.running_proxy import config_for, error_info, running_proxy
+from tests.support.tokens import bearer
 
 REPO = Path(__file__).resolve().parents[2]
 VOLATILE = "kept in memory only"

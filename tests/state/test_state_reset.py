@@ -22,12 +22,11 @@ import redis.asyncio as redis
 
 from authproxy.keys.issuer import TokenIssuer
 from authproxy.state.redis_store import RedisState
-from tests.conftest import Keys
-from tests.echo_backend import EchoBackend
-from tests.operations_support import poll
-from tests.redis_server import RedisServer, redis_server, redis_url, running_state  # noqa: F401
-from tests.state.test_state import eventually
-from tests.state.test_state_shared import REVOKED, running_node
+from tests.support.echo_backend import EchoBackend
+from tests.support.keys import Keys
+from tests.support.redis_server import RedisServer, running_state
+from tests.support.running_proxy import REVOKED, running_node
+from tests.support.waits import eventually, poll
 
 TIMEOUT = 5.0  # per Redis operation: generous, a busy machine must not fail these tests
 WITHIN = 10.0  # bound for a replica to notice the wipe and write back
@@ -78,7 +77,7 @@ def knows_everything(state: RedisState) -> bool:
 
 @pytest.mark.parametrize("wipe", ["flushall", "restart"])
 async def test_revocations_and_uses_survive_redis_coming_back_empty(
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
     wipe: str,
     caplog: pytest.LogCaptureFixture,
 ):
@@ -117,7 +116,7 @@ async def test_revocations_and_uses_survive_redis_coming_back_empty(
 
 
 async def test_a_replica_started_after_the_wipe_learns_from_the_others(
-    redis_url: str,  # noqa: F811
+    redis_url: str,
 ):
     """c starts on the emptied Redis before a noticed (a's heartbeat is 30 s apart): c
     loads nothing; once a reconnects it writes back and publishes, and c learns."""
@@ -144,7 +143,7 @@ async def test_a_proxy_keeps_refusing_after_a_flush_and_reports_the_reset(
     keys: Keys,
     issuer: TokenIssuer,
     backend: EchoBackend,
-    redis_url: str,  # noqa: F811
+    redis_url: str,
 ):
     """Through a real proxy: the revoked token stays refused, Redis gets the record back,
     and `/metrics` shows `authproxy_state_resets_total 1.0`."""

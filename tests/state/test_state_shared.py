@@ -13,10 +13,7 @@ import asyncio
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import grpc
@@ -26,100 +23,36 @@ import pytest
 from authproxy.keys.issuer import TokenIssuer
 from authproxy.runtime.serve import AuthProxy, ConfigError
 from authproxy.state.store import EXPIRY_GRACE
-from tests.conftest import (
-    REFRESH_SECRET,
-    TEST_POLICY,
-    Keys,
+from tests.support.admin import ADMIN_ENV, ADMIN_SECRET, admin, admin_proxy, revocations_url
+from tests.support.echo_backend import EchoBackend
+from tests.support.ext_authz import check_path, metadata, outcome
+from tests.support.keys import REFRESH_SECRET, Keys
+from tests.support.policies import REFRESH_LINE, SINGLE_USE_POLICY, TEST_POLICY, descriptor_set
+from tests.support.redis_server import PATIENT_CONFIG, RedisServer
+from tests.support.running_proxy import (
+    OK,
+    REUSED,
+    REVOKED,
+    STATE_DOWN,
+    RunningProxy,
     config_for,
-    descriptor_set,
+    running_node,
 )
-from tests.echo_backend import EchoBackend
-from tests.ext_authz_support import check_path, metadata, outcome, running_ext_authz
-from tests.operations_support import poll
-from tests.redis_server import (  # noqa: F401
-    PATIENT_CONFIG,
-    RedisServer,
-    finish_closing,
-    redis_server,
-    redis_url,
-)
-from tests.running_proxy import RunningProxy, running_proxy
+from tests.support.waits import poll
 
 ACCESS = "/test.Access/Echo"
 PUBLIC = "/test.Public/Echo"
 REFRESH = "/test.Refresh/Echo"
-OK = (grpc.StatusCode.OK, None)
-REVOKED = (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
-REUSED = (grpc.StatusCode.UNAUTHENTICATED, "REFRESH_REUSED")
-STATE_DOWN = (grpc.StatusCode.UNAVAILABLE, "STATE_UNAVAILABLE")
 
 #: The documented bounds the tests measure.
 PROPAGATION_BOUND = 1.0  # state_staleness: a revocation reaches every replica within it
 FAIL_CLOSED_BOUND = 1.5  # staleness (1 s) plus a ping interval: calls then fail closed
 RECOVERY_BOUND = 5.0  # the proxy reconnects by itself (backoff <= 1 s)
 
-_REFRESH_LINE = "  /test.Refresh/*: refresh\n"
-assert _REFRESH_LINE in TEST_POLICY
-SINGLE_USE_POLICY = TEST_POLICY.replace(
-    _REFRESH_LINE, "  /test.Refresh/*: {level: refresh, single_use: true}\n"
-)
 NO_REVOKE_POLICY = TEST_POLICY.replace(
-    _REFRESH_LINE,
+    REFRESH_LINE,
     "  /test.Refresh/*: {level: refresh, single_use: true, revoke_on_reuse: false}\n",
 )
-ADMIN_ENV = "AUTHPROXY_TEST_ADMIN_TOKEN"
-ADMIN_SECRET = "admin-secret-0123456789"
-
-
-# --- running proxies ----------------------------------------------------------------------
-
-
-def revocations_url(node: RunningProxy) -> str:
-    """The admin API's revocation list."""
-    return f"{node.admin_base}/v1/revocations"
-
-
-@asynccontextmanager
-async def running_node(
-    tmp_path: Path,
-    keys: Keys,
-    backend: EchoBackend,
-    name: str,
-    policy: str = TEST_POLICY,
-    **fields: Any,
-) -> AsyncIterator[RunningProxy]:
-    """One whole proxy named `name` (its own directory): the sidecar in front of the echo
-    backend, plus its admin API."""
-    directory = tmp_path / name
-    directory.mkdir()
-    cfg = config_for(
-        directory,
-        keys,
-        policy,
-        listen="127.0.0.1:0",
-        upstream=f"127.0.0.1:{backend.port}",
-        upstream_reflection=False,
-        admin="127.0.0.1:0",
-        **fields,
-    )
-    async with running_proxy(cfg) as node:
-        yield node
-
-
-async def admin(
-    url: str,
-    method: str = "POST",
-    body: Any = None,
-    data: bytes | None = None,
-    authorization: str | None = None,
-) -> tuple[int, dict, Any]:
-    """(status, headers, JSON body) of one admin API request."""
-    headers = {"authorization": authorization} if authorization else {}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(method, url, json=body, data=data, headers=headers) as response,
-    ):
-        return response.status, dict(response.headers), await response.json(content_type=None)
 
 
 async def wait_for_next_second(moment: float) -> None:
@@ -137,7 +70,7 @@ async def test_a_revoked_token_stays_refused_after_its_exp_within_the_leeway(
     keys: Keys,
     issuer: TokenIssuer,
     backend: EchoBackend,
-    redis_url: str,  # noqa: F811
+    redis_url: str,
 ):
     """TEST_POLICY has `leeway: 5s`: an expired token is accepted for 5 more seconds, and
     a revocation must hold for that long too (also when posted after the exp)."""
@@ -162,7 +95,7 @@ async def test_a_revocation_through_one_proxy_is_enforced_by_the_other_within_1s
     keys: Keys,
     issuer: TokenIssuer,
     backend: EchoBackend,
-    redis_url: str,  # noqa: F811
+    redis_url: str,
 ):
     async with (
         running_node(tmp_path, keys, backend, "a", redis=redis_url) as a,
@@ -205,7 +138,7 @@ async def test_a_subject_revocation_covers_older_tokens_only(
     keys: Keys,
     issuer: TokenIssuer,
     backend: EchoBackend,
-    redis_url: str,  # noqa: F811
+    redis_url: str,
 ):
     async with (
         running_node(tmp_path, keys, backend, "a", redis=redis_url) as a,
@@ -240,7 +173,7 @@ async def test_redis_outage_fails_closed_and_recovers_without_restarting_the_pro
     keys: Keys,
     issuer: TokenIssuer,
     backend: EchoBackend,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ):
     async with running_node(tmp_path, keys, backend, "a", redis=redis_server.url) as node:
         access = issuer.mint("access", "erin", ttl=300).token
@@ -347,16 +280,10 @@ async def test_exactly_one_of_100_concurrent_presentations_succeeds(
 # --- the admin API --------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def admin_proxy(tmp_path: Path, keys: Keys, **overrides: Any) -> AsyncIterator[RunningProxy]:
-    async with running_ext_authz(tmp_path, keys, admin="127.0.0.1:0", **overrides) as running:
-        yield running
-
-
 async def test_admin_api_refuses_bad_requests(
     tmp_path: Path,
     keys: Keys,
-    redis_url: str,  # noqa: F811
+    redis_url: str,
 ):
     future = math.floor(time.time()) + 600
     bad_json = [b"{", b"", b"not json", b'{"jti": "a", "jti": "b", "exp": 1}', b'{"exp": NaN}']
@@ -399,7 +326,7 @@ async def test_admin_api_refuses_bad_requests(
 async def test_admin_api_lists_the_active_revocations(
     tmp_path: Path,
     keys: Keys,
-    redis_url: str,  # noqa: F811
+    redis_url: str,
 ):
     exp = math.floor(time.time()) + 600
     before = math.floor(time.time()) - 60
@@ -467,7 +394,7 @@ async def test_admin_token_must_be_long_enough(
 async def test_admin_api_answers_503_while_redis_is_down(
     tmp_path: Path,
     keys: Keys,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ):
     future = math.floor(time.time()) + 600
     async with admin_proxy(tmp_path, keys, redis=redis_server.url) as running:
@@ -502,7 +429,7 @@ async def test_ext_authz_refuses_revoked_tokens_and_fails_closed_without_redis(
     tmp_path: Path,
     keys: Keys,
     issuer: TokenIssuer,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ):
     async with admin_proxy(tmp_path, keys, redis=redis_server.url) as running:
         revoked = issuer.mint("access", "kim", ttl=300)

@@ -1,7 +1,8 @@
 """Clients and helpers for the Envoy ext_authz tests: CheckRequests built the way Envoy
-builds them (from the xds-protos API), and readers for what the proxy answers.
+builds them (from the xds-protos API), and readers for what the proxy answers. Raw
+HTTP/1.1 to the HTTP front end is in `ext_authz_http`.
 
-Both front ends run for real on loopback (`tests.conftest.start_ext_authz`); nothing
+Both front ends run for real on loopback (`running_proxy.start_ext_authz`); nothing
 here stands in for a server.
 """
 
@@ -19,8 +20,9 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
 from authproxy.decide.reasons import Reason
-from tests.conftest import TEST_POLICY, Keys, start_ext_authz
-from tests.running_proxy import RunningProxy
+from tests.support.keys import Keys
+from tests.support.policies import TEST_POLICY
+from tests.support.running_proxy import RunningProxy, start_ext_authz
 
 GRPC_CONTENT_TYPE = "application/grpc"
 Pairs = Iterable[tuple[str, str]]
@@ -199,47 +201,3 @@ HTTP_CODE = {3: 400, 7: 403, 16: 401}
 
 def grpc_code(reason: str) -> int:
     return GRPC_CODE.get(Reason(reason), 16)
-
-
-# --- raw HTTP/1.1 ------------------------------------------------------------------------
-
-
-async def raw_http(port: int, request: bytes, limit: int = 1 << 20) -> tuple[int, bytes, bytes]:
-    """Send bytes as they are; (status, header block, body) of the answer."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(limit), timeout=10)
-        while data and b"\r\n\r\n" in data:
-            head, _, body = data.partition(b"\r\n\r\n")
-            length = _content_length(head)
-            if length is None or len(body) >= length:
-                break
-            more = await asyncio.wait_for(reader.read(limit), timeout=10)
-            if not more:
-                break
-            data += more
-    finally:
-        writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line = head.split(b"\r\n", 1)[0]
-    return int(status_line.split(b" ")[1]), head, body
-
-
-def _content_length(head: bytes) -> int | None:
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value.strip())
-    return None
-
-
-def header_values(head: bytes, name: str) -> list[str]:
-    """Every value of header `name` in a raw response header block."""
-    out = []
-    for line in head.split(b"\r\n")[1:]:
-        key, _, value = line.partition(b":")
-        if key.strip().lower() == name.encode():
-            out.append(value.strip().decode("latin-1"))
-    return out

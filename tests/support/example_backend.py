@@ -1,4 +1,4 @@
-"""Harness for the example backend's tests: a real backend on loopback, called directly.
+"""The example backend for the tests: a real backend on loopback, called directly.
 
 Each call carries the identity headers the proxy would set: `Example.md` verifies the token
 with the product's verifier and builds the headers with the product's identity code, so
@@ -37,10 +37,10 @@ from authproxy.runtime.serve import AuthProxy, ConfigError, ServeConfig
 from examples.backend.api.v1 import api_pb2, api_pb2_grpc
 from examples.backend.passwords import Passwords
 from examples.backend.server import Backend, BackendConfig, start_backend
-from tests.helpers_tokens import bearer
-from tests.running_proxy import RunningProxy, error_info, start_proxy
+from tests.support.running_proxy import RunningProxy, error_info, start_proxy
+from tests.support.tokens import bearer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "policy.yaml"
 ADMIN_EMAIL = "admin@example.com"
 PASSWORD = "correct horse battery"

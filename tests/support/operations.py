@@ -1,7 +1,7 @@
-"""RunningProxy proxies for the operations tests: an in-process `AuthProxy` (sidecar plus admin
-listener on loopback), a real `python -m authproxy serve` process, policy files written the
-way editors and Kubernetes write them, and the admin endpoints read as JSON or as
-Prometheus samples."""
+"""Proxies for the operations tests: an in-process `AuthProxy` (sidecar plus admin listener
+on loopback) whose policy watch is live (`watched_proxy`), a real `python -m authproxy
+serve` process (`serve_process`), and policy files written the way editors and Kubernetes
+write them (`write_atomically`, `ConfigMapMount`)."""
 
 from __future__ import annotations
 
@@ -9,22 +9,18 @@ import asyncio
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from authproxy.runtime.serve import ServeConfig
-from tests.conftest import REFRESH_ENV, REFRESH_SECRET, Keys
-from tests.echo_backend import EchoBackend
-from tests.running_proxy import RunningProxy, running_proxy
+from tests.support.echo_backend import EchoBackend
+from tests.support.keys import REFRESH_ENV, REFRESH_SECRET, Keys
+from tests.support.running_proxy import RunningProxy, running_proxy
 
-REPO = Path(__file__).resolve().parents[1]
-OK = (grpc.StatusCode.OK, None)
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --- policy files -------------------------------------------------------------------------
@@ -141,18 +137,6 @@ async def watched_proxy(
         if cfg.watch_policy:
             await watching(node)
         yield node
-
-
-async def poll(probe, until, within: float, every: float = 0.01) -> tuple[Any, float]:
-    """Call `probe()` every `every` s until `until(result)`; (last result, seconds taken).
-    Gives up after `within` seconds (the caller asserts on the result)."""
-    start = time.monotonic()
-    while True:
-        result = await probe()
-        elapsed = time.monotonic() - start
-        if until(result) or elapsed > within:
-            return result, elapsed
-        await asyncio.sleep(every)
 
 
 # --- `python -m authproxy serve` as a process -------------------------------------------------

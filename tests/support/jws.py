@@ -19,7 +19,7 @@ import jwt
 
 from authproxy.keys.issuer import SigningKey
 
-#: level -> (type claim, audience), as in tests/conftest.py TEST_POLICY.
+#: level -> (type claim, audience), as in TEST_POLICY (`tests/support/policies.py`).
 LEVELS = {
     "2fa": ("2fa_pending", "2fa-verification"),
     "refresh": ("refresh", "token-refresh"),

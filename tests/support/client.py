@@ -1,4 +1,4 @@
-"""Helpers for the client library's tests: a server interceptor that records what reaches
+"""What the client library's tests share: a server interceptor that records what reaches
 the example backend, a policy that forwards tokens to it, and token minting."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from examples.backend.api.v1 import api_pb2
-from tests.example_backend_harness import PASSWORD, POLICY, Proxied, decoded
+from tests.support.example_backend import PASSWORD, POLICY, Proxied, decoded
 
 REFRESH = "/api.v1.AuthService/RefreshToken"
 GET_PROFILE = "/api.v1.UserService/GetProfile"

@@ -1,12 +1,14 @@
 """The one way tests run the proxy in their own event loop: `start_proxy(cfg)` (or the
 context manager `running_proxy(cfg)`) builds an `AuthProxy` from any `ServeConfig`, starts
 every front end the configuration names, and opens a channel to each gRPC listener it runs.
+`config_for` makes such a configuration on the test keys; `start_sidecar`,
+`start_ext_authz` and `running_node` start the usual ones.
 
-`RunningProxy` then speaks to it: `call` (status and reason), `unary` (the response) and
-`report` through the sidecar; `check`, a channel to the ext_authz gRPC front end;
-`http_url` and `admin_base` for the HTTP listeners, `policy()` and `metrics()` reading the
-admin API. `stop()` closes the channels and stops the proxy, once (a test that stopped it
-itself is left alone)."""
+`RunningProxy` then speaks to it: `call` (status and reason, compared with `OK`,
+`REVOKED`, ...), `unary` (the response) and `report` through the sidecar; `check`, a
+channel to the ext_authz gRPC front end; `http_url` and `admin_base` for the HTTP
+listeners, `policy()` and `metrics()` reading the admin API. `stop()` closes the channels
+and stops the proxy, once (a test that stopped it itself is left alone)."""
 
 from __future__ import annotations
 
@@ -25,10 +27,17 @@ from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from authproxy.runtime.serve import AuthProxy, ServeConfig, Sidecar
-from tests.helpers_tokens import bearer
-from tests.redis_server import finish_closing
+from tests.support.echo_backend import EchoBackend
+from tests.support.keys import REFRESH_ENV, REFRESH_SECRET, Keys
+from tests.support.policies import TEST_POLICY
+from tests.support.redis_server import finish_closing
+from tests.support.tokens import bearer
 
+#: (status, ErrorInfo reason) of a call, as `RunningProxy.call` gives them.
 OK = (grpc.StatusCode.OK, None)
+REVOKED = (grpc.StatusCode.UNAUTHENTICATED, "TOKEN_REVOKED")
+REUSED = (grpc.StatusCode.UNAUTHENTICATED, "REFRESH_REUSED")
+STATE_DOWN = (grpc.StatusCode.UNAVAILABLE, "STATE_UNAVAILABLE")
 #: Room for the tests that send large messages through the sidecar.
 LARGE_MESSAGES = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -100,7 +109,7 @@ class RunningProxy:
     check: grpc.aio.Channel | None  # to the ext_authz gRPC front end
     policy_path: Path
     stopped: bool = False
-    #: The reloader's counts when the test took over (see `operations_support.watching`).
+    #: The reloader's counts when the test took over (see `operations.watching`).
     baseline: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -243,3 +252,81 @@ async def running_proxy(cfg: ServeConfig, **options: Any) -> AsyncIterator[Runni
         yield running
     finally:
         await running.stop()
+
+
+# --- the usual configurations, on the test keys ---------------------------------------------
+
+
+def config_for(tmp_path: Path, keys: Keys, policy: str, **fields) -> ServeConfig:
+    """A ServeConfig on the test keys, with `policy` written to tmp_path/policy.yaml."""
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(policy)
+    os.environ[REFRESH_ENV] = REFRESH_SECRET.decode()
+    cfg = ServeConfig(
+        policy=str(policy_file),
+        jwks=[str(keys.jwks)],
+        hmac_secret_envs=[f"refresh-hmac={REFRESH_ENV}"],
+        shutdown_grace=0.5,
+    )
+    for key, value in fields.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+async def start_sidecar(
+    tmp_path: Path, upstream_port: int, keys: Keys, policy: str = TEST_POLICY, **overrides
+) -> RunningProxy:
+    """The proxy as a sidecar in front of `upstream_port` (no admin API, no ext_authz, no
+    policy watch, no reflection unless `overrides` say so) on in-memory state."""
+    cfg = config_for(
+        tmp_path,
+        keys,
+        policy,
+        listen="127.0.0.1:0",
+        upstream=f"127.0.0.1:{upstream_port}",
+        **{"upstream_reflection": False, "watch_policy": False, **overrides},
+    )
+    return await start_proxy(cfg, channel_options=LARGE_MESSAGES)
+
+
+async def start_ext_authz(
+    tmp_path: Path, keys: Keys, policy: str = TEST_POLICY, path_prefix: str = "", **overrides
+) -> RunningProxy:
+    """The proxy running only its Envoy ext_authz front ends (gRPC Check and HTTP)."""
+    cfg = config_for(
+        tmp_path,
+        keys,
+        policy,
+        ext_authz_grpc="127.0.0.1:0",
+        ext_authz_http="127.0.0.1:0",
+        ext_authz_http_path_prefix=path_prefix,
+        **overrides,
+    )
+    return await start_proxy(cfg)
+
+
+@asynccontextmanager
+async def running_node(
+    tmp_path: Path,
+    keys: Keys,
+    backend: EchoBackend,
+    name: str,
+    policy: str = TEST_POLICY,
+    **fields: Any,
+) -> AsyncIterator[RunningProxy]:
+    """One whole proxy named `name` (its own directory): the sidecar in front of the echo
+    backend, plus its admin API."""
+    directory = tmp_path / name
+    directory.mkdir()
+    cfg = config_for(
+        directory,
+        keys,
+        policy,
+        listen="127.0.0.1:0",
+        upstream=f"127.0.0.1:{backend.port}",
+        upstream_reflection=False,
+        admin="127.0.0.1:0",
+        **fields,
+    )
+    async with running_proxy(cfg) as node:
+        yield node

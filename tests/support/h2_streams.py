@@ -25,7 +25,7 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from tests.security.h2client import grpc_frame, grpc_request_headers
+from tests.support.h2client import grpc_frame, grpc_request_headers
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_CONCURRENT_STREAMS = SettingsFrame.MAX_CONCURRENT_STREAMS
@@ -359,66 +359,3 @@ def parse_frames(data: bytes) -> list[Frame]:
         frames.append(frame)
         pos += 9 + length
     return frames
-
-
-# --- a raw backend that resets its streams ------------------------------------------------
-
-
-class ResettingBackend:
-    """A bare HTTP/2 server standing in for a gRPC backend: every request gets response
-    headers and one gRPC message `first`, then RST_STREAM with `code` (no trailers), as a
-    backend whose side cancels or fails a stream does. `requests` counts the requests."""
-
-    def __init__(self, code: int = CANCEL) -> None:
-        self.code = code
-        self.requests = 0
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> ResettingBackend:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.server.wait_closed(), 5)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        encoder, decoder = Encoder(), Decoder()
-        try:
-            assert await reader.readexactly(len(PREFACE)) == PREFACE
-            writer.write(SettingsFrame(0).serialize())
-            block: bytes | None = None
-            while True:
-                header = await reader.readexactly(9)
-                frame, length = Frame.parse_frame_header(header)
-                frame.parse_body(memoryview(await reader.readexactly(length)))
-                if isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
-                    writer.write(SettingsFrame(0, flags=["ACK"]).serialize())
-                elif isinstance(frame, PingFrame) and "ACK" not in frame.flags:
-                    writer.write(PingFrame(0, frame.opaque_data, flags=["ACK"]).serialize())
-                elif isinstance(frame, (HeadersFrame, ContinuationFrame)):
-                    block = (block or b"") + frame.data
-                    if "END_HEADERS" in frame.flags:
-                        decoder.decode(block)
-                        block = None
-                        self.requests += 1
-                        self._respond(frame.stream_id, encoder, writer)
-                elif isinstance(frame, DataFrame) and frame.flow_controlled_length:
-                    writer.write(WindowUpdateFrame(0, frame.flow_controlled_length).serialize())
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, AssertionError):
-            pass
-        finally:
-            writer.close()
-
-    def _respond(self, stream_id: int, encoder: Encoder, writer: asyncio.StreamWriter) -> None:
-        fields = [(b":status", b"200"), (b"content-type", b"application/grpc")]
-        writer.write(
-            HeadersFrame(stream_id, encoder.encode(fields), flags=["END_HEADERS"]).serialize()
-            + DataFrame(stream_id, grpc_frame(b"first")).serialize()
-            + RstStreamFrame(stream_id, error_code=self.code).serialize()
-        )

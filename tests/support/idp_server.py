@@ -1,5 +1,5 @@
 """A fake identity provider for the remote-key tests: a real aiohttp server on 127.0.0.1
-(plain HTTP, or TLS with a certificate from `tests/certs.py`) serving OpenID Connect
+(plain HTTP, or TLS with a certificate from `tests/support/certs.py`) serving OpenID Connect
 discovery (`/.well-known/openid-configuration`) and its key set (`/jwks.json`).
 
 Everything is settable while it runs: the published keys (EC P-256 or RSA, generated

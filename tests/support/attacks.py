@@ -3,7 +3,7 @@
 Every case is a real gRPC call to a sidecar with the echo backend behind it (both the
 unary and the stream path, see the `proxy` fixture). A denied call must carry the exact
 status code and `ErrorInfo` reason, and the backend must never see it. Tokens the
-issuer would never produce are built by hand in `tests/security/jws.py`.
+issuer would never produce are built by hand in `tests/support/jws.py`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from cryptography.x509.oid import NameOID
 
 from authproxy.keys.issuer import SigningKey
 from authproxy.keys.keyset import public_jwk
-from tests.conftest import Keys
-from tests.echo_backend import EchoBackend
-from tests.helpers_tokens import bearer
-from tests.running_proxy import RunningProxy, error_info
-from tests.security.jws import claims, craft
+from tests.support.echo_backend import EchoBackend
+from tests.support.jws import claims, craft
+from tests.support.keys import Keys
+from tests.support.running_proxy import RunningProxy, error_info
+from tests.support.tokens import bearer
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 METHODS = {

@@ -2,7 +2,7 @@
 on a free loopback port, without persistence, in its own temporary directory; it can be
 killed with SIGKILL, like a crash or a network cut, and restarted on the same port).
 
-Fixtures (import them into a test module to use them):
+Fixtures (tests/conftest.py registers them for every test):
 
 - `redis_server` — a running `RedisServer`, stopped at teardown;
 - `redis_url` — `redis://127.0.0.1:PORT` of that server.
@@ -11,7 +11,7 @@ A missing `redis-server` fails the test with a clear message: it is never skippe
 
 Also `finish_closing` / `running_state`: closing a `RedisState` (or stopping a proxy
 that owns one) with a bound, so that a close that hangs fails one test instead of
-hanging the run — see `test_state.py::test_close_returns_right_after_start`.
+hanging the run — see `tests/state/test_state.py::test_close_returns_right_after_start`.
 """
 
 from __future__ import annotations

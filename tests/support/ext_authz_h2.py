@@ -23,9 +23,11 @@ from authproxy.ext_authz.grpc_check import SERVICE_NAME, CheckServer
 from authproxy.keys.issuer import TokenIssuer
 from authproxy.runtime.serve import build_authorizer
 from authproxy.state.store import MemoryState
-from tests.conftest import TEST_POLICY, Keys, config_for
-from tests.ext_authz_support import check_request, outcome
-from tests.h2_streams import AbuseConnection
+from tests.support.ext_authz import check_request, outcome
+from tests.support.h2_streams import AbuseConnection
+from tests.support.keys import Keys
+from tests.support.policies import TEST_POLICY
+from tests.support.running_proxy import config_for
 
 CHECK = f"/{SERVICE_NAME}/Check"
 
