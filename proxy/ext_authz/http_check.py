@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 from time import monotonic
 
 from authproxy.decide.pipeline import Authorizer
@@ -39,7 +40,7 @@ from authproxy.ext_authz.answer import (
 from authproxy.ext_authz.http_protocol import HttpConnection
 from authproxy.ext_authz.http_reply import SERVER_LINE, Reply
 from authproxy.ext_authz.http_request import HttpLimits
-from authproxy.wire.listen import bind
+from authproxy.wire.listen import listen_on
 
 log = logging.getLogger("authproxy.ext_authz")
 
@@ -85,18 +86,13 @@ class CheckHttpServer:
 
     async def start(self) -> None:
         """Bind and listen (OSError when the port cannot be had)."""
-        sockets = bind(self.address, self.reuse_port)
         loop = asyncio.get_running_loop()
-        try:
-            for sock in sockets:
-                self._servers.append(
-                    await loop.create_server(self._connection, sock=sock, backlog=1024)
-                )
-        except BaseException:
-            for sock in sockets:
-                sock.close()
-            raise
-        self.port = sockets[0].getsockname()[1]
+
+        async def serve(sock: socket.socket) -> None:
+            server = await loop.create_server(self._connection, sock=sock, backlog=1024)
+            self._servers.append(server)
+
+        self.port = await listen_on(self.address, serve, self.reuse_port)
         self._sweep()
 
     async def stop(self, grace: float) -> None:

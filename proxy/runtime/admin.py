@@ -34,6 +34,7 @@ import ipaddress
 import json
 import logging
 import math
+import socket
 import time
 from enum import Enum
 from typing import Any, Protocol
@@ -45,7 +46,7 @@ from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 
 from authproxy.keys.jsonstrict import loads_strict
 from authproxy.state.store import EXPIRY_GRACE, StateStore, StateUnavailable
-from authproxy.wire.listen import bind
+from authproxy.wire.listen import listen_on
 
 log = logging.getLogger("authproxy.admin")
 
@@ -119,16 +120,12 @@ class AdminServer:
 
     async def start(self) -> None:
         """Bind and listen (OSError when the port cannot be had)."""
-        sockets = bind(self.address)
-        try:
-            await self._runner.setup()
-            for sock in sockets:
-                await web.SockSite(self._runner, sock).start()
-        except BaseException:
-            for sock in sockets:
-                sock.close()
-            raise
-        self.port = sockets[0].getsockname()[1]
+        await self._runner.setup()
+
+        async def serve(sock: socket.socket) -> None:
+            await web.SockSite(self._runner, sock).start()
+
+        self.port = await listen_on(self.address, serve)
 
     async def stop(self, grace: float = 0) -> None:
         await self._runner.cleanup()

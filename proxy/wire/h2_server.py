@@ -39,7 +39,7 @@ from authproxy.wire.h2_engine import (
     flush_all,
     server_connection,
 )
-from authproxy.wire.listen import bind
+from authproxy.wire.listen import listen_on
 
 log = logging.getLogger("authproxy.h2")
 
@@ -226,23 +226,15 @@ class H2Server:
     ) -> int:
         """Bind `HOST:PORT` (`wire/listen.py`) and listen there; the bound port. OSError
         (naming the address) when it cannot be had."""
-        sockets = bind(address, reuse_port)
-        try:
-            await self.serve(sockets, tls)
-        except BaseException:
-            for sock in sockets:
-                sock.close()
-            raise
-        return sockets[0].getsockname()[1]
-
-    async def serve(self, sockets: list[socket.socket], tls: ssl.SSLContext | None = None) -> None:
-        """Listen on sockets bound beforehand (`bind`)."""
         loop = asyncio.get_running_loop()
-        for sock in sockets:
+
+        async def serve(sock: socket.socket) -> None:
             server = await loop.create_server(
                 self.protocol, sock=sock, ssl=tls, backlog=socket.SOMAXCONN
             )
             self.servers.append(server)
+
+        return await listen_on(address, serve, reuse_port)
 
     async def stop(self, grace: float) -> None:
         """GOAWAY every connection, let running calls finish for `grace` seconds, then end

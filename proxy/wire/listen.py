@@ -6,6 +6,7 @@ read an address, one dual-stack rule, one error for a port that cannot be had.
 from __future__ import annotations
 
 import socket
+from collections.abc import Awaitable, Callable
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -43,3 +44,22 @@ def bind(address: str, reuse_port: bool = False) -> list[socket.socket]:
             sock.close()
         raise OSError(e.errno, f"cannot listen on {address}: {e.strerror or e}") from None
     return sockets
+
+
+async def listen_on(
+    address: str,
+    serve: Callable[[socket.socket], Awaitable[object]],
+    reuse_port: bool = False,
+) -> int:
+    """Bind `address` and hand each bound socket to `serve`, which listens on it; the
+    bound port. When binding or serving fails, the sockets are closed and the error
+    raised (OSError naming the address for a port that cannot be had)."""
+    sockets = bind(address, reuse_port)
+    try:
+        for sock in sockets:
+            await serve(sock)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets[0].getsockname()[1]
