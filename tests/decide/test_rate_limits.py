@@ -53,6 +53,7 @@ from tests.support.running_proxy import (
     running_node,
     running_proxy,
     start_sidecar,
+    status_detail,
     with_token,
 )
 from tests.support.tokens import minted
@@ -592,14 +593,8 @@ async def test_redis_keys_live_under_the_namespace_and_all_expire(
 
 
 def retry_info(error: grpc.aio.AioRpcError) -> error_details_pb2.RetryInfo | None:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return info
-    return None
+    assert rpc_status.from_call(error) is not None
+    return status_detail(error, error_details_pb2.RetryInfo)
 
 
 async def test_the_sidecar_refuses_the_sixth_call_with_retry_info(

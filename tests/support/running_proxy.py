@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import grpc
@@ -32,6 +32,9 @@ from tests.support.keys import REFRESH_ENV, REFRESH_SECRET, Keys
 from tests.support.policies import TEST_POLICY
 from tests.support.redis_server import finish_closing
 from tests.support.tokens import bearer
+
+#: A google.rpc detail message type (ErrorInfo, RetryInfo, ...).
+Detail = TypeVar("Detail", error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo)
 
 #: (status, ErrorInfo reason) of a call, as `RunningProxy.call` gives them.
 OK = (grpc.StatusCode.OK, None)
@@ -50,17 +53,22 @@ def with_token(metadata: Sequence[tuple[str, str]], token: str | None) -> tuple:
     return tuple(metadata) + (bearer(token) if token else ())
 
 
-def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
-    """The ErrorInfo inside `grpc-status-details-bin`, if any."""
+def status_detail(error: grpc.aio.AioRpcError, kind: type[Detail]) -> Detail | None:
+    """The first detail of type `kind` inside `grpc-status-details-bin`, if any."""
     status = rpc_status.from_call(error)
     if status is None:
         return None
     for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
+        if detail.Is(kind.DESCRIPTOR):
+            found = kind()
+            detail.Unpack(found)
+            return found
     return None
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo inside `grpc-status-details-bin`, if any."""
+    return status_detail(error, error_details_pb2.ErrorInfo)
 
 
 async def http_get(url: str) -> tuple[int, str, str]:
