@@ -153,3 +153,15 @@ def test_the_client_library_uses_only_the_policy_model_and_the_names_it_shares()
                 m for m in _imports(name, path, modules) if not m.startswith(allowed_prefixes)
             }
             assert not outside, (name, outside)
+
+
+def test_no_proxy_code_waits_with_asyncio_wait_for():
+    """On Python 3.11 `asyncio.wait_for` drops a cancellation that arrives just as the
+    awaited thing finishes: a loop stopped by `cancel()` then goes on, and the stop that
+    awaits it waits forever. `asyncio.timeout` keeps the cancellation; the proxy uses it."""
+    found = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "wait_for":
+                found.append(f"{name}:{node.lineno}")
+    assert not found, f"asyncio.wait_for in {found}; use `async with asyncio.timeout(...)`"

@@ -110,7 +110,8 @@ class CheckHttpServer:
             connection.drain()
         if self.connections and grace > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._all_closed.wait(), grace)
+                async with asyncio.timeout(grace):
+                    await self._all_closed.wait()
         for connection in tuple(self.connections):
             connection.abort()
         for server in self._servers:

@@ -205,7 +205,8 @@ class RemoteJwks(KeySource):
         while (delay := self.due_in()) > 0:
             self._rescheduled.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._rescheduled.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._rescheduled.wait()
 
     async def refetch_unknown(self) -> bool:
         """A token names a kid this set lacks: fetch now unless one was made within

@@ -70,7 +70,8 @@ class MethodCatalog:
 
     async def add_from_reflection(self, channel: grpc.aio.Channel, timeout: float = 5.0) -> int:
         """Ask the backend's server reflection for every service and its methods."""
-        files = await asyncio.wait_for(reflect_files(channel), timeout)
+        async with asyncio.timeout(timeout):
+            files = await reflect_files(channel)
         return self.add_files(files)
 
 

@@ -122,6 +122,8 @@ class Sidecar:
                 self._log_uncovered()
                 return
             except Exception as e:  # any failure: kinds stay unknown for now, retry later
+                if (task := asyncio.current_task()) is not None and task.cancelling():
+                    raise asyncio.CancelledError from e  # stopping: a library ate the cancel
                 silent, problem = reflection_problem(e, REFLECTION_TIMEOUT)
                 log.info(
                     "reflection on %s %s (%s); retrying in %gs",

@@ -250,9 +250,15 @@ class UpstreamPool:
         if connecting is None:
             return False
         try:
-            await asyncio.wait_for(asyncio.shield(connecting), timeout)
-        except (TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(connecting)
+        except TimeoutError:
             return False
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            if caller is not None and caller.cancelling():
+                raise  # this caller is being cancelled
+            return False  # the connect attempt was cancelled: the pool is closing
         return any(not c.going_away and not c.closed for c in self.connections)
 
     def forget(self, connection: UpstreamConnection) -> None:

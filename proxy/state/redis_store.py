@@ -145,7 +145,8 @@ class RedisState:
         loaded = asyncio.Event()
         self._follower = asyncio.create_task(self._follow(loaded))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(loaded.wait(), 5 * self.staleness)
+            async with asyncio.timeout(5 * self.staleness):
+                await loaded.wait()
 
     async def close(self) -> None:
         self._closing = True
