@@ -257,6 +257,37 @@ async def test_rotation_a_new_kid_is_allowed_after_exactly_one_immediate_refetch
         assert remote(node).results.get("ok", 0) == 2
 
 
+async def test_a_set_an_unknown_kid_fetch_changed_is_used_though_the_asking_call_went_away(
+    tmp_path: Path, backend: EchoBackend, idp: FakeIdp
+):
+    """The call that asked for the fetch is cancelled while the IdP answers: the fetch goes
+    on and the ring is rebuilt from it, so the next token with that kid fetches nothing."""
+    fetch = dataclasses.replace(FAST, timeout=SOON)
+    async with remote_proxy(
+        tmp_path, backend, (idp.issuer,), fetch, oidc_issuers=[idp.issuer]
+    ) as node:
+        assert await node.call(METHOD, idp.token("k1")) == OK
+        await past_refetch_interval(idp, fetch)
+        idp.add_key("k2")
+        idp.mode = "held"
+        ring = node.proxy.keys
+        asking = asyncio.create_task(ring.refresh_for("k2", idp.issuer))
+        await asyncio.wait_for(idp.holding.wait(), SOON)
+        asking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+        hits = idp.hits[JWKS]
+        idp.release.set()
+
+        async def kids() -> set[str]:
+            return set(ring.current.by_kid)
+
+        await eventually(kids, lambda found: "k2" in found)
+        idp.mode = "ok"
+        assert await node.call(METHOD, idp.token("k2")) == OK
+        assert idp.hits[JWKS] == hits
+
+
 async def test_a_removed_kid_is_refused_once_the_cache_lifetime_has_passed(
     tmp_path: Path, backend: EchoBackend, idp: FakeIdp
 ):

@@ -11,6 +11,7 @@ the discovery document names, and a `mode` for how `/jwks.json` misbehaves:
     garbage       200 with a body that is not JSON
     not-jwks      200 with JSON that is not a key set
     slow          the key set, after waiting longer than any test's fetch timeout
+    held          the key set once the test sets `release` (`holding` is set on arrival)
     huge          200 with a body of `huge_bytes`, Content-Length announced
     huge-chunked  the same without Content-Length (chunked transfer encoding)
     chunked       the key set, sent in several chunks with pauses between them
@@ -41,7 +42,10 @@ from authproxy.keys.keyset import public_jwk
 DISCOVERY = "/.well-known/openid-configuration"
 JWKS = "/jwks.json"
 MOVED = "/moved/jwks.json"
-MODES = ("ok", "down", "garbage", "not-jwks", "slow", "huge", "huge-chunked", "chunked", "redirect")
+MODES = (
+    "ok", "down", "garbage", "not-jwks", "slow", "held", "huge", "huge-chunked", "chunked",
+    "redirect",
+)  # fmt: skip
 ALG_OF = {"EC": "ES256", "RSA": "RS256"}
 
 
@@ -78,6 +82,9 @@ class FakeIdp:
     def __post_init__(self) -> None:
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
+        #: "held": set when a key-set request arrives; the answer waits for `release`.
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -190,6 +197,9 @@ class FakeIdp:
         if mode == "slow":
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), self.slow_seconds)
+        if mode == "held":
+            self.holding.set()
+            await self.release.wait()
         if mode == "huge":
             filler = b" " * self.huge_bytes  # whitespace: the body would even parse
             return web.Response(body=body[:-1] + filler + b"}", headers=self._headers())
