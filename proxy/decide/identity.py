@@ -10,7 +10,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from authproxy.decide.reasons import Denied, Reason
 from authproxy.keys.verify import HEADER_SAFE, VerifiedToken, claim_list, scopes
+from authproxy.policy.claims import DEFAULT_CLAIMS, MISSING, ClaimPath
 from authproxy.policy.model import IDENTITY_HEADER_PREFIX, Policy, TokenSpec
 
 SUBJECT = "x-auth-subject"
@@ -93,12 +95,14 @@ def _with_claim_headers(base: Identity, verified: VerifiedToken, policy: Policy)
 
 def _build(verified: VerifiedToken, spec: TokenSpec) -> Identity:
     claims = verified.claims
-    roles = claim_list(claims, "roles")
-    permissions = claim_list(claims, "permissions")
-    token_scopes = scopes(claims)
+    mapping = spec.claims
+    subject = _subject(claims, mapping.subject)
+    roles = claim_list(claims, mapping.roles)
+    permissions = claim_list(claims, mapping.permissions)
+    token_scopes = scopes(claims, mapping.scopes)
     jti = claims.get("jti")
     iss = claims.get("iss") if isinstance(claims.get("iss"), str) else None
-    headers = [(SUBJECT, claims["sub"]), (TOKEN_TYPE, spec.type)]
+    headers = [(SUBJECT, subject), (TOKEN_TYPE, spec.type)]
     if roles:
         headers.append((ROLES, ",".join(roles)))
     if permissions:
@@ -113,7 +117,7 @@ def _build(verified: VerifiedToken, spec: TokenSpec) -> Identity:
     # it is forwarded as is: no re-encoding, and never larger than the token.
     headers.append((CLAIMS, verified.token.split(".", 2)[1]))
     return Identity(
-        subject=claims["sub"],
+        subject=subject,
         token_type=spec.type,
         roles=roles,
         permissions=permissions,
@@ -123,6 +127,18 @@ def _build(verified: VerifiedToken, spec: TokenSpec) -> Identity:
         claims=claims,
         headers=tuple(headers),
     )
+
+
+def _subject(claims: dict[str, Any], path: ClaimPath) -> str:
+    """The subject: `sub` (checked with the other claims), or the claim the level maps."""
+    if path == DEFAULT_CLAIMS.subject:
+        return claims["sub"]
+    value = path.read(claims)
+    if value is MISSING:
+        raise Denied(Reason.MISSING_CLAIM, f"the token has no '{path}' claim (its subject)")
+    if not isinstance(value, str) or not value or not HEADER_SAFE.fullmatch(value):
+        raise Denied(Reason.INVALID_CLAIM, f"claim '{path}' (the subject) must be a plain string")
+    return value
 
 
 def _header_text(value: Any) -> str | None:

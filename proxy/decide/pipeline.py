@@ -1,7 +1,7 @@
 """The decision pipeline every front end calls.
 
     match the method's rule -> extract the token -> verify it for the rule's level
-    -> check shared state -> check requirements -> count rate limits
+    -> check shared state -> check requirements and `when:` conditions -> count rate limits
     -> record single use -> Decision
 
 Only calls that pass every other step are counted or recorded: the rate limit counts a
@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 from authproxy.decide.bearer import extract_bearer
+from authproxy.decide.conditions import check_conditions
 from authproxy.decide.decision import Decision
 from authproxy.decide.identity import Identities, Identity
 from authproxy.decide.reasons import Denied, Reason
@@ -277,6 +278,8 @@ class Authorizer:
                             yield waiting
                 if rule.roles or rule.permissions or rule.scopes:
                     check_requirements(rule, identity)
+                if rule.when:
+                    check_conditions(rule.when, verified.claims, headers)
             if rule.peers and not rule.peer_allowed(principal):
                 raise Denied(Reason.PEER_NOT_ALLOWED, _peer_message(rule, principal))
             if rule.rate_limits and recording:

@@ -38,6 +38,10 @@ class Reason(StrEnum):
     INSUFFICIENT_ROLE = "INSUFFICIENT_ROLE"
     INSUFFICIENT_PERMISSION = "INSUFFICIENT_PERMISSION"
     INSUFFICIENT_SCOPE = "INSUFFICIENT_SCOPE"
+    # A rule's `when:` conditions: a claim without the value asked for, or a request header
+    # that is not the claim it is bound to.
+    CLAIM_MISMATCH = "CLAIM_MISMATCH"
+    HEADER_MISMATCH = "HEADER_MISMATCH"
     METHOD_DENIED = "METHOD_DENIED"
     METHOD_MALFORMED = "METHOD_MALFORMED"
     # The rule names the peers (client certificates) it accepts; this one is not among them.
@@ -67,6 +71,8 @@ _STATUS = {
         Reason.INSUFFICIENT_ROLE,
         Reason.INSUFFICIENT_PERMISSION,
         Reason.INSUFFICIENT_SCOPE,
+        Reason.CLAIM_MISMATCH,
+        Reason.HEADER_MISMATCH,
         Reason.METHOD_DENIED,
         Reason.METHOD_MALFORMED,
         Reason.POLICY_CHANGED,

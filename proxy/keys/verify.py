@@ -31,6 +31,7 @@ from authproxy.keys.jsonstrict import loads_strict
 from authproxy.keys.keyset import CurrentKeys, KeySet, VerificationKey, b64url_decode
 from authproxy.keys.selection import UnknownKey, only_other_issuers
 from authproxy.keys.selection import candidates as key_candidates
+from authproxy.policy.claims import MISSING, ClaimPath
 from authproxy.policy.model import ACCESS, REFRESH, TWO_FA, Policy, TokenSpec
 
 log = logging.getLogger("authproxy.verify")
@@ -300,10 +301,11 @@ def _needs(spec: TokenSpec) -> str:
     return f"this method needs {_LEVEL_NAMES[spec.level]} token"
 
 
-def claim_list(claims: Mapping[str, Any], name: str) -> tuple[str, ...]:
+def claim_list(claims: Mapping[str, Any], path: ClaimPath) -> tuple[str, ...]:
     """A list-of-strings claim (`roles`, `permissions`), validated for use in a header."""
-    value = claims.get(name)
-    if value is None:
+    value = path.read(claims)
+    name = str(path)
+    if value is None or value is MISSING:
         return ()
     if not isinstance(value, list):
         raise Denied(Reason.INVALID_CLAIM, f"claim '{name}' must be a list of strings")
@@ -312,17 +314,18 @@ def claim_list(claims: Mapping[str, Any], name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def scopes(claims: Mapping[str, Any]) -> tuple[str, ...]:
-    """Scopes from `scope` (space-separated string or list), else `scp`."""
-    for name in ("scope", "scp"):
-        value = claims.get(name)
+def scopes(claims: Mapping[str, Any], paths: tuple[ClaimPath, ...]) -> tuple[str, ...]:
+    """Scopes from the first of `paths` the token has (by default `scope`, else `scp`): a
+    space-separated string or a list."""
+    for path in paths:
+        value = path.read(claims)
         if isinstance(value, str):
             items = value.split()
             for item in items:
-                _header_safe(item, name, list_item=True)
+                _header_safe(item, str(path), list_item=True)
             return tuple(items)
-        if value is not None:
-            return claim_list(claims, name)
+        if value is not None and value is not MISSING:
+            return claim_list(claims, path)
     return ()
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from authproxy.decide.identity import BUILTIN_HEADERS
 from authproxy.policy import yaml_source
+from authproxy.policy.claim_section import ClaimChecks
 from authproxy.policy.http_routes import HttpRoute, HttpRoutes, parse_route_key
 from authproxy.policy.limits import RateLimitChecks
 from authproxy.policy.model import (
@@ -55,9 +56,10 @@ RULE_KEYS = (
     "end_streams",
     "mode",
     "peers",
+    "when",
 )
 MODES = ("enforce", "shadow")
-TOKEN_KEYS = ("type", "audience", "issuer", "keys", "type_claim")
+TOKEN_KEYS = ("type", "audience", "issuer", "keys", "type_claim", "claims")
 _HEADER_NAME = re.compile(r"x-auth-[a-z0-9]+(?:-[a-z0-9]+)*")
 
 
@@ -102,7 +104,7 @@ def parse_policy(data: bytes | str, file: str = "<policy>") -> Policy:
     return _Validator(file).policy(doc, policy_version(raw))
 
 
-class _Validator(RateLimitChecks, StripHeaderChecks):
+class _Validator(RateLimitChecks, StripHeaderChecks, ClaimChecks):
     shadow_default = False
     #: Token levels the file defines, valid or not: a rule using one whose definition is
     #: broken gets no second error (the definition's own error says what to fix).
@@ -234,6 +236,7 @@ class _Validator(RateLimitChecks, StripHeaderChecks):
             level_issuers = self.strings(spec, "issuer", allow_single=True)
             key_ids = self.strings(spec, "keys")
             type_claim = self.string(spec, "type_claim", f"tokens.{level}", default="type")
+            claim_map = self.claim_map(spec, f"tokens.{level}")
             if token_type is None or not audiences:
                 continue
             specs[level] = TokenSpec(
@@ -243,6 +246,7 @@ class _Validator(RateLimitChecks, StripHeaderChecks):
                 issuers=level_issuers if level_issuers is not None else issuers,
                 key_ids=key_ids,
                 type_claim=type_claim or "type",
+                claims=claim_map,
                 line=spec.line_of("keys") if "keys" in spec else line,
             )
         return specs
@@ -288,6 +292,7 @@ class _Validator(RateLimitChecks, StripHeaderChecks):
             end_streams=end_streams,
             shadow=self.shadow(spec, default=self.shadow_default),
             peers=peers,
+            when=self.conditions(spec, where, level) if level else (),
             line=line,
         )
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from limits import RateLimitItem
 
+from authproxy.policy.claims import DEFAULT_CLAIMS, ClaimCondition, ClaimMap
 from authproxy.policy.http_routes import HttpRoutes
 from authproxy.policy.strip_headers import DEFAULT_STRIP, StripHeaders
 
@@ -52,6 +53,8 @@ class TokenSpec:
     key_ids: frozenset[str] | None = None
     #: The claim that carries the token type.
     type_claim: str = "type"
+    #: Which claims carry the subject, roles, permissions and scopes (`claims:`).
+    claims: ClaimMap = DEFAULT_CLAIMS
     #: Where in the policy file this level's `keys` (or the level) is, for messages.
     line: int | None = None
 
@@ -90,6 +93,8 @@ class Rule:
     #: Client-certificate identities (mTLS) accepted, any of: exact, or a prefix ending
     #: in `*`. Empty: any peer (no certificate needed).
     peers: tuple[str, ...] = ()
+    #: Conditions on the token's claims and the request's headers, all must hold (`when:`).
+    when: tuple[ClaimCondition, ...] = ()
     line: int | None = None
 
     def peer_allowed(self, principal: str | None) -> bool:

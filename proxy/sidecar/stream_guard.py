@@ -168,7 +168,8 @@ class StreamGuard:
         if identity is None or not decision.rule.end_streams:
             return watch  # followed for policy changes only
         claims = identity.claims
-        watch.jti, watch.sub, watch.iat = identity.jti, identity.subject, claims.get("iat")
+        # Revocation is by the token's `sub` (the mapped subject may be another claim).
+        watch.jti, watch.sub, watch.iat = identity.jti, claims["sub"], claims.get("iat")
         loop = asyncio.get_running_loop()
         leeway = self.authorizer.policy.leeway
         delay = max(0.0, claims["exp"] + leeway - self.clock())

@@ -211,7 +211,7 @@ def test_a_missing_level_is_not_judged_as_deny(tmp_path: Path) -> None:
     assert problems(path) == [
         f"{path}:5: unknown key in rule /a.B/C 'tier' (allowed: level, roles, permissions,"
         " scopes, forward_token, single_use, revoke_on_reuse, rate_limit, end_streams, mode,"
-        " peers)",
+        " peers, when)",
         f"{path}:5: rule /a.B/C has no 'level'",
     ]
 
@@ -221,7 +221,7 @@ def test_a_broken_token_level_is_not_reported_again_by_each_rule(tmp_path: Path)
     path = write(tmp_path, text + "methods:\n  /a.B/C: access\n  /a.B/D: access\n")
     assert problems(path) == [
         f"{path}:3: unknown key in tokens.access 'aud' (allowed: type, audience, issuer, keys,"
-        " type_claim)",
+        " type_claim, claims)",
         f"{path}:3: tokens.access has no 'audience': every token type needs one",
     ]
 

@@ -215,6 +215,9 @@ def minted(
     return issuer.mint(level, subject, ttl=ttl, **claims).token
 
 
-def authorizer(clock: Clock | None = None, cache_size: int = 10_000) -> Authorizer:
+def authorizer(
+    clock: Clock | None = None, cache_size: int = 10_000, text: str = POLICY_YAML
+) -> Authorizer:
+    """The pipeline on the test keys and the policy `text` (state steps left out)."""
     verifier = TokenVerifier(keyset(), cache_size=cache_size, clock=clock or Clock())
-    return Authorizer(policy(), verifier)
+    return Authorizer(policy(text), verifier)
