@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from authproxy.decide.bearer import extract_bearer
+from authproxy.decide.conditions import check_conditions
 from authproxy.decide.decision import Decision
 from authproxy.decide.identity import Identity, identity_of
 from authproxy.decide.pipeline import Authorizer, Headers, check_requirements
@@ -91,6 +92,7 @@ async def explain_offline(
     token: str | None = None,
     http_method: str | None = None,
     now: float | None = None,
+    headers: tuple[tuple[str, str], ...] = (),
 ) -> Explanation:
     """`explain` on a fresh `offline_authorizer(cfg)` at time `now` (default: the clock).
     Keys are required, as by `serve`, when there is a token to verify or keys are
@@ -104,18 +106,23 @@ async def explain_offline(
             await keys.start()
             await keys.wait_loaded(cfg.jwks_fetch.timeout)
         authorizer = offline_authorizer(cfg, state, need_keys, now, keys)
-        return await explain(authorizer, target, token, http_method)
+        return await explain(authorizer, target, token, http_method, headers)
     finally:
         await keys.close()
         await state.close()
 
 
 async def explain(
-    authorizer: Authorizer, target: str, token: str | None = None, http_method: str | None = None
+    authorizer: Authorizer,
+    target: str,
+    token: str | None = None,
+    http_method: str | None = None,
+    extra_headers: tuple[tuple[str, str], ...] = (),
 ) -> Explanation:
     """Explain a gRPC call to `target` (a method path), or with `http_method` an HTTP
-    request for the path `target`, carrying `token` (a JWT, or a whole `Bearer ...`)."""
-    headers: list[tuple[str, str]] = []
+    request for the path `target`, carrying `token` (a JWT, or a whole `Bearer ...`) and
+    `extra_headers` (what `when:` conditions bind to claims)."""
+    headers: list[tuple[str, str]] = list(extra_headers)
     if token is not None:
         headers.append(("authorization", token if " " in token.strip() else f"Bearer {token}"))
     if http_method is None:
@@ -174,6 +181,13 @@ def _token_steps(
         yield _failed("requirements", d)
         return
     yield Step("requirements", OK, "; ".join(requirements(rule)) or "none")
+    if rule.when:
+        try:
+            check_conditions(rule.when, verified.claims, headers)
+        except Denied as d:
+            yield _failed("conditions", d)
+            return
+        yield Step("conditions", OK, "; ".join(map(str, rule.when)))
 
 
 def _verify_failure(
@@ -222,14 +236,19 @@ def _claims(verified: VerifiedToken, spec: TokenSpec, policy: Policy, now: float
 
 
 def _identity(identity: Identity) -> str:
-    parts = [f"subject {shown(identity.subject)}"]
+    mapped = identity.claims_from
+
+    def source(name: str) -> str:
+        return f" (claim {mapped[name]})" if name in mapped else ""
+
+    parts = [f"subject {shown(identity.subject)}{source('subject')}"]
     for name, values in (
         ("roles", identity.roles),
         ("permissions", identity.permissions),
         ("scopes", identity.scopes),
     ):
         if values:
-            parts.append(f"{name} {', '.join(values)}")
+            parts.append(f"{name} {', '.join(values)}{source(name)}")
     return "; ".join(parts)
 
 

@@ -30,6 +30,7 @@ def text_report(x: Explanation) -> str:
         lines.append(f"rule          {where}: {rule.pattern} ({match_kind(rule)})")
     lines.append(f"level         {rule.level}: {_level(policy, rule)}")
     lines += [f"requires      {r}" for r in requirements(rule)]
+    lines += [f"when          {condition}" for condition in rule.when]
     options = [f"forward_token {_yes(rule.forward_token)}", f"single_use {_yes(rule.single_use)}"]
     if rule.single_use:
         options.append(f"revoke_on_reuse {_yes(rule.revoke_on_reuse)}")
@@ -65,6 +66,7 @@ def json_report(x: Explanation) -> dict[str, Any]:
             "roles": sorted(rule.roles),
             "permissions": sorted(rule.permissions),
             "scopes": sorted(rule.scopes),
+            "when": [str(condition) for condition in rule.when],
             "forward_token": rule.forward_token,
             "single_use": rule.single_use,
             "revoke_on_reuse": rule.revoke_on_reuse,
@@ -82,6 +84,7 @@ def json_report(x: Explanation) -> dict[str, Any]:
                 "audiences": sorted(spec.audiences),
                 "issuers": None if spec.issuers is None else sorted(spec.issuers),
                 "keys": None if spec.key_ids is None else sorted(spec.key_ids),
+                "claims_from": spec.claims.mapped(),
             },
         },
         "steps": [

@@ -202,6 +202,13 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
         "--token", help="the JWT, or a whole 'Bearer ...' value (visible in the process list)"
     )
     given.add_argument("--token-file", help="file holding the token; - reads standard input")
+    p.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME:VALUE",
+        help="a request header the call carries (repeatable); for 'when' conditions",
+    )
     add_flags(p, KEY_SETTINGS)  # the policy and keys, as `serve` takes them
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=_explain)
@@ -228,8 +235,16 @@ def _explain(args: argparse.Namespace) -> int:
         except OSError as e:
             raise ConfigError(f"--token-file {args.token_file}: {e.strerror}") from None
         token = text.strip()
+    headers = []
+    for given in args.header:
+        name, sep, value = given.partition(":")
+        if not sep or not name.strip():
+            raise ConfigError(f"--header {given!r}: expected NAME:VALUE")
+        headers.append((name.strip().lower(), value.strip()))
     cfg = ServeConfig(**values(args, KEY_SETTINGS))
-    explained = asyncio.run(explain_offline(cfg, target, token, http_method))
+    explained = asyncio.run(
+        explain_offline(cfg, target, token, http_method, headers=tuple(headers))
+    )
     out = json.dumps(json_report(explained), indent=2) if args.format == "json" else None
     print(out or text_report(explained))
     return 0 if explained.allowed else 1

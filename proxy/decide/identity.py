@@ -7,7 +7,8 @@ case, any number of copies) from every call and sets only values it verified its
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from authproxy.decide.reasons import Denied, Reason
@@ -43,6 +44,9 @@ class Identity:
     claims: dict[str, Any]
     #: The identity headers for the backend, in a stable order.
     headers: tuple[tuple[str, str], ...]
+    #: The claims the level maps instead of the usual names (`tokens.<level>.claims`):
+    #: {"roles": "realm_access.roles", ...}; empty when it maps none.
+    claims_from: Mapping[str, str] = field(default_factory=dict)
 
 
 _PREFIX_LEN = len(IDENTITY_HEADER_PREFIX)
@@ -126,6 +130,7 @@ def _build(verified: VerifiedToken, spec: TokenSpec) -> Identity:
         issuer=iss,
         claims=claims,
         headers=tuple(headers),
+        claims_from=mapping.mapped(),
     )
 
 

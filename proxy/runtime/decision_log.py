@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from authproxy.decide.client_address import parse_address
 from authproxy.decide.decision import Decision
+from authproxy.decide.reasons import Reason
 
 LOGGER = "authproxy.decisions"
 
@@ -45,6 +46,19 @@ class DecisionLog:
         self.logger.info(json.dumps(record(decision, seconds, peer), separators=(",", ":")))
 
 
+#: Denies whose message is worded from the policy alone (the requirement or `when:`
+#: condition not met, naming claims and headers, never their values): logged as `detail`.
+POLICY_WORDED = frozenset(
+    (
+        Reason.INSUFFICIENT_ROLE,
+        Reason.INSUFFICIENT_PERMISSION,
+        Reason.INSUFFICIENT_SCOPE,
+        Reason.CLAIM_MISMATCH,
+        Reason.HEADER_MISMATCH,
+    )
+)
+
+
 def record(decision: Decision, seconds: float, peer: str | None) -> dict:
     now = time.time()
     line = {
@@ -56,6 +70,8 @@ def record(decision: Decision, seconds: float, peer: str | None) -> dict:
         "decision": "allow" if decision.allowed else "deny",
         "reason": decision.reason.value if decision.reason is not None else None,
     }
+    if decision.reason in POLICY_WORDED:
+        line["detail"] = decision.message
     if decision.shadow:
         line["shadow"] = True
     identity = decision.identity
@@ -63,6 +79,8 @@ def record(decision: Decision, seconds: float, peer: str | None) -> dict:
         line["sub"] = identity.subject
         if identity.jti is not None:
             line["jti"] = identity.jti
+        if identity.claims_from:
+            line["claims_from"] = identity.claims_from
     address = parse_address(peer)
     if address is not None:
         line["peer"] = str(address)

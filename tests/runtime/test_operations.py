@@ -751,6 +751,7 @@ DECISION_FIELDS = {
     "level",
     "decision",
     "reason",
+    "detail",
     "sub",
     "jti",
     "peer",
@@ -782,6 +783,7 @@ async def test_a_deny_writes_one_json_line_with_the_documented_fields_and_no_tok
         assert line["level"] == "access"
         assert line["decision"] == "deny"
         assert line["reason"] == "INSUFFICIENT_ROLE"
+        assert line["detail"] == "this method needs one of the roles admin"
         assert line["sub"] == "alice"
         assert line["jti"] == alice.jti
         assert line["peer"] == "127.0.0.1"
