@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from authproxy import __version__
+from authproxy.cli.policy import add_policy_commands
 from authproxy.cli.serve import KEY_SETTINGS, add_serve
 from authproxy.cli.settings import ENV_PREFIX as ENV_PREFIX  # the environment variables' prefix
 from authproxy.cli.settings import add_flags, duration, values
@@ -123,72 +124,6 @@ def _commands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | N
     """The parser's sub-commands, if it has any."""
     found = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return next(found, None)
-
-
-def _add_policy_check(policy_sub: argparse._SubParsersAction) -> None:
-    check = policy_sub.add_parser(
-        "check", help="validate a policy file; lint it against the methods a backend serves"
-    )
-    check.add_argument("file")
-    check.add_argument(
-        "--backend", help="HOST:PORT: lint against the methods its gRPC server reflection lists"
-    )
-    check.add_argument(
-        "--descriptor-set",
-        action="append",
-        default=[],
-        help="lint against the methods of a FileDescriptorSet (protoset) (repeatable)",
-    )
-    check.add_argument(
-        "--strict",
-        action="store_true",
-        help="exit 1 if a served method has no rule or a rule matches no served method",
-    )
-    check.add_argument("--format", choices=("text", "json"), default="text")
-    check.add_argument(
-        "--timeout", type=duration, default="5s", help="how long to wait for --backend"
-    )
-    check.set_defaults(func=_policy_check)
-
-
-def _policy_check(args: argparse.Namespace) -> int:
-    import json
-
-    from authproxy.policy import lint
-    from authproxy.sidecar.catalog import CatalogError, MethodCatalog, reflect_backend
-
-    as_json = args.format == "json"
-    try:
-        policy = load_policy(args.file)
-    except PolicyError as e:
-        print(e, file=sys.stderr)
-        if as_json:
-            print(json.dumps(lint.json_report(args.file, errors=e.errors, strict=args.strict)))
-        return 1
-    if not (args.backend or args.descriptor_set):
-        if as_json:
-            print(json.dumps(lint.json_report(args.file, policy=policy, strict=args.strict)))
-        else:
-            print(f"{args.file}: OK (version {policy.version}, {policy.rule_count} rules)")
-        return 0
-    catalog, sources = MethodCatalog(), list(args.descriptor_set)
-    try:
-        for path in args.descriptor_set:
-            catalog.add_descriptor_set(path)
-        if args.backend:
-            catalog.kinds.update(asyncio.run(reflect_backend(args.backend, args.timeout)).kinds)
-            sources.append(f"reflection at {args.backend}")
-    except CatalogError as e:
-        raise ConfigError(str(e)) from None
-    result = lint.lint(policy, catalog.kinds)
-    if as_json:
-        report = lint.json_report(
-            args.file, policy=policy, result=result, sources=sources, strict=args.strict
-        )
-        print(json.dumps(report, indent=2))
-    else:
-        print(lint.text_report(result, sources, args.strict))
-    return 1 if args.strict and result.findings else 0
 
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
@@ -336,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     policy = sub.add_parser("policy", help="policy tools")
     policy_sub = policy.add_subparsers(dest="policy_command", parser_class=_Parser)
-    _add_policy_check(policy_sub)
+    add_policy_commands(policy_sub)
     _add_explain(sub)
 
     kg = sub.add_parser("keygen", help="generate a signing key and its public JWKS")

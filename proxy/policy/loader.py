@@ -43,6 +43,7 @@ TOP_KEYS = (
     "http",
     "mode",
     "strip_headers",
+    "tests",  # test files run before the policy loads (`policy/cases.py`)
 )
 RULE_KEYS = (
     "level",
@@ -133,6 +134,7 @@ class _Validator(RateLimitChecks, StripHeaderChecks, ClaimChecks):
         claim_headers = self.claim_headers(doc)
         strip_headers = self.strip_headers(doc)
         tokens = self.tokens(doc, issuers)
+        tests = () if doc.get("tests") == [] else self.strings(doc, "tests")
 
         default = Rule("default", DENY, line=doc.line_of("default"))
         if "default" in doc:
@@ -179,6 +181,7 @@ class _Validator(RateLimitChecks, StripHeaderChecks, ClaimChecks):
             http=HttpRoutes(routes),
             rule_count=len(exact) + len(services) + len(routes),
             strip_headers=strip_headers,
+            tests=None if tests is None else tuple(sorted(tests)),
         )
 
     def http_routes(self, doc: LineMap, tokens: dict[str, TokenSpec], forward: bool) -> list:

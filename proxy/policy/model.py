@@ -132,6 +132,8 @@ class Policy:
     rule_count: int = field(default=0)
     #: Headers removed on every call besides `x-auth-*` (`strip_headers:`, `policy/strip_headers.py`).
     strip_headers: StripHeaders = DEFAULT_STRIP
+    #: Test files `tests:` names, relative to the policy file; None: no `tests:` key.
+    tests: tuple[str, ...] | None = None
 
     def match(self, method: str) -> Rule:
         """The rule for a method path: exact, then `/pkg.Service/*`, then the default."""

@@ -4,11 +4,11 @@ The watcher follows the file's *directory* (watchfiles: inotify, or polling wher
 unavailable), so it sees editors that replace the file and Kubernetes ConfigMap updates,
 which swap a `..data` symlink rather than writing the file; changes to other files there
 (a log file beside the policy) are ignored (`file_watch.Followed`). SIGHUP reloads too. A new
-version must parse and validate completely and name only keys the proxy has; then the
-`Authorizer`'s policy attribute is replaced in one assignment, so a call keeps the
-version it started with. An invalid edit is never applied: the last good policy stays,
-the `file:line` problems are logged and counted, and `/policy` shows the error until a
-good version loads.
+version must parse and validate completely, name only keys the proxy has and pass its
+tests (`decide/policy_tests.py`); then the `Authorizer`'s policy attribute is replaced in
+one assignment, so a call keeps the version it started with. An invalid edit (a failing
+test included) is never applied: the last good policy stays, the `file:line` problems
+are logged and counted, and `/policy` shows the error until a good version loads.
 """
 
 from __future__ import annotations
@@ -40,9 +40,12 @@ class PolicyReloader:
         check_keys: Callable[[Policy, KeyRing], None],
         text: bytes,
         listeners: Iterable[OnReload] = (),
+        gate: Callable[[Policy], Awaitable[object]] | None = None,
     ) -> None:
-        """`listeners` run, in order, after each new version is put in place."""
+        """`listeners` run, in order, after each new version is put in place. `gate` (the
+        policy's tests) must pass too: it raises, like an invalid file, when they fail."""
         self.path = path
+        self.gate = gate
         self.authorizer = authorizer
         self.keys = keys
         self.check_keys = check_keys
@@ -70,7 +73,9 @@ class PolicyReloader:
             try:
                 policy = parse_policy(data, self.path)
                 self.check_keys(policy, self.keys)  # keys the policy names must exist
-            except Exception as e:  # PolicyError, or the key check's configuration error
+                if self.gate is not None:
+                    await self.gate(policy)
+            except Exception as e:  # PolicyError (a test failed too), or the key check's error
                 return self._failed(str(e), why)
             self.authorizer.policy = policy
             self.text = data

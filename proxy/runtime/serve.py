@@ -14,12 +14,14 @@ from collections.abc import Iterable
 
 from authproxy.decide.client_address import TrustedProxies
 from authproxy.decide.pipeline import Authorizer, Observer
+from authproxy.decide.policy_tests import verify_policy
 from authproxy.decide.rate_limits import RateLimiter
 from authproxy.decide.state_checks import SingleUse, revocation_check
 from authproxy.ext_authz.grpc_check import CheckServer
 from authproxy.ext_authz.http_check import CheckHttpServer
 from authproxy.keys.ring import KeyRing
 from authproxy.keys.verify import TokenVerifier
+from authproxy.policy.loader import PolicyError
 from authproxy.policy.model import Policy
 from authproxy.runtime.admin import AdminServer
 from authproxy.runtime.config import (
@@ -54,6 +56,7 @@ __all__ = [
     "build_state",
     "check",
     "check_policy_keys",
+    "check_policy_tests",
     "load_keys",
     "read_policy",
     "run",
@@ -108,6 +111,20 @@ def assemble_authorizer(
     )
 
 
+async def check_policy_tests(policy: Policy) -> None:
+    """The policy's own tests (`decide/policy_tests.py`) must pass: ConfigError listing
+    the failures, or the test files' problems, otherwise."""
+    try:
+        await verify_policy(policy, assemble_authorizer)
+    except PolicyError as e:
+        raise ConfigError(str(e)) from None
+
+
+async def gate_reload(policy: Policy) -> None:
+    """A reloaded version's tests must pass (PolicyError otherwise: the reload is refused)."""
+    await verify_policy(policy, assemble_authorizer)
+
+
 def build_admin(cfg: ServeConfig, state: StateStore, ops: Operations) -> AdminServer:
     """The admin listener (`--admin`), with its bearer secret from `--admin-token-env`."""
     assert cfg.admin is not None
@@ -158,7 +175,7 @@ class AuthProxy:
             reload_listeners.append(self.sidecar.guard.policy_changed)
         reloader = PolicyReloader(
             cfg.policy, self.authorizer, self.keys, check_policy_keys, policy_text,
-            reload_listeners,
+            reload_listeners, gate_reload,
         )  # fmt: skip
         self.ops = Operations(
             self.authorizer, self.state, self.keys, reloader, metrics, cfg.keys_wait
@@ -188,6 +205,11 @@ class AuthProxy:
         return self.ops.reloader
 
     async def start(self) -> None:
+        try:  # before anything runs or listens
+            await check_policy_tests(self.authorizer.policy)
+        except ConfigError:
+            await self.stop(0)
+            raise
         # Said once the configuration has passed every check (a refused one gets only
         # its error).
         warn_volatile_state(self.cfg, self.authorizer.policy)
@@ -243,7 +265,10 @@ async def check(cfg: ServeConfig) -> None:
     configuration problem raises the `ConfigError` `run` would (the workers' supervisor
     checks this way before it starts any worker; a port it cannot bind, a worker finds)."""
     proxy = AuthProxy(cfg)
-    await proxy.stop(0)
+    try:
+        await check_policy_tests(proxy.authorizer.policy)
+    finally:
+        await proxy.stop(0)
 
 
 async def run(cfg: ServeConfig, stopping: asyncio.Event | None = None) -> None:

@@ -1,0 +1,98 @@
+"""`authproxy policy ...`: check (validate, run the policy's tests, lint against a
+backend's methods) and test (run policy tests, `cli/policy_test.py`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from authproxy.cli import policy_test as test_report
+from authproxy.cli.settings import duration
+from authproxy.policy.loader import PolicyError, load_policy
+from authproxy.runtime.serve import ConfigError, assemble_authorizer
+
+
+def add_policy_commands(policy_sub: argparse._SubParsersAction) -> None:
+    """Register the `policy` sub-commands."""
+    _add_policy_check(policy_sub)
+    _add_policy_test(policy_sub)
+
+
+def _add_policy_check(policy_sub: argparse._SubParsersAction) -> None:
+    check = policy_sub.add_parser(
+        "check", help="validate a policy file; lint it against the methods a backend serves"
+    )
+    check.add_argument("file")
+    check.add_argument(
+        "--backend", help="HOST:PORT: lint against the methods its gRPC server reflection lists"
+    )
+    check.add_argument(
+        "--descriptor-set",
+        action="append",
+        default=[],
+        help="lint against the methods of a FileDescriptorSet (protoset) (repeatable)",
+    )
+    check.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 if a served method has no rule or a rule matches no served method",
+    )
+    check.add_argument("--format", choices=("text", "json"), default="text")
+    check.add_argument(
+        "--timeout", type=duration, default="5s", help="how long to wait for --backend"
+    )
+    check.set_defaults(func=_policy_check)
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from authproxy.policy import lint
+    from authproxy.sidecar.catalog import CatalogError, MethodCatalog, reflect_backend
+
+    as_json = args.format == "json"
+    try:
+        policy = load_policy(args.file)
+        tests = test_report.check_tests(policy, assemble_authorizer)  # its tests, when it has any
+    except PolicyError as e:
+        tests = test_report.CheckedTests(e.errors)
+    if tests.errors:
+        print("\n".join(map(str, tests.errors)), file=sys.stderr)
+        if as_json:
+            report = lint.json_report(args.file, errors=tests.errors, strict=args.strict)
+            print(json.dumps(report | tests.json))
+        return 1
+    if not (args.backend or args.descriptor_set):
+        if as_json:
+            report = lint.json_report(args.file, policy=policy, strict=args.strict)
+            print(json.dumps(report | tests.json))
+        else:
+            ok = f"{args.file}: OK (version {policy.version}, {policy.rule_count} rules)"
+            print(ok + tests.line)
+        return 0
+    catalog, sources = MethodCatalog(), list(args.descriptor_set)
+    try:
+        for path in args.descriptor_set:
+            catalog.add_descriptor_set(path)
+        if args.backend:
+            catalog.kinds.update(asyncio.run(reflect_backend(args.backend, args.timeout)).kinds)
+            sources.append(f"reflection at {args.backend}")
+    except CatalogError as e:
+        raise ConfigError(str(e)) from None
+    result = lint.lint(policy, catalog.kinds)
+    if as_json:
+        report = lint.json_report(
+            args.file, policy=policy, result=result, sources=sources, strict=args.strict
+        )
+        print(json.dumps(report, indent=2))
+    else:
+        print(lint.text_report(result, sources, args.strict))
+    return 1 if args.strict and result.findings else 0
+
+
+def _add_policy_test(policy_sub: argparse._SubParsersAction) -> None:
+    p = policy_sub.add_parser("test", help="run policy tests: calls and the decision each must get")
+    p.add_argument("file", help="the policy file")
+    p.add_argument("tests", nargs="*", help="test files (default: the policy's own)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=lambda a: test_report.policy_test_command(a, assemble_authorizer))
