@@ -1,5 +1,6 @@
 """`authproxy policy ...`: check (validate, run the policy's tests, lint against a
-backend's methods) and test (run policy tests, `cli/policy_test.py`)."""
+backend's methods), test (run policy tests, `cli/policy_test.py`), table (the rules to
+review, `policy/table.py`) and diff (what changed between two versions, `policy/diff.py`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import sys
 
 from authproxy.cli import policy_test as test_report
 from authproxy.cli.settings import duration
+from authproxy.policy import diff as policy_diff
+from authproxy.policy import table as policy_table
 from authproxy.policy.loader import PolicyError, load_policy
 from authproxy.runtime.serve import ConfigError, assemble_authorizer
 
@@ -18,6 +21,8 @@ def add_policy_commands(policy_sub: argparse._SubParsersAction) -> None:
     """Register the `policy` sub-commands."""
     _add_policy_check(policy_sub)
     _add_policy_test(policy_sub)
+    _add_policy_table(policy_sub)
+    _add_policy_diff(policy_sub)
 
 
 def _add_policy_check(policy_sub: argparse._SubParsersAction) -> None:
@@ -96,3 +101,50 @@ def _add_policy_test(policy_sub: argparse._SubParsersAction) -> None:
     p.add_argument("tests", nargs="*", help="test files (default: the policy's own)")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=lambda a: test_report.policy_test_command(a, assemble_authorizer))
+
+
+def _add_policy_table(policy_sub: argparse._SubParsersAction) -> None:
+    p = policy_sub.add_parser("table", help="print the rules as a table to review")
+    p.add_argument("file")
+    p.add_argument("--format", choices=policy_table.FORMATS, default="text")
+    p.set_defaults(func=_policy_table)
+
+
+def _policy_table(args: argparse.Namespace) -> int:
+    """Print the table; a policy that does not load prints its `file:line: problem`
+    lines to stderr and exits 2 (as `policy diff` does)."""
+    try:
+        policy = load_policy(args.file)
+    except PolicyError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(policy_table.render(policy, args.format))
+    return 0
+
+
+def _add_policy_diff(policy_sub: argparse._SubParsersAction) -> None:
+    p = policy_sub.add_parser("diff", help="what changed between two policies (exit 1: changes)")
+    p.add_argument("old")
+    p.add_argument("new")
+    p.add_argument("--format", choices=policy_diff.FORMATS, default="text")
+    p.set_defaults(func=_policy_diff)
+
+
+def _policy_diff(args: argparse.Namespace) -> int:
+    """Exit 0 when the policies mean the same, 1 when they differ (as `diff` does), 2 when
+    either does not load (its `file:line: problem` lines go to stderr)."""
+    loaded, failed = [], False
+    for file in (args.old, args.new):
+        try:
+            loaded.append(load_policy(file))
+        except PolicyError as e:
+            print(e, file=sys.stderr)
+            failed = True
+    if failed:
+        return 2
+    changes = policy_diff.diff(*loaded)
+    if args.format == "json":
+        print(json.dumps(policy_diff.json_report(changes), indent=2))
+    elif changes:
+        print(policy_diff.text_report(changes))
+    return 1 if changes else 0

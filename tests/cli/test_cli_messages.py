@@ -71,7 +71,7 @@ def test_policy_without_a_command_names_check(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.startswith(
-        "authproxy: error: authproxy policy: choose a command: check, test"
+        "authproxy: error: authproxy policy: choose a command: check, test, table, diff"
     ), result.stderr
     assert result.stderr.rstrip().endswith("(see 'authproxy policy --help')")
     assert "policy_command" not in result.stderr
@@ -93,7 +93,7 @@ def test_bare_authproxy_names_its_commands(tmp_path: Path) -> None:
         (["polcy"], "unknown command 'polcy' (did you mean policy?); choose a command: serve,"
          " policy, explain, keygen, token (see 'authproxy --help')"),
         (["policy", "chek"], "authproxy policy: unknown command 'chek' (did you mean check?);"
-         " choose a command: check, test (see 'authproxy policy --help')"),
+         " choose a command: check, test, table, diff (see 'authproxy policy --help')"),
         (["token", "zzz"], "authproxy token: unknown command 'zzz'; choose a command: mint"
          " (see 'authproxy token --help')"),
     ],
