@@ -22,38 +22,10 @@ from tests.support.example_backend import (
     ADMIN_EMAIL,
     POLICY,
     REPO,
-    UNAUTH,
     rpc_error,
 )
 
 # --- UserService -----------------------------------------------------------------------
-
-
-async def test_get_profile_is_the_callers_own_unless_an_admin_asks(example):
-    alice_id, alice = await example.account("alice@example.com", username="alice")
-    bob_id, _ = await example.account("bob@example.com")
-    _, admin = await example.account(ADMIN_EMAIL)
-
-    own = await example.users.GetProfile(
-        api_pb2.GetProfileRequest(), metadata=example.md(alice.access_token)
-    )
-    assert (own.user_id, own.email, own.username) == (alice_id, "alice@example.com", "alice")
-    assert list(own.roles) == ["user"]
-    assert own.created_at.seconds > 0
-
-    other = api_pb2.GetProfileRequest(user_id=bob_id)
-    error = await rpc_error(
-        example.users.GetProfile(other, metadata=example.md(alice.access_token))
-    )
-    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-
-    seen = await example.users.GetProfile(other, metadata=example.md(admin.access_token))
-    assert seen.email == "bob@example.com"
-    missing = api_pb2.GetProfileRequest(user_id="no-such-user")
-    error = await rpc_error(
-        example.users.GetProfile(missing, metadata=example.md(admin.access_token))
-    )
-    assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_search_public_users_matches_usernames_and_shows_public_fields_only(example):
@@ -82,28 +54,6 @@ async def test_update_profile_changes_the_callers_own_username(example):
         example.users.UpdateProfile(api_pb2.UpdateProfileRequest(), metadata=md)
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-
-async def test_delete_account_own_or_by_an_admin(example):
-    _, quinn = await example.account("quinn@example.com")
-    rupert_id, rupert = await example.account("rupert@example.com")
-    _, admin = await example.account(ADMIN_EMAIL)
-
-    other = api_pb2.DeleteAccountRequest(user_id=rupert_id)
-    error = await rpc_error(
-        example.users.DeleteAccount(other, metadata=example.md(quinn.access_token))
-    )
-    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-
-    deleted = await example.users.DeleteAccount(other, metadata=example.md(admin.access_token))
-    assert deleted.user_id == rupert_id
-    assert (await rpc_error(example.login("rupert@example.com"))).code() == UNAUTH
-    assert (await rpc_error(example.refresh(rupert.refresh_token))).code() == UNAUTH
-
-    own = await example.users.DeleteAccount(
-        api_pb2.DeleteAccountRequest(), metadata=example.md(quinn.access_token)
-    )
-    assert example.backend.store.user(own.user_id) is None
 
 
 async def test_list_users_lists_everyone_and_names_the_subject_it_saw(example):

@@ -22,8 +22,9 @@ from authproxy.decide.bearer import extract_bearer
 from authproxy.decide.conditions import check_conditions
 from authproxy.decide.decision import Decision
 from authproxy.decide.identity import Identity, identity_of
-from authproxy.decide.pipeline import Authorizer, Headers, check_requirements
+from authproxy.decide.pipeline import Authorizer, Headers
 from authproxy.decide.reasons import Denied, Reason
+from authproxy.decide.requirements import check_requirements
 from authproxy.keys.ring import KeyRing
 from authproxy.keys.verify import TokenVerifier, VerifiedToken, check_claims, shown
 from authproxy.policy.model import PUBLIC, Policy, RateLimit, Rule, TokenSpec

@@ -26,8 +26,9 @@ from urllib.parse import quote
 from authproxy.decide.bearer import extract_bearer
 from authproxy.decide.conditions import check_conditions
 from authproxy.decide.decision import Decision
-from authproxy.decide.identity import Identities, Identity
+from authproxy.decide.identity import Identities
 from authproxy.decide.reasons import Denied, Reason
+from authproxy.decide.requirements import check_requirements, peer_message
 from authproxy.keys.selection import UnknownKey
 from authproxy.keys.verify import TokenVerifier, VerifiedToken
 from authproxy.policy.http_routes import split_path
@@ -163,6 +164,18 @@ class Authorizer:
         self._methods.keep(method, rule, len(method))
         return rule
 
+    def refuse_later(self, decision: Decision, denied: Denied) -> Decision:
+        """A call let through on its headers, refused by a later step (a request message's
+        fields, `decide/request_fields.py`): the deny, told to the observers like any
+        decision. Under a shadow rule it stays an allow that reports the would-be deny."""
+        late = decision._replace(
+            allowed=decision.rule.shadow,
+            reason=denied.reason,
+            message=denied.message,
+            shadow=decision.rule.shadow,
+        )
+        return self._observed(late, perf_counter(), None)
+
     def _observe(self, decision: Decision, started: float, peer: str | None) -> None:
         elapsed = perf_counter() - started
         for observer in self.observers:
@@ -281,7 +294,7 @@ class Authorizer:
                 if rule.when:
                     check_conditions(rule.when, verified.claims, headers)
             if rule.peers and not rule.peer_allowed(principal):
-                raise Denied(Reason.PEER_NOT_ALLOWED, _peer_message(rule, principal))
+                raise Denied(Reason.PEER_NOT_ALLOWED, peer_message(rule, principal))
             if rule.rate_limits and recording:
                 if self.limiter is None:
                     raise Denied(Reason.STATE_UNAVAILABLE, "no rate limit storage is configured")
@@ -363,33 +376,4 @@ def _malformed_method(policy: Policy, method: str) -> Decision:
         policy.version,
         Reason.METHOD_MALFORMED,
         "not a gRPC method path ('/package.Service/Method')",
-    )
-
-
-def check_requirements(rule: Rule, identity: Identity) -> None:
-    """Roles: any of. Permissions: all of. Scopes: all of."""
-    if rule.roles and rule.roles.isdisjoint(identity.roles):
-        raise Denied(
-            Reason.INSUFFICIENT_ROLE, f"this method needs one of the roles {_names(rule.roles)}"
-        )
-    if rule.permissions:
-        missing = rule.permissions.difference(identity.permissions)
-        if missing:
-            raise Denied(Reason.INSUFFICIENT_PERMISSION, f"missing permissions {_names(missing)}")
-    if rule.scopes:
-        missing = rule.scopes.difference(identity.scopes)
-        if missing:
-            raise Denied(Reason.INSUFFICIENT_SCOPE, f"missing scopes {_names(missing)}")
-
-
-def _names(values: frozenset[str]) -> str:
-    return ", ".join(sorted(values))
-
-
-def _peer_message(rule: Rule, principal: str | None) -> str:
-    accepted = ", ".join(rule.peers[:5]) + (", ..." if len(rule.peers) > 5 else "")
-    if principal is None:
-        return f"this method needs a client certificate of {accepted}; the connection has none"
-    return (
-        f"this method accepts the peers {accepted}; the client certificate is {principal[:128]!r}"
     )

@@ -42,6 +42,10 @@ class Reason(StrEnum):
     # that is not the claim it is bound to.
     CLAIM_MISMATCH = "CLAIM_MISMATCH"
     HEADER_MISMATCH = "HEADER_MISMATCH"
+    # A rule's `request:` fields: a field of the request message is not the caller's claim
+    # (or the message cannot be read); the proxy cannot read fields yet (UNAVAILABLE).
+    FIELD_MISMATCH = "FIELD_MISMATCH"
+    FIELDS_UNAVAILABLE = "FIELDS_UNAVAILABLE"
     METHOD_DENIED = "METHOD_DENIED"
     METHOD_MALFORMED = "METHOD_MALFORMED"
     # The rule names the peers (client certificates) it accepts; this one is not among them.
@@ -73,6 +77,7 @@ _STATUS = {
         Reason.INSUFFICIENT_SCOPE,
         Reason.CLAIM_MISMATCH,
         Reason.HEADER_MISMATCH,
+        Reason.FIELD_MISMATCH,
         Reason.METHOD_DENIED,
         Reason.METHOD_MALFORMED,
         Reason.POLICY_CHANGED,
@@ -83,6 +88,7 @@ _STATUS[Reason.REQUEST_MALFORMED] = grpc.StatusCode.INVALID_ARGUMENT
 _STATUS[Reason.RATE_LIMITED] = grpc.StatusCode.RESOURCE_EXHAUSTED
 _STATUS[Reason.STATE_UNAVAILABLE] = grpc.StatusCode.UNAVAILABLE
 _STATUS[Reason.KEYS_UNAVAILABLE] = grpc.StatusCode.UNAVAILABLE
+_STATUS[Reason.FIELDS_UNAVAILABLE] = grpc.StatusCode.UNAVAILABLE
 
 
 class Denied(Exception):

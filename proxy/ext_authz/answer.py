@@ -36,10 +36,13 @@ from authproxy.decide.bearer import AUTHORIZATION
 from authproxy.decide.decision import Decision
 from authproxy.decide.identity import Identity
 from authproxy.decide.pipeline import Authorizer
-from authproxy.decide.reasons import Reason
+from authproxy.decide.reasons import Denied, Reason
+from authproxy.decide.request_fields import MAX_UNCOMPRESSED, field_check
 from authproxy.policy.model import Policy
 from authproxy.policy.strip_headers import StripHeaders
+from authproxy.wire.grpc_protocol import MessageReader
 from authproxy.wire.grpc_status import DETAILS_KEY, deny_details
+from authproxy.wire.message_types import MessageTypes
 
 Headers = tuple[tuple[str, str], ...]
 T = TypeVar("T")
@@ -76,6 +79,8 @@ class CheckRequest(NamedTuple):
     headers: Headers
     peer: str | None = None
     principal: str | None = None
+    #: The request body Envoy sent (`with_request_body`, `pack_as_bytes`); None: none.
+    body: bytes | None = None
 
     @property
     def grpc(self) -> bool:
@@ -145,14 +150,22 @@ class Allows:
         self.answers[key] = (identity, allow)
 
 
-async def answer(authorizer: Authorizer, request: CheckRequest, allows: Allows) -> Allow | Deny:
+async def answer(
+    authorizer: Authorizer,
+    request: CheckRequest,
+    allows: Allows,
+    types: MessageTypes | None = None,
+) -> Allow | Deny:
     """Decide an Envoy check and translate the decision (the gRPC front end's path; the
-    HTTP front end takes the same steps inline, `CheckHttpServer.check`)."""
+    HTTP front end takes the same steps inline, `CheckHttpServer.check`). `types`: request
+    message types, for rules that check request fields in the body Envoy sends."""
     policy = authorizer.policy  # one snapshot: the reply's header names match the decision
     grpc = request.grpc
     decision = await authorizer.decide_http(
         request.method, request.path, request.headers, grpc, policy, request.peer, request.principal
     )
+    if decision.allowed and decision.rule.request is not None:
+        decision = check_body(authorizer, decision, request, types)
     if not decision.allowed:
         return deny_for(decision, grpc)
     return allow_for(decision, request.headers, policy, allows)
@@ -292,3 +305,37 @@ def _decision_metadata(decision: Decision) -> dict[str, Any]:
         "rule": decision.rule.pattern,
         "policy_version": decision.policy_version,
     }
+
+
+def check_body(
+    authorizer: Authorizer, decision: Decision, request: CheckRequest, types: MessageTypes | None
+) -> Decision:
+    """An allowed decision whose rule checks request fields, judged on the gRPC messages
+    in the body Envoy sent: the same decision, or the deny (`Authorizer.refuse_later`)."""
+    try:
+        fields = field_check(decision, types)
+        if fields is None:
+            return decision
+        body = request.body
+        if not body:
+            raise Denied(
+                Reason.FIELDS_UNAVAILABLE,
+                "Envoy sent no request body: configure ext_authz with_request_body"
+                " (pack_as_bytes: true) for this route",
+            )
+        reader = MessageReader()
+        messages, _ = reader.feed(body)
+        if reader.held or not messages:
+            raise Denied(
+                Reason.FIELD_MISMATCH,
+                "the request body ends inside a message (raise with_request_body"
+                " max_request_bytes, or the message is malformed)",
+            )
+        encoding = next((v for k, v in request.headers if k.lower() == "grpc-encoding"), None)
+        for compressed, payload in messages:
+            fields.check(
+                compressed, payload, encoding and encoding.encode("latin-1"), MAX_UNCOMPRESSED
+            )
+    except Denied as denied:
+        return authorizer.refuse_later(decision, denied)
+    return decision

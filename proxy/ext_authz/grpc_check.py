@@ -31,6 +31,7 @@ from authproxy.wire.grpc_server import GrpcServer, Method, RpcError, framed
 from authproxy.wire.h2_engine import Limits
 from authproxy.wire.h2_server import PREFACE_TIMEOUT
 from authproxy.wire.health_service import HealthService
+from authproxy.wire.message_types import MessageTypes
 
 log = logging.getLogger("authproxy.ext_authz")
 
@@ -44,8 +45,9 @@ _RENDERED = "grpc"
 class CheckService:
     """Check: a CheckRequest in, a framed CheckResponse out (`grpc_server.Method.unary`)."""
 
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(self, authorizer: Authorizer, types: MessageTypes | None = None) -> None:
         self.authorizer = authorizer
+        self.types = types
         self.allows = Allows()
         self.errors_total = 0
 
@@ -68,14 +70,19 @@ class CheckService:
         # `source.principal`: the client certificate's URI SAN (else subject) as Envoy
         # verified it on an mTLS listener; empty otherwise.
         check = CheckRequest(
-            http.method, http.path, _headers(http), address or None, source.principal or None
+            http.method,
+            http.path,
+            _headers(http),
+            address or None,
+            source.principal or None,
+            http.raw_body or None,  # `pack_as_bytes`: gRPC frames stay bytes
         )
         if not attributes.request.HasField("http") or not http.path or not http.method:
             result: Allow | Deny = refuse(
                 self.authorizer, check, "the check request has no HTTP method and path"
             )
         else:
-            result = await answer(self.authorizer, check, self.allows)
+            result = await answer(self.authorizer, check, self.allows, self.types)
         if isinstance(result, Allow):
             return result.rendered_as(_RENDERED, _allow)
         return framed(
@@ -144,10 +151,12 @@ class CheckServer:
         *,
         limits: Limits | None = None,
         preface_timeout: float = PREFACE_TIMEOUT,
+        types: MessageTypes | None = None,
     ) -> None:
         """`reuse_port`: SO_REUSEPORT, so several worker processes share the port.
-        `limits`: what one connection may cost (streams, header lists, flood defences)."""
-        self.service = CheckService(authorizer)
+        `limits`: what one connection may cost (streams, header lists, flood defences).
+        `types`: request message types (descriptor sets), for rules on request fields."""
+        self.service = CheckService(authorizer, types)
         self.health = HealthService()
         methods = {CHECK: self.service.method(), **self.health.methods()}
         self.server = GrpcServer(methods, limits, preface_timeout)

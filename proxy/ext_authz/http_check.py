@@ -26,6 +26,7 @@ import socket
 from time import monotonic
 
 from authproxy.decide.pipeline import Authorizer
+from authproxy.decide.reasons import Denied, Reason
 from authproxy.ext_authz.answer import (
     Allow,
     Allows,
@@ -53,6 +54,14 @@ _ERROR = Reply(
 )
 #: This front end's key for `Allow.rendered_as`.
 _RENDERED = "http1"
+
+
+#: A rule on request fields needs the body, which only the gRPC Check API carries here.
+_NO_BODY = Denied(
+    Reason.FIELDS_UNAVAILABLE,
+    "the HTTP ext_authz mode reads no request body: check this route with the gRPC mode"
+    " (with_request_body, pack_as_bytes: true)",
+)
 
 
 class CheckHttpServer:
@@ -159,6 +168,8 @@ class CheckHttpServer:
             policy = authorizer.policy  # one snapshot: header names match the decision
             grpc = is_grpc(headers)
             decision = await authorizer.decide_http(method, path, headers, grpc, policy, peer)
+            if decision.allowed and decision.rule.request is not None:
+                decision = authorizer.refuse_later(decision, _NO_BODY)  # bodies: gRPC mode
             if not decision.allowed:
                 return _deny_reply(deny_for(decision, grpc))
             return allow_for(decision, headers, policy, self.allows).rendered_as(

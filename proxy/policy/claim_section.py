@@ -15,6 +15,7 @@ from authproxy.policy.claims import (
     ClaimCondition,
     ClaimMap,
     ClaimPath,
+    RequestOwnership,
 )
 from authproxy.policy.model import IDENTITY_HEADER_PREFIX, PUBLIC
 from authproxy.policy.values import ValueChecks
@@ -22,6 +23,9 @@ from authproxy.policy.yaml_source import LineList, LineMap
 
 CLAIM_MAP_KEYS = ("subject", "roles", "permissions", "scopes")
 CONDITION_KEYS = ("claim", *OPERATORS)
+REQUEST_KEYS = ("equal_claims", "allow_unset", "unless_roles")
+#: A protobuf field name.
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_DEPTH = 8
 MAX_NAME = 256
 MAX_VALUES = 256
@@ -157,6 +161,39 @@ class ClaimChecks(ValueChecks):
             )
             return None
         return value
+
+
+class RequestChecks(ClaimChecks):
+    def request_ownership(self, spec: LineMap, where: str, level: str) -> RequestOwnership | None:
+        """`request: {equal_claims: {user_id: sub, filter.owner_id: sub}, ...}`."""
+        if "request" not in spec:
+            return None
+        block, line = spec["request"], spec.line_of("request")
+        if level in (PUBLIC, "deny"):
+            self.error(line, f"{where}: 'request' needs a token level, not {level!r}")
+            return None
+        if not isinstance(block, LineMap) or not isinstance(block.get("equal_claims"), LineMap):
+            self.error(line, f"{where}: 'request' is {{equal_claims: {{FIELD: CLAIM, ...}}}}")
+            return None
+        self.unknown_keys(block, REQUEST_KEYS, f"key in 'request' of {where}")
+        pairs = []
+        fields = block["equal_claims"]
+        for field, claim in fields.items():
+            at = fields.line_of(field)
+            names = field.split(".") if isinstance(field, str) else []
+            if not names or not all(_FIELD.fullmatch(n) for n in names) or len(names) > MAX_DEPTH:
+                self.error(at, f"{where}: {field!r} is not a field path (name or a.b.c)")
+                continue
+            path = self.claim_path(claim, at, f"{where}: request field {field}")
+            if path is not None:
+                pairs.append((tuple(names), path))
+        if not fields:
+            self.error(line, f"{where}: 'equal_claims' names no field")
+        unless = self.strings(block, "unless_roles") or frozenset()
+        allow_unset = self.boolean(block, "allow_unset", default=False)
+        if not pairs:
+            return None
+        return RequestOwnership(tuple(pairs), allow_unset, unless, line)
 
 
 def _defaults() -> dict[str, Any]:

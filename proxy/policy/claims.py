@@ -6,7 +6,9 @@ A `ClaimPath` names a claim, possibly nested: `realm_access.roles` reads
 `["https://example.com/roles"]`, `[resource_access, my-client, roles]`.
 
 `ClaimMap` is where one token level finds the subject, roles, permissions and scopes
-(`tokens.<level>.claims`); `ClaimCondition` is one entry of a rule's `when:` list.
+(`tokens.<level>.claims`); `ClaimCondition` is one entry of a rule's `when:` list;
+`RequestOwnership` is a rule's `request:` block (fields of the request message that
+must equal claims).
 """
 
 from __future__ import annotations
@@ -109,3 +111,26 @@ def _json(value: Scalar) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOwnership:
+    """`request: {equal_claims: {user_id: sub}, allow_unset: false, unless_roles: [admin]}`:
+    each named field of every request message must equal its claim (a string field the
+    claim's text, an integer field the integer), unless the caller has one of
+    `unless_roles`. `allow_unset`: a field left at its default ("" or 0) passes (an API
+    that reads it as "the caller's own")."""
+
+    #: (field path, claim) pairs; a field path is field names, one per nested message.
+    equal_claims: tuple[tuple[tuple[str, ...], ClaimPath], ...]
+    allow_unset: bool = False
+    unless_roles: frozenset[str] = frozenset()
+    line: int | None = None
+
+    def __str__(self) -> str:
+        pairs = ", ".join(f"{'.'.join(f)} = claim {c}" for f, c in self.equal_claims)
+        unless = (
+            f" unless roles {', '.join(sorted(self.unless_roles))}" if self.unless_roles else ""
+        )
+        unset = " (unset allowed)" if self.allow_unset else ""
+        return f"request {pairs}{unset}{unless}"

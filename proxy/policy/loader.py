@@ -13,7 +13,7 @@ from typing import Any
 
 from authproxy.decide.identity import BUILTIN_HEADERS
 from authproxy.policy import yaml_source
-from authproxy.policy.claim_section import ClaimChecks
+from authproxy.policy.claim_section import RequestChecks
 from authproxy.policy.http_routes import HttpRoute, HttpRoutes, parse_route_key
 from authproxy.policy.limits import RateLimitChecks
 from authproxy.policy.model import (
@@ -58,6 +58,7 @@ RULE_KEYS = (
     "mode",
     "peers",
     "when",
+    "request",
 )
 MODES = ("enforce", "shadow")
 TOKEN_KEYS = ("type", "audience", "issuer", "keys", "type_claim", "claims")
@@ -105,7 +106,7 @@ def parse_policy(data: bytes | str, file: str = "<policy>") -> Policy:
     return _Validator(file).policy(doc, policy_version(raw))
 
 
-class _Validator(RateLimitChecks, StripHeaderChecks, ClaimChecks):
+class _Validator(RateLimitChecks, StripHeaderChecks, RequestChecks):
     shadow_default = False
     #: Token levels the file defines, valid or not: a rule using one whose definition is
     #: broken gets no second error (the definition's own error says what to fix).
@@ -296,6 +297,7 @@ class _Validator(RateLimitChecks, StripHeaderChecks, ClaimChecks):
             shadow=self.shadow(spec, default=self.shadow_default),
             peers=peers,
             when=self.conditions(spec, where, level) if level else (),
+            request=self.request_ownership(spec, where, level) if level else None,
             line=line,
         )
 

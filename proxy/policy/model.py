@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from limits import RateLimitItem
 
-from authproxy.policy.claims import DEFAULT_CLAIMS, ClaimCondition, ClaimMap
+from authproxy.policy.claims import DEFAULT_CLAIMS, ClaimCondition, ClaimMap, RequestOwnership
 from authproxy.policy.http_routes import HttpRoutes
 from authproxy.policy.strip_headers import DEFAULT_STRIP, StripHeaders
 
@@ -95,6 +95,8 @@ class Rule:
     peers: tuple[str, ...] = ()
     #: Conditions on the token's claims and the request's headers, all must hold (`when:`).
     when: tuple[ClaimCondition, ...] = ()
+    #: Fields of the request message that must equal claims (`request:`).
+    request: RequestOwnership | None = None
     line: int | None = None
 
     def peer_allowed(self, principal: str | None) -> bool:

@@ -55,6 +55,7 @@ POLICY_WORDED = frozenset(
         Reason.INSUFFICIENT_SCOPE,
         Reason.CLAIM_MISMATCH,
         Reason.HEADER_MISMATCH,
+        Reason.FIELD_MISMATCH,
     )
 )
 

@@ -9,10 +9,12 @@ import time
 from typing import Any
 
 from authproxy.decide.pipeline import Authorizer
+from authproxy.decide.request_fields import missing_types
 from authproxy.keys.ring import KeyRing
 from authproxy.runtime.metrics import Metrics
 from authproxy.runtime.policy_reload import PolicyReloader
 from authproxy.state.store import StateStore, StateUnavailable
+from authproxy.wire.message_types import MessageTypes
 
 log = logging.getLogger("authproxy")
 
@@ -29,6 +31,7 @@ class Operations:
         reloader: PolicyReloader,
         metrics: Metrics,
         keys_wait: bool = True,
+        types: MessageTypes | None = None,
     ) -> None:
         """The parts are built by `runtime/serve.py`, which also makes `metrics` one of
         the authorizer's observers and one of the reloader's listeners."""
@@ -37,6 +40,8 @@ class Operations:
         self.keys = keys
         #: Readiness waits for every remote key set's first load.
         self.keys_wait = keys_wait
+        #: Readiness waits for the request types that `request:` rules read.
+        self.types = types
         self.draining = False
         self.upstream: Any = None  # the sidecar's `UpstreamPool`
         self.metrics_registry = metrics
@@ -160,6 +165,9 @@ class Operations:
             checks["state"] = "ok"
         except StateUnavailable as e:
             checks["state"] = str(e)
+        if self.types is not None and (missing := missing_types(policy, self.types)):
+            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            checks["request types"] = f"waiting for the request types of {shown}"
         if self.upstream is not None:
             ready = await self.upstream.ready(UPSTREAM_PROBE_TIMEOUT)
             checks["upstream"] = "ok" if ready else "not reachable"

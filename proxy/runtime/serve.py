@@ -16,6 +16,7 @@ from authproxy.decide.client_address import TrustedProxies
 from authproxy.decide.pipeline import Authorizer, Observer
 from authproxy.decide.policy_tests import verify_policy
 from authproxy.decide.rate_limits import RateLimiter
+from authproxy.decide.request_fields import request_field_problems
 from authproxy.decide.state_checks import SingleUse, revocation_check
 from authproxy.ext_authz.grpc_check import CheckServer
 from authproxy.ext_authz.http_check import CheckHttpServer
@@ -40,6 +41,7 @@ from authproxy.runtime.decision_log import DecisionLog
 from authproxy.runtime.metrics import Metrics
 from authproxy.runtime.operations import Operations
 from authproxy.runtime.policy_reload import OnReload, PolicyReloader
+from authproxy.sidecar.catalog import CatalogError, MethodCatalog
 from authproxy.sidecar.listener import Sidecar
 from authproxy.state.store import StateStore
 
@@ -120,9 +122,20 @@ async def check_policy_tests(policy: Policy) -> None:
         raise ConfigError(str(e)) from None
 
 
-async def gate_reload(policy: Policy) -> None:
-    """A reloaded version's tests must pass (PolicyError otherwise: the reload is refused)."""
-    await verify_policy(policy, assemble_authorizer)
+def build_catalog(cfg: ServeConfig, policy: Policy) -> MethodCatalog:
+    """The methods the descriptor sets name (`--descriptor-set`); the sidecar adds what the
+    backend's reflection lists. ConfigError when a `request:` rule of `policy` names a field
+    its method's type lacks (reflection's types are checked when it answers)."""
+    catalog = MethodCatalog()
+    try:
+        for path in cfg.descriptor_sets:
+            catalog.add_descriptor_set(path)
+    except CatalogError as e:
+        raise ConfigError(str(e)) from None
+    problems = request_field_problems(policy, catalog.types)
+    if problems:
+        raise ConfigError(str(PolicyError(problems)))
+    return catalog
 
 
 def build_admin(cfg: ServeConfig, state: StateStore, ops: Operations) -> AdminServer:
@@ -162,6 +175,7 @@ class AuthProxy:
         self.state = build_state(cfg)
         policy, policy_text = read_policy(cfg)
         self.keys = load_keys(cfg)
+        self.catalog = build_catalog(cfg, policy)
         # The composition root: every part is built here, once, and given what it works
         # with in its constructor.
         metrics = Metrics()
@@ -171,15 +185,18 @@ class AuthProxy:
         self.sidecar = None
         reload_listeners: list[OnReload] = [metrics.policy_changed]
         if cfg.upstream:
-            self.sidecar = Sidecar(cfg, self.authorizer, self.state, metrics.upstream_seconds)
+            self.sidecar = Sidecar(
+                cfg, self.authorizer, self.state, self.catalog, metrics.upstream_seconds
+            )
             reload_listeners.append(self.sidecar.guard.policy_changed)
         reloader = PolicyReloader(
             cfg.policy, self.authorizer, self.keys, check_policy_keys, policy_text,
-            reload_listeners, gate_reload,
+            reload_listeners, self._gate,
         )  # fmt: skip
         self.ops = Operations(
-            self.authorizer, self.state, self.keys, reloader, metrics, cfg.keys_wait
-        )
+            self.authorizer, self.state, self.keys, reloader, metrics, cfg.keys_wait,
+            self.catalog.types,
+        )  # fmt: skip
         if self.sidecar is not None:
             self.ops.watch_sidecar(self.sidecar.upstream, self.sidecar.guard, self.sidecar.tls)
         self.admin = build_admin(cfg, self.state, self.ops) if cfg.admin else None
@@ -187,7 +204,9 @@ class AuthProxy:
         self.check_http: CheckHttpServer | None = None
         shared = cfg.workers > 1  # every worker listens on the same ports
         if cfg.ext_authz_grpc:
-            self.check_grpc = CheckServer(self.authorizer, cfg.ext_authz_grpc, shared)
+            self.check_grpc = CheckServer(
+                self.authorizer, cfg.ext_authz_grpc, shared, types=self.catalog.types
+            )
         if cfg.ext_authz_http:
             try:
                 self.check_http = CheckHttpServer(
@@ -199,6 +218,14 @@ class AuthProxy:
             if server is not None:
                 self.ops.watch_ext_authz(mode, server)
         self.cfg = cfg
+
+    async def _gate(self, policy: Policy) -> None:
+        """What a reloaded version must pass besides validation (PolicyError otherwise: the
+        reload is refused): request fields its methods' types have, and its tests."""
+        problems = request_field_problems(policy, self.catalog.types)
+        if problems:
+            raise PolicyError(problems)
+        await verify_policy(policy, assemble_authorizer)
 
     @property
     def reloader(self) -> PolicyReloader:

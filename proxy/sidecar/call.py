@@ -21,7 +21,10 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from authproxy.decide.reasons import Denied
+from authproxy.decide.request_fields import field_check
 from authproxy.sidecar.catalog import Kind
+from authproxy.sidecar.request_inspection import RequestInspection, refused_late
 from authproxy.wire.grpc_protocol import (
     MessageSizes,
     decode_message,
@@ -50,6 +53,7 @@ class Call:
         "down",
         "ended",
         "headers",
+        "inspection",
         "method",
         "pending",
         "relay",
@@ -91,6 +95,8 @@ class Call:
         self.watch: Watch | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.headers: tuple = ()
+        #: Set when the rule checks request fields: each message is held until checked.
+        self.inspection: RequestInspection | None = None
 
     # --- the decision -----------------------------------------------------------------
 
@@ -121,11 +127,26 @@ class Call:
             headers.append((b"grpc-timeout", format_timeout(remaining)))
         headers.extend(rewritten)
         self.upstream_headers = headers
+        try:
+            fields = field_check(decision, relay.types)
+        except Denied as denied:
+            if not refused_late(self, decision, denied):
+                return
+            fields = None
         if relay.guard is not None and relay.kinds.get(self.method) is not Kind.UNARY:
             self.watch = relay.guard.watch(decision, self.method, self.headers, self.guard_ended)
             if self.request_done:
                 self.watch.requests_done()
-        pool.open(self)
+        if fields is None:
+            pool.open(self)
+            return
+        # The backend stream opens once the first message passed; what came before the
+        # decision is read again, message by message.
+        self.inspection = RequestInspection(self, fields, decision)
+        received, self.pending = self.pending or [], []
+        for data, end in received:
+            self.request_unacked -= len(data)
+            self.inspection.feed(data, end)
 
     # --- UpstreamCall: the pool and the backend stream ----------------------------------
 
@@ -137,7 +158,7 @@ class Call:
         self.upstream_stream = stream_id
         pending, self.pending = self.pending, None
         for data, end in pending or ():
-            self._to_backend(data, end)
+            self.to_backend(data, end)
 
     def failed(self, message: str) -> None:
         self.relay.pool.errors_total += 1
@@ -167,7 +188,7 @@ class Call:
         before = sizes.messages
         too_big = sizes.feed(data)
         if too_big is not None:
-            self._cancel_backend()
+            self.cancel_backend()
             self.finish(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"response message larger than max ({too_big} vs. {sizes.limit})",
@@ -259,7 +280,7 @@ class Call:
         too_big = self.request_sizes.feed(data)
         if too_big is not None:
             self.down.acknowledge(len(data), self.sid)
-            self._cancel_backend()
+            self.cancel_backend()
             self.finish(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"request message larger than max ({too_big} vs. {self.request_sizes.limit})",
@@ -269,19 +290,22 @@ class Call:
             self.request_done = True
             if self.watch is not None:
                 self.watch.requests_done()
+        if self.inspection is not None:
+            self.inspection.feed(data, end_stream)
+            return
         self.request_unacked += len(data)
         if self.pending is not None:
             self.pending.append((data, end_stream))
         else:
-            self._to_backend(data, end_stream)
+            self.to_backend(data, end_stream)
 
     def client_reset(self) -> None:
         """The client cancelled (RST_STREAM) or went away."""
-        self._cancel_backend()
+        self.cancel_backend()
         self.ended = True
         self.cleanup()
 
-    def _to_backend(self, data: bytes, end_stream: bool) -> None:
+    def to_backend(self, data: bytes, end_stream: bool) -> None:
         up = self.up
         assert up is not None
         try:
@@ -303,7 +327,7 @@ class Call:
         send_status(self.down.connection, self.sid, self.replied, code, message, extra)
         self._ended()
         self.relay.dirty.add(self.down)
-        self._cancel_backend()
+        self.cancel_backend()
 
     def expired(self) -> None:
         self.timer = None
@@ -319,11 +343,11 @@ class Call:
         ending = (by or decision)._replace(
             allowed=False, reason=reason, message=message, shadow=False
         )
-        self._cancel_backend()
+        self.cancel_backend()
         self.relay.refuse(self, ending)
         self.relay.flush()
 
-    def _cancel_backend(self) -> None:
+    def cancel_backend(self) -> None:
         up = self.up
         if up is not None and self.upstream_stream in up.calls:
             with contextlib.suppress(EngineError):
@@ -333,7 +357,7 @@ class Call:
             self.relay.pool.withdraw(self)
 
     def _client_gone(self) -> None:
-        self._cancel_backend()
+        self.cancel_backend()
         self._ended()
 
     def _ended(self) -> None:

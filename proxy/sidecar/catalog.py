@@ -19,6 +19,8 @@ import grpc
 from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from authproxy.wire.message_types import MessageTypes
+
 log = logging.getLogger("authproxy.catalog")
 
 
@@ -36,8 +38,12 @@ class CatalogError(Exception):
 class MethodCatalog:
     def __init__(self) -> None:
         self.kinds: dict[str, Kind] = {}
+        #: Each method's request type, for rules that read request fields.
+        self.types = MessageTypes()
 
     def add_files(self, files: Iterable[descriptor_pb2.FileDescriptorProto]) -> int:
+        files = list(files)
+        self.types.add_files(files)
         added = 0
         for fd in files:
             prefix = f"{fd.package}." if fd.package else ""

@@ -19,11 +19,12 @@ import logging
 import grpc
 
 from authproxy.decide.pipeline import Authorizer
+from authproxy.decide.request_fields import request_field_problems
 from authproxy.policy.lint import uncovered
 from authproxy.runtime.config import ConfigError, ServeConfig, check_address, tls_from
 from authproxy.runtime.metrics import LabelledHistogram
 from authproxy.runtime.tls import UpstreamTls
-from authproxy.sidecar.catalog import CatalogError, MethodCatalog, reflection_problem
+from authproxy.sidecar.catalog import MethodCatalog, reflection_problem
 from authproxy.sidecar.peer_identity import transport_principal
 from authproxy.sidecar.relay import Relay
 from authproxy.sidecar.stream_guard import StreamGuard
@@ -48,11 +49,13 @@ class Sidecar:
         cfg: ServeConfig,
         authorizer: Authorizer,
         state: StateStore,
+        catalog: MethodCatalog,
         upstream_seconds: LabelledHistogram | None = None,
     ) -> None:
         """The `StreamGuard` watches open streams against `state` (revocations, staleness).
         Nothing listens before `start`, so a sidecar that is never started is a
-        configuration check."""
+        configuration check. `catalog`: the methods known from descriptor sets; reflection
+        adds to it."""
         if cfg.upstream is None:
             raise ConfigError("the sidecar needs --upstream HOST:PORT")
         check_address("--listen", cfg.listen)
@@ -60,12 +63,7 @@ class Sidecar:
         self.cfg = cfg
         self.authorizer = authorizer
         self.guard = StreamGuard(state, authorizer, reload_ends_streams=cfg.reload_ends_streams)
-        self.catalog = MethodCatalog()
-        try:
-            for path in cfg.descriptor_sets:
-                self.catalog.add_descriptor_set(path)
-        except CatalogError as e:
-            raise ConfigError(str(e)) from None
+        self.catalog = catalog
         self.tls, self.upstream_tls = tls_from(cfg)
         dirty: set = set()  # connections (both sides) with frames to write: `sidecar/relay.py`
         limits = Limits(max_concurrent_streams=cfg.max_concurrent_streams or 2**31 - 1)
@@ -82,6 +80,7 @@ class Sidecar:
             principal_of=transport_principal if cfg.tls_client_ca else None,
             preface_timeout=cfg.preface_timeout,
             kinds=self.catalog.kinds,
+            types=self.catalog.types,
         )
         self.port = 0
         #: Learning method kinds by reflection; done once they are learned.
@@ -120,6 +119,8 @@ class Sidecar:
                     count = await self.catalog.add_from_reflection(channel, REFLECTION_TIMEOUT)
                 log.info("learned %d method kinds from upstream reflection", count)
                 self._log_uncovered()
+                for problem in request_field_problems(self.authorizer.policy, self.catalog.types):
+                    log.warning("%s (calls to it are refused: FIELD_MISMATCH)", problem)
                 return
             except Exception as e:  # any failure: kinds stay unknown for now, retry later
                 if (task := asyncio.current_task()) is not None and task.cancelling():

@@ -50,6 +50,7 @@ from authproxy.wire.h2_server import (
     request_head,
     start_task,
 )
+from authproxy.wire.message_types import MessageTypes
 
 log = logging.getLogger("authproxy.sidecar")
 
@@ -122,13 +123,16 @@ class Relay(H2Server):
         principal_of: Callable[[asyncio.BaseTransport], str | None] | None = None,
         preface_timeout: float = PREFACE_TIMEOUT,
         kinds: dict[str, Kind] | None = None,
+        types: MessageTypes | None = None,
     ) -> None:
         """`principal_of`: the client certificate's identity of a TLS connection (mTLS
         listeners); it goes to the pipeline as the call's principal. `kinds`: method kinds
         known from reflection or descriptor sets; known unary calls are decided once and
-        never watched by the stream guard (others are, see `sidecar/stream_guard.py`)."""
+        never watched by the stream guard (others are, see `sidecar/stream_guard.py`).
+        `types`: request message types, for rules that check request fields."""
         super().__init__(limits, dirty, preface_timeout)
         self.kinds = {} if kinds is None else kinds
+        self.types = types
         self.authorizer = authorizer
         self.pool = pool
         self.max_message_bytes = max_message_bytes

@@ -118,3 +118,39 @@ class MessageSizes:
                 self._remaining = 0
                 return size
             remaining = size
+
+
+class MessageReader:
+    """Collects one direction of a stream into whole messages, for a front end that must
+    see each message before any of its bytes go on: `feed` returns the messages completed
+    (compressed flag, payload) and their bytes as framed, and keeps a partial one. The
+    size limit is `MessageSizes`' (checked before the bytes reach here)."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held = b""
+
+    @property
+    def held(self) -> int:
+        """Bytes of a message not yet complete."""
+        return len(self._held)
+
+    def take_held(self) -> bytes:
+        """The partial message's bytes, no longer held."""
+        held, self._held = self._held, b""
+        return held
+
+    def feed(self, data: bytes) -> tuple[list[tuple[bool, bytes]], bytes]:
+        buffer = self._held + data if self._held else data
+        messages: list[tuple[bool, bytes]] = []
+        at = 0
+        while len(buffer) - at >= 5:
+            size = int.from_bytes(buffer[at + 1 : at + 5], "big")
+            end = at + 5 + size
+            if end > len(buffer):
+                break
+            messages.append((buffer[at] != 0, buffer[at + 5 : end]))
+            at = end
+        self._held = buffer[at:]
+        return messages, buffer[:at]

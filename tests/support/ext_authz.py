@@ -195,10 +195,12 @@ GRPC_CODE = {
     Reason.INSUFFICIENT_SCOPE: 7,
     Reason.CLAIM_MISMATCH: 7,
     Reason.HEADER_MISMATCH: 7,
+    Reason.FIELD_MISMATCH: 7,
+    Reason.FIELDS_UNAVAILABLE: 14,
     Reason.METHOD_DENIED: 7,
     Reason.METHOD_MALFORMED: 7,
 }
-HTTP_CODE = {3: 400, 7: 403, 16: 401}
+HTTP_CODE = {3: 400, 7: 403, 14: 503, 16: 401}
 
 
 def grpc_code(reason: str) -> int:
