@@ -15,8 +15,9 @@ The report says so for each such step ("not checked offline").
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from authproxy.decide.bearer import extract_bearer
 from authproxy.decide.conditions import check_conditions
@@ -24,6 +25,7 @@ from authproxy.decide.decision import Decision
 from authproxy.decide.identity import Identity, identity_of
 from authproxy.decide.pipeline import Authorizer, Headers
 from authproxy.decide.reasons import Denied, Reason
+from authproxy.decide.request_fields import check_fields_json
 from authproxy.decide.requirements import check_requirements
 from authproxy.keys.ring import KeyRing
 from authproxy.keys.verify import TokenVerifier, VerifiedToken, check_claims, shown
@@ -94,6 +96,7 @@ async def explain_offline(
     http_method: str | None = None,
     now: float | None = None,
     headers: tuple[tuple[str, str], ...] = (),
+    request: Mapping[str, Any] | None = None,
 ) -> Explanation:
     """`explain` on a fresh `offline_authorizer(cfg)` at time `now` (default: the clock).
     Keys are required, as by `serve`, when there is a token to verify or keys are
@@ -107,7 +110,7 @@ async def explain_offline(
             await keys.start()
             await keys.wait_loaded(cfg.jwks_fetch.timeout)
         authorizer = offline_authorizer(cfg, state, need_keys, now, keys)
-        return await explain(authorizer, target, token, http_method, headers)
+        return await explain(authorizer, target, token, http_method, headers, request)
     finally:
         await keys.close()
         await state.close()
@@ -119,10 +122,12 @@ async def explain(
     token: str | None = None,
     http_method: str | None = None,
     extra_headers: tuple[tuple[str, str], ...] = (),
+    request: Mapping[str, Any] | None = None,
 ) -> Explanation:
     """Explain a gRPC call to `target` (a method path), or with `http_method` an HTTP
-    request for the path `target`, carrying `token` (a JWT, or a whole `Bearer ...`) and
-    `extra_headers` (what `when:` conditions bind to claims)."""
+    request for the path `target`, carrying `token` (a JWT, or a whole `Bearer ...`),
+    `extra_headers` (what `when:` conditions bind to claims) and, as JSON, the `request`
+    message's fields (what a `request:` rule checks)."""
     headers: list[tuple[str, str]] = list(extra_headers)
     if token is not None:
         headers.append(("authorization", token if " " in token.strip() else f"Bearer {token}"))
@@ -130,8 +135,13 @@ async def explain(
         decision = await authorizer.decide(target, headers)
     else:
         decision = await authorizer.decide_http(http_method, target, headers, grpc=False)
+    if request is not None and decision.allowed and decision.identity is not None:
+        try:  # the front ends' step after the headers: the request message
+            check_fields_json(decision.rule, decision.identity, request)
+        except Denied as denied:
+            decision = authorizer.refuse_later(decision, denied)
     policy = authorizer.policy
-    steps = tuple(_steps(authorizer.verifier, policy, decision.rule, headers))
+    steps = tuple(_steps(authorizer.verifier, policy, decision.rule, headers, request))
     shown_target = target if http_method is None else f"{http_method} {target}"
     return Explanation(shown_target, http_method is not None, policy, decision, steps)
 
@@ -139,11 +149,18 @@ async def explain(
 # --- the steps, in the pipeline's order --------------------------------------------------
 
 
-def _steps(verifier: TokenVerifier, policy: Policy, rule: Rule, headers: Headers) -> list[Step]:
+def _steps(
+    verifier: TokenVerifier,
+    policy: Policy,
+    rule: Rule,
+    headers: Headers,
+    request: Mapping[str, Any] | None,
+) -> list[Step]:
     if rule.level == PUBLIC:
         steps = [Step("token", "not needed", "a public rule looks at no token")]
     elif rule.needs_token:
-        steps = list(_token_steps(verifier, policy, rule, policy.tokens[rule.level], headers))
+        spec = policy.tokens[rule.level]
+        steps = list(_token_steps(verifier, policy, rule, spec, headers, request))
     else:
         return []  # deny, or no rule at all: the verdict says why
     if rule.rate_limits and steps[-1].outcome != FAIL:
@@ -154,7 +171,12 @@ def _steps(verifier: TokenVerifier, policy: Policy, rule: Rule, headers: Headers
 
 
 def _token_steps(
-    verifier: TokenVerifier, policy: Policy, rule: Rule, spec: TokenSpec, headers: Headers
+    verifier: TokenVerifier,
+    policy: Policy,
+    rule: Rule,
+    spec: TokenSpec,
+    headers: Headers,
+    request: Mapping[str, Any] | None,
 ) -> Iterator[Step]:
     try:
         token = extract_bearer(headers, policy.max_token_bytes)
@@ -189,6 +211,19 @@ def _token_steps(
             yield _failed("conditions", d)
             return
         yield Step("conditions", OK, "; ".join(map(str, rule.when)))
+    if rule.request is not None:
+        yield _request_step(rule, identity, request)
+
+
+def _request_step(rule: Rule, identity: Identity, request: Mapping[str, Any] | None) -> Step:
+    """The `request:` fields, on the request written as JSON (`--request`)."""
+    if request is None:
+        return Step("request", OFFLINE, f"{rule.request}: give --request JSON to check one")
+    try:
+        check_fields_json(rule, identity, request)
+    except Denied as d:
+        return _failed("request", d)
+    return Step("request", OK, str(rule.request))
 
 
 def _verify_failure(

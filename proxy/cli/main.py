@@ -144,6 +144,11 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
         metavar="NAME:VALUE",
         help="a request header the call carries (repeatable); for 'when' conditions",
     )
+    p.add_argument(
+        "--request",
+        metavar="JSON",
+        help="the request message's fields as JSON, e.g. '{\"user_id\": \"bob\"}' (for 'request')",
+    )
     add_flags(p, KEY_SETTINGS)  # the policy and keys, as `serve` takes them
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=_explain)
@@ -176,9 +181,17 @@ def _explain(args: argparse.Namespace) -> int:
         if not sep or not name.strip():
             raise ConfigError(f"--header {given!r}: expected NAME:VALUE")
         headers.append((name.strip().lower(), value.strip()))
+    request = None
+    if args.request is not None:
+        try:
+            request = json.loads(args.request)
+        except ValueError as e:
+            raise ConfigError(f"--request: not JSON ({e})") from None
+        if not isinstance(request, dict):
+            raise ConfigError("--request: a JSON object of the message's fields")
     cfg = ServeConfig(**values(args, KEY_SETTINGS))
     explained = asyncio.run(
-        explain_offline(cfg, target, token, http_method, headers=tuple(headers))
+        explain_offline(cfg, target, token, http_method, headers=tuple(headers), request=request)
     )
     out = json.dumps(json_report(explained), indent=2) if args.format == "json" else None
     print(out or text_report(explained))

@@ -25,6 +25,8 @@ import jwt
 
 from authproxy.decide.decision import Decision
 from authproxy.decide.pipeline import Authorizer
+from authproxy.decide.reasons import Denied
+from authproxy.decide.request_fields import check_fields_json
 from authproxy.keys.issuer import SigningKey, TokenIssuer, hmac_signing_key
 from authproxy.keys.keyset import KeySet, hmac_key
 from authproxy.keys.verify import TokenVerifier
@@ -160,6 +162,11 @@ async def run_case(case: PolicyCase, keys: RunKeys, assemble: Assemble) -> CaseR
                 )
     finally:
         await state.close()
+    if decision.allowed and decision.identity is not None:
+        try:  # the request message's fields, as the case writes them
+            check_fields_json(decision.rule, decision.identity, case.request or {})
+        except Denied as denied:
+            decision = authorizer.refuse_later(decision, denied)
     return CaseResult(case, decision)
 
 

@@ -27,6 +27,7 @@ from time import monotonic
 
 from authproxy.decide.pipeline import Authorizer
 from authproxy.decide.reasons import Denied, Reason
+from authproxy.decide.request_fields import expected_fields
 from authproxy.ext_authz.answer import (
     Allow,
     Allows,
@@ -168,8 +169,9 @@ class CheckHttpServer:
             policy = authorizer.policy  # one snapshot: header names match the decision
             grpc = is_grpc(headers)
             decision = await authorizer.decide_http(method, path, headers, grpc, policy, peer)
-            if decision.allowed and decision.rule.request is not None:
-                decision = authorizer.refuse_later(decision, _NO_BODY)  # bodies: gRPC mode
+            identity = decision.identity
+            if decision.allowed and identity and expected_fields(decision.rule, identity):
+                decision = authorizer.refuse_later(decision, _NO_BODY)  # bodies: gRPC only
             if not decision.allowed:
                 return _deny_reply(deny_for(decision, grpc))
             return allow_for(decision, headers, policy, self.allows).rendered_as(

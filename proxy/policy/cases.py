@@ -5,6 +5,7 @@
         call: /api.v1.UserService/ListUsers     # or  http: "GET /healthz"
         token: {level: access, claims: {sub: alice, roles: [admin]}}
         headers: {x-tenant-id: t1}              # more request headers
+        request: {user_id: alice}               # the request message's fields (JSON)
         peer: spiffe://cluster/ns/app/sa/web    # the client certificate's identity (mTLS)
         repeat: 3                               # the same call 3 times; `expect` judges the last
         expect: allow                           # or  {deny: INSUFFICIENT_ROLE}
@@ -34,7 +35,7 @@ from authproxy.policy.model import LEVELS, Policy
 from authproxy.policy.values import ValueChecks, close_match
 from authproxy.policy.yaml_source import LineList, LineMap, SourceError
 
-CASE_KEYS = ("name", "call", "http", "token", "headers", "peer", "repeat", "expect")
+CASE_KEYS = ("name", "call", "http", "token", "headers", "request", "peer", "repeat", "expect")
 TOKEN_KEYS = ("level", "claims", "expired")
 ALLOW = "allow"
 DENY = "deny"
@@ -68,6 +69,9 @@ class PolicyCase:
     repeat: int
     #: The reason the call must be denied with; None: it must be allowed.
     deny: Reason | None
+    #: The request message's fields, for rules with `request:` (nested objects for
+    #: nested messages; a field left out is unset).
+    request: Mapping[str, Any] | None = None
 
     @property
     def expected(self) -> str:
@@ -165,11 +169,16 @@ class _CaseChecks(ValueChecks):
         principal = self.string(entry, "peer", where, default="") or None
         repeat = self.integer(entry, "repeat", default=1, low=1, high=MAX_REPEAT)
         found, deny = self.expect(entry, where)
+        request = entry.get("request")
+        if request is not None and not isinstance(request, LineMap):
+            self.error(entry.line_of("request"), f"{where}: 'request' maps field names to values")
+            request = None
         if name is None or target is None or not found:
             return None
         return PolicyCase(
-            self.file, line, name, target, http_method, token, headers, principal, repeat, deny
-        )
+            self.file, line, name, target, http_method, token, headers, principal, repeat, deny,
+            request,
+        )  # fmt: skip
 
     def target(self, entry: LineMap, where: str) -> tuple[str | None, str | None]:
         """(None, method path) for `call:`, (METHOD, path) for `http: "METHOD /path"`."""

@@ -172,10 +172,11 @@ class RequestChecks(ClaimChecks):
         if level in (PUBLIC, "deny"):
             self.error(line, f"{where}: 'request' needs a token level, not {level!r}")
             return None
+        if isinstance(block, LineMap):  # first: a misspelled key is renamed, then judged
+            self.unknown_keys(block, REQUEST_KEYS, f"key in 'request' of {where}")
         if not isinstance(block, LineMap) or not isinstance(block.get("equal_claims"), LineMap):
             self.error(line, f"{where}: 'request' is {{equal_claims: {{FIELD: CLAIM, ...}}}}")
             return None
-        self.unknown_keys(block, REQUEST_KEYS, f"key in 'request' of {where}")
         pairs = []
         fields = block["equal_claims"]
         for field, claim in fields.items():

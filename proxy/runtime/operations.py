@@ -40,7 +40,7 @@ class Operations:
         self.keys = keys
         #: Readiness waits for every remote key set's first load.
         self.keys_wait = keys_wait
-        #: Readiness waits for the request types that `request:` rules read.
+        #: The request types `request:` rules read: readiness says which are missing.
         self.types = types
         self.draining = False
         self.upstream: Any = None  # the sidecar's `UpstreamPool`
@@ -166,8 +166,10 @@ class Operations:
         except StateUnavailable as e:
             checks["state"] = str(e)
         if self.types is not None and (missing := missing_types(policy, self.types)):
+            # Not a reason to take every other method out of service: these calls alone
+            # are refused (FIELDS_UNAVAILABLE) until a descriptor names their types.
             shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-            checks["request types"] = f"waiting for the request types of {shown}"
+            checks["request types"] = f"ok (not known yet: {shown}; refused meanwhile)"
         if self.upstream is not None:
             ready = await self.upstream.ready(UPSTREAM_PROBE_TIMEOUT)
             checks["upstream"] = "ok" if ready else "not reachable"

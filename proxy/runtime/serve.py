@@ -16,7 +16,7 @@ from authproxy.decide.client_address import TrustedProxies
 from authproxy.decide.pipeline import Authorizer, Observer
 from authproxy.decide.policy_tests import verify_policy
 from authproxy.decide.rate_limits import RateLimiter
-from authproxy.decide.request_fields import request_field_problems
+from authproxy.decide.request_fields import missing_types, request_field_problems
 from authproxy.decide.state_checks import SingleUse, revocation_check
 from authproxy.ext_authz.grpc_check import CheckServer
 from authproxy.ext_authz.http_check import CheckHttpServer
@@ -120,6 +120,20 @@ async def check_policy_tests(policy: Policy) -> None:
         await verify_policy(policy, assemble_authorizer)
     except PolicyError as e:
         raise ConfigError(str(e)) from None
+
+
+def warn_unreadable_fields(cfg: ServeConfig, policy: Policy, catalog: MethodCatalog) -> None:
+    """Say which `request:` rules can never be checked (no descriptor set names their
+    methods and no backend reflection will): their calls are refused FIELDS_UNAVAILABLE."""
+    if cfg.upstream and cfg.upstream_reflection:
+        return  # readiness waits for reflection to name them
+    missing = missing_types(policy, catalog.types)
+    if missing:
+        log.warning(
+            "no descriptor names the request types of %s (give --descriptor-set): calls to"
+            " them are refused (FIELDS_UNAVAILABLE)",
+            ", ".join(missing),
+        )
 
 
 def build_catalog(cfg: ServeConfig, policy: Policy) -> MethodCatalog:
@@ -249,6 +263,7 @@ class AuthProxy:
         except ConfigError:
             await self.stop(0)  # what did open closes again
             raise
+        warn_unreadable_fields(self.cfg, self.authorizer.policy, self.catalog)
         if self.cfg.watch_policy:
             self.reloader.start()
 

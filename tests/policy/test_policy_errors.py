@@ -211,7 +211,7 @@ def test_a_missing_level_is_not_judged_as_deny(tmp_path: Path) -> None:
     assert problems(path) == [
         f"{path}:5: unknown key in rule /a.B/C 'tier' (allowed: level, roles, permissions,"
         " scopes, forward_token, single_use, revoke_on_reuse, rate_limit, end_streams, mode,"
-        " peers, when)",
+        " peers, when, request)",
         f"{path}:5: rule /a.B/C has no 'level'",
     ]
 
