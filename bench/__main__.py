@@ -1,6 +1,7 @@
 """The benchmark: every figure measured in one run, on loopback, as ratios.
 
     .venv/bin/python -m bench [--quick] [--json PATH] [--plot PATH] [--workers N]
+    .venv/bin/python -m bench --tracing [--baseline-tree DIR] [--seconds S] [--rounds N]
 
 Starts everything itself, each server in its own process: the echo backend, a bare
 passthrough (the proxy's frame relay with a decision that costs nothing), the proxy
@@ -139,11 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--plot", type=Path, help="draw latency vs offered load (PNG)")
     parser.add_argument("--workers", type=int, default=1, help="the proxy's --workers")
+    parser.add_argument(
+        "--tracing", action="store_true", help="only what tracing costs (bench/tracing.py)"
+    )
+    parser.add_argument(
+        "--baseline-tree", type=Path, help="with --tracing: a source tree without tracing"
+    )
     args = parser.parse_args(argv)
     if shutil.which("h2load") is None:
         print("bench: needs h2load (apt-get install nghttp2-client)", file=sys.stderr)
         return 2
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    if args.tracing:
+        return _tracing(args)
     tmp = Path(tempfile.mkdtemp(prefix="authproxy-bench-"))
     try:
         figures = asyncio.run(measure(args, tmp))
@@ -155,6 +164,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         report.plot(figures, SWEEP, args.plot)
     report.print_table(figures)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def _tracing(args: argparse.Namespace) -> int:
+    """`--tracing`: the tracing part alone (needs the otel extra)."""
+    from . import tracing
+
+    async def measure(tmp: Path) -> dict:
+        (tmp / "config").mkdir()
+        part = tracing.TracingBench(make_fixtures(tmp / "config"), tmp, args.baseline_tree)
+        try:
+            await part.start()
+            await part.measure(args.seconds, args.rounds)
+        finally:
+            await part.stop()
+        return part.figures()
+
+    tmp = Path(tempfile.mkdtemp(prefix="authproxy-bench-"))
+    try:
+        figures = asyncio.run(measure(tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tracing.print_figures(figures)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
     return 0

@@ -64,19 +64,28 @@ class Server:
     """One server process listening on `port` (127.0.0.1)."""
 
     def __init__(
-        self, name: str, argv: list[str], port: int, log: Path, program: str = sys.executable
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        log: Path,
+        program: str = sys.executable,
+        env: dict[str, str] | None = None,
+        cwd: Path = REPO,
     ) -> None:
-        """`argv` runs under `program`: this interpreter, unless another program is named."""
+        """`argv` runs under `program`: this interpreter, unless another program is named;
+        `env`: variables added to this process's; `cwd`: where it runs (`python -m` imports
+        from there first)."""
         self.name = name
         self.port = port
         self.log = log
         self._out = log.open("wb")
         self.proc = subprocess.Popen(
             [program, *argv],
-            cwd=REPO,
+            cwd=cwd,
             stdout=self._out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "GRPC_VERBOSITY": "ERROR"},
+            env={**os.environ, "GRPC_VERBOSITY": "ERROR", **(env or {})},
         )
 
     @property
@@ -120,11 +129,19 @@ def baseline(name: str, kind: str, log_dir: Path, upstream: int | None = None) -
     return Server(name, argv, port, log_dir / f"{name}.log")
 
 
-def proxy(name: str, flags: list[str], log_dir: Path, port_flag: str = "--listen") -> Server:
-    """`authproxy serve` (the real command) with `flags`, and `port_flag` on a free port."""
+def proxy(
+    name: str,
+    flags: list[str],
+    log_dir: Path,
+    port_flag: str = "--listen",
+    env: dict[str, str] | None = None,
+    cwd: Path = REPO,
+) -> Server:
+    """`authproxy serve` (the real command) with `flags`, and `port_flag` on a free port;
+    `cwd`: the source tree it runs from (default: this one)."""
     port = free_port()
     argv = ["-m", "authproxy", "serve", port_flag, f"127.0.0.1:{port}", *flags]
-    return Server(name, argv, port, log_dir / f"{name}.log")
+    return Server(name, argv, port, log_dir / f"{name}.log", env=env, cwd=cwd)
 
 
 def c_relay(name: str, upstream: int, log_dir: Path) -> Server | None:

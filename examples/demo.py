@@ -15,6 +15,7 @@ import argparse
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +41,9 @@ from examples.demo_children import (
 )
 
 POLICY = REPO / "policy.yaml"
+#: A second shipped policy whose tests show claim conditions (a tenant header bound to the
+#: token's tenant) and claim mapping (Keycloak roles).
+MULTI_TENANT = REPO / "policies" / "multi-tenant.yaml"
 #: policy.yaml's rate limit on Login (per client address, per minute).
 LOGIN_LIMIT = 10
 SECRET_ENV = "DEMO_REFRESH_SECRET"
@@ -229,6 +233,13 @@ def tour(target: str, admin: str, admin_token: str) -> None:
             call(users.GetProfile, api_pb2.GetProfileRequest()),
             show=lambda r: _need(r.user_id == created.user_id, "wrong profile") or saw,
         )
+        step(
+            "GetProfile naming another user (policy: request user_id = the caller's sub,"
+            " unless admin)",
+            call(users.GetProfile, api_pb2.GetProfileRequest(user_id="someone-else")),
+            DENIED,
+            "FIELD_MISMATCH",
+        )
         forged = [("x-auth-subject", "root"), ("x-auth-roles", "admin")]
         step(
             "GetProfile with forged x-auth-subject/x-auth-roles headers",
@@ -410,7 +421,23 @@ def run(keep_running: bool) -> int:
             children.stop()
 
 
+def _policy_tests() -> None:
+    """Each policy's own tests, as the proxy runs them before it loads the policy."""
+    for policy in (POLICY, MULTI_TENANT):
+        done = subprocess.run(
+            [sys.executable, "-m", "authproxy", "policy", "test", str(policy.relative_to(REPO))],
+            capture_output=True, text=True, timeout=60, cwd=REPO,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise DemoError(f"the tests of {policy.name} failed:\n{done.stdout}{done.stderr}")
+        print(f"demo: authproxy policy test {policy.relative_to(REPO)}", flush=True)
+        for line in done.stdout.splitlines():
+            print(f"  {line}", flush=True)
+    print(flush=True)
+
+
 def _run(children: Children, workdir: Path, keep_running: bool) -> int:
+    _policy_tests()
     deadline = time.monotonic() + STARTUP_SECONDS
     admin = f"127.0.0.1:{free_port()}"  # the proxy's admin API, which the backend calls
     # fmt: off

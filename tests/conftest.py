@@ -4,7 +4,8 @@ What they are built from lives in `tests/support/`."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from authproxy.keys.issuer import TokenIssuer, hmac_signing_key
 from authproxy.keys.keygen import keygen
 from authproxy.policy.loader import parse_policy
+from authproxy.runtime.decision_log import LOGGER
 from tests.support.echo_backend import EchoBackend, start_echo_backend
 from tests.support.example_backend import Example, running_example
 from tests.support.keys import REFRESH_SECRET, Keys
@@ -80,3 +82,22 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if unproven and session.exitstatus == 0:
         reporter.write_line(f"{len(unproven)} skipped/xfailed test(s): failing the run", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def decision_lines() -> Iterator[list[str]]:
+    """The raw lines written to the decision log during the test."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger(LOGGER)
+    handler = Collect(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)

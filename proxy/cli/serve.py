@@ -203,6 +203,11 @@ SERVE: tuple[Setting, ...] = (
         " are)", "RATE", parse=fraction,
     ),
     Setting(
+        "--tracing", "tracing", "OpenTelemetry spans for decisions and relayed calls, sent as"
+        " the OTEL_* variables say (needs the otel extra)", kind=ON,
+        more="[Tracing (OpenTelemetry)](#tracing-opentelemetry)",
+    ),
+    Setting(
         "--no-policy-watch", "watch_policy", "do not reload the policy when its file changes"
         " (SIGHUP still reloads)", kind=OFF,
     ),

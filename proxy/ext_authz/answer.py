@@ -24,7 +24,7 @@ import base64
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import quote
@@ -155,13 +155,16 @@ async def answer(
     request: CheckRequest,
     allows: Allows,
     types: MessageTypes | None = None,
+    decide_http: Callable[..., Awaitable[Decision]] | None = None,
 ) -> Allow | Deny:
     """Decide an Envoy check and translate the decision (the gRPC front end's path; the
     HTTP front end takes the same steps inline, `CheckHttpServer.check`). `types`: request
-    message types, for rules that check request fields in the body Envoy sends."""
+    message types, for rules that check request fields in the body Envoy sends;
+    `decide_http`: the front end's `Authorizer.decide_http` (traced, with tracing on)."""
     policy = authorizer.policy  # one snapshot: the reply's header names match the decision
     grpc = request.grpc
-    decision = await authorizer.decide_http(
+    decide = authorizer.decide_http if decide_http is None else decide_http
+    decision = await decide(
         request.method, request.path, request.headers, grpc, policy, request.peer, request.principal
     )
     if decision.allowed and decision.rule.request is not None:

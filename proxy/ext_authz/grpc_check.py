@@ -16,6 +16,7 @@ protobuf work at all.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -33,6 +34,9 @@ from authproxy.wire.h2_server import PREFACE_TIMEOUT
 from authproxy.wire.health_service import HealthService
 from authproxy.wire.message_types import MessageTypes
 
+if TYPE_CHECKING:
+    from authproxy.runtime.tracing import Tracing
+
 log = logging.getLogger("authproxy.ext_authz")
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
@@ -45,9 +49,18 @@ _RENDERED = "grpc"
 class CheckService:
     """Check: a CheckRequest in, a framed CheckResponse out (`grpc_server.Method.unary`)."""
 
-    def __init__(self, authorizer: Authorizer, types: MessageTypes | None = None) -> None:
+    def __init__(
+        self,
+        authorizer: Authorizer,
+        tracing: Tracing | None = None,
+        types: MessageTypes | None = None,
+    ) -> None:
+        """`tracing`: a span per check (None: off); `types`: request message types."""
         self.authorizer = authorizer
         self.types = types
+        self.decide_http = authorizer.decide_http
+        if tracing is not None:
+            self.decide_http = tracing.decide_http(authorizer.decide_http, "ext_authz.grpc")
         self.allows = Allows()
         self.errors_total = 0
 
@@ -82,7 +95,7 @@ class CheckService:
                 self.authorizer, check, "the check request has no HTTP method and path"
             )
         else:
-            result = await answer(self.authorizer, check, self.allows, self.types)
+            result = await answer(self.authorizer, check, self.allows, self.types, self.decide_http)
         if isinstance(result, Allow):
             return result.rendered_as(_RENDERED, _allow)
         return framed(
@@ -148,6 +161,7 @@ class CheckServer:
         authorizer: Authorizer,
         listen: str,
         reuse_port: bool = False,
+        tracing: Tracing | None = None,
         *,
         limits: Limits | None = None,
         preface_timeout: float = PREFACE_TIMEOUT,
@@ -155,8 +169,9 @@ class CheckServer:
     ) -> None:
         """`reuse_port`: SO_REUSEPORT, so several worker processes share the port.
         `limits`: what one connection may cost (streams, header lists, flood defences).
+        `tracing`: a span per check, continuing the checked request's trace (None: off).
         `types`: request message types (descriptor sets), for rules on request fields."""
-        self.service = CheckService(authorizer, types)
+        self.service = CheckService(authorizer, tracing, types)
         self.health = HealthService()
         methods = {CHECK: self.service.method(), **self.health.methods()}
         self.server = GrpcServer(methods, limits, preface_timeout)

@@ -24,6 +24,7 @@ import logging
 import re
 import socket
 from time import monotonic
+from typing import TYPE_CHECKING
 
 from authproxy.decide.pipeline import Authorizer
 from authproxy.decide.reasons import Denied, Reason
@@ -43,6 +44,9 @@ from authproxy.ext_authz.http_protocol import HttpConnection
 from authproxy.ext_authz.http_reply import SERVER_LINE, Reply
 from authproxy.ext_authz.http_request import HttpLimits
 from authproxy.wire.listen import listen_on
+
+if TYPE_CHECKING:
+    from authproxy.runtime.tracing import Tracing
 
 log = logging.getLogger("authproxy.ext_authz")
 
@@ -73,9 +77,11 @@ class CheckHttpServer:
         path_prefix: str = "",
         reuse_port: bool = False,
         limits: HttpLimits | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         """`reuse_port`: SO_REUSEPORT, so several worker processes share the port;
-        `limits`: sizes and timeouts (read when a connection opens)."""
+        `limits`: sizes and timeouts (read when a connection opens); `tracing`: a span per
+        check, continuing the checked request's trace (None: off)."""
         if path_prefix and (not path_prefix.startswith("/") or path_prefix.endswith("/")):
             raise ValueError(
                 f"--ext-authz-http-path-prefix {path_prefix!r} must start with '/' and not end"
@@ -85,6 +91,9 @@ class CheckHttpServer:
         self.reuse_port = reuse_port
         self.port = 0  # known once started
         self.authorizer = authorizer
+        self.decide_http = authorizer.decide_http
+        if tracing is not None:
+            self.decide_http = tracing.decide_http(authorizer.decide_http, "ext_authz.http")
         self.allows = Allows()
         self.path_prefix = path_prefix
         self.limits = limits or HttpLimits()
@@ -168,7 +177,7 @@ class CheckHttpServer:
             authorizer = self.authorizer
             policy = authorizer.policy  # one snapshot: header names match the decision
             grpc = is_grpc(headers)
-            decision = await authorizer.decide_http(method, path, headers, grpc, policy, peer)
+            decision = await self.decide_http(method, path, headers, grpc, policy, peer)
             identity = decision.identity
             if decision.allowed and identity and expected_fields(decision.rule, identity):
                 decision = authorizer.refuse_later(decision, _NO_BODY)  # bodies: gRPC only

@@ -98,6 +98,9 @@ class ServeConfig:
     workers: int = 1
     #: Seconds a sidecar client connection may take to send the HTTP/2 preface.
     preface_timeout: float = 10.0
+    #: OpenTelemetry spans for decisions and relayed calls (`runtime/tracing.py`; the
+    #: `otel` extra; `OTEL_*` variables configure the SDK).
+    tracing: bool = False
 
 
 def load_keys(cfg: ServeConfig) -> KeyRing:

@@ -2,8 +2,9 @@
 
 Every deny and every shadow would-deny is written; allows are sampled (`--log-allows
 RATE`, 0 to 1, default 0). A line holds: time, method, rule, level, decision, reason,
-sub, jti, peer, principal, policy_version, latency_ms (and shadow). Never a token, a header value
-or a claim other than `sub` and `jti`.
+sub, jti, peer, principal, policy_version, latency_ms (and shadow), and with tracing on
+the decision span's trace_id and span_id. Never a token, a header value or a claim other
+than `sub` and `jti`.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ class DecisionLog:
         allow_sample: float = 0.0,
         logger: logging.Logger | None = None,
         rng: Callable[[], float] = random.random,
+        trace_ids: Callable[[], tuple[str, str] | None] | None = None,
     ) -> None:
+        """`trace_ids`: the current (decision) span's ids, with tracing on."""
         self.allow_sample = allow_sample
         self.logger = logger or logging.getLogger(LOGGER)
         self.rng = rng
+        self.trace_ids = trace_ids
 
     def __call__(self, decision: Decision, seconds: float, peer: str | None) -> None:
         """An `Authorizer` observer."""
@@ -43,7 +47,10 @@ class DecisionLog:
             return
         if not self.logger.isEnabledFor(logging.INFO):
             return
-        self.logger.info(json.dumps(record(decision, seconds, peer), separators=(",", ":")))
+        line = record(decision, seconds, peer)
+        if self.trace_ids is not None and (ids := self.trace_ids()) is not None:
+            line["trace_id"], line["span_id"] = ids
+        self.logger.info(json.dumps(line, separators=(",", ":")))
 
 
 #: Denies whose message is worded from the policy alone (the requirement or `when:`

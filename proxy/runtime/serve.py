@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 from collections.abc import Iterable
+from time import monotonic
 
 from authproxy.decide.client_address import TrustedProxies
 from authproxy.decide.pipeline import Authorizer, Observer
@@ -41,6 +42,7 @@ from authproxy.runtime.decision_log import DecisionLog
 from authproxy.runtime.metrics import Metrics
 from authproxy.runtime.operations import Operations
 from authproxy.runtime.policy_reload import OnReload, PolicyReloader
+from authproxy.runtime.tracing import Tracing, build_tracing
 from authproxy.sidecar.catalog import CatalogError, MethodCatalog
 from authproxy.sidecar.listener import Sidecar
 from authproxy.state.store import StateStore
@@ -65,6 +67,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("authproxy")
+#: Seconds queued spans get to be exported when the proxy stops, however short the grace.
+MIN_FLUSH = 1.0
 
 
 def build_authorizer(
@@ -169,38 +173,45 @@ def build_admin(cfg: ServeConfig, state: StateStore, ops: Operations) -> AdminSe
     return AdminServer(state, cfg.admin, token, ops, cfg.admin_metrics_auth)
 
 
+def check_front_ends(cfg: ServeConfig) -> None:
+    """At least one front end, and the ext_authz addresses well-formed (ConfigError)."""
+    if not (cfg.upstream or cfg.ext_authz_grpc or cfg.ext_authz_http):
+        raise ConfigError(
+            "nothing to serve: give --upstream (the sidecar) and/or --ext-authz-grpc"
+            " / --ext-authz-http (Envoy ext_authz)"
+        )
+    for flag, value in (
+        ("--ext-authz-grpc", cfg.ext_authz_grpc),
+        ("--ext-authz-http", cfg.ext_authz_http),
+    ):
+        if value is not None:
+            check_address(flag, value)
+
+
 class AuthProxy:
     """The whole process: one authorizer, and each front end the configuration asks for."""
 
     def __init__(self, cfg: ServeConfig) -> None:
         """Builds every part and checks the configuration (ConfigError); nothing listens
         before `start`, so a proxy that is never started is a configuration check."""
-        if not (cfg.upstream or cfg.ext_authz_grpc or cfg.ext_authz_http):
-            raise ConfigError(
-                "nothing to serve: give --upstream (the sidecar) and/or --ext-authz-grpc"
-                " / --ext-authz-http (Envoy ext_authz)"
-            )
-        for flag, value in (
-            ("--ext-authz-grpc", cfg.ext_authz_grpc),
-            ("--ext-authz-http", cfg.ext_authz_http),
-        ):
-            if value is not None:
-                check_address(flag, value)
+        check_front_ends(cfg)
         self.state = build_state(cfg)
         policy, policy_text = read_policy(cfg)
         self.keys = load_keys(cfg)
         self.catalog = build_catalog(cfg, policy)
         # The composition root: every part is built here, once, and given what it works
         # with in its constructor.
+        self.tracing = tracing = build_tracing(cfg.tracing)  # None: tracing off
         metrics = Metrics()
+        decisions = DecisionLog(cfg.log_allows, trace_ids=tracing and tracing.current_ids)
         self.authorizer = build_authorizer(
-            cfg, self.state, policy, self.keys, (metrics.observe, DecisionLog(cfg.log_allows))
+            cfg, self.state, policy, self.keys, (metrics.observe, decisions)
         )
         self.sidecar = None
         reload_listeners: list[OnReload] = [metrics.policy_changed]
         if cfg.upstream:
             self.sidecar = Sidecar(
-                cfg, self.authorizer, self.state, self.catalog, metrics.upstream_seconds
+                cfg, self.authorizer, self.state, self.catalog, metrics.upstream_seconds, tracing
             )
             reload_listeners.append(self.sidecar.guard.policy_changed)
         reloader = PolicyReloader(
@@ -214,24 +225,31 @@ class AuthProxy:
         if self.sidecar is not None:
             self.ops.watch_sidecar(self.sidecar.upstream, self.sidecar.guard, self.sidecar.tls)
         self.admin = build_admin(cfg, self.state, self.ops) if cfg.admin else None
-        self.check_grpc: CheckServer | None = None
-        self.check_http: CheckHttpServer | None = None
-        shared = cfg.workers > 1  # every worker listens on the same ports
-        if cfg.ext_authz_grpc:
-            self.check_grpc = CheckServer(
-                self.authorizer, cfg.ext_authz_grpc, shared, types=self.catalog.types
-            )
-        if cfg.ext_authz_http:
-            try:
-                self.check_http = CheckHttpServer(
-                    self.authorizer, cfg.ext_authz_http, cfg.ext_authz_http_path_prefix, shared
-                )
-            except ValueError as e:
-                raise ConfigError(f"--ext-authz-http {cfg.ext_authz_http}: {e}") from None
+        self.check_grpc, self.check_http = self._ext_authz(cfg, tracing)
         for mode, server in (("grpc", self.check_grpc), ("http", self.check_http)):
             if server is not None:
                 self.ops.watch_ext_authz(mode, server)
         self.cfg = cfg
+
+    def _ext_authz(
+        self, cfg: ServeConfig, tracing: Tracing | None
+    ) -> tuple[CheckServer | None, CheckHttpServer | None]:
+        """The Envoy ext_authz front ends the configuration asks for."""
+        check_grpc = check_http = None
+        shared = cfg.workers > 1  # every worker listens on the same ports
+        if cfg.ext_authz_grpc:
+            check_grpc = CheckServer(
+                self.authorizer, cfg.ext_authz_grpc, shared, tracing, types=self.catalog.types
+            )
+        if cfg.ext_authz_http:
+            try:
+                check_http = CheckHttpServer(
+                    self.authorizer, cfg.ext_authz_http, cfg.ext_authz_http_path_prefix, shared,
+                    tracing=tracing,
+                )  # fmt: skip
+            except ValueError as e:
+                raise ConfigError(f"--ext-authz-http {cfg.ext_authz_http}: {e}") from None
+        return check_grpc, check_http
 
     async def _gate(self, policy: Policy) -> None:
         """What a reloaded version must pass besides validation (PolicyError otherwise: the
@@ -290,8 +308,10 @@ class AuthProxy:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: readiness goes false, the front ends stop taking calls and let the ones
         in flight (streams too) finish for up to `grace` seconds; the admin listener
-        answers (`/readyz` 503) until they are done."""
+        answers (`/readyz` 503) until they are done. Spans still queued are exported for
+        the rest of the grace (at least `MIN_FLUSH` seconds)."""
         grace = self.cfg.shutdown_grace if grace is None else grace
+        stopping = monotonic()
         self.ops.draining = True
         await self.reloader.stop()
         fronts = (self.sidecar, self.check_grpc, self.check_http)
@@ -300,6 +320,8 @@ class AuthProxy:
             await self.admin.stop()
         await self.keys.close()
         await self.state.close()
+        if self.tracing is not None:  # spans still queued: for the rest of the grace
+            await self.tracing.close(max(MIN_FLUSH, grace - (monotonic() - stopping)))
 
 
 async def check(cfg: ServeConfig) -> None:

@@ -36,6 +36,7 @@ from authproxy.wire.h2_server import send_status
 
 if TYPE_CHECKING:
     from authproxy.decide.decision import Decision
+    from authproxy.runtime.tracing import RelaySpan
     from authproxy.sidecar.relay import Downstream, Relay
     from authproxy.sidecar.stream_guard import Watch
     from authproxy.sidecar.upstream_pool import UpstreamConnection
@@ -66,6 +67,7 @@ class Call:
         "sid",
         "started",
         "timer",
+        "trace",
         "up",
         "upstream_headers",
         "upstream_stream",
@@ -97,6 +99,7 @@ class Call:
         self.headers: tuple = ()
         #: Set when the rule checks request fields: each message is held until checked.
         self.inspection: RequestInspection | None = None
+        self.trace: RelaySpan | None = None  # with tracing on, once relayed
 
     # --- the decision -----------------------------------------------------------------
 
@@ -126,6 +129,8 @@ class Call:
                 return
             headers.append((b"grpc-timeout", format_timeout(remaining)))
         headers.extend(rewritten)
+        if relay.tracing is not None:  # the backend's traceparent is the relay span's
+            self.trace = relay.tracing.relay(self.headers, headers, self.method)
         self.upstream_headers = headers
         try:
             fields = field_check(decision, relay.types)
@@ -231,6 +236,8 @@ class Call:
         """CANCELLED from the backend becomes UNAVAILABLE: the client did not cancel (that
         resets the stream), so the backend's side did — grpc core drops calls a busy
         server queued too long or holds when it stops. Clients retry UNAVAILABLE."""
+        if self.trace is not None:
+            self.trace.backend_ended(headers)
         if (b"grpc-status", b"1") not in headers:
             return headers
         self.relay.pool.errors_total += 1
@@ -324,6 +331,8 @@ class Call:
         """End the client's stream with a status (trailers-only before any response)."""
         if self.ended:
             return
+        if self.trace is not None:
+            self.trace.proxy_ended(code)
         send_status(self.down.connection, self.sid, self.replied, code, message, extra)
         self._ended()
         self.relay.dirty.add(self.down)

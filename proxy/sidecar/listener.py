@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -31,6 +32,9 @@ from authproxy.sidecar.stream_guard import StreamGuard
 from authproxy.sidecar.upstream_pool import UpstreamPool
 from authproxy.state.store import StateStore
 from authproxy.wire.h2_engine import Limits
+
+if TYPE_CHECKING:
+    from authproxy.runtime.tracing import Tracing
 
 log = logging.getLogger("authproxy")
 
@@ -51,11 +55,12 @@ class Sidecar:
         state: StateStore,
         catalog: MethodCatalog,
         upstream_seconds: LabelledHistogram | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
-        """The `StreamGuard` watches open streams against `state` (revocations, staleness).
-        Nothing listens before `start`, so a sidecar that is never started is a
-        configuration check. `catalog`: the methods known from descriptor sets; reflection
-        adds to it."""
+        """The `StreamGuard` watches open streams against `state` (revocations, staleness);
+        `tracing` (None: off) traces each decision and relayed call. `catalog`: the methods
+        known from descriptor sets; reflection adds to it. Nothing listens before `start`,
+        so a sidecar that is never started is a configuration check."""
         if cfg.upstream is None:
             raise ConfigError("the sidecar needs --upstream HOST:PORT")
         check_address("--listen", cfg.listen)
@@ -81,6 +86,7 @@ class Sidecar:
             preface_timeout=cfg.preface_timeout,
             kinds=self.catalog.kinds,
             types=self.catalog.types,
+            tracing=tracing,
         )
         self.port = 0
         #: Learning method kinds by reflection; done once they are learned.

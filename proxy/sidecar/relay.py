@@ -21,6 +21,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from time import monotonic
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -51,6 +52,9 @@ from authproxy.wire.h2_server import (
     start_task,
 )
 from authproxy.wire.message_types import MessageTypes
+
+if TYPE_CHECKING:
+    from authproxy.runtime.tracing import Tracing
 
 log = logging.getLogger("authproxy.sidecar")
 
@@ -124,12 +128,14 @@ class Relay(H2Server):
         preface_timeout: float = PREFACE_TIMEOUT,
         kinds: dict[str, Kind] | None = None,
         types: MessageTypes | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         """`principal_of`: the client certificate's identity of a TLS connection (mTLS
         listeners); it goes to the pipeline as the call's principal. `kinds`: method kinds
         known from reflection or descriptor sets; known unary calls are decided once and
         never watched by the stream guard (others are, see `sidecar/stream_guard.py`).
-        `types`: request message types, for rules that check request fields."""
+        `types`: request message types, for rules that check request fields.
+        `tracing`: spans for each decision and relayed call (None: off, no cost)."""
         super().__init__(limits, dirty, preface_timeout)
         self.kinds = {} if kinds is None else kinds
         self.types = types
@@ -141,6 +147,10 @@ class Relay(H2Server):
         self._seconds = upstream_seconds.labels("stream") if upstream_seconds else None
         self._unary_seconds = upstream_seconds.labels("unary") if upstream_seconds else None
         self._deciding: set[asyncio.Task[None]] = set()
+        self.tracing = tracing
+        self.decide_now = authorizer.decide_now
+        if tracing is not None:
+            self.decide_now = tracing.decide_now(authorizer.decide_now)
 
     # --- calls --------------------------------------------------------------------------
 
@@ -172,7 +182,7 @@ class Relay(H2Server):
         if end:
             call.client_data(b"", True)
         try:
-            pending = self.authorizer.decide_now(path, metadata, down.peer, down.principal)
+            pending = self.decide_now(path, metadata, down.peer, down.principal)
         except Exception:
             self._failed(call, path)
             return
@@ -208,6 +218,8 @@ class Relay(H2Server):
 
     def finished(self, call: Call) -> None:
         self.end()
+        if call.trace is not None:
+            call.trace.end()
         if self._seconds is not None and call.up is not None:  # it reached the backend
             unary = self.kinds.get(call.method) is Kind.UNARY
             (self._unary_seconds if unary else self._seconds).observe(  # type: ignore[union-attr]

@@ -16,7 +16,6 @@ import logging
 import re
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -25,7 +24,6 @@ import pytest
 from authproxy.decide.reasons import Reason
 from authproxy.keys.issuer import TokenIssuer
 from authproxy.policy.loader import parse_policy
-from authproxy.runtime.decision_log import LOGGER
 from authproxy.runtime.serve import AuthProxy
 from tests.support.chat import Chat
 from tests.support.echo_backend import EchoBackend, start_echo_backend
@@ -87,25 +85,6 @@ async def reloads_settled(node: RunningProxy, key: str, count: int) -> dict[str,
 
     counted, _ = await poll(results, lambda r: r[key] >= count, within=RELOAD_BOUND)
     return counted
-
-
-@pytest.fixture
-def decision_lines() -> Iterator[list[str]]:
-    """The raw lines written to the decision log during the test."""
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    logger = logging.getLogger(LOGGER)
-    handler = Collect(logging.INFO)
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield lines
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 # --- reloads -------------------------------------------------------------------------------

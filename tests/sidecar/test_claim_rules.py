@@ -116,3 +116,16 @@ def test_the_readme_examples_are_policies_that_load():
 def _yaml_block(heading: str) -> str:
     text = section(README, heading)
     return text.split("```yaml\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_request_field_example_is_a_policy_that_loads():
+    methods = yaml.safe_load(_yaml_block("### Request-field ownership"))
+    tokens = {"access": {"type": "access", "audience": "api"}}
+    policy = parse_policy(yaml.safe_dump({"version": 1, "tokens": tokens, **methods}))
+    profile = policy.exact["/api.v1.UserService/GetProfile"].request
+    assert profile is not None and profile.allow_unset and profile.unless_roles == {"admin"}
+    orders = policy.exact["/shop.v1.Orders/List"].request
+    assert orders is not None and [f for f, _ in orders.equal_claims] == [
+        ("filter", "owner_id"),
+        ("tenant",),
+    ]

@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ import pytest
 
 from authproxy.keys.issuer import TokenIssuer
 from authproxy.policy.loader import parse_policy
-from authproxy.runtime.decision_log import LOGGER
 from authproxy.runtime.serve import AuthProxy, ConfigError
 from tests.support.ext_authz import status_details
 from tests.support.keys import Keys
@@ -119,25 +117,6 @@ async def node(
     running = await _sidecar(tmp_path, recording, keys, protoset, POLICY)
     yield running
     await running.stop()
-
-
-@pytest.fixture
-def decision_lines() -> Iterator[list[str]]:
-    """The raw lines written to the decision log during the test."""
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    logger = logging.getLogger(LOGGER)
-    handler = Collect(logging.INFO)
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield lines
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def token_of(issuer: TokenIssuer, subject: str = "alice", **extra: Any) -> str:

@@ -83,7 +83,7 @@ async def h2_call(
         conn.send_headers(stream_id, [HeaderTuple(k, v) for k, v in headers])
         conn.send_data(stream_id, grpc_frame(message), end_stream=True)
         writer.write(conn.data_to_send())
-        await asyncio.wait_for(_read_until_done(conn, reader, writer, stream_id, response), timeout)
+        await asyncio.wait_for(read_response(conn, reader, writer, stream_id, response), timeout)
     finally:
         writer.close()
         with contextlib.suppress(Exception):
@@ -91,7 +91,8 @@ async def h2_call(
     return response
 
 
-async def _read_until_done(conn, reader, writer, stream_id: int, response: H2Response) -> None:
+async def read_response(conn, reader, writer, stream_id: int, response: H2Response) -> None:
+    """Read `stream_id`'s response into `response` until the stream ends or is reset."""
     while True:
         chunk = await reader.read(65536)
         if not chunk:

@@ -35,7 +35,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from hpack import HeaderTuple
 
 from tests.support.echo_backend import EchoBackend
-from tests.support.h2client import H2Response, grpc_request_headers
+from tests.support.h2client import H2Response, grpc_request_headers, read_response
 
 Field = descriptor_pb2.FieldDescriptorProto
 TYPES_FILE = "test/owned_types.proto"
@@ -236,35 +236,9 @@ async def raw_grpc_call(
         for index, chunk in enumerate(frames):
             conn.send_data(stream_id, chunk, end_stream=index == len(frames) - 1)
         writer.write(conn.data_to_send())
-        await asyncio.wait_for(_read_response(conn, reader, writer, stream_id, response), timeout)
+        await asyncio.wait_for(read_response(conn, reader, writer, stream_id, response), timeout)
     finally:
         writer.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(writer.wait_closed(), 1.0)
     return response
-
-
-async def _read_response(conn, reader, writer, stream_id: int, response: H2Response) -> None:
-    while True:
-        chunk = await reader.read(65536)
-        if not chunk:
-            return
-        for event in conn.receive_data(chunk):
-            if isinstance(event, h2.events.ResponseReceived):
-                response.headers.extend(event.headers)
-            elif isinstance(event, h2.events.TrailersReceived):
-                response.trailers.extend(event.headers)
-            elif isinstance(event, h2.events.DataReceived):
-                response.data += event.data
-                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif isinstance(event, h2.events.StreamReset) and event.stream_id == stream_id:
-                response.reset_code = int(event.error_code)
-                return
-            elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream_id:
-                response.ended = True
-                return
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                response.goaway_code = int(event.error_code)
-                return
-        writer.write(conn.data_to_send())
-        await writer.drain()
