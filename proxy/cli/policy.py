@@ -11,6 +11,7 @@ import sys
 
 from authproxy.cli import policy_test as test_report
 from authproxy.cli.settings import duration
+from authproxy.decide.request_fields import request_field_problems
 from authproxy.policy import diff as policy_diff
 from authproxy.policy import table as policy_table
 from authproxy.policy.loader import PolicyError, load_policy
@@ -76,14 +77,21 @@ def _policy_check(args: argparse.Namespace) -> int:
             print(ok + tests.line)
         return 0
     catalog, sources = MethodCatalog(), list(args.descriptor_set)
+    catalogs = [catalog]
     try:
         for path in args.descriptor_set:
             catalog.add_descriptor_set(path)
         if args.backend:
-            catalog.kinds.update(asyncio.run(reflect_backend(args.backend, args.timeout)).kinds)
+            catalogs.append(asyncio.run(reflect_backend(args.backend, args.timeout)))
+            catalog.kinds.update(catalogs[-1].kinds)
             sources.append(f"reflection at {args.backend}")
     except CatalogError as e:
         raise ConfigError(str(e)) from None
+    # `request:` fields the methods' types lack: errors, as the proxy would refuse them.
+    problems = [p for c in catalogs for p in request_field_problems(policy, c.types)]
+    if problems:
+        print("\n".join(map(str, problems)), file=sys.stderr)
+        return 1
     result = lint.lint(policy, catalog.kinds)
     if as_json:
         report = lint.json_report(
