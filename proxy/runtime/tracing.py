@@ -41,6 +41,11 @@ if TYPE_CHECKING:
     from authproxy.wire.h2_engine import Header
 
 INSTALL = "pip install 'authproxy[otel]'"
+#: xds-protos (the Envoy API, a dependency) installs an old copy of the OpenTelemetry
+#: protos under the same module names as opentelemetry-proto; installed after it, it
+#: replaces files the OTLP exporter needs.
+SHADOWED = "opentelemetry-proto's modules were replaced by xds-protos's older copy"
+REINSTALL_PROTO = "pip install --force-reinstall --no-deps opentelemetry-proto==<its version>"
 DECIDE_SPAN = "authproxy.decide"
 RELAY_SPAN = "authproxy.relay"
 SERVICE_NAME = "authproxy"
@@ -62,6 +67,8 @@ def build_tracing(enabled: bool) -> Tracing | None:
     try:
         provider = _provider()
     except ImportError as e:
+        if "opentelemetry.proto" in str(e):  # xds-protos ships an old copy of those files
+            raise ConfigError(f"--tracing: {SHADOWED} ({e}): {REINSTALL_PROTO}") from None
         raise ConfigError(
             f"--tracing needs OpenTelemetry, which is not installed ({e}): {INSTALL}"
         ) from None

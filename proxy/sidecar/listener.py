@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from authproxy.decide.pipeline import Authorizer
-from authproxy.decide.request_fields import request_field_problems
+from authproxy.decide.request_fields import missing_types, request_field_problems
 from authproxy.policy.lint import uncovered
 from authproxy.runtime.config import ConfigError, ServeConfig, check_address, tls_from
 from authproxy.runtime.metrics import LabelledHistogram
@@ -91,6 +91,8 @@ class Sidecar:
         self.port = 0
         #: Learning method kinds by reflection; done once they are learned.
         self.learning: asyncio.Task[None] | None = None
+        #: Set once the first reflection attempt ended (learned or failed).
+        self.first_attempt = asyncio.Event()
 
     async def start(self) -> None:
         """Listen on `--listen` (OSError when the port cannot be had), then start the
@@ -103,9 +105,15 @@ class Sidecar:
         if self.tls is not None:
             self.tls.start()
         self.upstream.start()
+        policy = self.authorizer.policy
         if self.cfg.upstream_reflection:
             self.learning = asyncio.create_task(self._learn_methods())
-        policy = self.authorizer.policy
+            if missing_types(policy, self.catalog.types):
+                # `request:` rules need their types: a moment for the first reflection
+                # attempt (their calls are refused FIELDS_UNAVAILABLE until one succeeds).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(REFLECTION_TIMEOUT):
+                        await self.first_attempt.wait()
         log.info(
             "authproxy listening on port %d, upstream %s, policy %s (version %s, %d rules)",
             self.port,
@@ -124,6 +132,7 @@ class Sidecar:
                 async with reflection_channel(self.upstream.target, self.upstream_tls) as channel:
                     count = await self.catalog.add_from_reflection(channel, REFLECTION_TIMEOUT)
                 log.info("learned %d method kinds from upstream reflection", count)
+                self.first_attempt.set()
                 self._log_uncovered()
                 for problem in request_field_problems(self.authorizer.policy, self.catalog.types):
                     log.warning("%s (calls to it are refused: FIELD_MISMATCH)", problem)
@@ -139,6 +148,7 @@ class Sidecar:
                     problem,
                     delay,
                 )
+            self.first_attempt.set()
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_REFLECTION_DELAY)
 

@@ -340,6 +340,38 @@ def test_tracing_without_the_extra_is_a_config_error(tmp_path: Path, keys: Keys)
     assert "--tracing needs OpenTelemetry" in line
 
 
+_SHADOWED_PROTOS = """
+import sys, types
+from authproxy.runtime.config import ConfigError
+from authproxy.runtime.tracing import build_tracing
+old = types.ModuleType("opentelemetry.proto.common.v1.common_pb2")  # no InstrumentationScope
+sys.modules[old.__name__] = old
+try:
+    build_tracing(True)
+except ConfigError as e:
+    print(e)
+"""
+
+
+def test_protos_replaced_by_an_older_copy_are_a_config_error_naming_the_fix() -> None:
+    """xds-protos installs old OpenTelemetry protos under opentelemetry-proto's module names:
+    an exporter that cannot import its messages says which package to reinstall."""
+    result = subprocess.run(
+        [sys.executable, "-c", _SHADOWED_PROTOS], cwd=REPO, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("--tracing: opentelemetry-proto's modules were replaced")
+    assert "pip install --force-reinstall --no-deps opentelemetry-proto==" in result.stdout
+
+
+def test_the_installed_opentelemetry_protos_are_the_exporters() -> None:
+    """The development install puts opentelemetry-proto's modules back over xds-protos's."""
+    from opentelemetry.proto.common.v1 import common_pb2
+
+    assert hasattr(common_pb2, "InstrumentationScope")
+
+
 def test_an_unknown_exporter_is_a_config_error(tmp_path: Path, keys: Keys) -> None:
     result = serve(
         tmp_path,

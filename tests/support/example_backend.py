@@ -27,6 +27,7 @@ import pytest
 from argon2 import PasswordHasher
 
 from authproxy.decide.identity import identity_of
+from authproxy.decide.request_fields import missing_types
 from authproxy.keys.issuer import hmac_signing_key
 from authproxy.keys.keygen import keygen
 from authproxy.keys.keyset import KeySet, hmac_key, load_jwks_file
@@ -39,6 +40,7 @@ from examples.backend.passwords import Passwords
 from examples.backend.server import Backend, BackendConfig, start_backend
 from tests.support.running_proxy import RunningProxy, error_info, start_proxy
 from tests.support.tokens import bearer
+from tests.support.waits import poll
 
 REPO = Path(__file__).resolve().parents[2]
 POLICY = REPO / "policy.yaml"
@@ -248,6 +250,7 @@ async def running_behind_proxy(
                     raise
                 continue
             channel = running.channel
+            await _types_learned(running)
             try:
                 yield Proxied(
                     example,
@@ -259,6 +262,19 @@ async def running_behind_proxy(
             finally:
                 await running.stop()
             return
+
+
+async def _types_learned(running: RunningProxy) -> None:
+    """Wait (bounded) until the backend's reflection named the request types the policy's
+    `request:` rules read: until then their calls are refused FIELDS_UNAVAILABLE."""
+    proxy = running.proxy
+    policy, types = proxy.authorizer.policy, proxy.catalog.types
+
+    async def missing() -> list[str]:
+        return missing_types(policy, types)
+
+    left, _ = await poll(missing, lambda m: not m, 10)
+    assert not left, f"the backend's reflection never named the request types of {left}"
 
 
 def reason_of(error: grpc.aio.AioRpcError) -> str | None:
