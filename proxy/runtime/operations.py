@@ -159,6 +159,12 @@ class Operations:
     async def readiness(self) -> tuple[bool, dict[str, str]]:
         policy = self.authorizer.policy
         checks = {"policy": f"ok (version {policy.version})"}
+        refused = self.reloader.last_error
+        if refused:  # still serving the last good version: ready, and saying why
+            first = refused.splitlines()[0]
+            checks["policy"] = (
+                f"ok (version {policy.version}; the last reload was refused: {first})"
+            )
         checks["keys"] = self._keys_check(bool(policy.tokens))
         try:
             self.state.check_fresh()

@@ -19,7 +19,7 @@ from tests.support.echo_backend import EchoBackend
 from tests.support.keys import Keys
 from tests.support.operations import watched_proxy, write_atomically
 from tests.support.policies import TEST_POLICY
-from tests.support.running_proxy import OK, RunningProxy, config_for, value_of
+from tests.support.running_proxy import OK, RunningProxy, config_for, http_json, value_of
 from tests.support.waits import poll
 
 RELOAD_BOUND = 2.0
@@ -73,6 +73,9 @@ async def test_a_reload_whose_tests_fail_is_refused_and_the_old_policy_keeps_dec
         )
         status = await node.policy()
         assert status["last_reload_error"] == failure
+        code, ready = await http_json(f"{node.admin_base}/readyz")
+        assert code == 200  # still serving the last good version
+        assert "the last reload was refused: " + failure in ready["checks"]["policy"]
         assert status["version"] == parse_policy(TEST_POLICY).version
         assert status["text"] == TEST_POLICY
         logged = [r.getMessage() for r in caplog.records if r.name == "authproxy.policy"]
@@ -88,6 +91,8 @@ async def test_a_reload_whose_tests_fail_is_refused_and_the_old_policy_keeps_dec
         assert (results["ok"], results["error"]) == (1, 1)
         status = await node.policy()
         assert status["last_reload_error"] is None
+        _, ready = await http_json(f"{node.admin_base}/readyz")
+        assert "refused" not in ready["checks"]["policy"]
         assert status["version"] == parse_policy(EXTENDED).version
         assert await node.call("/test.Extra/Echo") == OK
         assert await node.call("/test.Denied/Echo") == DENIED_NOW
