@@ -27,6 +27,7 @@ from authproxy.policy.model import Policy
 from authproxy.runtime.tls import ServerTls, ServerTlsFiles, TlsError, UpstreamTls, UpstreamTlsFiles
 from authproxy.state.file import FileState, StateFileError
 from authproxy.state.redis_store import DEFAULT_STALENESS, DEFAULT_TIMEOUT, RedisState
+from authproxy.state.redis_target import RedisUrlError
 from authproxy.state.store import DEFAULT_SUBJECT_TTL, MemoryState, StateStore
 
 log = logging.getLogger("authproxy")
@@ -185,8 +186,6 @@ def build_state(cfg: ServeConfig) -> StateStore:
             "--state-file keeps in-memory state across restarts; with --redis the state"
             " lives in Redis: give one of them"
         )
-    if not cfg.redis.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"--redis {cfg.redis!r}: expected redis://, rediss:// or unix:// URL")
     try:
         return RedisState(
             cfg.redis,
@@ -195,6 +194,8 @@ def build_state(cfg: ServeConfig) -> StateStore:
             staleness=cfg.state_staleness,
             timeout=cfg.state_timeout,
         )
+    except RedisUrlError as e:
+        raise ConfigError(str(e)) from None
     except ValueError as e:
         raise ConfigError(f"--redis: {e}") from None
 

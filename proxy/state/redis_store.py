@@ -1,4 +1,5 @@
-"""Shared state in Redis (`--redis redis://...`, `rediss://` for TLS; password in the URL).
+"""Shared state in Redis (`--redis redis://...`, `rediss://` for TLS, or a Sentinel-managed
+primary `redis+sentinel://...`: `state/redis_target.py`; password in the URL).
 
 Records (all under the `namespace` prefix, all with an expiry):
 
@@ -40,6 +41,7 @@ import redis.asyncio as redis
 from limits.aio.storage import RedisStorage
 from redis.exceptions import RedisError
 
+from authproxy.state.redis_target import connection_pool, parse_redis_url, rate_limit_storage
 from authproxy.state.store import (
     DEFAULT_SUBJECT_TTL,
     EXPIRY_GRACE,
@@ -88,6 +90,8 @@ class RedisState:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
+        #: One server or a Sentinel-managed primary (RedisUrlError for a URL of neither).
+        self.target = parse_redis_url(url)
         self.ns = namespace
         self.subject_ttl = subject_ttl
         self.staleness = staleness
@@ -108,33 +112,17 @@ class RedisState:
         self._closing = False
         self._revoke_subject = self.client.register_script(_REVOKE_SUBJECT)
         self._limits: RedisStorage | None = None
-        self._limits_pool: redis.BlockingConnectionPool | None = None
+        self._limits_pool: redis.ConnectionPool | None = None
 
-    def _pool(self, decode_responses: bool) -> redis.BlockingConnectionPool:
-        # A blocking pool: under a burst, callers wait (up to `timeout`) for a connection
-        # instead of failing with "too many connections".
-        return redis.BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=self.timeout,
-            decode_responses=decode_responses,
-            socket_timeout=self.timeout,
-            socket_connect_timeout=self.timeout,
-            retry_on_timeout=False,
-        )
+    def _pool(self, decode_responses: bool) -> redis.ConnectionPool:
+        return connection_pool(self.target, decode_responses, self.timeout, MAX_CONNECTIONS)
 
     def rate_limit_storage(self) -> RedisStorage:
         """The `limits` library's Redis storage (its own pool: it reads raw replies), keys
         under `{namespace}:ratelimit`."""
         if self._limits is None:
             self._limits_pool = self._pool(decode_responses=False)
-            self._limits = RedisStorage(
-                "async+" + self.url,
-                implementation="redispy",
-                key_prefix=f"{self.ns}:ratelimit",
-                wrap_exceptions=True,
-                connection_pool=self._limits_pool,
-            )
+            self._limits = rate_limit_storage(f"{self.ns}:ratelimit", self._limits_pool)
         return self._limits
 
     # --- lifecycle ------------------------------------------------------------------------

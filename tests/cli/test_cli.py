@@ -314,7 +314,7 @@ def test_bad_serve_env_var_does_not_break_other_commands(tmp_path: Path) -> None
 def test_serve_bad_redis_url_is_a_config_error(tmp_path: Path, jwks: str) -> None:
     result = serve(tmp_path, "--policy", POLICY, "--jwks", jwks, *KEYS, *ADDRESSES,
                    "--redis", "http://localhost:6379")  # fmt: skip
-    assert_config_error(result, "--redis 'http://localhost:6379': expected redis://")
+    assert_config_error(result, "--redis: unsupported scheme 'http' (supported: redis://")
 
 
 def test_serve_bad_state_duration_is_a_usage_error(tmp_path: Path, jwks: str) -> None:
