@@ -243,9 +243,12 @@ class RedisState:
         return [r for r in out if r.until > now]
 
     async def _sync(self) -> None:
-        """Load the view from Redis. When Redis was emptied since this replica last looked
-        (the epoch key is missing or another), first write back what this replica holds,
-        and merge what Redis holds into the view instead of replacing it."""
+        """Load Redis's revocations into the view, which keeps what it holds (nothing is
+        ever un-revoked). When Redis was emptied since this replica last looked (the epoch
+        key is missing or another), first write back what this replica holds. Revocations
+        the view holds and Redis lacks although its epoch is the same — a failover to a
+        replica that had not received them (replication is asynchronous) — are written
+        back too, so proxies that start later learn them."""
         mine = secrets.token_hex(8)
         # SET NX GET: the epoch in place, or None when there was none and `mine` is set.
         epoch = await self.client.set(self.epoch_key, mine, nx=True, get=True, ex=EPOCH_TTL)
@@ -254,10 +257,15 @@ class RedisState:
         if reset:
             await self._reseed(epoch)
         records = await self._load()
-        if reset:
-            self.view.merge(records)
-        else:
-            self.view.replace(records)
+        lacking = _lacking(self.view.active(), records)
+        self.view.merge(records)
+        if lacking and not reset:
+            log.warning(
+                "redis: %d revocations this replica holds were missing from Redis (a failover"
+                " before they replicated?); writing them back",
+                len(lacking),
+            )
+            await self._write_back(lacking, [])
         self.epoch = epoch  # only now: a reseed cut short is tried again on the next load
 
     async def _reseed(self, epoch: str) -> None:
@@ -277,6 +285,12 @@ class RedisState:
                 len(revocations),
                 len(uses),
             )
+        await self._write_back(revocations, uses)
+
+    async def _write_back(
+        self, revocations: list[Revocation], uses: list[tuple[str, float]]
+    ) -> None:
+        """Write (and publish) `revocations` and single-use records, in batches."""
         for start in range(0, max(len(revocations), len(uses)), RESEED_BATCH):
             async with self.client.pipeline(transaction=False) as pipe:
                 for r in revocations[start : start + RESEED_BATCH]:
@@ -357,3 +371,18 @@ class RedisState:
                 )
         except (ValueError, KeyError, TypeError):
             log.warning("redis: ignoring malformed revocation message %r", data[:200])
+
+
+def _lacking(held: list[Revocation], loaded: list[Revocation]) -> list[Revocation]:
+    """The revocations of `held` that `loaded` (Redis) does not cover."""
+    tokens = {r.jti for r in loaded if r.jti is not None}
+    subjects = {r.sub: r.before or 0.0 for r in loaded if r.jti is None}
+    return [
+        r
+        for r in held
+        if (
+            r.jti not in tokens
+            if r.jti is not None
+            else subjects.get(r.sub, -1.0) < (r.before or 0.0)
+        )
+    ]

@@ -177,3 +177,26 @@ async def eventually_async(probe, within: float) -> bool:
             return False
         await asyncio.sleep(0.05)
     return True
+
+
+async def test_revocations_a_failover_lost_are_written_back_on_the_next_load(redis_url: str):
+    """Redis keeps its epoch but lacks revocations (what a failover to a replica that had
+    not received them leaves): a replica that holds them writes them back when it reloads,
+    so a replica started afterwards enforces them too; none is a reset."""
+    exp = math.floor(time.time()) + 300
+    async with (
+        running_state(redis_url, timeout=TIMEOUT, staleness=120.0) as a,
+        raw_client(redis_url) as raw,
+    ):
+        await revoke_and_use(a, exp)
+        lost = [k async for k in raw.scan_iter(match="authproxy:revoked:*")]
+        assert lost and await raw.delete(*lost) == len(lost)  # the epoch key stays
+        await raw.client_kill_filter(_type="pubsub")  # a reloads
+
+        async def back() -> bool:
+            return await raw.exists(*lost) == len(lost)
+
+        assert await eventually_async(back, WITHIN)
+        async with running_state(redis_url, timeout=TIMEOUT) as c:
+            assert knows_everything(c)
+        assert a.resets_total == 0
