@@ -41,7 +41,12 @@ import redis.asyncio as redis
 from limits.aio.storage import RedisStorage
 from redis.exceptions import RedisError
 
-from authproxy.state.redis_target import connection_pool, parse_redis_url, rate_limit_storage
+from authproxy.state.redis_target import (
+    close_pool,
+    connection_pool,
+    parse_redis_url,
+    rate_limit_storage,
+)
 from authproxy.state.store import (
     DEFAULT_SUBJECT_TTL,
     EXPIRY_GRACE,
@@ -145,9 +150,9 @@ class RedisState:
             follower.cancel()
             await asyncio.wait({follower}, timeout=0.1)
         await self.client.aclose()
-        await self.client.connection_pool.disconnect()
+        await close_pool(self.client.connection_pool)
         if self._limits_pool is not None:
-            await self._limits_pool.disconnect()
+            await close_pool(self._limits_pool)
 
     # --- revocation -----------------------------------------------------------------------
 

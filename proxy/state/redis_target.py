@@ -127,6 +127,14 @@ def connection_pool(
     )
 
 
+async def close_pool(pool: redis.ConnectionPool) -> None:
+    """Close the pool's connections, and for Sentinel the connections to the sentinels."""
+    await pool.disconnect()
+    if isinstance(pool, SentinelConnectionPool):
+        for client in pool.sentinel_manager.sentinels:
+            await client.aclose()
+
+
 def _sentinel(target: RedisTarget, timeout: float) -> Sentinel:
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": timeout,
