@@ -53,6 +53,7 @@ from authproxy.state.store import (
     Revocation,
     RevocationView,
     StateUnavailable,
+    lacking,
 )
 
 log = logging.getLogger("authproxy.state")
@@ -71,6 +72,9 @@ EPOCH_TTL = 24 * 3600
 USED_MEMORY = 100_000
 #: Records written back per round trip after a reset.
 RESEED_BATCH = 500
+#: A replica's latest first uses written back (SET NX) on every reconnection: a failover
+#: loses at most what the old primary had not replicated, its last moments of writes.
+RECENT_USES = 1000
 
 # Keep the later cut-off when two subject revocations race.
 _REVOKE_SUBJECT = """
@@ -200,6 +204,13 @@ class RedisState:
             self._remember_use(jti, until)
         return bool(first)
 
+    def _recent_uses(self) -> list[tuple[str, float]]:
+        """The last `RECENT_USES` unexpired first uses recorded here: those a failover may
+        have lost before they replicated."""
+        now = self.clock()
+        latest = list(self._used.items())[-RECENT_USES:]
+        return [(jti, until) for jti, until in latest if until > now]
+
     def _remember_use(self, jti: str, until: float) -> None:
         """Keep this replica's recent first uses (bounded) to write back after a reset."""
         used = self._used
@@ -262,15 +273,16 @@ class RedisState:
         if reset:
             await self._reseed(epoch)
         records = await self._load()
-        lacking = _lacking(self.view.active(), records)
+        missing = lacking(self.view.active(), records)
         self.view.merge(records)
-        if lacking and not reset:
+        if missing and not reset:
             log.warning(
                 "redis: %d revocations this replica holds were missing from Redis (a failover"
                 " before they replicated?); writing them back",
-                len(lacking),
+                len(missing),
             )
-            await self._write_back(lacking, [])
+        if not reset:  # its latest uses too (SET NX: a no-op where Redis has them)
+            await self._write_back(missing, self._recent_uses())
         self.epoch = epoch  # only now: a reseed cut short is tried again on the next load
 
     async def _reseed(self, epoch: str) -> None:
@@ -376,18 +388,3 @@ class RedisState:
                 )
         except (ValueError, KeyError, TypeError):
             log.warning("redis: ignoring malformed revocation message %r", data[:200])
-
-
-def _lacking(held: list[Revocation], loaded: list[Revocation]) -> list[Revocation]:
-    """The revocations of `held` that `loaded` (Redis) does not cover."""
-    tokens = {r.jti for r in loaded if r.jti is not None}
-    subjects = {r.sub: r.before or 0.0 for r in loaded if r.jti is None}
-    return [
-        r
-        for r in held
-        if (
-            r.jti not in tokens
-            if r.jti is not None
-            else subjects.get(r.sub, -1.0) < (r.before or 0.0)
-        )
-    ]

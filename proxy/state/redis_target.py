@@ -115,16 +115,23 @@ def connection_pool(
             target.url, max_connections=max_connections, timeout=timeout, **common
         )
     sentinel = _sentinel(target, timeout)
-    return SentinelConnectionPool(
+    return _BlockingSentinelPool(
         target.service,
         sentinel,
         max_connections=max_connections,
+        timeout=timeout,
         db=target.db,
         username=target.username,
         password=target.password,
         **_tls(target),
         **common,
     )
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
+    """Sentinel's pool (each new connection goes to the primary the sentinels name) that,
+    like the one-server pool, makes a caller wait up to `timeout` for a connection under a
+    burst instead of failing with "too many connections"."""
 
 
 async def close_pool(pool: redis.ConnectionPool) -> None:

@@ -149,6 +149,21 @@ class RevocationView:
         return out
 
 
+def lacking(held: list[Revocation], loaded: list[Revocation]) -> list[Revocation]:
+    """The revocations of `held` that `loaded` (Redis) does not cover."""
+    tokens = {r.jti for r in loaded if r.jti is not None}
+    subjects = {r.sub: r.before or 0.0 for r in loaded if r.jti is None}
+    return [
+        r
+        for r in held
+        if (
+            r.jti not in tokens
+            if r.jti is not None
+            else subjects.get(r.sub, -1.0) < (r.before or 0.0)
+        )
+    ]
+
+
 class MemoryState:
     """Single-process state: the view is the store, always fresh."""
 
