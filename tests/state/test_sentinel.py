@@ -36,7 +36,13 @@ from tests.support.echo_backend import EchoBackend
 from tests.support.keys import Keys
 from tests.support.policies import SINGLE_USE_POLICY
 from tests.support.redis_sentinel import SentinelTopology
-from tests.support.redis_server import PATIENT, finish_closing, free_port, running_state
+from tests.support.redis_server import (
+    PATIENT,
+    assert_fails_closed,
+    free_port,
+    running_state,
+    stale,
+)
 from tests.support.running_proxy import OK, REUSED, REVOKED, STATE_DOWN, running_node
 from tests.support.waits import eventually, poll
 
@@ -101,15 +107,6 @@ async def test_a_killed_primary_is_replaced_by_the_replica(sentinel_topology: Se
 
 
 # --- RedisState through the sentinels -------------------------------------------------------
-
-
-def stale(state: RedisState) -> bool:
-    """True when revocation checks fail closed (the view is not current)."""
-    try:
-        state.check_fresh()
-    except StateUnavailable:
-        return True
-    return False
 
 
 async def test_two_states_on_the_sentinel_url_agree(
@@ -328,33 +325,6 @@ async def test_states_fail_closed_during_a_failover_and_recover_with_their_recor
 
 
 # --- misconfiguration and silent sentinels: fail closed, never hang -------------------------
-
-
-async def assert_fails_closed(url: str, bound: float = 10.0) -> RedisState:
-    """A RedisState on `url` starts within `bound` s, stays stale, and every operation
-    raises StateUnavailable (counted in failures_total), each within `bound`."""
-    state = RedisState(url, staleness=0.5, timeout=0.5)
-    started = time.monotonic()
-    try:
-        await asyncio.wait_for(state.start(), timeout=bound)
-        took = time.monotonic() - started
-        assert took < bound
-        assert stale(state)
-        before = state.failures_total
-        for operation in (
-            state.revoke_token("jti-1", time.time() + 60),
-            state.revoke_subject("alice", time.time()),
-            state.first_use("jti-1", time.time() + 60),
-            state.revocations(),
-        ):
-            with pytest.raises(StateUnavailable):
-                await asyncio.wait_for(operation, timeout=bound)
-        assert state.failures_total >= before + 4
-        assert stale(state)
-        print(f"\n{url}: start() returned after {took:.2f} s, failures {state.failures_total}")
-    finally:
-        assert await finish_closing(state.close(), state, f"RedisState({url}).close", limit=5.0)
-    return state
 
 
 async def test_wrong_credentials_or_an_unknown_service_fail_closed_without_hanging(

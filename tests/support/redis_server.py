@@ -9,7 +9,8 @@ Fixtures (tests/conftest.py registers them for every test):
 
 A missing `redis-server` fails the test with a clear message: it is never skipped.
 
-Also `finish_closing` / `running_state`: closing a `RedisState` (or stopping a proxy
+Also `stale` / `assert_fails_closed` (a state that must fail closed, without hanging), and
+`finish_closing` / `running_state`: closing a `RedisState` (or stopping a proxy
 that owns one) with a bound, so that a close that hangs fails one test instead of
 hanging the run — see `tests/state/test_state.py::test_close_returns_right_after_start`.
 """
@@ -17,6 +18,7 @@ hanging the run — see `tests/state/test_state.py::test_close_returns_right_aft
 from __future__ import annotations
 
 import asyncio
+import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
@@ -25,6 +27,7 @@ from typing import Any
 import pytest
 
 from authproxy.state.redis_store import RedisState
+from authproxy.state.store import StateUnavailable
 from bench.procs import free_port
 from bench.redis_server import START_TIMEOUT, RedisServer, binary, ping
 
@@ -34,6 +37,7 @@ __all__ = [
     "PATIENT_CONFIG",
     "START_TIMEOUT",
     "RedisServer",
+    "assert_fails_closed",
     "finish_closing",
     "free_port",
     "ping",
@@ -41,6 +45,7 @@ __all__ = [
     "redis_server_binary",
     "redis_url",
     "running_state",
+    "stale",
 ]
 
 
@@ -135,3 +140,39 @@ async def running_state(url: str, **kwargs: Any) -> AsyncIterator[RedisState]:
         yield state
     finally:
         await finish_closing(state.close(), state, f"RedisState({kwargs}).close")
+
+
+def stale(state: RedisState) -> bool:
+    """True when revocation checks fail closed (the view is not current)."""
+    try:
+        state.check_fresh()
+    except StateUnavailable:
+        return True
+    return False
+
+
+async def assert_fails_closed(url: str, bound: float = 10.0) -> RedisState:
+    """A RedisState on `url` starts within `bound` s, stays stale, and every operation
+    raises StateUnavailable (counted in failures_total), each within `bound`."""
+    state = RedisState(url, staleness=0.5, timeout=0.5)
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(state.start(), timeout=bound)
+        took = time.monotonic() - started
+        assert took < bound
+        assert stale(state)
+        before = state.failures_total
+        for operation in (
+            state.revoke_token("jti-1", time.time() + 60),
+            state.revoke_subject("alice", time.time()),
+            state.first_use("jti-1", time.time() + 60),
+            state.revocations(),
+        ):
+            with pytest.raises(StateUnavailable):
+                await asyncio.wait_for(operation, timeout=bound)
+        assert state.failures_total >= before + 4
+        assert stale(state)
+        print(f"\n{url}: start() returned after {took:.2f} s, failures {state.failures_total}")
+    finally:
+        assert await finish_closing(state.close(), state, f"RedisState({url}).close", limit=5.0)
+    return state
