@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .procs import free_port
+from .procs import free_port, stop_process
 
 #: How long a server may take to answer PING after it was started.
 START_TIMEOUT = 10.0
@@ -114,11 +114,5 @@ class RedisServer:
 
     def stop(self) -> None:
         """Terminate politely, then kill if it does not go."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        if self.process is not None:
+            stop_process(self.process)

@@ -26,7 +26,7 @@ from authproxy.state.store import (
     StateStore,
     StateUnavailable,
 )
-from tests.support.redis_server import PATIENT, RedisServer, finish_closing, running_state
+from tests.support.redis_server import PATIENT, RedisServer, finish_closing, running_state, stale
 from tests.support.waits import eventually
 
 SUBJECT_TTL = 3600.0
@@ -337,13 +337,6 @@ async def test_redis_state_fails_closed_without_redis_and_recovers(
 ):
     """`check_fresh` raises once no pong came for `staleness`; operations raise
     StateUnavailable; after a restart on the same port the view is current again."""
-
-    def stale(state: RedisState) -> bool:
-        try:
-            state.check_fresh()
-        except StateUnavailable:
-            return True
-        return False
 
     async with running_state(redis_server.url, staleness=0.4, timeout=0.2) as state:
         assert not stale(state)

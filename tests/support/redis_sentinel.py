@@ -32,7 +32,7 @@ from urllib.parse import quote
 import pytest
 import redis
 
-from bench.procs import free_port
+from bench.procs import free_port, stop_process
 from tests.support.redis_server import redis_server_binary
 
 __all__ = [
@@ -102,15 +102,9 @@ class RedisProcess:
 
     def stop(self) -> None:
         """Terminate politely, then kill if it does not go."""
-        if not self.running:
-            return
-        assert self.process is not None
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        if self.running:
+            assert self.process is not None
+            stop_process(self.process)
 
 
 class SentinelTopology:
