@@ -47,8 +47,13 @@ class RedisServer:
     restart comes back where clients are reconnecting)."""
 
     def __init__(
-        self, directory: Path, port: int | None = None, executable: str | None = None
+        self,
+        directory: Path,
+        port: int | None = None,
+        executable: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
+        """`extra_args`: more `redis-server` options (a cluster node's, say)."""
         found = executable or binary()
         if found is None:
             raise RedisNotInstalled(
@@ -59,6 +64,7 @@ class RedisServer:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
+        self.extra_args = extra_args
         self.log = self.dir / "redis.log"
         self.process: subprocess.Popen[bytes] | None = None
         #: How many times it was started (a restart counts).
@@ -80,7 +86,8 @@ class RedisServer:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no"],
+                 "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no",
+                 *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT
