@@ -213,10 +213,11 @@ def _equal(value: Any, wanted: Any) -> bool:
 def _decompressed(payload: bytes, encoding: bytes | None, limit: int) -> bytes:
     wbits = _ENCODINGS.get(encoding or b"")
     if wbits is None:
+        # The encoding is the caller's header: named by the proxy's words, never echoed.
         raise Denied(
             Reason.FIELD_MISMATCH,
-            f"the request message is compressed ({(encoding or b'no grpc-encoding').decode()!r})"
-            " in a way the proxy cannot read: send it uncompressed or gzip",
+            "the request message is compressed in an encoding the proxy cannot read"
+            " (it reads gzip and deflate): send it uncompressed or gzip",
         )
     inflater = zlib.decompressobj(wbits)
     try:

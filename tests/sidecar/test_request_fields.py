@@ -448,6 +448,23 @@ async def test_compressed_messages_the_proxy_cannot_read_are_refused(
     assert recording.calls == []
 
 
+async def test_a_refusal_never_echoes_the_callers_encoding(
+    node: RunningProxy, recording: RecordingBackend, issuer: TokenIssuer
+):
+    """`grpc-encoding` is the caller's header: the deny (and so the decision log's detail)
+    names the encodings the proxy reads, never the one sent."""
+    packed = frame(gzipped(owned("alice")), compressed=True)
+    for encoding in (b"x-secret-codec", b"gzip-but-not-codec"):
+        response = await raw_grpc_call(
+            node.sidecar_port, "/test.Owned/Echo", packed, token_of(issuer),
+            [(b"grpc-encoding", encoding)],
+        )  # fmt: skip
+        assert _raw_reason(response) == (7, "FIELD_MISMATCH"), encoding
+        message = response.get(b"grpc-message") or b""
+        assert b"gzip and deflate" in message and b"codec" not in message
+    assert recording.calls == []
+
+
 async def test_a_request_that_ends_inside_a_message_is_refused(
     node: RunningProxy, recording: RecordingBackend, issuer: TokenIssuer
 ):
