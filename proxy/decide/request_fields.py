@@ -67,14 +67,7 @@ class FieldCheck:
                 Reason.FIELD_MISMATCH, f"the request message is not a valid {self.type_name}"
             ) from None
         for path, wanted, claim in self.expected:
-            value = _field(message, path, self.type_name)
-            if self.allow_unset and value in ("", 0) and not isinstance(value, bool):
-                continue
-            if not _equal(value, wanted):
-                raise Denied(
-                    Reason.FIELD_MISMATCH,
-                    f"request field {'.'.join(path)} must equal the token's claim '{claim}'",
-                )
+            _hold(_field(message, path, self.type_name), path, wanted, claim, self.allow_unset)
 
 
 def field_check(decision: Decision, types: MessageTypes | None) -> FieldCheck | None:
@@ -107,13 +100,7 @@ def check_fields_json(rule: Rule, identity: Identity, fields: Mapping[str, Any])
         value: Any = fields
         for name in path:
             value = value.get(name, "") if isinstance(value, Mapping) else ""
-        if allow_unset and value in ("", 0) and not isinstance(value, bool):
-            continue
-        if not _equal(value, wanted):
-            raise Denied(
-                Reason.FIELD_MISMATCH,
-                f"request field {'.'.join(path)} must equal the token's claim '{claim}'",
-            )
+        _hold(value, path, wanted, claim, allow_unset)
 
 
 def expected_fields(
@@ -200,6 +187,20 @@ def _field(message: Message, path: tuple[str, ...], type_name: str) -> Any:
         except AttributeError:
             raise Denied(Reason.FIELD_MISMATCH, f"{type_name} has no field {name!r}") from None
     return value
+
+
+def _hold(
+    value: Any, path: tuple[str, ...], wanted: Any, claim: ClaimPath, allow_unset: bool
+) -> None:
+    """Raise FIELD_MISMATCH unless the field's `value` is the claim's (`wanted`), or unset
+    ("", 0) where that is allowed."""
+    if allow_unset and value in ("", 0) and not isinstance(value, bool):
+        return
+    if not _equal(value, wanted):
+        raise Denied(
+            Reason.FIELD_MISMATCH,
+            f"request field {'.'.join(path)} must equal the token's claim '{claim}'",
+        )
 
 
 def _equal(value: Any, wanted: Any) -> bool:

@@ -30,7 +30,7 @@ from typing import Any
 
 from authproxy.decide.reasons import Reason
 from authproxy.policy import yaml_source
-from authproxy.policy.loader import PolicyError
+from authproxy.policy.loader import PolicyError, read_policy_file
 from authproxy.policy.model import LEVELS, Policy
 from authproxy.policy.values import ValueChecks, close_match
 from authproxy.policy.yaml_source import LineList, LineMap, SourceError
@@ -99,21 +99,12 @@ def load_cases(paths: Iterable[str | Path], policy: Policy) -> list[PolicyCase]:
     errors: list[SourceError] = []
     for path in paths:
         try:
-            cases.extend(parse_cases(_read(path), str(path), policy))
+            cases.extend(parse_cases(read_policy_file(path, "policy tests"), str(path), policy))
         except PolicyError as e:
             errors.extend(e.errors)
     if errors:
         raise PolicyError(errors)
     return cases
-
-
-def _read(path: str | Path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise PolicyError(
-            [SourceError(str(path), None, f"cannot read policy tests: {e.strerror}")]
-        ) from None
 
 
 def parse_cases(data: bytes | str, file: str, policy: Policy) -> list[PolicyCase]:

@@ -78,13 +78,14 @@ def load_policy(path: str | Path) -> Policy:
     return parse_policy(read_policy_file(path), str(path))
 
 
-def read_policy_file(path: str | Path) -> bytes:
-    """The policy file's content; PolicyError naming the file when it cannot be read."""
+def read_policy_file(path: str | Path, what: str = "policy") -> bytes:
+    """The content of a policy file (or of its tests: `what`); PolicyError naming the file
+    when it cannot be read."""
     try:
         return Path(path).read_bytes()
     except OSError as e:
         raise PolicyError(
-            [SourceError(str(path), None, f"cannot read policy: {e.strerror}")]
+            [SourceError(str(path), None, f"cannot read {what}: {e.strerror}")]
         ) from None
 
 

@@ -132,8 +132,8 @@ class Call:
         if relay.tracing is not None:  # the backend's traceparent is the relay span's
             self.trace = relay.tracing.relay(self.headers, headers, self.method)
         self.upstream_headers = headers
-        try:
-            fields = field_check(decision, relay.types)
+        try:  # rules without `request:` (almost every call) skip this step
+            fields = None if decision.rule.request is None else field_check(decision, relay.types)
         except Denied as denied:
             if not refused_late(self, decision, denied):
                 return

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 class RequestInspection:
-    __slots__ = ("call", "decision", "fields", "reader", "waiting")
+    __slots__ = ("call", "decision", "encoding", "fields", "reader", "waiting")
 
     def __init__(self, call: Call, fields: FieldCheck, decision: Decision) -> None:
         self.call = call
@@ -32,6 +32,8 @@ class RequestInspection:
         self.decision = decision
         self.reader = MessageReader()
         self.waiting = True  # for the first message that passes
+        #: How compressed messages are compressed (`grpc-encoding`), for the whole call.
+        self.encoding = next((v for k, v in call.upstream_headers if k == b"grpc-encoding"), None)
 
     def feed(self, data: bytes, end_stream: bool) -> None:
         """Pass on the whole messages `data` completes once each holds the fields; keep a
@@ -48,11 +50,10 @@ class RequestInspection:
             call.down.acknowledge(reader.held, call.sid)
         else:
             call.down.acknowledge(len(data), call.sid)
-        encoding = next((v for k, v in call.upstream_headers if k == b"grpc-encoding"), None)
         problem = None
         for compressed, payload in messages:
             try:
-                fields.check(compressed, payload, encoding, call.request_sizes.limit)
+                fields.check(compressed, payload, self.encoding, call.request_sizes.limit)
             except Denied as denied:
                 problem = denied
                 break

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -208,7 +209,7 @@ class RedisState:
         """The last `RECENT_USES` unexpired first uses recorded here: those a failover may
         have lost before they replicated."""
         now = self.clock()
-        latest = list(self._used.items())[-RECENT_USES:]
+        latest = itertools.islice(reversed(self._used.items()), RECENT_USES)
         return [(jti, until) for jti, until in latest if until > now]
 
     def _remember_use(self, jti: str, until: float) -> None:
