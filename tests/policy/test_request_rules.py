@@ -7,21 +7,8 @@ from __future__ import annotations
 import pytest
 
 from authproxy.policy.claims import ClaimPath, RequestOwnership
-from authproxy.policy.loader import PolicyError, parse_policy
-
-HEAD = """\
-version: 1
-default: deny
-tokens:
-  access: {type: access, audience: api}
-methods:
-"""  # lines 1-5: the first rule is on line 6
-
-
-def problems(methods: str) -> list[str]:
-    with pytest.raises(PolicyError) as caught:
-        parse_policy(HEAD + methods, "p.yaml")
-    return [str(e) for e in caught.value.errors]
+from authproxy.policy.loader import parse_policy
+from tests.support.policies import HEAD, problems
 
 
 def test_a_valid_block_is_read_with_its_fields_claims_roles_and_unset_rule():

@@ -3,24 +3,9 @@ as `file:line: problem`, all at once, and no policy from a file with any."""
 
 from __future__ import annotations
 
-import pytest
-
 from authproxy.policy.claims import ClaimPath
-from authproxy.policy.loader import PolicyError, parse_policy
-
-HEAD = """\
-version: 1
-default: deny
-tokens:
-  access: {type: access, audience: api}
-methods:
-"""
-
-
-def problems(methods: str) -> list[str]:
-    with pytest.raises(PolicyError) as caught:
-        parse_policy(HEAD + methods, "p.yaml")
-    return [str(e) for e in caught.value.errors]
+from authproxy.policy.loader import parse_policy
+from tests.support.policies import HEAD, problems
 
 
 def test_every_operator_is_read_in_order():

@@ -212,8 +212,11 @@ class EchoBackend(grpc.GenericRpcHandler):
             raise
 
 
-async def start_echo_backend(port: int = 0, max_message_bytes: int = 64 * 1024 * 1024):
-    backend = EchoBackend()
+async def start_echo_backend(
+    port: int = 0, max_message_bytes: int = 64 * 1024 * 1024, backend: EchoBackend | None = None
+):
+    """`backend` (default: a new `EchoBackend`) served on loopback `port` (0: a free one)."""
+    backend = backend or EchoBackend()
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),

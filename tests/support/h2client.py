@@ -74,6 +74,19 @@ async def h2_call(
         validate_inbound_headers=False,
         normalize_inbound_headers=False,
     )
+    return await h2_exchange(port, config, headers, [grpc_frame(message)], timeout)
+
+
+async def h2_exchange(
+    port: int,
+    config: h2.config.H2Configuration,
+    headers: list[tuple[bytes, bytes]],
+    chunks: list[bytes],
+    timeout: float,
+) -> H2Response:
+    """One request on a fresh connection: `headers`, then each of `chunks` as DATA (split
+    at the peer's frame size; all within one flow-control window, written at once; the
+    last ends the stream); the response's headers, trailers and data."""
     conn = h2.connection.H2Connection(config=config)
     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
     response = H2Response()
@@ -81,7 +94,12 @@ async def h2_call(
         conn.initiate_connection()
         stream_id = conn.get_next_available_stream_id()
         conn.send_headers(stream_id, [HeaderTuple(k, v) for k, v in headers])
-        conn.send_data(stream_id, grpc_frame(message), end_stream=True)
+        size = conn.max_outbound_frame_size
+        total = sum(map(len, chunks))
+        assert total <= conn.local_flow_control_window(stream_id), "a body within one window"
+        frames = [c[at : at + size] for c in chunks for at in range(0, len(c), size)] or [b""]
+        for index, frame in enumerate(frames):
+            conn.send_data(stream_id, frame, end_stream=index == len(frames) - 1)
         writer.write(conn.data_to_send())
         await asyncio.wait_for(read_response(conn, reader, writer, stream_id, response), timeout)
     finally:

@@ -20,7 +20,6 @@ hand-framed messages (a compressed flag, a cut message) over plain HTTP/2.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import zlib
 from collections.abc import Iterable
@@ -32,10 +31,9 @@ import h2.config
 import h2.connection
 import h2.events
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from hpack import HeaderTuple
 
-from tests.support.echo_backend import EchoBackend
-from tests.support.h2client import H2Response, grpc_request_headers, read_response
+from tests.support.echo_backend import EchoBackend, start_echo_backend
+from tests.support.h2client import H2Response, grpc_request_headers, h2_exchange
 
 Field = descriptor_pb2.FieldDescriptorProto
 TYPES_FILE = "test/owned_types.proto"
@@ -189,17 +187,7 @@ class RecordingBackend(EchoBackend):
 
 async def start_recording_backend(max_message_bytes: int = 64 * 1024 * 1024) -> RecordingBackend:
     backend = RecordingBackend()
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
-    )
-    server.add_generic_rpc_handlers((backend,))
-    backend.port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    backend.server = server
+    await start_echo_backend(max_message_bytes=max_message_bytes, backend=backend)
     return backend
 
 
@@ -218,27 +206,8 @@ async def raw_grpc_call(
     flow-control window; a list: one DATA frame each, all written at once), ended after
     it; the response's headers, trailers and data."""
     config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-    conn = h2.connection.H2Connection(config=config)
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
     headers = grpc_request_headers(port, path) + list(extra)
     if token is not None:
         headers.append((b"authorization", f"Bearer {token}".encode()))
-    response = H2Response()
-    try:
-        conn.initiate_connection()
-        stream_id = conn.get_next_available_stream_id()
-        conn.send_headers(stream_id, [HeaderTuple(k, v) for k, v in headers])
-        size = conn.max_outbound_frame_size
-        parts = body if isinstance(body, list) else [body]
-        total = sum(map(len, parts))
-        assert total <= conn.local_flow_control_window(stream_id), "a body within one window"
-        frames = [p[at : at + size] for p in parts for at in range(0, len(p), size)] or [b""]
-        for index, chunk in enumerate(frames):
-            conn.send_data(stream_id, chunk, end_stream=index == len(frames) - 1)
-        writer.write(conn.data_to_send())
-        await asyncio.wait_for(read_response(conn, reader, writer, stream_id, response), timeout)
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer.wait_closed(), 1.0)
-    return response
+    parts = body if isinstance(body, list) else [body]
+    return await h2_exchange(port, config, headers, parts, timeout)

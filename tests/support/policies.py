@@ -1,13 +1,16 @@
 """The tests' policy (`TEST_POLICY`: one service per level under `/test.<Service>/*`), its
 services, its single-use variant, and `descriptor_set`, a protoset naming the echo
-backend's methods for each of those services."""
+backend's methods for each of those services; `HEAD` and `problems` for validation tests
+that append rules to a minimal policy."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from google.protobuf import descriptor_pb2
 
+from authproxy.policy.loader import PolicyError, parse_policy
 from tests.support.echo_backend import UNARY
 
 TEST_POLICY = """\
@@ -53,3 +56,20 @@ def descriptor_set(path: Path) -> Path:
             )
     path.write_bytes(descriptor_pb2.FileDescriptorSet(file=[fd]).SerializeToString())
     return path
+
+
+#: A policy's first five lines, up to `methods:`: rules appended to it start on line 6.
+HEAD = """\
+version: 1
+default: deny
+tokens:
+  access: {type: access, audience: api}
+methods:
+"""
+
+
+def problems(methods: str) -> list[str]:
+    """The `p.yaml:line: problem` lines of HEAD + `methods`, which must not load."""
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(HEAD + methods, "p.yaml")
+    return [str(e) for e in caught.value.errors]
