@@ -71,7 +71,8 @@ def _node_args(directory: Path) -> tuple[str, ...]:
 
 
 class RedisCluster:
-    def __init__(self, directory: Path, primaries: int = 3) -> None:
+    def __init__(self, directory: Path, primaries: int = 3, replicas: int = 0) -> None:
+        """`replicas`: per primary (a failover promotes one when its primary stops)."""
         cli = cli_binary()
         if cli is None:
             raise RuntimeError("redis-cli is not installed: apt-get install redis-tools")
@@ -83,8 +84,9 @@ class RedisCluster:
                 port=_cluster_port(),
                 extra_args=_node_args(directory / f"node{i}"),
             )
-            for i in range(primaries)
+            for i in range(primaries * (1 + replicas))
         ]
+        self.replicas = replicas
 
     @property
     def ports(self) -> list[int]:
@@ -103,7 +105,7 @@ class RedisCluster:
             node.start()
         created = subprocess.run(
             [self.cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-             "--cluster-replicas", "0", "--cluster-yes"],
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
             capture_output=True, text=True, timeout=START_TIMEOUT,
         )  # fmt: skip
         if created.returncode != 0:

@@ -18,7 +18,12 @@ from tests.support.echo_backend import EchoBackend, start_echo_backend
 from tests.support.example_backend import Example, running_example
 from tests.support.keys import REFRESH_SECRET, Keys
 from tests.support.policies import TEST_POLICY, descriptor_set
-from tests.support.redis_server import redis_server, redis_url  # noqa: F401 (fixtures)
+from tests.support.redis_modes import (  # noqa: F401 (fixtures)
+    redis_url,
+    session_cluster,
+    session_sentinel,
+)
+from tests.support.redis_server import redis_server  # noqa: F401 (fixture)
 from tests.support.running_proxy import RunningProxy, start_ext_authz, start_sidecar
 
 

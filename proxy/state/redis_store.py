@@ -1,5 +1,5 @@
-"""Shared state in Redis (`--redis redis://...`, `rediss://` for TLS, or a Sentinel-managed
-primary `redis+sentinel://...`: `state/redis_target.py`; password in the URL).
+"""Shared state in Redis: one server, a Sentinel-managed primary or a Redis Cluster
+(`--redis`: `state/redis_target.py`; the connections for each: `state/redis_link.py`).
 
 Records (all under the `namespace` prefix, all with an expiry):
 
@@ -10,12 +10,17 @@ Records (all under the `namespace` prefix, all with an expiry):
     {ns}:epoch              = a random id             expires after EPOCH_TTL, renewed by
                                                       every heartbeat
 
-Revocations are also published on `{ns}:revocations`. Each proxy keeps a local view:
+Each record is one key, and the one script (a subject revocation) touches one key, so
+every command is cluster-safe: keys spread over the slots and no command spans two.
+
+Revocations are also published on `{ns}:revocations` (sharded pub/sub in a cluster). Each proxy keeps a local view:
 it subscribes, then loads every record (so nothing published meanwhile is missed), then
 applies what is published. Every `staleness / 4` it publishes a heartbeat on the same
 channel; receiving messages proves the whole path (Redis up, subscription delivering).
 When nothing arrived for `staleness` seconds the view is treated as stale and revocation
-checks fail closed (`StateUnavailable`) until the feed is back and the view reloaded.
+checks fail closed (`StateUnavailable`) until the feed is back and the view reloaded;
+after twice that the subscription is taken for dead (a failover or a slot move can end
+it without an error) and made again.
 
 Redis may come back empty (a restart without persistence, a failover to an empty replica,
 a flush). The first replica writes `{ns}:epoch` (SET NX); each replica remembers the epoch
@@ -38,16 +43,12 @@ import secrets
 import time
 from collections.abc import Callable
 
-import redis.asyncio as redis
 from limits.aio.storage import RedisStorage
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from authproxy.state.redis_target import (
-    close_pool,
-    connection_pool,
-    parse_redis_url,
-    rate_limit_storage,
-)
+from authproxy.state.redis_link import RedisLink, Subscription
+from authproxy.state.redis_target import parse_redis_url
 from authproxy.state.store import (
     DEFAULT_SUBJECT_TTL,
     EXPIRY_GRACE,
@@ -100,14 +101,15 @@ class RedisState:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
-        #: One server or a Sentinel-managed primary (RedisUrlError for a URL of neither).
+        #: One server, a Sentinel-managed primary or a cluster (RedisUrlError otherwise).
         self.target = parse_redis_url(url)
         self.ns = namespace
         self.subject_ttl = subject_ttl
         self.staleness = staleness
         self.clock = clock
         self.timeout = timeout
-        self.client = redis.Redis(connection_pool=self._pool(decode_responses=True))
+        self.link = RedisLink(self.target, timeout, MAX_CONNECTIONS)
+        self.client = self.link.client
         self.view = RevocationView(clock)
         self.channel = f"{namespace}:revocations"
         self.failures_total = 0
@@ -121,19 +123,10 @@ class RedisState:
         self._follower: asyncio.Task[None] | None = None
         self._closing = False
         self._revoke_subject = self.client.register_script(_REVOKE_SUBJECT)
-        self._limits: RedisStorage | None = None
-        self._limits_pool: redis.ConnectionPool | None = None
-
-    def _pool(self, decode_responses: bool) -> redis.ConnectionPool:
-        return connection_pool(self.target, decode_responses, self.timeout, MAX_CONNECTIONS)
 
     def rate_limit_storage(self) -> RedisStorage:
-        """The `limits` library's Redis storage (its own pool: it reads raw replies), keys
-        under `{namespace}:ratelimit`."""
-        if self._limits is None:
-            self._limits_pool = self._pool(decode_responses=False)
-            self._limits = rate_limit_storage(f"{self.ns}:ratelimit", self._limits_pool)
-        return self._limits
+        """The `limits` library's Redis storage, keys under `{namespace}:ratelimit`."""
+        return self.link.rate_limit_storage(f"{self.ns}:ratelimit")
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -154,10 +147,7 @@ class RedisState:
         while follower is not None and not follower.done():
             follower.cancel()
             await asyncio.wait({follower}, timeout=0.1)
-        await self.client.aclose()
-        await close_pool(self.client.connection_pool)
-        if self._limits_pool is not None:
-            await close_pool(self._limits_pool)
+        await self.link.close()
 
     # --- revocation -----------------------------------------------------------------------
 
@@ -165,7 +155,7 @@ class RedisState:
         revocation = Revocation(jti=jti, expires=exp)
         async with self._guard("revoke a token"):
             await self.client.set(self._jti_key(jti), repr(exp), exat=math.ceil(revocation.until))
-            await self.client.publish(self.channel, json.dumps(revocation.as_json()))
+            await self.link.publish(self.channel, json.dumps(revocation.as_json()))
         self.view.add(revocation)
 
     async def revoke_subject(self, sub: str, before: float) -> None:
@@ -175,7 +165,7 @@ class RedisState:
             await self._revoke_subject(
                 keys=[self._sub_key(sub)], args=[repr(before), repr(expires), math.ceil(expires)]
             )
-            await self.client.publish(self.channel, json.dumps(revocation.as_json()))
+            await self.link.publish(self.channel, json.dumps(revocation.as_json()))
         self.view.add(revocation)
 
     async def revocations(self) -> list[Revocation]:
@@ -232,7 +222,8 @@ class RedisState:
     @contextlib.asynccontextmanager
     async def _guard(self, what: str):
         try:
-            yield
+            async with self.link.turn():
+                yield
         except (RedisError, OSError, TimeoutError) as e:
             self.failures_total += 1
             log.warning("redis: cannot %s: %s", what, e)
@@ -243,7 +234,7 @@ class RedisState:
         out: list[Revocation] = []
         prefix = f"{self.ns}:revoked:"
         keys = [k async for k in self.client.scan_iter(match=prefix + "*", count=1000)]
-        values = await self.client.mget(keys) if keys else []
+        values = await self.link.mget(keys) if keys else []
         for key, value in zip(keys, values, strict=True):
             if value is None:
                 continue
@@ -308,18 +299,19 @@ class RedisState:
     async def _write_back(
         self, revocations: list[Revocation], uses: list[tuple[str, float]]
     ) -> None:
-        """Write (and publish) `revocations` and single-use records, in batches."""
+        """Write (and publish) `revocations` and single-use records, in batches. Subject
+        records go one by one through their script (which keeps the later cut-off); they
+        are few, one per "log out everywhere"."""
+        for r in revocations:
+            if r.sub is not None:
+                args = [repr(r.before), repr(r.expires), math.ceil(r.expires)]
+                await self._revoke_subject(keys=[self._sub_key(r.sub)], args=args)
         for start in range(0, max(len(revocations), len(uses)), RESEED_BATCH):
             async with self.client.pipeline(transaction=False) as pipe:
                 for r in revocations[start : start + RESEED_BATCH]:
                     if r.jti is not None:
                         pipe.set(self._jti_key(r.jti), repr(r.expires), exat=math.ceil(r.until))
-                    else:
-                        args = [repr(r.before), repr(r.expires), math.ceil(r.expires)]
-                        await self._revoke_subject(
-                            keys=[self._sub_key(str(r.sub))], args=args, client=pipe
-                        )
-                    pipe.publish(self.channel, json.dumps(r.as_json()))
+                    self.link.queue_publish(pipe, self.channel, json.dumps(r.as_json()))
                 for jti, until in uses[start : start + RESEED_BATCH]:
                     pipe.set(f"{self.ns}:used:{jti}", "1", nx=True, exat=math.ceil(until))
                 await pipe.execute()
@@ -328,16 +320,15 @@ class RedisState:
         """Subscribe, load, apply published revocations, ping; reconnect on any failure."""
         delay = 0.1
         while not self._closing:
-            pubsub = self.client.pubsub()
             try:
-                await pubsub.subscribe(self.channel)
-                await self._sync()
-                self._fresh_until = time.monotonic() + self.staleness
-                loaded.set()
-                if delay > 0.1:
-                    log.info("redis: revocation view reloaded; state is current again")
-                delay = 0.1
-                await self._listen(pubsub)
+                async with self.link.subscription(self.channel) as subscription:
+                    await self._sync()
+                    self._fresh_until = time.monotonic() + self.staleness
+                    loaded.set()
+                    if delay > 0.1:
+                        log.info("redis: revocation view reloaded; state is current again")
+                    delay = 0.1
+                    await self._listen(subscription)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, TimeoutError) as e:
@@ -348,44 +339,31 @@ class RedisState:
                     e,
                     self.staleness,
                 )
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    async def _listen(self, pubsub: redis.client.PubSub) -> None:
+    async def _listen(self, subscription: Subscription) -> None:
         interval = self.staleness / 4
         next_beat = time.monotonic()
         while not self._closing:
             now = time.monotonic()
             if now >= next_beat:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    pipe.getex(self.epoch_key, ex=EPOCH_TTL)
-                    pipe.publish(self.channel, HEARTBEAT)
-                    epoch, _ = await pipe.execute()
+                epoch = await self.client.getex(self.epoch_key, ex=EPOCH_TTL)
+                await self.link.publish(self.channel, HEARTBEAT)
                 if epoch != self.epoch:  # Redis lost its records (or the epoch key)
                     await self._sync()
                 next_beat = now + interval
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=interval)
-            if message is None or message["type"] != "message":
+            data = await subscription.message(timeout=interval)
+            if data is None:
+                if time.monotonic() > self._fresh_until + self.staleness:
+                    raise RedisConnectionError("no message, not even a heartbeat, came back")
                 continue
             self._fresh_until = time.monotonic() + self.staleness
-            if message["data"] != HEARTBEAT:
-                self._apply(message["data"])
+            if data != HEARTBEAT:
+                self._apply(data)
 
     def _apply(self, data: str) -> None:
         try:
-            record = json.loads(data)
-            if "jti" in record:
-                self.view.add(Revocation(jti=str(record["jti"]), expires=float(record["exp"])))
-            else:
-                self.view.add(
-                    Revocation(
-                        sub=str(record["sub"]),
-                        before=float(record["before"]),
-                        expires=float(record["expires"]),
-                    )
-                )
-        except (ValueError, KeyError, TypeError):
+            self.view.add(Revocation.from_json(json.loads(data)))
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("redis: ignoring malformed revocation message %r", data[:200])

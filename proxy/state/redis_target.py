@@ -1,31 +1,39 @@
-"""Where the shared Redis is, from `--redis`: one server, or a Sentinel-managed primary.
+"""Where the shared Redis is, from `--redis`: one server, a Sentinel-managed primary, or a
+Redis Cluster.
 
     redis://[user:password@]host:port[/db]          one server (rediss:// for TLS)
     redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE[/db]
         the primary that the sentinels at those addresses name for SERVICE; after a
         failover, new connections go to the new primary (`rediss+sentinel://`: TLS to
-        the primary; query `sentinel_username` / `sentinel_password` when the sentinels
-        require their own credentials, `ssl_ca_certs` / `ssl_certfile` / `ssl_keyfile`
-        for TLS files)
+        the primary; `sentinel_username` / `sentinel_password` when the sentinels
+        require their own credentials)
+    redis+cluster://[user:password@]host:port[,host:port...]
+        a Redis Cluster, found from any of those seed nodes (`rediss+cluster://`: TLS)
 
-The user and password in the URL are the Redis ACL user of the data nodes (URL-encoded).
-Any other scheme is refused at start with a message naming the supported ones.
+Query parameters: `ssl_ca_certs` / `ssl_certfile` / `ssl_keyfile` (TLS files), and
+`retries` (how many times a command that failed on a broken connection or a timeout is
+sent again, after a short jittered backoff; default 1). The user and password in the URL
+are the Redis ACL user of the data nodes (URL-encoded). Any other scheme is refused at
+start with a message naming the supported ones.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
-
-import redis.asyncio as redis
-from limits.aio.storage import RedisStorage
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from typing import Literal
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 SINGLE_SCHEMES = ("redis", "rediss", "unix")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
-_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
-_QUERY_KEYS = ("sentinel_username", "sentinel_password", *_TLS_FILES)
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+_SENTINEL_AUTH = ("sentinel_username", "sentinel_password")
+#: A retry rides over a pooled connection that broke (a restarted server, a failover);
+#: more retries only make a call wait longer in an outage, where it must fail closed.
+DEFAULT_RETRIES = 1
+MAX_RETRIES = 10
+
+Mode = Literal["single", "sentinel", "cluster"]
 
 
 class RedisUrlError(ValueError):
@@ -34,10 +42,11 @@ class RedisUrlError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class RedisTarget:
+    #: For one server, the URL redis-py reads (without the proxy's own parameters).
     url: str
-    sentinel: bool = False
-    #: The sentinels' addresses (Sentinel mode).
-    sentinels: tuple[tuple[str, int], ...] = ()
+    mode: Mode = "single"
+    #: The sentinels' addresses (Sentinel) or the seed nodes (Cluster).
+    nodes: tuple[tuple[str, int], ...] = ()
     service: str | None = None
     db: int = 0
     username: str | None = None
@@ -45,128 +54,86 @@ class RedisTarget:
     tls: bool = False
     sentinel_auth: dict[str, str] = field(default_factory=dict)
     tls_files: dict[str, str] = field(default_factory=dict)
+    retries: int = DEFAULT_RETRIES
+
+    @property
+    def sentinel(self) -> bool:
+        return self.mode == "sentinel"
+
+    @property
+    def cluster(self) -> bool:
+        return self.mode == "cluster"
 
 
 def parse_redis_url(url: str) -> RedisTarget:
     """The target `url` names; RedisUrlError for a scheme or form the proxy cannot use."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme in SINGLE_SCHEMES:
-        return RedisTarget(url)
-    if scheme not in SENTINEL_SCHEMES:
-        supported = ", ".join(f"{s}://" for s in (*SINGLE_SCHEMES, *SENTINEL_SCHEMES))
-        raise RedisUrlError(
-            f"--redis: unsupported scheme {parts.scheme!r} (supported: {supported}; Redis"
-            " Cluster is not supported)"
+    if scheme not in (*SINGLE_SCHEMES, *SENTINEL_SCHEMES, *CLUSTER_SCHEMES):
+        supported = ", ".join(
+            f"{s}://" for s in (*SINGLE_SCHEMES, *SENTINEL_SCHEMES, *CLUSTER_SCHEMES)
         )
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    unknown = sorted(set(query) - set(_QUERY_KEYS))
+        raise RedisUrlError(
+            f"--redis: unsupported scheme {parts.scheme!r} (supported: {supported})"
+        )
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    retries = _retries(dict(pairs).get("retries", str(DEFAULT_RETRIES)))
+    if scheme in SINGLE_SCHEMES:  # redis-py reads the rest of the URL and its parameters
+        if "retries" in dict(pairs):
+            rest = urlencode([(k, v) for k, v in pairs if k != "retries"])
+            url = urlunsplit(parts._replace(query=rest))
+        return RedisTarget(url, retries=retries)
+    query = dict(pairs)
+    known = ("retries", *TLS_FILES, *(_SENTINEL_AUTH if scheme in SENTINEL_SCHEMES else ()))
+    unknown = sorted(set(query) - set(known))
     if unknown:
         raise RedisUrlError(
-            f"--redis: unknown parameter(s) {', '.join(unknown)} (known: {', '.join(_QUERY_KEYS)})"
+            f"--redis: unknown parameter(s) {', '.join(unknown)} (known: {', '.join(known)})"
         )
     hosts = parts.netloc.rpartition("@")[2]
-    sentinels = tuple(_address(h) for h in hosts.split(",") if h)
+    nodes = tuple(_address(h) for h in hosts.split(",") if h)
     path = [p for p in parts.path.split("/") if p]
-    if not sentinels or not 1 <= len(path) <= 2 or (len(path) == 2 and not path[1].isdigit()):
+    common = {
+        "nodes": nodes,
+        "username": unquote(parts.username) if parts.username else None,
+        "password": unquote(parts.password) if parts.password else None,
+        "tls": scheme.startswith("rediss"),
+        "tls_files": {k: v for k, v in query.items() if k in TLS_FILES},
+        "retries": retries,
+    }
+    if scheme in CLUSTER_SCHEMES:
+        if not nodes or path:
+            raise RedisUrlError(
+                "--redis: a Cluster URL is redis+cluster://[user:password@]host:port[,host:port"
+                "...] (a cluster has no databases: no /db)"
+            )
+        return RedisTarget(url, mode="cluster", **common)
+    if not nodes or not 1 <= len(path) <= 2 or (len(path) == 2 and not path[1].isdigit()):
         raise RedisUrlError(
             "--redis: a Sentinel URL is redis+sentinel://[user:password@]host:port[,host:port"
             "...]/SERVICE[/db]"
         )
     sentinel_auth = {
-        k.removeprefix("sentinel_"): v for k, v in query.items() if k.startswith("sentinel_")
+        k.removeprefix("sentinel_"): v for k, v in query.items() if k in _SENTINEL_AUTH
     }
     return RedisTarget(
         url,
-        sentinel=True,
-        sentinels=sentinels,
+        mode="sentinel",
         service=path[0],
         db=int(path[1]) if len(path) == 2 else 0,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-        tls=scheme.startswith("rediss"),
         sentinel_auth=sentinel_auth,
-        tls_files={k: v for k, v in query.items() if k in _TLS_FILES},
+        **common,
     )
+
+
+def _retries(text: str) -> int:
+    if not text.isdigit() or int(text) > MAX_RETRIES:
+        raise RedisUrlError(f"--redis: retries must be a whole number from 0 to {MAX_RETRIES}")
+    return int(text)
 
 
 def _address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise RedisUrlError(f"--redis: sentinel address {text!r} is not HOST:PORT")
+        raise RedisUrlError(f"--redis: address {text!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
-
-
-def connection_pool(
-    target: RedisTarget, decode_responses: bool, timeout: float, max_connections: int
-) -> redis.ConnectionPool:
-    """A pool for the data node: a blocking one (callers wait up to `timeout` for a
-    connection under a burst) for one server; for Sentinel, one that asks the sentinels
-    for the primary on each new connection, so connections made after a failover reach
-    the new primary."""
-    common: dict[str, Any] = {
-        "decode_responses": decode_responses,
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "retry_on_timeout": False,
-    }
-    if not target.sentinel:
-        return redis.BlockingConnectionPool.from_url(
-            target.url, max_connections=max_connections, timeout=timeout, **common
-        )
-    sentinel = _sentinel(target, timeout)
-    return _BlockingSentinelPool(
-        target.service,
-        sentinel,
-        max_connections=max_connections,
-        timeout=timeout,
-        db=target.db,
-        username=target.username,
-        password=target.password,
-        **_tls(target),
-        **common,
-    )
-
-
-class _BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
-    """Sentinel's pool (each new connection goes to the primary the sentinels name) that,
-    like the one-server pool, makes a caller wait up to `timeout` for a connection under a
-    burst instead of failing with "too many connections"."""
-
-
-async def close_pool(pool: redis.ConnectionPool) -> None:
-    """Close the pool's connections, and for Sentinel the connections to the sentinels."""
-    await pool.disconnect()
-    if isinstance(pool, SentinelConnectionPool):
-        for client in pool.sentinel_manager.sentinels:
-            await client.aclose()
-
-
-def _sentinel(target: RedisTarget, timeout: float) -> Sentinel:
-    sentinel_kwargs: dict[str, Any] = {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        **target.sentinel_auth,
-    }
-    return Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs)
-
-
-def _tls(target: RedisTarget) -> dict[str, Any]:
-    if not target.tls:
-        return {}
-    from redis.asyncio.sentinel import SentinelManagedSSLConnection
-
-    return {"connection_class": SentinelManagedSSLConnection, **target.tls_files}
-
-
-def rate_limit_storage(key_prefix: str, pool: redis.ConnectionPool) -> RedisStorage:
-    """The `limits` library's storage on `pool` (one server, or the Sentinel primary: it
-    follows failovers as the pool does), with keys under `key_prefix`. The URL only
-    names the client library; the pool says where to connect."""
-    return RedisStorage(
-        "async+redis://localhost:6379",
-        implementation="redispy",
-        key_prefix=key_prefix,
-        wrap_exceptions=True,
-        connection_pool=pool,
-    )

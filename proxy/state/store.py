@@ -53,6 +53,14 @@ class Revocation:
             return {"jti": self.jti, "exp": self.expires}
         return {"sub": self.sub, "before": self.before, "expires": self.expires}
 
+    @classmethod
+    def from_json(cls, record: dict) -> Revocation:
+        """The revocation `as_json` wrote (ValueError, KeyError or TypeError otherwise)."""
+        if "jti" in record:
+            return cls(jti=str(record["jti"]), expires=float(record["exp"]))
+        before = float(record["before"])
+        return cls(sub=str(record["sub"]), before=before, expires=float(record["expires"]))
+
 
 class StateStore(Protocol):
     #: The local picture of active revocations (see `RevocationView`).

@@ -22,7 +22,6 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-import redis.asyncio as redis
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -44,6 +43,7 @@ from tests.support.ext_authz import (
     unpadded_b64decode,
 )
 from tests.support.keys import Keys
+from tests.support.redis_modes import MODES, raw_client, url_for
 from tests.support.redis_server import PATIENT, PATIENT_CONFIG, RedisServer, running_state
 from tests.support.running_proxy import (
     OK,
@@ -310,9 +310,9 @@ def test_the_default_rule_and_http_routes_take_rate_limits() -> None:
 # --- the pipeline step, against both backends -----------------------------------------------
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", *MODES])
 async def state(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
-    """A started state store of each kind; the Redis one on its own real server."""
+    """A started state store of each kind; Redis in each of its modes."""
     if request.param == "memory":
         store = MemoryState()
         await store.start()
@@ -321,7 +321,7 @@ async def state(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
         finally:
             await store.close()
     else:
-        url = request.getfixturevalue("redis_url")
+        url = url_for(request, request.param)
         async with running_state(url, namespace="rl-test", **PATIENT) as store:
             yield store
 
@@ -571,11 +571,8 @@ async def test_redis_keys_live_under_the_namespace_and_all_expire(
         device = minted(issuer, extra={"device_id": long_value})
         assert await verdicts(first, DEVICE, 1, bearer=device) == ["OK"]
 
-        client = redis.Redis.from_url(redis_url, decode_responses=True)
-        try:
+        async with raw_client(redis_url) as client:
             found = {key: await client.ttl(key) async for key in client.scan_iter("*")}
-        finally:
-            await client.aclose()
     limits = {k: ttl for k, ttl in found.items() if ":ratelimit:" in k}
     assert sorted(k.split(":ratelimit:")[0] for k in limits) == ["ns-one"] * 3 + ["ns-two"]
     # Besides the counters, only each namespace's epoch (state/redis_store.py), expiring too.

@@ -490,7 +490,7 @@ async def test_messages_that_arrive_with_the_headers_are_judged_once(
     """Several DATA frames come with the HEADERS: the first message is refused, and the call
     is over — the messages after it open no backend stream. With Redis the decision waits
     (revocations are looked up), so the frames are all held when it comes."""
-    extra = {"redis": request.getfixturevalue("redis_url")} if state == "redis" else {}
+    extra = {"redis": request.getfixturevalue("redis_server").url} if state == "redis" else {}
     running = await start_sidecar(
         tmp_path,
         recording.port,

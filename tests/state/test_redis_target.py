@@ -1,12 +1,14 @@
-"""`--redis` URLs: one server, or a Sentinel-managed primary; anything else is refused at
-start with a message naming what is supported (never a half-configured proxy)."""
+"""`--redis` URLs: one server, a Sentinel-managed primary or a Redis Cluster; anything else
+is refused at start with a message naming what is supported (never a half-configured
+proxy). The `retries` parameter reaches the client of every mode."""
 
 from __future__ import annotations
 
 import pytest
 
 from authproxy.runtime.config import ConfigError, ServeConfig, build_state
-from authproxy.state.redis_target import RedisUrlError, parse_redis_url
+from authproxy.state.redis_store import RedisState
+from authproxy.state.redis_target import DEFAULT_RETRIES, RedisUrlError, parse_redis_url
 
 
 def test_a_sentinel_url_names_the_sentinels_the_service_the_db_and_the_credentials():
@@ -14,7 +16,7 @@ def test_a_sentinel_url_names_the_sentinels_the_service_the_db_and_the_credentia
         "redis+sentinel://app:p%40ss@10.0.0.1:26379,[::1]:26380/mymaster/2?sentinel_password=s3cret"
     )
     assert target.sentinel and not target.tls
-    assert target.sentinels == (("10.0.0.1", 26379), ("::1", 26380))
+    assert target.nodes == (("10.0.0.1", 26379), ("::1", 26380))
     assert (target.service, target.db) == ("mymaster", 2)
     assert (target.username, target.password) == ("app", "p@ss")
     assert target.sentinel_auth == {"password": "s3cret"}
@@ -29,17 +31,54 @@ def test_tls_to_the_primary_with_a_ca_bundle():
 @pytest.mark.parametrize("url", ["redis://h:6379/0", "rediss://u:p@h:6380", "unix:///run/r.sock"])
 def test_one_server_urls_are_what_redis_py_reads(url: str):
     target = parse_redis_url(url)
-    assert not target.sentinel and target.url == url
+    assert target.mode == "single" and target.url == url
+
+
+def test_a_cluster_url_names_the_seed_nodes_and_the_credentials():
+    target = parse_redis_url(
+        "rediss+cluster://app:p%40ss@10.0.0.1:7000,10.0.0.2:7000?ssl_ca_certs=/ca.pem&retries=2"
+    )
+    assert target.cluster and target.tls and target.retries == 2
+    assert target.nodes == (("10.0.0.1", 7000), ("10.0.0.2", 7000))
+    assert (target.username, target.password) == ("app", "p@ss")
+    assert target.tls_files == {"ssl_ca_certs": "/ca.pem"}
+
+
+def test_retries_is_the_proxys_parameter_and_the_rest_is_left_to_redis_py():
+    target = parse_redis_url("redis://h:6379/0?retries=3&health_check_interval=5")
+    assert target.retries == 3 and target.url == "redis://h:6379/0?health_check_interval=5"
+    assert parse_redis_url("redis://h:6379").retries == DEFAULT_RETRIES
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:1?retries=4",
+        "redis+sentinel://127.0.0.1:1/svc?retries=4",
+        "redis+cluster://127.0.0.1:1?retries=4",
+    ],
+)
+async def test_every_mode_retries_a_broken_connection_as_many_times_as_the_url_says(url: str):
+    state = RedisState(url)
+    try:
+        retry = (
+            getattr(state.client, "retry", None)
+            or state.client.connection_pool.connection_kwargs["retry"]
+        )
+        assert retry.get_retries() == 4
+    finally:
+        await state.close()
 
 
 @pytest.mark.parametrize(
     ("url", "problem"),
     [
-        ("redis+cluster://h:7000", "unsupported scheme 'redis+cluster'"),
+        ("redis+cluster://h:7000/0", "a Cluster URL is redis+cluster://"),
+        ("redis://h:6379?retries=many", "retries must be a whole number"),
         ("http://h:6379", "unsupported scheme 'http'"),
         ("redis+sentinel://h:26379", "a Sentinel URL is redis+sentinel://"),
         ("redis+sentinel://h:26379/svc/zero", "a Sentinel URL is redis+sentinel://"),
-        ("redis+sentinel://h/svc", "sentinel address 'h' is not HOST:PORT"),
+        ("redis+sentinel://h/svc", "address 'h' is not HOST:PORT"),
         ("redis+sentinel://h:1/svc?password=x", "unknown parameter(s) password"),
     ],
 )
@@ -51,5 +90,5 @@ def test_a_url_the_proxy_cannot_use_says_why(url: str, problem: str):
 
 
 def test_the_proxy_refuses_such_a_url_at_start():
-    with pytest.raises(ConfigError, match="Redis Cluster is not supported"):
-        build_state(ServeConfig(policy="policy.yaml", redis="redis+cluster://h:7000"))
+    with pytest.raises(ConfigError, match=r"unsupported scheme .redis\+clusters."):
+        build_state(ServeConfig(policy="policy.yaml", redis="redis+clusters://h:7000"))

@@ -18,6 +18,7 @@ from authproxy.keys.issuer import TokenIssuer
 from tests.support.echo_backend import EchoBackend
 from tests.support.keys import Keys
 from tests.support.policies import TEST_POLICY
+from tests.support.redis_modes import MODES, url_for
 from tests.support.running_proxy import OK, REUSED, running_node
 
 RATE_LIMITED = (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
@@ -38,9 +39,9 @@ POLICY = TEST_POLICY + (
 )
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", *MODES])
 def state_url(request: pytest.FixtureRequest) -> str | None:
-    return request.getfixturevalue("redis_url") if request.param == "redis" else None
+    return url_for(request, request.param) if request.param != "memory" else None
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
-import redis.asyncio as redis
 
 from authproxy.state.redis_store import EPOCH_TTL, RedisState
 from authproxy.state.store import (
@@ -26,6 +25,7 @@ from authproxy.state.store import (
     StateStore,
     StateUnavailable,
 )
+from tests.support.redis_modes import MODES, raw_client, url_for
 from tests.support.redis_server import PATIENT, RedisServer, finish_closing, running_state, stale
 from tests.support.waits import eventually
 
@@ -54,7 +54,7 @@ class Backend:
     stores: list[StateStore] = field(default_factory=list)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", *MODES])
 async def state_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     """Makes started stores of one kind; all of them are closed at teardown."""
     made: list[StateStore] = []
@@ -72,7 +72,7 @@ async def state_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend
 
         result = Backend("memory", make, clock, wait_until, stores=made)
     else:
-        url = request.getfixturevalue("redis_url")
+        url = url_for(request, request.param)
 
         async def make(namespace: str = "authproxy", subject_ttl: float = SUBJECT_TTL):
             store = RedisState(url, namespace=namespace, subject_ttl=subject_ttl, **PATIENT)
@@ -265,8 +265,7 @@ async def test_every_redis_record_expires(redis_url: str):
     now = time.time()
     exp = math.floor(now) + 120
     subject_ttl = 600.0
-    raw = redis.Redis.from_url(redis_url, decode_responses=True)
-    try:
+    async with raw_client(redis_url) as raw:
         async with running_state(redis_url, namespace="ttl", subject_ttl=subject_ttl) as state:
             await state.revoke_token("jti-1", exp)
             await state.revoke_subject("alice", now)
@@ -287,8 +286,6 @@ async def test_every_redis_record_expires(redis_url: str):
         # Nothing else in the server is left without an expiry either.
         persistent = [k async for k in raw.scan_iter(match="*") if await raw.ttl(k) < 0]
         assert persistent == []
-    finally:
-        await raw.aclose()
 
 
 async def test_a_revocation_reaches_another_redis_state(redis_url: str):

@@ -13,8 +13,6 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
@@ -24,6 +22,7 @@ from authproxy.keys.issuer import TokenIssuer
 from authproxy.state.redis_store import RedisState
 from tests.support.echo_backend import EchoBackend
 from tests.support.keys import Keys
+from tests.support.redis_modes import raw_client
 from tests.support.redis_server import RedisServer, running_state
 from tests.support.running_proxy import REVOKED, running_node
 from tests.support.waits import eventually, poll
@@ -32,15 +31,6 @@ TIMEOUT = 5.0  # per Redis operation: generous, a busy machine must not fail the
 WITHIN = 10.0  # bound for a replica to notice the wipe and write back
 JTI = "revoked-before-the-wipe"
 USED = "used-before-the-wipe"
-
-
-@asynccontextmanager
-async def raw_client(url: str) -> AsyncIterator[redis.Redis]:
-    client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=TIMEOUT)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def watch(state: RedisState) -> list[bool]:

@@ -28,6 +28,7 @@ from tests.support.echo_backend import EchoBackend
 from tests.support.ext_authz import check_path, metadata, outcome
 from tests.support.keys import REFRESH_SECRET, Keys
 from tests.support.policies import REFRESH_LINE, SINGLE_USE_POLICY, TEST_POLICY, descriptor_set
+from tests.support.redis_modes import MODES, url_for
 from tests.support.redis_server import PATIENT_CONFIG, RedisServer
 from tests.support.running_proxy import (
     OK,
@@ -205,10 +206,10 @@ async def test_redis_outage_fails_closed_and_recovers_without_restarting_the_pro
 # --- single use -----------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", *MODES])
 def state_url(request: pytest.FixtureRequest) -> str | None:
-    """None (in-memory state) or the URL of a real Redis."""
-    return request.getfixturevalue("redis_url") if request.param == "redis" else None
+    """None (in-memory state) or the URL of a real Redis in one of its modes."""
+    return url_for(request, request.param) if request.param != "memory" else None
 
 
 async def test_reusing_a_single_use_token_revokes_its_subject(
@@ -244,7 +245,7 @@ async def test_reuse_without_revoke_on_reuse_leaves_the_subject_alone(
         assert await n.call(REFRESH, second.token) == OK
 
 
-@pytest.mark.parametrize("setup", ["memory", "redis", "redis-two-proxies"])
+@pytest.mark.parametrize("setup", ["memory", *MODES, "single-two-proxies", "cluster-two-proxies"])
 async def test_exactly_one_of_100_concurrent_presentations_succeeds(
     tmp_path: Path,
     keys: Keys,
@@ -256,8 +257,8 @@ async def test_exactly_one_of_100_concurrent_presentations_succeeds(
     """The winner is a unary call the proxy knows is unary (descriptor set): the subject
     revocation its concurrent reuses trigger does not cut it short, as it would cut a
     stream (or a call of unknown kind; see test_stream_guard.py)."""
-    url = request.getfixturevalue("redis_url") if setup.startswith("redis") else None
-    count = 2 if setup == "redis-two-proxies" else 1
+    url = url_for(request, setup.partition("-")[0]) if setup != "memory" else None
+    count = 2 if setup.endswith("-two-proxies") else 1
     kinds = [str(descriptor_set(tmp_path / "echo.protoset"))]
     node = {"redis": url, "descriptor_sets": kinds, **PATIENT_CONFIG}  # counts, not timing
     async with (

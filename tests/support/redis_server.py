@@ -5,7 +5,7 @@ killed with SIGKILL, like a crash or a network cut, and restarted on the same po
 Fixtures (tests/conftest.py registers them for every test):
 
 - `redis_server` — a running `RedisServer`, stopped at teardown;
-- `redis_url` — `redis://127.0.0.1:PORT` of that server.
+- (`redis_url`, one URL per Redis mode, is in `tests/support/redis_modes.py`.)
 
 A missing `redis-server` fails the test with a clear message: it is never skipped.
 
@@ -43,7 +43,6 @@ __all__ = [
     "ping",
     "redis_server",
     "redis_server_binary",
-    "redis_url",
     "running_state",
     "stale",
 ]
@@ -70,11 +69,6 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    return redis_server.url
 
 
 # --- closing a RedisState without hanging the run -------------------------------------------
