@@ -14,6 +14,9 @@ import pyotp
 from authproxy.client import AsyncAuthSession, MethodLevels
 from examples.backend.api.v1 import api_pb2, api_pb2_grpc
 
+#: Seconds a call may take, waiting for a restarting proxy included.
+TIMEOUT = 10.0
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m examples.client_quickstart")
@@ -31,7 +34,11 @@ async def main() -> None:
     token = os.environ[args.admin_token_env] if args.admin_token_env else None
     # The policy the proxy enforces (or MethodLevels.from_file): which token each method needs.
     levels = await MethodLevels.from_admin_async(args.admin, admin_token=token)
-    async with AsyncAuthSession(args.proxy, levels) as session:
+    # Across a proxy restart: the session's channel retries UNAVAILABLE and reconnects
+    # within seconds (its default options), and wait_for_ready=True makes a call sent
+    # while the proxy is down wait for it, until its timeout. Each call gets the token
+    # its level needs (GetProfile: the access token).
+    async with AsyncAuthSession(args.proxy, levels, wait_for_ready=True) as session:
         auth = api_pb2_grpc.AuthServiceStub(session.channel)  # plain stubs, no metadata
         users = api_pb2_grpc.UserServiceStub(session.channel)
         totp = None
@@ -39,11 +46,12 @@ async def main() -> None:
             request = api_pb2.SignUpRequest(
                 email=args.email, password=args.password, enable_2fa=True
             )
-            totp = pyotp.parse_uri((await auth.SignUp(request)).otpauth_uri)
+            created = await auth.SignUp(request, timeout=TIMEOUT)
+            totp = pyotp.parse_uri(created.otpauth_uri)
         if (await session.login(args.email, args.password)).requires_2fa:
             code = totp.now() if totp else input("code: ")  # from your authenticator app
             await session.verify_2fa(code)  # keeps the access + refresh tokens
-        profile = await users.GetProfile(api_pb2.GetProfileRequest())  # the access token
+        profile = await users.GetProfile(api_pb2.GetProfileRequest(), timeout=TIMEOUT)
         print(f"GetProfile: {profile.email} (user id {profile.user_id})")
         await session.logout()  # Logout, then forget every token
         print("logged out")

@@ -11,28 +11,48 @@ the 2FA flow, driven by the same policy file the proxy enforces.
         profile = await users.GetProfile(GetProfileRequest())
         await session.logout()
 
-See the README's "Python client" section.
+Levels are `Level.PUBLIC`, `Level.TWO_FA`, `Level.REFRESH`, `Level.ACCESS`, `Level.DENY`
+(equal to the policy's strings). Errors: `ClientAuthError`, with `LoginRequiredError`
+(and its `NoTokenError`) and `RefreshError` under it. See the README's "Python client"
+section.
 """
 
+from .channels import reconnect_options
 from .errors import (
     ClientAuthError,
     LoginRequiredError,
     NoTokenError,
     RefreshError,
     denial_reason,
+    is_token_expired,
 )
 from .interceptors import SyncInterceptor, TokenChooser, aio_interceptors
-from .levels import MethodLevels
-from .refresh import DEFAULT_SKEW, Refresher
-from .session import AsyncAuthSession, AuthMethods, AuthSession, LoginResult
-from .tokens import StoredToken, TokenStore
+from .levels import TOKEN_KINDS, Level, MethodLevels
+from .refresh import (
+    DEFAULT_SKEW,
+    FIRST_RETRY,
+    MAX_RETRY,
+    WINDOW_FRACTION,
+    AsyncRefreshCall,
+    Refresher,
+    SyncRefreshCall,
+)
+from .session import DEFAULT_TIMEOUT, AsyncAuthSession, AuthMethods, AuthSession, LoginResult
+from .tokens import StoredToken, TokenStore, expiry_of
 
 __all__ = [
     "DEFAULT_SKEW",
+    "DEFAULT_TIMEOUT",
+    "FIRST_RETRY",
+    "MAX_RETRY",
+    "TOKEN_KINDS",
+    "WINDOW_FRACTION",
     "AsyncAuthSession",
+    "AsyncRefreshCall",
     "AuthMethods",
     "AuthSession",
     "ClientAuthError",
+    "Level",
     "LoginRequiredError",
     "LoginResult",
     "MethodLevels",
@@ -41,8 +61,12 @@ __all__ = [
     "Refresher",
     "StoredToken",
     "SyncInterceptor",
+    "SyncRefreshCall",
     "TokenChooser",
     "TokenStore",
     "aio_interceptors",
     "denial_reason",
+    "expiry_of",
+    "is_token_expired",
+    "reconnect_options",
 ]

@@ -1,4 +1,14 @@
-"""What the client library raises, and how it reads the proxy's reason from a gRPC error."""
+"""What the client library raises, and how it reads the proxy's reason from a gRPC error.
+
+    ClientAuthError            everything the library raises itself
+    ├── LoginRequiredError     log in (again): the session holds no usable token
+    │   └── NoTokenError       ... and so nothing was sent (a call or `refresh()`
+    │                          before login, or after logout)
+    └── RefreshError           the refresh failed for a passing reason: tokens kept
+
+`except LoginRequiredError` therefore also catches `NoTokenError`: both mean "show the
+login screen".
+"""
 
 from __future__ import annotations
 
@@ -8,28 +18,31 @@ from google.rpc import error_details_pb2, status_pb2
 from authproxy.decide.reasons import ERROR_DOMAIN, Reason
 from authproxy.wire.grpc_status import DETAILS_KEY
 
-TOKEN_EXPIRED = Reason.TOKEN_EXPIRED.value
+_TOKEN_EXPIRED = Reason.TOKEN_EXPIRED.value
 
 
 class ClientAuthError(Exception):
     """Raised by the client library itself, before or instead of a call."""
 
 
-class NoTokenError(ClientAuthError):
-    """The policy says the method needs a token the session does not hold: nothing was
-    sent."""
-
-    def __init__(self, method: str, level: str, hint: str) -> None:
-        super().__init__(
-            f"{method} needs a token of level {level!r} and this session holds none: {hint}"
-        )
-        self.method = method
-        self.level = level
-
-
 class LoginRequiredError(ClientAuthError):
     """The session's tokens are gone (refresh refused, or no refresh token left): the user
     must log in again. The session holds no tokens any more."""
+
+
+class NoTokenError(LoginRequiredError):
+    """The method needs a token the session does not hold (not logged in yet, or logged
+    out): nothing was sent. Raised for a call before login and for `refresh()` before
+    login alike; a `LoginRequiredError`, so either `except` catches it."""
+
+    def __init__(self, method: str, level: str, hint: str) -> None:
+        """`method`: the path that needed the token; `level`: its level; `hint`: what to
+        do about it."""
+        super().__init__(
+            f"{method} needs a token of level {str(level)!r} and this session holds none: {hint}"
+        )
+        self.method = method
+        self.level = level
 
 
 class RefreshError(ClientAuthError):
@@ -65,5 +78,5 @@ def is_token_expired(error: BaseException | None) -> bool:
     return (
         isinstance(error, grpc.RpcError)
         and error.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
-        and denial_reason(error) == TOKEN_EXPIRED
+        and denial_reason(error) == _TOKEN_EXPIRED
     )

@@ -1,19 +1,44 @@
 """Which security level each method needs, from the same policy the proxy enforces: the
-policy file itself, or the running proxy's admin `/policy` endpoint."""
+policy file itself, or the running proxy's admin `/policy` endpoint.
+
+`Level` names the levels (`Level.ACCESS == "access"`); the token kinds a `TokenStore`
+holds are the three levels that take a token (`TOKEN_KINDS`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import urllib.request
+from enum import StrEnum
 from pathlib import Path
 
+from authproxy.policy import model
 from authproxy.policy.loader import load_policy, parse_policy
 from authproxy.policy.model import Policy
 
 
+class Level(StrEnum):
+    """A method's security level in the policy, and the kind of token it takes. Each is a
+    `str` equal to the policy's spelling, so `Level.TWO_FA == "2fa"` and bare strings work
+    wherever a level is taken."""
+
+    PUBLIC = model.PUBLIC  #: no token is sent
+    TWO_FA = model.TWO_FA  #: the 2FA token (between `login()` and `verify_2fa()`)
+    REFRESH = model.REFRESH  #: the refresh token
+    ACCESS = model.ACCESS  #: the access token (refreshed as it nears its expiry)
+    DENY = model.DENY  #: no token is sent: the proxy refuses the call anyway
+
+
+#: The token kinds a `TokenStore` holds: the levels that take a token.
+TOKEN_KINDS: tuple[Level, ...] = (Level.TWO_FA, Level.ACCESS, Level.REFRESH)
+
+
 class MethodLevels:
+    """The level of each method, read from a policy (`from_file`, `from_admin`)."""
+
     def __init__(self, policy: Policy) -> None:
+        """`policy`: a parsed policy (the class methods read one from a file or a proxy)."""
         self.policy = policy
 
     @classmethod
@@ -44,7 +69,7 @@ class MethodLevels:
         """`from_admin`, in a thread, so the event loop keeps running."""
         return await asyncio.to_thread(cls.from_admin, url, timeout, admin_token)
 
-    def level(self, method: str) -> str:
+    def level(self, method: str) -> Level:
         """The level of a method path (`/pkg.Service/Method`): exact rule, service
         wildcard, then the policy's default, as the proxy matches."""
-        return self.policy.match(method).level
+        return Level(self.policy.match(method).level)

@@ -159,19 +159,35 @@ async def test_a_refused_refresh_clears_the_tokens_and_asks_to_log_in_again(tmp_
             assert session.refresher.calls == 1
 
 
-async def test_an_unreachable_refresh_keeps_the_tokens(tmp_path):
+async def test_an_unreachable_proxy_fails_the_refresh_and_keeps_the_tokens(tmp_path):
     async with running_behind_proxy(tmp_path) as proxied:
         _, login = await proxied.account("unreachable@example.com")
         near = short_access(proxied, login.access_token, ttl=20)
-    # The proxy is gone now.
-    async with AsyncAuthSession(target(proxied), LEVELS, timeout=2) as session:
+        expired = short_access(proxied, login.access_token, ttl=-5)
+    # The proxy is gone now. (The channel does not retry: each attempt fails at once.)
+    no_retries = [("grpc.enable_retries", 0)]
+    async with AsyncAuthSession(target(proxied), LEVELS, timeout=2, options=no_retries) as session:
         session.store.set_pair(near, login.refresh_token)
         users = api_pb2_grpc.UserServiceStub(session.channel)
+        # The access token is due for a refresh but still valid: the call goes out with it
+        # (and finds no proxy either).
+        with pytest.raises(grpc.aio.AioRpcError) as unreachable:
+            await users.GetProfile(api_pb2.GetProfileRequest(), timeout=2)
+        assert unreachable.value.code() in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
         with pytest.raises(RefreshError) as failed:
-            await users.GetProfile(api_pb2.GetProfileRequest())
+            await session.refresh()
         assert "try again" in str(failed.value)
         assert session.store.get("access").value == near  # type: ignore[union-attr]
         assert session.store.get("refresh").value == login.refresh_token  # type: ignore[union-attr]
+        # An expired access token with a failed refresh: the call fails, nothing is lost.
+        session.store.set("access", expired)
+        with pytest.raises(RefreshError):
+            await users.GetProfile(api_pb2.GetProfileRequest())
+        assert session.store.get("refresh").value == login.refresh_token  # type: ignore[union-attr]
+        assert session.refresher.calls == 3
 
 
 async def test_an_expired_refresh_token_asks_to_log_in_without_a_call(tmp_path):
