@@ -33,11 +33,11 @@ def binary() -> str | None:
 
 
 def ping(port: int, timeout: float = 0.5) -> bool:
-    """True when a Redis server on loopback `port` answers PING with PONG."""
+    """True when a Redis server on loopback `port` answers PING (PONG, or NOAUTH)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # NOAUTH: it needs a password
     except OSError:
         return False
 

@@ -33,6 +33,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 
 from authproxy.state.redis_target import RedisTarget
 
@@ -47,6 +48,9 @@ RETRY_BASE = 0.01
 RETRY_CAP = 0.1
 
 Client = redis.Redis | RedisCluster
+#: What a Redis operation raises when Redis cannot answer (a cluster client also raises
+#: RedisClusterException, which is not a RedisError, when no node is reachable).
+FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 class RedisLink:
@@ -194,11 +198,15 @@ class Subscription:
 
     def __init__(self, client: Client, channel: str) -> None:
         self.channel = channel
+        self.client = client
         self.sharded = isinstance(client, RedisCluster)
         self.pubsub = client.pubsub()
 
     async def __aenter__(self) -> Subscription:
         if self.sharded:
+            # A keyed command first: a failed subscribe does not make the cluster client
+            # look for a new primary of the channel's slot, a failed command does.
+            await self.client.exists(self.channel)
             await self.pubsub.ssubscribe(self.channel)
         else:
             await self.pubsub.subscribe(self.channel)

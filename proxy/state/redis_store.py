@@ -7,11 +7,13 @@ Records (all under the `namespace` prefix, all with an expiry):
     {ns}:revoked:sub:<sub>  = "<before> <expires>"    expires at before + subject_ttl
     {ns}:used:<jti>         = "1"                     expires at exp + EXPIRY_GRACE (SET NX)
     {ns}:ratelimit:...      the `limits` library's moving windows, expiring with them
-    {ns}:epoch              = a random id             expires after EPOCH_TTL, renewed by
-                                                      every heartbeat
+    {ns}:epoch{{ns}:revocations}                       a random id: expires after
+                                                      EPOCH_TTL, renewed by every heartbeat
 
 Each record is one key, and the one script (a subject revocation) touches one key, so
-every command is cluster-safe: keys spread over the slots and no command spans two.
+every command is cluster-safe: keys spread over the slots and no command spans two. The
+epoch key's hash tag puts it in the revocation channel's slot: in a cluster, the view
+depends on that one shard.
 
 Revocations are also published on `{ns}:revocations` (sharded pub/sub in a cluster). Each proxy keeps a local view:
 it subscribes, then loads every record (so nothing published meanwhile is missed), then
@@ -23,7 +25,7 @@ after twice that the subscription is taken for dead (a failover or a slot move c
 it without an error) and made again.
 
 Redis may come back empty (a restart without persistence, a failover to an empty replica,
-a flush). The first replica writes `{ns}:epoch` (SET NX); each replica remembers the epoch
+a flush). The first replica writes the epoch key (SET NX); each replica remembers the epoch
 it saw and reads it again on every load and heartbeat. Missing or different means Redis
 lost its records: the replica then writes back (and publishes) every unexpired revocation
 in its view and the single-use records it made itself (the last `USED_MEMORY`), and
@@ -45,9 +47,8 @@ from collections.abc import Callable
 
 from limits.aio.storage import RedisStorage
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
-from authproxy.state.redis_link import RedisLink, Subscription
+from authproxy.state.redis_link import FAILURES, RedisLink, Subscription
 from authproxy.state.redis_target import parse_redis_url
 from authproxy.state.store import (
     DEFAULT_SUBJECT_TTL,
@@ -115,7 +116,7 @@ class RedisState:
         self.failures_total = 0
         #: Times Redis was found emptied (the epoch key missing or changed).
         self.resets_total = 0
-        self.epoch_key = f"{namespace}:epoch"
+        self.epoch_key = f"{namespace}:epoch{{{self.channel}}}"  # the channel's slot
         self.epoch: str | None = None  # the epoch this replica last saw (None: not yet)
         self._reset_seen: str | None = None  # the new epoch of the reset last counted
         self._used: dict[str, float] = {}  # jti -> until: first uses recorded here
@@ -224,7 +225,7 @@ class RedisState:
         try:
             async with self.link.turn():
                 yield
-        except (RedisError, OSError, TimeoutError) as e:
+        except FAILURES as e:
             self.failures_total += 1
             log.warning("redis: cannot %s: %s", what, e)
             raise StateUnavailable(f"cannot {what}: state backend unavailable") from None
@@ -331,7 +332,7 @@ class RedisState:
                     await self._listen(subscription)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, TimeoutError) as e:
+            except FAILURES as e:
                 self.failures_total += 1
                 # Warn once per outage; retries are counted, and logged at debug level.
                 (log.warning if delay == 0.1 else log.debug)(

@@ -576,7 +576,7 @@ async def test_redis_keys_live_under_the_namespace_and_all_expire(
     limits = {k: ttl for k, ttl in found.items() if ":ratelimit:" in k}
     assert sorted(k.split(":ratelimit:")[0] for k in limits) == ["ns-one"] * 3 + ["ns-two"]
     # Besides the counters, only each namespace's epoch (state/redis_store.py), expiring too.
-    epochs = {"ns-one:epoch", "ns-two:epoch"}
+    epochs = {"ns-one:epoch{ns-one:revocations}", "ns-two:epoch{ns-two:revocations}"}
     assert set(found) == set(limits) | epochs, f"keys other than rate limits: {found}"
     assert all(found[k] > 0 for k in epochs), found
     for key, ttl in limits.items():

@@ -19,7 +19,6 @@ import logging
 import math
 import socket
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -28,11 +27,11 @@ from limits import parse
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from authproxy.keys.issuer import TokenIssuer
-from authproxy.state.redis_store import RedisState
 from authproxy.state.store import StateUnavailable
 from tests.support import redis_sentinel
 from tests.support.admin import admin, revocations_url
 from tests.support.echo_backend import EchoBackend
+from tests.support.failover import Watch, calls_through_failover
 from tests.support.keys import Keys
 from tests.support.policies import SINGLE_USE_POLICY
 from tests.support.redis_sentinel import SentinelTopology
@@ -41,9 +40,8 @@ from tests.support.redis_server import (
     assert_fails_closed,
     free_port,
     running_state,
-    stale,
 )
-from tests.support.running_proxy import OK, REUSED, REVOKED, STATE_DOWN, running_node
+from tests.support.running_proxy import OK, REUSED, REVOKED, running_node
 from tests.support.waits import eventually, poll
 
 # The topology fixtures (tests/conftest.py registers only the single-server ones).
@@ -178,39 +176,6 @@ async def test_a_burst_waits_for_pooled_connections_on_the_sentinel_url(
         assert errors == [], f"{len(errors)} of 100 first_use calls raised: {errors[:3]}"
         assert results.count(True) == 1
         assert state.failures_total == 0
-
-
-class Watch:
-    """Polls two states every 10 ms during a failover: when each went stale and fresh
-    again, and every moment a state called itself current but let a revoked token or
-    subject through (never allowed)."""
-
-    def __init__(self, states: dict[str, RedisState], jti: str, sub: str, iat: float) -> None:
-        self.states = states
-        self.jti, self.sub, self.iat = jti, sub, iat
-        self.first_stale: dict[str, float] = {}
-        self.fresh_again: dict[str, float] = {}
-        self.violations: list[str] = []
-        self.samples = 0
-
-    async def run(self, until: float) -> None:
-        while time.monotonic() < until and len(self.fresh_again) < len(self.states):
-            now = time.monotonic()
-            self.samples += 1
-            for name, state in self.states.items():
-                if stale(state):
-                    self.first_stale.setdefault(name, now)
-                    continue
-                if name in self.first_stale:
-                    self.fresh_again.setdefault(name, now)
-                if not state.revoked(self.jti, "someone", None):
-                    self.violations.append(f"{name}: current, yet token {self.jti} not revoked")
-                if not state.revoked("another-jti", self.sub, self.iat):
-                    self.violations.append(f"{name}: current, yet subject {self.sub} not revoked")
-            await asyncio.sleep(0.01)
-
-    def windows(self) -> dict[str, float]:
-        return {n: self.fresh_again[n] - self.first_stale[n] for n in self.fresh_again}
 
 
 async def test_states_fail_closed_during_a_failover_and_recover_with_their_records(
@@ -400,38 +365,12 @@ async def test_proxies_on_sentinel_fail_closed_during_a_failover_and_recover(
 
         old = topology.kill_primary()
         killed_at = time.monotonic()
-        failing_over = asyncio.create_task(topology.wait_failover(old, within=FAILOVER_BOUND))
-        seen: Counter[tuple] = Counter()
-        let_through: list[float] = []
-        first_down = first_ok_again = None
-        try:
-            while time.monotonic() - killed_at < 2 * FAILOVER_BOUND:
-                now = time.monotonic()
-                outcome = await b.call(ACCESS, good.token)
-                seen[outcome] += 1
-                if outcome == STATE_DOWN and first_down is None:
-                    first_down = now
-                elif outcome == OK and first_down is not None:
-                    first_ok_again = now
-                    break
-                if await b.call(ACCESS, revoked.token) == OK:
-                    let_through.append(now - killed_at)
-                await asyncio.sleep(0.02)
-            new, failover = await failing_over
-        finally:
-            failing_over.cancel()
-        assert let_through == [], f"the revoked token passed at {let_through} s after the crash"
-        assert first_down is not None, f"calls never failed closed: {dict(seen)}"
-        assert first_ok_again is not None, f"calls never passed again: {dict(seen)}"
-        window = first_ok_again - first_down
-        print(
-            f"\nproxies on sentinel, failover {old} -> {new} ({failover:.2f} s): calls"
-            f" STATE_UNAVAILABLE from {first_down - killed_at:.2f} s to"
-            f" {first_ok_again - killed_at:.2f} s after SIGKILL (window {window:.2f} s);"
-            f" outcomes {dict(seen)}"
+        failing_over = topology.wait_failover(old, within=FAILOVER_BOUND)
+        calls = await calls_through_failover(
+            b, good.token, revoked.token, killed_at, failing_over, FAILOVER_BOUND
         )
-        assert set(seen) <= {OK, STATE_DOWN}, dict(seen)
-        assert window < FAILOVER_BOUND
+        new = topology.primary_port()
+        print(f"\nproxies on sentinel, failover {old} -> {new}: {calls.describe()}")
 
         # Both proxies work again, with what was recorded before the crash.
         result, _ = await poll(lambda: a.call(ACCESS, good.token), lambda r: r == OK, 10.0)

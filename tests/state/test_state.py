@@ -272,14 +272,14 @@ async def test_every_redis_record_expires(redis_url: str):
             assert await state.first_use("refresh-1", exp)
         keys = sorted([k async for k in raw.scan_iter(match="ttl:*")])
         assert keys == [
-            "ttl:epoch",
+            "ttl:epoch{ttl:revocations}",
             "ttl:revoked:jti:jti-1",
             "ttl:revoked:sub:alice",
             "ttl:used:refresh-1",
         ]
         ttls = {k: await raw.ttl(k) for k in keys}
         assert all(t > 0 for t in ttls.values()), f"a record without expiry: {ttls}"
-        assert ttls["ttl:epoch"] <= EPOCH_TTL
+        assert ttls["ttl:epoch{ttl:revocations}"] <= EPOCH_TTL
         assert ttls["ttl:revoked:jti:jti-1"] <= 121 + EXPIRY_GRACE
         assert ttls["ttl:used:refresh-1"] <= 121 + EXPIRY_GRACE
         assert subject_ttl - 5 <= ttls["ttl:revoked:sub:alice"] <= subject_ttl + 1
