@@ -101,6 +101,12 @@ class Operations:
             " and this replica wrote back the records it holds",
             lambda: getattr(state, "resets_total", 0),
         )
+        metrics.read(
+            "authproxy_state_unreplicated",
+            "Token uses and revocations fewer replicas acknowledged in time than --redis's"
+            " wait_replicas asks for",
+            lambda: getattr(state, "unreplicated_total", 0),
+        )
 
     # --- wiring -------------------------------------------------------------------------
 

@@ -91,6 +91,23 @@ class RedisLink:
             return await self.client.mget_nonatomic(keys)
         return await self.client.mget(keys)
 
+    async def set_replicated(self, key: str, value: str, **options: Any) -> tuple[Any, int | None]:
+        """SET `key` (redis-py's `set` options) and, with `wait_replicas`, WAIT on the same
+        connection for that many replicas to have it (at most half the operation timeout):
+        the SET's reply and how many replicas acknowledged (None without WAIT)."""
+        wanted = self.target.wait_replicas
+        if not wanted:
+            return await self.client.set(key, value, **options), None
+        wait = ("WAIT", wanted, max(1, int(self.timeout * 500)))
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(key, value, **options)
+            if isinstance(self.client, RedisCluster):  # to the node the SET goes to
+                pipe.execute_command(*wait, target_nodes=self.client.get_node_from_key(key))
+            else:
+                pipe.execute_command(*wait)
+            reply, replicas = await pipe.execute()
+        return reply, int(replicas)
+
     async def publish(self, channel: str, data: str) -> None:
         if isinstance(self.client, RedisCluster):
             await self.client.spublish(channel, data)

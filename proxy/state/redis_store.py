@@ -116,6 +116,8 @@ class RedisState:
         self.failures_total = 0
         #: Times Redis was found emptied (the epoch key missing or changed).
         self.resets_total = 0
+        #: Uses and revocations fewer replicas than `wait_replicas` acknowledged in time.
+        self.unreplicated_total = 0
         self.epoch_key = f"{namespace}:epoch{{{self.channel}}}"  # the channel's slot
         self.epoch: str | None = None  # the epoch this replica last saw (None: not yet)
         self._reset_seen: str | None = None  # the new epoch of the reset last counted
@@ -155,7 +157,10 @@ class RedisState:
     async def revoke_token(self, jti: str, exp: float) -> None:
         revocation = Revocation(jti=jti, expires=exp)
         async with self._guard("revoke a token"):
-            await self.client.set(self._jti_key(jti), repr(exp), exat=math.ceil(revocation.until))
+            _, replicas = await self.link.set_replicated(
+                self._jti_key(jti), repr(exp), exat=math.ceil(revocation.until)
+            )
+            self._check_replicated(replicas, "revocation of a token")
             await self.link.publish(self.channel, json.dumps(revocation.as_json()))
         self.view.add(revocation)
 
@@ -189,12 +194,28 @@ class RedisState:
     async def first_use(self, jti: str, exp: float) -> bool:
         until = exp + EXPIRY_GRACE
         async with self._guard("record a token use"):
-            first = await self.client.set(
+            first, replicas = await self.link.set_replicated(
                 f"{self.ns}:used:{jti}", "1", nx=True, exat=math.ceil(until)
             )
+            if first:
+                self._check_replicated(replicas, "token use")
         if first:
             self._remember_use(jti, until)
         return bool(first)
+
+    def _check_replicated(self, replicas: int | None, what: str) -> None:
+        """Count and log a record fewer replicas than `wait_replicas` acknowledged: it
+        stands on the primary, and a failover now could lose it."""
+        wanted = self.target.wait_replicas
+        if replicas is not None and replicas < wanted:
+            self.unreplicated_total += 1
+            log.warning(
+                "redis: a %s reached %d of %d replicas in time (wait_replicas); it stands"
+                " on the primary, but a failover now could lose it",
+                what,
+                replicas,
+                wanted,
+            )
 
     def _recent_uses(self) -> list[tuple[str, float]]:
         """The last `RECENT_USES` unexpired first uses recorded here: those a failover may

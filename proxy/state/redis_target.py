@@ -10,9 +10,11 @@ Redis Cluster.
     redis+cluster://[user:password@]host:port[,host:port...]
         a Redis Cluster, found from any of those seed nodes (`rediss+cluster://`: TLS)
 
-Query parameters: `ssl_ca_certs` / `ssl_certfile` / `ssl_keyfile` (TLS files), and
-`retries` (how many times a command that failed on a broken connection or a timeout is
-sent again, after a short jittered backoff; default 1). The user and password in the URL
+Query parameters: `ssl_ca_certs` / `ssl_certfile` / `ssl_keyfile` (TLS files), `retries`
+(how many times a command that failed on a broken connection is sent again, after a short
+jittered backoff; default 1), and `wait_replicas` (after recording a token's use or
+revocation, wait until that many replicas have it — Redis's WAIT, up to the operation
+timeout; default 0: replication stays asynchronous). The user and password in the URL
 are the Redis ACL user of the data nodes (URL-encoded). Any other scheme is refused at
 start with a message naming the supported ones.
 """
@@ -32,6 +34,8 @@ _SENTINEL_AUTH = ("sentinel_username", "sentinel_password")
 #: more retries only make a call wait longer in an outage, where it must fail closed.
 DEFAULT_RETRIES = 1
 MAX_RETRIES = 10
+MAX_WAIT_REPLICAS = 10
+_OWN = ("retries", "wait_replicas")  # the proxy's parameters, not redis-py's
 
 Mode = Literal["single", "sentinel", "cluster"]
 
@@ -55,6 +59,8 @@ class RedisTarget:
     sentinel_auth: dict[str, str] = field(default_factory=dict)
     tls_files: dict[str, str] = field(default_factory=dict)
     retries: int = DEFAULT_RETRIES
+    #: Replicas that must have a use or revocation before the proxy goes on (WAIT).
+    wait_replicas: int = 0
 
     @property
     def sentinel(self) -> bool:
@@ -77,14 +83,17 @@ def parse_redis_url(url: str) -> RedisTarget:
             f"--redis: unsupported scheme {parts.scheme!r} (supported: {supported})"
         )
     pairs = parse_qsl(parts.query, keep_blank_values=True)
-    retries = _retries(dict(pairs).get("retries", str(DEFAULT_RETRIES)))
-    if scheme in SINGLE_SCHEMES:  # redis-py reads the rest of the URL and its parameters
-        if "retries" in dict(pairs):
-            rest = urlencode([(k, v) for k, v in pairs if k != "retries"])
-            url = urlunsplit(parts._replace(query=rest))
-        return RedisTarget(url, retries=retries)
     query = dict(pairs)
-    known = ("retries", *TLS_FILES, *(_SENTINEL_AUTH if scheme in SENTINEL_SCHEMES else ()))
+    own = {
+        "retries": _count(query, "retries", DEFAULT_RETRIES, MAX_RETRIES),
+        "wait_replicas": _count(query, "wait_replicas", 0, MAX_WAIT_REPLICAS),
+    }
+    if scheme in SINGLE_SCHEMES:  # redis-py reads the rest of the URL and its parameters
+        if set(query) & set(_OWN):
+            rest = urlencode([(k, v) for k, v in pairs if k not in _OWN])
+            url = urlunsplit(parts._replace(query=rest))
+        return RedisTarget(url, **own)
+    known = (*_OWN, *TLS_FILES, *(_SENTINEL_AUTH if scheme in SENTINEL_SCHEMES else ()))
     unknown = sorted(set(query) - set(known))
     if unknown:
         raise RedisUrlError(
@@ -99,7 +108,7 @@ def parse_redis_url(url: str) -> RedisTarget:
         "password": unquote(parts.password) if parts.password else None,
         "tls": scheme.startswith("rediss"),
         "tls_files": {k: v for k, v in query.items() if k in TLS_FILES},
-        "retries": retries,
+        **own,
     }
     if scheme in CLUSTER_SCHEMES:
         if not nodes or path:
@@ -126,9 +135,10 @@ def parse_redis_url(url: str) -> RedisTarget:
     )
 
 
-def _retries(text: str) -> int:
-    if not text.isdigit() or int(text) > MAX_RETRIES:
-        raise RedisUrlError(f"--redis: retries must be a whole number from 0 to {MAX_RETRIES}")
+def _count(query: dict[str, str], name: str, default: int, most: int) -> int:
+    text = query.get(name, str(default))
+    if not text.isdigit() or int(text) > most:
+        raise RedisUrlError(f"--redis: {name} must be a whole number from 0 to {most}")
     return int(text)
 
 

@@ -83,11 +83,12 @@ async def test_states_fail_closed_during_a_cluster_failover_and_recover_with_the
     cluster: RedisCluster,
 ):
     """Production timings (staleness 1 s, timeout 1 s). Two states seeded from different
-    nodes; the primary of the feed's shard dies (the channel and the epoch key share its
+    nodes (a with `wait_replicas=1`); the primary of the feed's shard dies (the channel and the epoch key share its
     slot): both fail closed until its replica is promoted, never let a revoked token
     through, and come back by themselves with the records, the spent token and the
     rate-limit count made before."""
-    async with running_state(cluster.url) as a, running_state(reseeded(cluster)) as b:
+    durable = cluster.url + "?wait_replicas=1"  # a's uses are on a replica when recorded
+    async with running_state(durable) as a, running_state(reseeded(cluster)) as b:
         now = time.time()
         exp = math.floor(now) + 300
         old = cluster.serving(CHANNEL)
@@ -95,6 +96,7 @@ async def test_states_fail_closed_during_a_cluster_failover_and_recover_with_the
         await a.revoke_token("tok-before", exp)
         await a.revoke_subject("sub-before", now)
         assert await a.first_use(used, exp)
+        assert a.unreplicated_total == 0
         limiter = MovingWindowRateLimiter(a.rate_limit_storage())
         five = parse("5/minute")
         assert [await limiter.hit(five, "caller") for _ in range(5)] == [True] * 5

@@ -44,9 +44,11 @@ def test_a_cluster_url_names_the_seed_nodes_and_the_credentials():
     assert target.tls_files == {"ssl_ca_certs": "/ca.pem"}
 
 
-def test_retries_is_the_proxys_parameter_and_the_rest_is_left_to_redis_py():
-    target = parse_redis_url("redis://h:6379/0?retries=3&health_check_interval=5")
-    assert target.retries == 3 and target.url == "redis://h:6379/0?health_check_interval=5"
+def test_retries_and_wait_replicas_are_the_proxys_and_the_rest_is_left_to_redis_py():
+    target = parse_redis_url("redis://h:6379/0?retries=3&health_check_interval=5&wait_replicas=1")
+    assert target.retries == 3 and target.wait_replicas == 1
+    assert target.url == "redis://h:6379/0?health_check_interval=5"
+    assert parse_redis_url("redis+cluster://h:7000?wait_replicas=2").wait_replicas == 2
     assert parse_redis_url("redis://h:6379").retries == DEFAULT_RETRIES
 
 
@@ -75,6 +77,7 @@ async def test_every_mode_retries_a_broken_connection_as_many_times_as_the_url_s
     [
         ("redis+cluster://h:7000/0", "a Cluster URL is redis+cluster://"),
         ("redis://h:6379?retries=many", "retries must be a whole number"),
+        ("redis+sentinel://h:1/svc?wait_replicas=-1", "wait_replicas must be a whole number"),
         ("http://h:6379", "unsupported scheme 'http'"),
         ("redis+sentinel://h:26379", "a Sentinel URL is redis+sentinel://"),
         ("redis+sentinel://h:26379/svc/zero", "a Sentinel URL is redis+sentinel://"),

@@ -289,6 +289,60 @@ async def test_states_fail_closed_during_a_failover_and_recover_with_their_recor
         assert await b.first_use("use-lost", exp) is False
 
 
+# --- wait_replicas: a use on a replica before the call goes on ------------------------------
+
+
+async def test_wait_replicas_puts_each_use_on_a_replica_before_it_counts(
+    sentinel_topology: SentinelTopology, caplog: pytest.LogCaptureFixture
+):
+    """With `wait_replicas=1` a recorded use is on the replica when `first_use` returns
+    (nothing for a failover to lose); with the replica cut off it still counts (it stands
+    on the primary) but is counted and logged as unreplicated, after at most half the
+    operation timeout. Prints what the wait costs per use."""
+    topology = sentinel_topology
+    replica = topology.servers[1]
+    exp = time.time() + 300
+    waited = topology.url_with(query="wait_replicas=1")
+    async with running_state(topology.url) as plain, running_state(waited) as durable:
+        with topology.client(replica.port) as r:
+            costs: dict[str, list[float]] = {"without": [], "with": []}
+            for i in range(50):
+                for name, state in (("without", plain), ("with", durable)):
+                    started = time.perf_counter()
+                    assert await state.first_use(f"{name}-{i}", exp)
+                    costs[name].append(time.perf_counter() - started)
+                assert r.exists(f"authproxy:used:with-{i}") == 1  # already, no waiting
+            medians = {n: sorted(c)[len(c) // 2] * 1e6 for n, c in costs.items()}
+            lags = []  # without the wait: from first_use's return to the replica having it
+            for i in range(20):
+                assert await plain.first_use(f"lag-{i}", exp)
+                returned = time.perf_counter()
+                assert await eventually(lambda i=i: r.exists(f"authproxy:used:lag-{i}"), 5.0)
+                lags.append((time.perf_counter() - returned) * 1e6)
+            print(
+                f"\nfirst_use median µs: {medians}; without the wait the replica had the use"
+                f" {sorted(lags)[len(lags) // 2]:.0f} µs (median, max {max(lags):.0f}) after it"
+                " returned"
+            )
+            assert durable.unreplicated_total == 0
+
+            caplog.set_level(logging.WARNING, logger="authproxy.state")
+            r.config_set("masterauth", "not-the-password")  # its link cannot come back
+            with topology.client(topology.primary_port()) as p:
+                p.client_kill_filter(_type="replica")
+            assert await eventually(
+                lambda: topology.replication(replica.port).get("master_link_status") == "down",
+                within=5.0,
+            )
+            started = time.monotonic()
+            assert await durable.first_use("cut-off", exp)
+            assert time.monotonic() - started < durable.timeout
+            assert not await durable.first_use("cut-off", exp)  # spent all the same
+            assert durable.unreplicated_total == 1
+            assert "reached 0 of 1 replicas" in caplog.text
+            assert r.exists("authproxy:used:cut-off") == 0
+
+
 # --- misconfiguration and silent sentinels: fail closed, never hang -------------------------
 
 
