@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench [--quick] [--json PATH] [--plot PATH] [--workers N]
     .venv/bin/python -m bench --tracing [--baseline-tree DIR] [--seconds S] [--rounds N]
+    .venv/bin/python -m bench --state [--seconds S] [--rounds N] [--json PATH]
 
 Starts everything itself, each server in its own process: the echo backend, a bare
 passthrough (the proxy's frame relay with a decision that costs nothing), the proxy
@@ -146,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baseline-tree", type=Path, help="with --tracing: a source tree without tracing"
     )
+    parser.add_argument(
+        "--state",
+        action="store_true",
+        help="only the shared-state rows: memory vs Redis, Sentinel and Cluster (bench/state.py)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("h2load") is None:
         print("bench: needs h2load (apt-get install nghttp2-client)", file=sys.stderr)
@@ -153,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     if args.tracing:
         return _tracing(args)
+    if args.state:
+        return _state(args)
     tmp = Path(tempfile.mkdtemp(prefix="authproxy-bench-"))
     try:
         figures = asyncio.run(measure(args, tmp))
@@ -164,6 +172,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         report.plot(figures, SWEEP, args.plot)
     report.print_table(figures)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def _state(args: argparse.Namespace) -> int:
+    """`--state`: the shared-state rows alone."""
+    if not state_bench.available():
+        print("bench: --state needs redis-server (apt-get install redis-server)", file=sys.stderr)
+        return 2
+
+    async def measure(tmp: Path) -> dict:
+        (tmp / "config").mkdir()
+        logs = tmp / "logs"
+        logs.mkdir()
+        fx = make_fixtures(tmp / "config")
+        backend = state_bench.procs.baseline("state-backend", "backend", logs)
+        part = state_bench.StateBench(fx, logs, backend.port)
+        try:
+            await backend.wait_listening()
+            await part.start()
+            return {"state": await part.measure(args.seconds, args.rounds)}
+        finally:
+            part.stop()
+            backend.stop()
+
+    tmp = Path(tempfile.mkdtemp(prefix="authproxy-bench-"))
+    try:
+        figures = asyncio.run(measure(tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    figures["machine"] = machine.describe()
+    report.print_state(figures["state"])
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
     return 0

@@ -313,9 +313,7 @@ def print_table(f: dict) -> None:
                 f"   (base {row['base_mib']:.0f} MiB)"
             )
     if "state" in f:
-        print("shared state, sidecar calls/s:   memory      Redis   Redis/memory")
-        for row, v in f["state"].items():
-            print(f"  {row:28} {v['memory_rps']:8.0f} {v['redis_rps']:10.0f}   {v['ratio']:.2f}")
+        print_state(f["state"])
     cold = f["micro"]["cold_verify"]
     print("cold verification, µs per token:  ours    PyJWT   ours/PyJWT")
     for alg, row in cold["algorithms"].items():
@@ -396,3 +394,28 @@ if __name__ == "__main__":  # redraw a plot from a run's JSON: python -m bench.r
     runs = {**data["sidecar"]["latency"], **data["sidecar"].get("sweep", {})}
     offered = sorted({int(k.rpartition("@")[2]) for k in runs})
     plot(data, tuple(offered), Path(sys.argv[2]))
+
+
+def print_state(state: dict) -> None:
+    """The shared-state rows: calls/s per store, and each Redis mode's ratio to memory."""
+    modes = [
+        m for m in ("redis", "sentinel", "cluster") if f"{m}_rps" in next(iter(state.values()))
+    ]
+    names = {"redis": "Redis", "sentinel": "Sentinel", "cluster": "Cluster"}
+    print(
+        "shared state, sidecar calls/s:   memory"
+        + "".join(f" {names[m]:>10}" for m in modes)
+        + "   ratios to memory [spread]"
+    )
+    for row, v in state.items():
+        ratios = []
+        for mode in modes:
+            key = "ratio" if mode == "redis" else f"{mode}_ratio"
+            low, high = v.get(f"{key}_spread", [v[key], v[key]])
+            ratios.append(f"{names[mode]} {v[key]:.2f} [{low:.2f}, {high:.2f}]")
+        print(
+            f"  {row:28} {v['memory_rps']:8.0f}"
+            + "".join(f" {v[f'{m}_rps']:10.0f}" for m in modes)
+            + "   "
+            + ", ".join(ratios)
+        )

@@ -9,7 +9,12 @@ state, in front of the same echo backend, alternating, medians of the rounds.
   per call). h2load sends one header set, so this row uses a grpc.aio client with tokens
   minted ahead; its absolute rate is bounded by that client, its ratio is still fair.
 
-Needs `redis-server`; the benchmark starts its own on a free port.
+Each row runs against in-memory state and against Redis in each of its modes: one server,
+a Sentinel-managed primary (a primary, a replica, three sentinels) and a Redis Cluster
+(three primaries; needs `redis-cli` to create it), all on loopback. Ratios are to
+in-memory, from the same run.
+
+Needs `redis-server`; the benchmark starts its own on free ports.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import grpc
 
 from . import load, procs, redis_server
 from .fixtures import AUTH_POLICY, PAYLOAD, Fixtures, check_allowed, decision_counts
+from .redis_cluster import RedisCluster, cli_binary
+from .redis_sentinel import SentinelTopology
 from .redis_server import RedisServer
 from .servers import UNARY_METHOD
 
@@ -34,6 +41,8 @@ POLICIES = {
     "single use": AUTH_POLICY.replace(RULE, "/bench.Svc/*: {level: access, single_use: true}"),
 }
 CLIENT_CONCURRENCY = 16
+#: The Redis modes, each compared with in-memory state.
+MODES = ("redis", "sentinel", "cluster")
 
 
 def available() -> bool:
@@ -46,14 +55,23 @@ class StateBench:
         self.logs = logs
         self.redis = RedisServer(logs / "redis")
         self.redis.start()
+        self.sentinel = SentinelTopology(logs / "sentinel")
+        self.sentinel.start()
+        urls = {"redis": self.redis.url, "sentinel": self.sentinel.url}
+        self.cluster: RedisCluster | None = None
+        if cli_binary() is not None:
+            self.cluster = RedisCluster(logs / "cluster")
+            self.cluster.start()
+            urls["cluster"] = self.cluster.url
+        self.stores = ("memory", *urls)
         upstream = ["--upstream", f"127.0.0.1:{backend_port}"]
         self.proxies: dict[tuple[str, str], procs.Server] = {}
         self.admin: dict[tuple[str, str], int] = {}
         for row, policy in POLICIES.items():
-            for store in ("memory", "redis"):
+            for store in self.stores:
                 flags = [*upstream, *fx.proxy_flags(policy)]
-                if store == "redis":
-                    flags += ["--redis", self.redis.url]
+                if store != "memory":
+                    flags += ["--redis", urls[store]]
                 self.admin[row, store] = procs.free_port()
                 flags += ["--admin", str(self.admin[row, store])]
                 name = f"state-{row.replace(' ', '-')}-{store}"
@@ -69,6 +87,9 @@ class StateBench:
         for server in self.proxies.values():
             server.stop()
         self.redis.stop()
+        self.sentinel.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
 
     async def _rate(self, row: str, store: str, seconds: float) -> float:
         server = self.proxies[row, store]
@@ -84,6 +105,9 @@ class StateBench:
         return result.rps
 
     async def measure(self, seconds: float, rounds: int) -> dict[str, dict[str, float]]:
+        """Per row: calls/s of each store (medians of `rounds` rounds, the stores taking
+        turns within each round) and each Redis mode's ratio to in-memory (`ratio` for
+        one server, `sentinel_ratio`, `cluster_ratio`), with the rounds' spread."""
         runs: dict[tuple[str, str], list[float]] = {pair: [] for pair in self.proxies}
         for _ in range(rounds):
             for row, store in self.proxies:
@@ -91,8 +115,14 @@ class StateBench:
         result = {}
         for row in POLICIES:
             memory = statistics.median(runs[row, "memory"])
-            redis = statistics.median(runs[row, "redis"])
-            result[row] = {"memory_rps": memory, "redis_rps": redis, "ratio": redis / memory}
+            figures = {"memory_rps": memory}
+            for store in self.stores[1:]:
+                prefix = "" if store == "redis" else f"{store}_"
+                figures[f"{store}_rps"] = statistics.median(runs[row, store])
+                ratios = [m / r for m, r in zip(runs[row, store], runs[row, "memory"], strict=True)]
+                figures[f"{prefix}ratio"] = figures[f"{store}_rps"] / memory
+                figures[f"{prefix}ratio_spread"] = [min(ratios), max(ratios)]
+            result[row] = figures
         return result
 
 

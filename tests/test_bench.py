@@ -27,6 +27,22 @@ from tests.support.echo_backend import start_echo_backend
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_the_state_rows_run_alone_against_every_redis_mode(tmp_path: Path):
+    """`python -m bench --state` (README, Benchmark): the shared-state rows by themselves."""
+    out = tmp_path / "state.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--state", "--seconds", "0.5", "--rounds", "1",
+         "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    state = json.loads(out.read_text())["state"]
+    assert set(state) == {"revocation", "rate limit", "single use"}
+    for row in state.values():
+        assert row["memory_rps"] > 0 and row["cluster_ratio"] > 0 and row["sentinel_ratio"] > 0
+    assert "Sentinel" in done.stdout and "Cluster" in done.stdout
+
+
 def test_the_quick_benchmark_runs_every_part_and_writes_the_headline_figures(tmp_path: Path):
     out = tmp_path / "figures.json"
     done = subprocess.run(
@@ -52,6 +68,10 @@ def test_the_quick_benchmark_runs_every_part_and_writes_the_headline_figures(tmp
         "HS256",
     }
     assert set(figures["state"]) == {"revocation", "rate limit", "single use"}
+    for row in figures["state"].values():  # in-memory against each Redis mode
+        for mode in ("redis", "sentinel", "cluster"):
+            assert row[f"{mode}_rps"] > 0, row
+        assert row["ratio"] > 0 and row["sentinel_ratio"] > 0 and row["cluster_ratio"] > 0
     for target in ("direct", "passthrough", "proxy"):  # bidi ping-pong
         row = figures["sidecar"]["bidi"][target]
         assert row["rps"] > 0 and row["cpu_us"] > 0 and row["generator_cpu_us"] > 0, row

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -25,6 +24,7 @@ from tests.support.client import (
     Outage,
     Recorder,
     forwarding_policy,
+    profiles_from_threads,
     sent_token,
     short_access,
     signed_up,
@@ -143,12 +143,7 @@ async def test_concurrent_calls_share_a_failed_refresh_and_a_later_call_refreshe
 def _threads_fallback(address: str, tokens: dict[str, str]) -> tuple[set[str], int]:
     with AuthSession(address, LEVELS, options=NO_RETRIES) as session:
         session.store.set_pair(tokens["access"], tokens["refresh"])
-        users = api_pb2_grpc.UserServiceStub(session.channel)
-        with ThreadPoolExecutor(max_workers=CALLS) as pool:
-            futures = [
-                pool.submit(users.GetProfile, api_pb2.GetProfileRequest()) for _ in range(CALLS)
-            ]
-            subjects = {f.result().user_id for f in futures}
+        subjects = profiles_from_threads(session.channel, CALLS)
         assert session.store.get("access").value == tokens["access"]  # type: ignore[union-attr]
         return subjects, session.refresher.calls
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -26,6 +25,7 @@ from tests.support.client import (
     REFRESH,
     Recorder,
     forwarding_policy,
+    profiles_from_threads,
     short_access,
     signed_up,
     target,
@@ -67,12 +67,7 @@ async def test_fifty_concurrent_calls_near_expiry_make_exactly_one_refresh(tmp_p
 def _threads_flow(address: str, tokens: dict[str, str]) -> tuple[set[str], int, str]:
     with AuthSession(address, LEVELS, skew=60) as session:
         session.store.set_pair(tokens["access"], tokens["refresh"])
-        users = api_pb2_grpc.UserServiceStub(session.channel)
-        with ThreadPoolExecutor(max_workers=CALLS) as pool:
-            futures = [
-                pool.submit(users.GetProfile, api_pb2.GetProfileRequest()) for _ in range(CALLS)
-            ]
-            subjects = {f.result().user_id for f in futures}
+        subjects = profiles_from_threads(session.channel, CALLS)
         access = session.store.get("access")
         assert access is not None
         return subjects, session.refresher.calls, access.value

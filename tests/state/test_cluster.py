@@ -30,9 +30,13 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from authproxy.keys.issuer import TokenIssuer
 from authproxy.state.store import StateUnavailable
 from bench.redis_cluster import RedisCluster
-from tests.support.admin import admin, revocations_url
 from tests.support.echo_backend import EchoBackend
-from tests.support.failover import Watch, calls_through_failover
+from tests.support.failover import (
+    Watch,
+    assert_kept,
+    calls_through_failover,
+    revoke_and_spend,
+)
 from tests.support.keys import Keys
 from tests.support.policies import SINGLE_USE_POLICY
 from tests.support.redis_server import (
@@ -42,8 +46,8 @@ from tests.support.redis_server import (
     redis_server_binary,
     running_state,
 )
-from tests.support.running_proxy import OK, REUSED, REVOKED, running_node
-from tests.support.waits import eventually, poll
+from tests.support.running_proxy import running_node
+from tests.support.waits import eventually
 
 ACCESS = "/test.Access/Echo"
 REFRESH = "/test.Refresh/Echo"
@@ -163,17 +167,7 @@ async def test_proxies_on_a_cluster_fail_closed_during_a_failover_and_recover(
         running_node(tmp_path, keys, backend, "a", SINGLE_USE_POLICY, redis=cluster.url) as a,
         running_node(tmp_path, keys, backend, "b", SINGLE_USE_POLICY, redis=reseeded(cluster)) as b,
     ):
-        good = issuer.mint("access", "erin", ttl=300)
-        revoked = issuer.mint("access", "ivan", ttl=300)
-        refresh = issuer.mint("refresh", "frank", ttl=300)
-        status, _, body = await admin(
-            revocations_url(a), body={"jti": revoked.jti, "exp": revoked.exp}
-        )
-        assert status == 201, body
-        result, _ = await poll(lambda: b.call(ACCESS, revoked.token), lambda r: r != OK, 3.0)
-        assert result == REVOKED
-        assert await b.call(REFRESH, refresh.token) == OK  # its one use
-        assert await a.call(ACCESS, good.token) == OK
+        recorded = await revoke_and_spend(a, b, issuer)
         assert await eventually(cluster.replicated, within=5.0)
 
         old = cluster.serving(CHANNEL)
@@ -181,20 +175,10 @@ async def test_proxies_on_a_cluster_fail_closed_during_a_failover_and_recover(
         killed_at = time.monotonic()
         failing_over = asyncio.to_thread(cluster.wait_serving, CHANNEL, old, FAILOVER_BOUND)
         calls = await calls_through_failover(
-            b, good.token, revoked.token, killed_at, failing_over, FAILOVER_BOUND
+            b, recorded.good, recorded.revoked, killed_at, failing_over, FAILOVER_BOUND
         )
         print(f"\nproxies on a cluster, failover of {old}: {calls.describe()}")
-
-        result, _ = await poll(lambda: a.call(ACCESS, good.token), lambda r: r == OK, 10.0)
-        assert result == OK
-        for node in (a, b):
-            assert await node.call(ACCESS, revoked.token) == REVOKED
-        assert await a.call(REFRESH, refresh.token) == REUSED
-        later = issuer.mint("access", "judy", ttl=300)
-        status, _, body = await admin(revocations_url(b), body={"jti": later.jti, "exp": later.exp})
-        assert status == 201, body
-        result, _ = await poll(lambda: a.call(ACCESS, later.token), lambda r: r != OK, 3.0)
-        assert result == REVOKED
+        await assert_kept(a, b, issuer, recorded)
 
 
 # --- misconfiguration and silent nodes: fail closed, never hang -----------------------------

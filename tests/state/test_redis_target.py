@@ -4,11 +4,14 @@ proxy). The `retries` parameter reaches the client of every mode."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from authproxy.runtime.config import ConfigError, ServeConfig, build_state
 from authproxy.state.redis_store import RedisState
 from authproxy.state.redis_target import DEFAULT_RETRIES, RedisUrlError, parse_redis_url
+from tests.support.readme import README, section
 
 
 def test_a_sentinel_url_names_the_sentinels_the_service_the_db_and_the_credentials():
@@ -95,3 +98,18 @@ def test_a_url_the_proxy_cannot_use_says_why(url: str, problem: str):
 def test_the_proxy_refuses_such_a_url_at_start():
     with pytest.raises(ConfigError, match=r"unsupported scheme .redis\+clusters."):
         build_state(ServeConfig(policy="policy.yaml", redis="redis+clusters://h:7000"))
+
+
+def test_every_concrete_redis_url_in_the_readme_is_one_the_proxy_takes():
+    """The README's example URLs (placeholders like `[user:password@]` or `...` aside)
+    parse, in each mode its Redis sections show."""
+    text = section(README, "## Revocation and single use")
+    urls = {
+        u.rstrip("`.,")
+        for u in re.findall(r"rediss?(?:\+\w+)?://[^\s`]+", text)
+        if "[" not in u and "..." not in u
+    }
+    targets = [parse_redis_url(url) for url in urls]
+    assert {t.mode for t in targets} == {"single", "sentinel", "cluster"}, urls
+    assert any("ssl_ca_certs=" in t.url for t in targets)
+    assert any(t.wait_replicas for t in targets)

@@ -146,3 +146,16 @@ async def restarted(proxied: Proxied, port: int) -> RunningProxy:
     refresh_key = proxied.example.backend.auth.tokens.issuer.keys["refresh"].key
     env = {REFRESH_ENV: refresh_key.decode(), ADMIN_ENV: ADMIN_SECRET}
     return await start_proxy(cfg, env=env)
+
+
+def profiles_from_threads(channel: grpc.Channel, calls: int) -> set[str]:
+    """`calls` GetProfile calls at once from as many threads on `channel`: the user ids
+    they answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from examples.backend.api.v1 import api_pb2_grpc
+
+    users = api_pb2_grpc.UserServiceStub(channel)
+    with ThreadPoolExecutor(max_workers=calls) as pool:
+        futures = [pool.submit(users.GetProfile, api_pb2.GetProfileRequest()) for _ in range(calls)]
+        return {f.result().user_id for f in futures}

@@ -2,7 +2,9 @@
 checks failed closed and came back, and that a revoked token never passed meanwhile.
 
 - `Watch` polls `RedisState`s every 10 ms;
-- `calls_through_failover` makes calls through a proxy until they pass again.
+- `revoke_and_spend` records a revocation and a use through two proxies,
+  `calls_through_failover` makes calls through a proxy until they pass again, and
+  `assert_kept` checks afterwards that both proxies still enforce what was recorded.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ from collections import Counter
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
+from authproxy.keys.issuer import TokenIssuer
 from authproxy.state.redis_store import RedisState
+from tests.support.admin import admin, revocations_url
 from tests.support.redis_server import stale
-from tests.support.running_proxy import OK, STATE_DOWN, RunningProxy
+from tests.support.running_proxy import OK, REUSED, REVOKED, STATE_DOWN, RunningProxy
+from tests.support.waits import poll
 
 ACCESS = "/test.Access/Echo"
+REFRESH = "/test.Refresh/Echo"
 
 
 class Watch:
@@ -113,3 +119,50 @@ async def calls_through_failover(
     assert set(calls.seen) <= {OK, STATE_DOWN}, dict(calls.seen)
     assert calls.window < bound
     return calls
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """Tokens of a failover test: `good` passes, `revoked` was revoked through one proxy,
+    `refresh` was spent (single use) through the other."""
+
+    good: str
+    revoked: str
+    refresh: str
+
+
+async def revoke(through: RunningProxy, token, others: list[RunningProxy]) -> None:
+    """Revoke `token` (a minted token) with `through`'s admin API; wait (bounded) until
+    each of `others` refuses it."""
+    status, _, body = await admin(
+        revocations_url(through), body={"jti": token.jti, "exp": token.exp}
+    )
+    assert status == 201, body
+    for node in others:
+        result, _ = await poll(lambda n=node: n.call(ACCESS, token.token), lambda r: r != OK, 3.0)
+        assert result == REVOKED
+
+
+async def revoke_and_spend(a: RunningProxy, b: RunningProxy, issuer: TokenIssuer) -> Recorded:
+    """Through `a` revoke a token (then `b` refuses it); through `b` spend a refresh token
+    (a policy with a single-use REFRESH rule)."""
+    good = issuer.mint("access", "erin", ttl=300)
+    revoked = issuer.mint("access", "ivan", ttl=300)
+    refresh = issuer.mint("refresh", "frank", ttl=300)
+    await revoke(a, revoked, [b])
+    assert await b.call(REFRESH, refresh.token) == OK  # its one use
+    assert await a.call(ACCESS, good.token) == OK
+    return Recorded(good.token, revoked.token, refresh.token)
+
+
+async def assert_kept(
+    a: RunningProxy, b: RunningProxy, issuer: TokenIssuer, recorded: Recorded
+) -> None:
+    """After a failover: `a` passes calls again, both refuse the revoked token, the spent
+    refresh token stays spent, and a revocation through `b` reaches `a`."""
+    result, _ = await poll(lambda: a.call(ACCESS, recorded.good), lambda r: r == OK, 10.0)
+    assert result == OK
+    for node in (a, b):
+        assert await node.call(ACCESS, recorded.revoked) == REVOKED
+    assert await a.call(REFRESH, recorded.refresh) == REUSED
+    await revoke(b, issuer.mint("access", "judy", ttl=300), [a])

@@ -22,7 +22,7 @@ import redis
 from authproxy.state.redis_link import Client, RedisLink
 from authproxy.state.redis_target import parse_redis_url
 from bench.redis_cluster import RedisCluster
-from tests.support.redis_sentinel import SentinelTopology
+from bench.redis_sentinel import SentinelTopology
 from tests.support.redis_server import redis_server_binary
 
 MODES = ("single", "sentinel", "cluster")
@@ -30,7 +30,9 @@ MODES = ("single", "sentinel", "cluster")
 
 @pytest.fixture(scope="session")
 def session_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelTopology]:
-    topology = SentinelTopology(tmp_path_factory.mktemp("sentinel-shared"))
+    topology = SentinelTopology(
+        tmp_path_factory.mktemp("sentinel-shared"), binary=redis_server_binary()
+    )
     topology.start()
     try:
         yield topology
