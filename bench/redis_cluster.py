@@ -18,6 +18,7 @@ from pathlib import Path
 
 import redis
 
+from .procs import free_port
 from .redis_server import START_TIMEOUT, RedisServer
 
 #: A node's failure is noticed after this many ms (kept short for tests).
@@ -89,22 +90,28 @@ class RedisCluster:
         primaries: int = 3,
         replicas: int = 0,
         password: str | None = None,
+        tls: dict[str, str] | None = None,
     ) -> None:
         """`replicas`: per primary (a failover promotes one when its primary stops);
-        `password`: the nodes require it (`requirepass`)."""
+        `password`: the nodes require it (`requirepass`); `tls`: `redis-server` TLS
+        options (`tls-cert-file`, `tls-key-file`, `tls-ca-cert-file`, ...): each node
+        then also serves TLS on a port of its own (`tls_ports`) and the nodes talk to each
+        other over TLS, while the plain ports stay for this harness."""
         cli = cli_binary()
         if cli is None:
             raise RuntimeError("redis-cli is not installed: apt-get install redis-tools")
         self.cli = cli
         self.dir = directory
-        self.nodes = [
-            RedisServer(
-                directory / f"node{i}",
-                port=_cluster_port(),
-                extra_args=_node_args(directory / f"node{i}", password),
-            )
-            for i in range(primaries * (1 + replicas))
-        ]
+        self.tls_ports = [free_port() for _ in range(primaries * (1 + replicas))] if tls else []
+        self.nodes = []
+        for i in range(primaries * (1 + replicas)):
+            port = _cluster_port()
+            args = _node_args(directory / f"node{i}", password)
+            if tls:
+                args += ("--tls-port", str(self.tls_ports[i]), "--tls-cluster", "yes",
+                         "--tls-replication", "yes", "--cluster-port", str(port + BUS_OFFSET),
+                         *(a for k, v in tls.items() for a in (f"--{k}", v)))  # fmt: skip
+            self.nodes.append(RedisServer(directory / f"node{i}", port=port, extra_args=args))
         self.replicas = replicas
         self.password = password
 

@@ -1,7 +1,9 @@
 """Managed-Redis realities on a real `redis-server` with TLS: an ACL user with a password,
 the server's certificate checked against a CA bundle, and a client certificate the server
-requires (`rediss://user:pass@host:port/0?ssl_ca_certs=...&ssl_certfile=...&ssl_keyfile=...`).
-Each misconfiguration fails closed, counted, within a bound: never a hang."""
+requires (`rediss://user:pass@host:port/0?ssl_ca_certs=...&ssl_certfile=...&ssl_keyfile=...`),
+and the same on a three-primary Redis Cluster whose nodes serve (and talk to each other
+over) TLS only to clients (`rediss+cluster://...`). Each misconfiguration fails closed,
+counted, within a bound: never a hang."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pytest
 from limits import parse
 
 from authproxy.state.redis_store import RedisState
+from bench.redis_cluster import RedisCluster
 from tests.support.certs import make_ca
 from tests.support.redis_server import (
     START_TIMEOUT,
@@ -32,24 +35,41 @@ QUOTED = "s3cret%20pass%2Fword"
 
 @dataclass
 class TlsRedis:
-    port: int
+    ports: list[int]
     ca: Path
     cert: Path
     key: Path
     other_ca: Path
+    cluster: bool = False
 
-    def url(self, password: str = QUOTED, ca: Path | None = None, client_cert: bool = True) -> str:
+    def url(
+        self,
+        password: str = QUOTED,
+        ca: Path | None = None,
+        client_cert: bool = True,
+        scheme: str | None = None,
+    ) -> str:
         query = f"ssl_ca_certs={ca or self.ca}"
         if client_cert:
             query += f"&ssl_certfile={self.cert}&ssl_keyfile={self.key}"
-        return f"rediss://proxy:{password}@127.0.0.1:{self.port}/0?{query}"
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.ports)
+        if self.cluster:
+            return f"{scheme or 'rediss'}+cluster://proxy:{password}@{hosts}?{query}"
+        return f"{scheme or 'rediss'}://proxy:{password}@{hosts}/0?{query}"
 
 
-@pytest.fixture
-def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
+@pytest.fixture(params=["single", "cluster"])
+def tls_redis(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TlsRedis]:
     ca = make_ca("redis test CA")
     server_cert, server_key = ca.issue("redis", ips=("127.0.0.1",)).write(tmp_path, "server")
     client_cert, client_key = ca.issue("proxy", server=False).write(tmp_path, "client")
+    other_ca = make_ca("another CA").write(tmp_path / "other-ca.pem")
+    if request.param == "cluster":
+        ca.write(tmp_path / "ca.pem")
+        yield from _tls_cluster(
+            tmp_path, server_cert, server_key, client_cert, client_key, other_ca
+        )
+        return
     port = free_port()
     args = [
         redis_server_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
@@ -61,19 +81,35 @@ def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
     log = (tmp_path / "redis.log").open("w")
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     try:
-        served = TlsRedis(
-            port,
-            tmp_path / "ca.pem",
-            client_cert,
-            client_key,
-            make_ca("another CA").write(tmp_path / "other-ca.pem"),
-        )
+        served = TlsRedis([port], tmp_path / "ca.pem", client_cert, client_key, other_ca)
         _wait_listening(port, process, tmp_path / "redis.log")
         yield served
     finally:
         process.terminate()
         process.wait(timeout=10)
         log.close()
+
+
+def _tls_cluster(
+    tmp_path: Path, cert: Path, key: Path, client_cert: Path, client_key: Path, other_ca: Path
+) -> Iterator[TlsRedis]:
+    """Three primaries; clients reach them over TLS only with a client certificate and the
+    ACL user (the plain ports, with the default user, are the harness's)."""
+    redis_server_binary()
+    options = {
+        "tls-cert-file": str(cert), "tls-key-file": str(key),
+        "tls-ca-cert-file": str(tmp_path / "ca.pem"), "tls-auth-clients": "yes",
+    }  # fmt: skip
+    cluster = RedisCluster(tmp_path / "cluster", tls=options)
+    for node in cluster.nodes:
+        node.extra_args += ("--user", "proxy", "on", f">{PASSWORD}", "~*", "&*", "+@all")
+    cluster.start()
+    try:
+        yield TlsRedis(
+            cluster.tls_ports, tmp_path / "ca.pem", client_cert, client_key, other_ca, True
+        )
+    finally:
+        cluster.stop()
 
 
 def _wait_listening(port: int, process: subprocess.Popen, log: Path) -> None:
@@ -121,7 +157,7 @@ async def test_each_tls_or_acl_mistake_fails_closed_without_hanging(
         "wrong password": tls_redis.url(password="wrong"),
         "no client certificate": tls_redis.url(client_cert=False),
         "another CA": tls_redis.url(ca=tls_redis.other_ca),
-        "plain redis://": f"redis://proxy:{QUOTED}@127.0.0.1:{tls_redis.port}/0",
+        "plain redis://": tls_redis.url(scheme="redis").partition("?")[0],
     }[mistake]
     state: RedisState = await assert_fails_closed(url)
     assert state.failures_total > 0
