@@ -93,8 +93,9 @@ SERVE: tuple[Setting, ...] = (
         " environment variable ENV; kid defaults to ENV", "[KID=]ENV", LIST,
     ),
     Setting(
-        "--redis", "redis", "shared state for several replicas: redis://[:password@]host:6379/0,"
-        " rediss:// for TLS; Redis 7 or newer", "URL", shown="— (in memory)",
+        "--redis", "redis", "shared state for several replicas: redis://[:password@]host:6379/0"
+        " (rediss:// for TLS), redis+sentinel://host:26379[,...]/SERVICE or"
+        " redis+cluster://host:port[,...]; Redis 7 or newer", "URL", shown="— (in memory)",
     ),
     Setting(
         "--state-file", "state_file", "without --redis: keep revocations and single-use"
