@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 SINGLE_SCHEMES = ("redis", "rediss", "unix")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
@@ -93,6 +93,12 @@ def parse_redis_url(url: str) -> RedisTarget:
             rest = urlencode([(k, v) for k, v in pairs if k not in _OWN])
             url = urlunsplit(parts._replace(query=rest))
         return RedisTarget(url, **own)
+    return _of_nodes(url, parts, query, own)
+
+
+def _of_nodes(url: str, parts: SplitResult, query: dict[str, str], own: dict) -> RedisTarget:
+    """A Sentinel or Cluster target: a list of nodes rather than one server."""
+    scheme = parts.scheme.lower()
     known = (*_OWN, *TLS_FILES, *(_SENTINEL_AUTH if scheme in SENTINEL_SCHEMES else ()))
     unknown = sorted(set(query) - set(known))
     if unknown:
