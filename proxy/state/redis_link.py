@@ -7,11 +7,11 @@ only through a `RedisLink`; what differs between the modes is here:
   a `RedisCluster` that routes each key to the node serving its slot and follows slot
   moves and promoted replicas;
 - multi-key reads: MGET, or per-slot MGETs in a cluster (no cross-slot command);
-- the revocation feed: PUBLISH/SUBSCRIBE on a connection that is never retried (a
-  subscription that redis-py silently re-made would hide the messages published while
-  it was down: the feed must fail, so that the view is reloaded), or in a cluster sharded pub/sub
-  (SPUBLISH/SSUBSCRIBE: the channel lives on the shard of its slot; classic pub/sub
-  would copy every message, heartbeats included, to every node of the cluster);
+- the revocation feed: PUBLISH/SUBSCRIBE on connections that are never retried (a
+  subscription that redis-py silently re-made would hide the messages published while it
+  was down: the feed must fail, so that the view is reloaded), or in a cluster sharded
+  pub/sub (SPUBLISH/SSUBSCRIBE: the channel lives on the shard of its slot; classic
+  pub/sub would copy every message, heartbeats included, to every node of the cluster);
 - the `limits` library's storage (its cluster storage builds its own cluster client).
 
 Every mode uses the same timeouts, the same bounded pool, and the same retry: a command
@@ -54,6 +54,8 @@ FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 class RedisLink:
+    """The connections of one `RedisState` (data, feed, rate limits) for one target."""
+
     def __init__(self, target: RedisTarget, timeout: float, max_connections: int) -> None:
         self.target = target
         self.timeout = timeout
