@@ -307,7 +307,12 @@ async def test_wait_replicas_puts_each_use_on_a_replica_before_it_counts(
     replica = topology.servers[1]
     exp = time.time() + 300
     waited = topology.url_with(query="wait_replicas=1")
-    async with running_state(topology.url) as plain, running_state(waited) as durable:
+    # Patient: on a busy machine a replica may take longer than the default WAIT (0.5 s).
+    async with (
+        running_state(topology.url, **PATIENT) as plain,
+        running_state(waited, **PATIENT) as durable,
+        running_state(waited) as hasty,  # the default timeout: WAIT for at most 0.5 s
+    ):
         with topology.client(replica.port) as r:
             costs: dict[str, list[float]] = {"without": [], "with": []}
             for i in range(50):
@@ -339,10 +344,10 @@ async def test_wait_replicas_puts_each_use_on_a_replica_before_it_counts(
                 within=5.0,
             )
             started = time.monotonic()
-            assert await durable.first_use("cut-off", exp)
-            assert time.monotonic() - started < durable.timeout
-            assert not await durable.first_use("cut-off", exp)  # spent all the same
-            assert durable.unreplicated_total == 1
+            assert await hasty.first_use("cut-off", exp)
+            assert time.monotonic() - started < hasty.timeout
+            assert not await hasty.first_use("cut-off", exp)  # spent all the same
+            assert hasty.unreplicated_total == 1
             assert "reached 0 of 1 replicas" in caplog.text
             assert r.exists("authproxy:used:cut-off") == 0
 
