@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +42,7 @@ from tests.support.redis_server import (
     PATIENT,
     assert_fails_closed,
     free_port,
+    mute_port,
     redis_server_binary,
     running_state,
 )
@@ -206,11 +206,5 @@ async def test_seed_nodes_that_do_not_answer_fail_closed_without_hanging():
     replies (a hung host): start() and every operation return in bounded time."""
     closed = [free_port() for _ in range(3)]
     await assert_fails_closed("redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in closed))
-    mute = socket.socket()
-    mute.bind(("127.0.0.1", 0))
-    mute.listen(16)  # the kernel completes connections; nothing ever reads or writes
-    try:
-        port = mute.getsockname()[1]
+    with mute_port() as port:
         await assert_fails_closed(f"redis+cluster://127.0.0.1:{port}", bound=15.0)
-    finally:
-        mute.close()

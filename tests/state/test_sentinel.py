@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import socket
 import time
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from tests.support.redis_server import (
     PATIENT,
     assert_fails_closed,
     free_port,
+    mute_port,
     running_state,
 )
 from tests.support.running_proxy import running_node
@@ -380,14 +380,8 @@ async def test_sentinels_that_do_not_answer_fail_closed_without_hanging():
     await assert_fails_closed(
         "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in closed) + "/mymaster"
     )
-    mute = socket.socket()
-    mute.bind(("127.0.0.1", 0))
-    mute.listen(16)  # the kernel completes connections; nothing ever reads or writes
-    try:
-        port = mute.getsockname()[1]
+    with mute_port() as port:
         await assert_fails_closed(f"redis+sentinel://127.0.0.1:{port}/mymaster", bound=15.0)
-    finally:
-        mute.close()
 
 
 # --- a whole proxy --------------------------------------------------------------------------

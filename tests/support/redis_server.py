@@ -18,10 +18,11 @@ hanging the run — see `tests/state/test_state.py::test_close_returns_right_aft
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import pytest
@@ -40,6 +41,7 @@ __all__ = [
     "assert_fails_closed",
     "finish_closing",
     "free_port",
+    "mute_port",
     "ping",
     "redis_server",
     "redis_server_binary",
@@ -170,3 +172,16 @@ async def assert_fails_closed(url: str, bound: float = 10.0) -> RedisState:
     finally:
         assert await finish_closing(state.close(), state, f"RedisState({url}).close", limit=5.0)
     return state
+
+
+@contextmanager
+def mute_port() -> Iterator[int]:
+    """A loopback port that accepts connections and never answers (a hung host): the
+    kernel completes the handshakes, nothing ever reads or writes."""
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(16)
+    try:
+        yield mute.getsockname()[1]
+    finally:
+        mute.close()
