@@ -15,9 +15,9 @@ every command is cluster-safe: keys spread over the slots and no command spans t
 epoch key's hash tag puts it in the revocation channel's slot: in a cluster, the view
 depends on that one shard.
 
-Revocations are also published on `{ns}:revocations` (sharded pub/sub in a cluster). Each proxy keeps a local view:
-it subscribes, then loads every record (so nothing published meanwhile is missed), then
-applies what is published. Every `staleness / 4` it publishes a heartbeat on the same
+Revocations are also published on `{ns}:revocations` (sharded pub/sub in a cluster).
+Each proxy keeps a local view: it subscribes, then loads every record (so nothing
+published meanwhile is missed), then applies what is published. Every `staleness / 4` it publishes a heartbeat on the same
 channel; receiving messages proves the whole path (Redis up, subscription delivering).
 When nothing arrived for `staleness` seconds the view is treated as stale and revocation
 checks fail closed (`StateUnavailable`) until the feed is back and the view reloaded;
@@ -370,8 +370,11 @@ class RedisState:
         while not self._closing:
             now = time.monotonic()
             if now >= next_beat:
-                epoch = await self.client.getex(self.epoch_key, ex=EPOCH_TTL)
-                await self.link.publish(self.channel, HEARTBEAT)
+                # One round trip, also in a cluster: the epoch key is in the channel's slot.
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.getex(self.epoch_key, ex=EPOCH_TTL)
+                    self.link.queue_publish(pipe, self.channel, HEARTBEAT)
+                    epoch, _ = await pipe.execute()
                 if epoch != self.epoch:  # Redis lost its records (or the epoch key)
                     await self._sync()
                 next_beat = now + interval

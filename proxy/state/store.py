@@ -102,11 +102,6 @@ class RevocationView:
         self._add(revocation)
         self._changed()
 
-    def replace(self, revocations: list[Revocation]) -> None:
-        self.tokens.clear()
-        self.subjects.clear()
-        self.merge(revocations)
-
     def merge(self, revocations: list[Revocation]) -> None:
         """Add every one of `revocations`, keeping what the view already holds."""
         for revocation in revocations:
