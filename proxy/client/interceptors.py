@@ -61,16 +61,13 @@ class TokenChooser:
             return None
         if level == Level.ACCESS:
             token = self.refresher.fresh()
-            if token is None and not self._logged_in():
+            if token is None and not self.store.logged_in:
                 raise NoTokenError(method, level, _HINTS[Level.ACCESS])
             return token
         token = self.store.get(level)
         if token is None:
             raise NoTokenError(method, level, _HINTS[Level(level)])
         return token
-
-    def _logged_in(self) -> bool:
-        return any(self.store.get(kind) is not None for kind in (Level.ACCESS, Level.REFRESH))
 
     def token(
         self, method: str, level: Level | str, refresh: SyncRefreshCall

@@ -135,8 +135,7 @@ class _Session:
     @property
     def logged_in(self) -> bool:
         """The session holds an access or a refresh token."""
-        access, refresh = self.store.get(Level.ACCESS), self.store.get(Level.REFRESH)
-        return access is not None or refresh is not None
+        return self.store.logged_in
 
 
 class AuthSession(_Session):

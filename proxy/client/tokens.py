@@ -117,6 +117,12 @@ class TokenStore:
             self._tokens.update(pair)
             self._tokens.pop(Level.TWO_FA, None)
 
+    @property
+    def logged_in(self) -> bool:
+        """An access or a refresh token is held (read in one step)."""
+        with self._lock:
+            return Level.ACCESS in self._tokens or Level.REFRESH in self._tokens
+
     def snapshot(self) -> dict[str, StoredToken]:
         """Every token held, read in one step (to persist a session, for example); the
         keys are `Level` members."""
