@@ -69,15 +69,24 @@ class Reason(StrEnum):
         return _STATUS.get(self, grpc.StatusCode.UNAUTHENTICATED)
 
 
-_STATUS = {
-    r: grpc.StatusCode.PERMISSION_DENIED
-    for r in (
+#: Denies for a requirement or condition of the rule that the caller did not meet (roles,
+#: permissions, scopes, `when:`, `request:`): their messages are worded from the policy
+#: alone, naming claims, headers and fields, never their values.
+UNMET = frozenset(
+    (
         Reason.INSUFFICIENT_ROLE,
         Reason.INSUFFICIENT_PERMISSION,
         Reason.INSUFFICIENT_SCOPE,
         Reason.CLAIM_MISMATCH,
         Reason.HEADER_MISMATCH,
         Reason.FIELD_MISMATCH,
+    )
+)
+
+_STATUS = {
+    r: grpc.StatusCode.PERMISSION_DENIED
+    for r in (
+        *UNMET,
         Reason.METHOD_DENIED,
         Reason.METHOD_MALFORMED,
         Reason.POLICY_CHANGED,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from authproxy.decide.client_address import parse_address
 from authproxy.decide.decision import Decision
-from authproxy.decide.reasons import Reason
+from authproxy.decide.reasons import UNMET
 
 LOGGER = "authproxy.decisions"
 
@@ -53,20 +53,6 @@ class DecisionLog:
         self.logger.info(json.dumps(line, separators=(",", ":")))
 
 
-#: Denies whose message is worded from the policy alone (the requirement or `when:`
-#: condition not met, naming claims and headers, never their values): logged as `detail`.
-POLICY_WORDED = frozenset(
-    (
-        Reason.INSUFFICIENT_ROLE,
-        Reason.INSUFFICIENT_PERMISSION,
-        Reason.INSUFFICIENT_SCOPE,
-        Reason.CLAIM_MISMATCH,
-        Reason.HEADER_MISMATCH,
-        Reason.FIELD_MISMATCH,
-    )
-)
-
-
 def record(decision: Decision, seconds: float, peer: str | None) -> dict:
     now = time.time()
     line = {
@@ -78,7 +64,7 @@ def record(decision: Decision, seconds: float, peer: str | None) -> dict:
         "decision": "allow" if decision.allowed else "deny",
         "reason": decision.reason.value if decision.reason is not None else None,
     }
-    if decision.reason in POLICY_WORDED:
+    if decision.reason in UNMET:
         line["detail"] = decision.message
     if decision.shadow:
         line["shadow"] = True
